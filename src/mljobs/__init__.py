@@ -1,0 +1,53 @@
+"""mljobs: run machine-learning jobs on compute pools from any Python environment.
+
+The public API is loaded on first use (PEP 562), so the runtime's own processes, which import
+``mljobs.runtime``, do not pay for the client's imports (httpx, pandas).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "remote": "mljobs.client.jobs", "submit_file": "mljobs.client.jobs",
+    "submit_directory": "mljobs.client.jobs", "submit_from_stage": "mljobs.client.jobs",
+    "get_job": "mljobs.client.jobs", "list_jobs": "mljobs.client.jobs", "delete_job": "mljobs.client.jobs",
+    "MLJobDefinition": "mljobs.client.jobs", "MLJob": "mljobs.client.job",
+    "Session": "mljobs.client.session", "get_active_session": "mljobs.client.session",
+    "create_compute_pool": "mljobs.client.pools", "alter_compute_pool": "mljobs.client.pools",
+    "drop_compute_pool": "mljobs.client.pools", "list_compute_pools": "mljobs.client.pools",
+    "describe_compute_pool": "mljobs.client.pools", "create_stage": "mljobs.client.pools",
+    "JOB_STATUS": "mljobs.status", "INSTANCE_FAMILIES": "mljobs.spec", "InstanceFamily": "mljobs.spec",
+    "MLJobsError": "mljobs.errors", "RemoteError": "mljobs.errors", "JobFailedError": "mljobs.errors",
+    "ServerUnavailableError": "mljobs.errors", "VersionMismatchError": "mljobs.errors",
+    "InvalidArgumentError": "mljobs.errors", "NotFoundError": "mljobs.errors", "PayloadError": "mljobs.errors",
+}
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+if TYPE_CHECKING:
+    from mljobs.client.job import MLJob
+    from mljobs.client.jobs import (MLJobDefinition, delete_job, get_job, list_jobs, remote, submit_directory,
+                                    submit_file, submit_from_stage)
+    from mljobs.client.pools import (alter_compute_pool, create_compute_pool, create_stage,
+                                     describe_compute_pool, drop_compute_pool, list_compute_pools)
+    from mljobs.client.session import Session, get_active_session
+    from mljobs.errors import (InvalidArgumentError, JobFailedError, MLJobsError, NotFoundError, PayloadError,
+                               RemoteError, ServerUnavailableError, VersionMismatchError)
+    from mljobs.spec import INSTANCE_FAMILIES, InstanceFamily
+    from mljobs.status import JOB_STATUS
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mljobs' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

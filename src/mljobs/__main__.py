@@ -1,0 +1,3 @@
+from mljobs.cli import main
+
+main()

@@ -1,0 +1,276 @@
+"""The ``mljobs`` command (also ``python -m mljobs``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mljobs import errors
+from mljobs.config import load_settings
+from mljobs.paths import HomePaths
+from mljobs.status import JOB_STATUS
+
+app = typer.Typer(help="Run machine-learning jobs on compute pools.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+server_app = typer.Typer(help="The control plane.", no_args_is_help=True)
+pool_app = typer.Typer(help="Compute pools.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Jobs.", no_args_is_help=True)
+stage_app = typer.Typer(help="Stage files (@stage/path).", no_args_is_help=True)
+app.add_typer(server_app, name="server")
+app.add_typer(pool_app, name="pool")
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(stage_app, name="stage")
+console = Console()
+err = Console(stderr=True)
+
+
+def _session() -> Any:
+    from mljobs.client.session import get_active_session
+
+    return get_active_session()
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str], title: str) -> None:
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*("" if r.get(c) is None else str(r.get(c)) for c in columns))
+    console.print(table)
+
+
+# -- server -----------------------------------------------------------------------------------
+@server_app.command("start")
+def server_start(host: str = typer.Option("127.0.0.1", help="address to bind"),
+                 port: int = typer.Option(0, help="port (0: the previous one if free, else any)")) -> None:
+    """Run the control plane in the foreground (the SDK starts one in the background by itself)."""
+    from mljobs.server.run import serve
+
+    serve(load_settings(), host, port)
+
+
+@server_app.command("stop")
+def server_stop() -> None:
+    """Stop the server and every job it runs."""
+    from mljobs.client.embedded import find_server
+    from mljobs.server.run import read_server_info
+
+    settings = load_settings()
+    home = HomePaths(settings.home)
+    url = settings.url or find_server(home)
+    if not url:
+        console.print(f"no mljobs server runs for {home.root}")
+        return
+    import httpx
+
+    headers = {"authorization": f"Bearer {settings.token}"} if settings.token else {}
+    httpx.post(url + "/api/v1/server/shutdown", headers=headers, timeout=30)
+    pid = (read_server_info(home) or {}).get("pid") if not settings.url else None
+    deadline = time.monotonic() + 60
+    while pid and time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    console.print(f"stopped the mljobs server at {url}")
+
+
+@server_app.command("status")
+def server_status() -> None:
+    """Say whether a server answers, and where."""
+    from mljobs.client.embedded import find_server
+
+    settings = load_settings()
+    url = settings.url or find_server(HomePaths(settings.home))
+    if not url:
+        console.print(f"no mljobs server runs for {settings.home}")
+        raise typer.Exit(1)
+    import httpx
+
+    console.print_json(json.dumps({"url": url, **httpx.get(url + "/health", timeout=5).json()}))
+
+
+# -- pools ------------------------------------------------------------------------------------
+POOL_COLUMNS = ["name", "state", "instance_family", "family", "min_nodes", "max_nodes", "nodes_in_use",
+                "queued", "running", "provider"]
+
+
+@pool_app.command("create")
+def pool_create(name: str, family: str = typer.Option(..., "--family", help="instance family, e.g. CPU_X64_S"),
+                min_nodes: int = 1, max_nodes: int = 1, provider: str = "local",
+                if_not_exists: bool = False) -> None:
+    from mljobs.client.pools import create_compute_pool
+
+    p = create_compute_pool(name, instance_family=family, min_nodes=min_nodes, max_nodes=max_nodes,
+                            provider=provider, if_not_exists=if_not_exists)
+    _table([p], POOL_COLUMNS, "compute pool")
+
+
+@pool_app.command("list")
+def pool_list() -> None:
+    _table(_session().request("GET", "/pools").json(), POOL_COLUMNS, "compute pools")
+
+
+@pool_app.command("describe")
+def pool_describe(name: str) -> None:
+    from mljobs.client.pools import describe_compute_pool
+
+    console.print_json(json.dumps(describe_compute_pool(name), default=str))
+
+
+@pool_app.command("suspend")
+def pool_suspend(name: str) -> None:
+    from mljobs.client.pools import alter_compute_pool
+
+    _table([alter_compute_pool(name, suspend=True)], POOL_COLUMNS, "compute pool")
+
+
+@pool_app.command("resume")
+def pool_resume(name: str) -> None:
+    from mljobs.client.pools import alter_compute_pool
+
+    _table([alter_compute_pool(name, resume=True)], POOL_COLUMNS, "compute pool")
+
+
+@pool_app.command("drop")
+def pool_drop(name: str) -> None:
+    from mljobs.client.pools import drop_compute_pool
+
+    drop_compute_pool(name)
+    console.print(f"dropped compute pool {name.upper()}")
+
+
+# -- jobs -------------------------------------------------------------------------------------
+def _exit_code(status: JOB_STATUS) -> int:
+    return {JOB_STATUS.DONE: 0, JOB_STATUS.FAILED: 1}.get(status, 2)
+
+
+@app.command("submit", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def submit(ctx: typer.Context, path: Path, pool: str = typer.Option("DEFAULT_POOL", "--pool", "-p"),
+           stage: str = typer.Option("payload_stage", "--stage", "-s"),
+           entrypoint: Optional[str] = typer.Option(None, "--entrypoint", "-e",
+                                                    help="script inside DIR (or a command, quoted)"),
+           name: Optional[str] = None, env: list[str] = typer.Option([], "--env", help="KEY=VALUE, repeatable"),
+           wait: bool = typer.Option(False, "--wait", help="stream the logs and exit with the job's status")) -> None:
+    """Submit FILE or DIR; arguments after `--` reach the script's sys.argv. Prints the job id."""
+    from mljobs.client.jobs import submit_directory, submit_file
+
+    env_vars = dict(e.split("=", 1) for e in env)
+    args = list(ctx.args)
+    if path.is_dir():
+        if not entrypoint:
+            raise errors.InvalidArgumentError(f"{path} is a directory: give --entrypoint SCRIPT")
+        ep: Any = entrypoint.split() if " " in entrypoint else entrypoint
+        job = submit_directory(path, pool, entrypoint=ep, stage_name=stage, args=args, env_vars=env_vars, name=name)
+    else:
+        job = submit_file(path, pool, stage_name=stage, args=args, env_vars=env_vars, name=name)
+    print(job.id, flush=True)
+    if wait:
+        for line in job.stream_logs():
+            print(line, flush=True)
+        status = job.wait()
+        err.print(f"job {job.id} {status.value}" + (f": {job.message}" if status != JOB_STATUS.DONE else ""))
+        raise typer.Exit(_exit_code(status))
+
+
+@jobs_app.command("list")
+def jobs_list(limit: int = typer.Option(10, help="<= 0: all")) -> None:
+    rows = _session().request("GET", "/jobs", params={"limit": limit}).json()
+    _table(rows, ["id", "name", "status", "compute_pool", "target_instances", "created_time", "message"], "jobs")
+
+
+@app.command("logs")
+def logs(job: str, follow: bool = typer.Option(False, "--follow", "-f"), instance: int = 0,
+         limit: int = -1, verbose: bool = False) -> None:
+    """Print a job's log (the head's by default)."""
+    from mljobs.client.jobs import get_job
+
+    j = get_job(job)
+    j.show_logs(limit, instance, verbose=verbose, follow=follow)
+
+
+@app.command("status")
+def status(job: str) -> None:
+    from mljobs.client.jobs import get_job
+
+    info = get_job(job)._refresh()
+    console.print(f"{info['id']} {info['status']}" + (f": {info['message']}" if info["message"] else ""))
+
+
+@app.command("result")
+def result(job: str, timeout: float = -1) -> None:
+    """Wait for the job and print its result (repr); exits 1 when it raised."""
+    from mljobs.client.jobs import get_job
+
+    try:
+        console.print(repr(get_job(job).result(timeout)))
+    except errors.MLJobsError:
+        raise
+    except Exception as e:  # the job's own exception
+        err.print(f"the job raised {type(e).__name__}: {e}")
+        if e.__cause__ is not None:
+            err.print(str(e.__cause__))
+        raise typer.Exit(1) from None
+
+
+@app.command("cancel")
+def cancel(job: str) -> None:
+    from mljobs.client.jobs import get_job
+
+    j = get_job(job)
+    j.cancel()
+    console.print(f"{j.id} {j.status.value}")
+
+
+@app.command("delete")
+def delete(job: str) -> None:
+    from mljobs.client.jobs import delete_job
+
+    delete_job(job)
+    console.print(f"deleted {job}")
+
+
+# -- stages -----------------------------------------------------------------------------------
+@stage_app.command("put")
+def stage_put(local_path: Path, stage_path: str) -> None:
+    for f in _session().file.put(local_path, stage_path):
+        console.print(f"{f['name']}  {f['size']} bytes")
+
+
+@stage_app.command("get")
+def stage_get(stage_path: str, local_dir: Path) -> None:
+    for f in _session().file.get(stage_path, local_dir):
+        console.print(f)
+
+
+@stage_app.command("ls")
+def stage_ls(stage_path: str) -> None:
+    _table(_session().file.list(stage_path), ["name", "size"], stage_path)
+
+
+@stage_app.command("create")
+def stage_create(name: str, url: Optional[str] = typer.Option(None, help="fsspec URL, e.g. s3://bucket/prefix")) -> None:
+    from mljobs.client.pools import create_stage
+
+    console.print_json(json.dumps(create_stage(name, url), default=str))
+
+
+def main() -> None:
+    try:
+        app()
+    except errors.MLJobsError as e:
+        err.print(f"error: {e}", highlight=False, markup=False)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

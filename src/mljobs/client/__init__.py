@@ -1,0 +1,1 @@
+"""The SDK. Talks to the control plane over HTTP only."""

@@ -1,0 +1,195 @@
+"""MLJob: the handle of one submitted job."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import pickle
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import cloudpickle
+
+from mljobs.client.session import Session, get_active_session
+from mljobs.errors import JobFailedError, RemoteError, RemoteTraceback
+from mljobs.status import JOB_STATUS, TERMINAL
+
+__all__ = ["MLJob"]
+
+log = logging.getLogger("mljobs")
+if not log.handlers:  # progress on long waits, unless the application configured logging itself
+    _h = logging.StreamHandler(sys.stderr)
+    _h.setFormatter(logging.Formatter("mljobs: %(message)s"))
+    log.addHandler(_h)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+_POLL_S = 30.0  # one long poll; the server answers at once when the job ends
+
+
+def _rebuild(job_id: str, url: str | None) -> MLJob:
+    active = get_active_session()
+    session = active if url is None or active._url in (None, url) and active.url == url else Session(url)
+    return MLJob(job_id, session)
+
+
+class MLJob:
+    """A job's handle: status, logs, wait, result, cancel. Pickles as (id, server address)."""
+
+    def __init__(self, job_id: str, session: Session | None = None, info: dict[str, Any] | None = None) -> None:
+        self._id = job_id
+        self._session = session or get_active_session()
+        self._info = info
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (self._id, self._session._url))
+
+    def __repr__(self) -> str:
+        status = self._info["status"] if self._info else "?"
+        return f"MLJob(id={self._id!r}, status={status})"
+
+    # -- state --------------------------------------------------------------------------------
+    def _refresh(self) -> dict[str, Any]:
+        self._info = self._session.request("GET", f"/jobs/{self._id}").json()
+        return self._info
+
+    def _cached(self) -> dict[str, Any]:
+        return self._info if self._info is not None else self._refresh()
+
+    @property
+    def id(self) -> str:
+        return self._id
+
+    @property
+    def name(self) -> str:
+        return self._cached()["name"]
+
+    @property
+    def status(self) -> JOB_STATUS:
+        info = self._info if self._info and self._info["status"] in TERMINAL else self._refresh()
+        return JOB_STATUS(info["status"])
+
+    @property
+    def message(self) -> str:
+        return self._refresh()["message"]
+
+    @property
+    def target_instances(self) -> int:
+        return self._cached()["target_instances"]
+
+    @property
+    def min_instances(self) -> int:
+        return self._cached()["min_instances"]
+
+    @property
+    def compute_pool(self) -> str:
+        return self._cached()["compute_pool"]
+
+    # -- waiting ------------------------------------------------------------------------------
+    def wait(self, timeout: float = -1) -> JOB_STATUS:
+        """Block until the job ends; returns its final status (FAILED does not raise).
+
+        Raises TimeoutError if ``timeout`` seconds (>= 0) pass first. While the job is pending
+        the reason is logged (logger ``mljobs``) each time it changes.
+        """
+        deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
+        said = None
+        while True:
+            left = _POLL_S if deadline is None else min(_POLL_S, deadline - time.monotonic())
+            if left <= 0 and deadline is not None:
+                info = self._refresh()
+                if info["status"] in TERMINAL:
+                    return JOB_STATUS(info["status"])
+                raise TimeoutError(f"job {self._id} is still {info['status']} after {timeout} s "
+                                   f"({info['message'] or 'running'})")
+            info = self._session.request("GET", f"/jobs/{self._id}/wait", params={"timeout": max(left, 0)},
+                                         timeout=max(left, 0) + 30).json()
+            self._info = info
+            if info["status"] in TERMINAL:
+                return JOB_STATUS(info["status"])
+            note = f"job {self._id} is {info['status']}" + (f": {info['message']}" if info["message"] else "")
+            if note != said and info["status"] == JOB_STATUS.PENDING:
+                log.info(note)
+                said = note
+
+    def result(self, timeout: float = -1) -> Any:
+        """The job's return value; re-raises the job's exception with its remote traceback."""
+        status = self.wait(timeout)
+        resp = self._session.request("GET", f"/jobs/{self._id}/result") if status != JOB_STATUS.DELETED else None
+        if resp is None:
+            raise JobFailedError(f"job {self._id} was deleted", job_id=self._id, status=status.value)
+        envelope = pickle.loads(resp.content)
+        if envelope["ok"]:
+            return cloudpickle.loads(envelope["value"])
+        raise _rebuild_exception(envelope) from RemoteTraceback(envelope["traceback"])
+
+    # -- logs ---------------------------------------------------------------------------------
+    def _log_params(self, limit: int, instance_id: int | None, verbose: bool) -> dict[str, Any]:
+        return {"limit": limit, "instance": instance_id or 0, "verbose": verbose}
+
+    def get_logs(self, limit: int = -1, instance_id: int | None = None, *, as_list: bool = False,
+                 verbose: bool = False, follow: bool = False) -> str | list[str]:
+        """The instance's log (the head's by default): the last ``limit`` lines when > 0.
+
+        ``verbose=False`` shows only the payload's own output; ``follow=True`` waits for the job
+        to end and returns everything it wrote.
+        """
+        if follow:
+            lines = list(self.stream_logs(instance_id, verbose=verbose))
+        else:
+            text = self._session.request("GET", f"/jobs/{self._id}/logs",
+                                         params=self._log_params(limit, instance_id, verbose)).text
+            lines = text.splitlines()
+        if limit > 0:
+            lines = lines[-limit:]
+        return lines if as_list else "\n".join(lines)
+
+    def stream_logs(self, instance_id: int | None = None, *, verbose: bool = False,
+                    limit: int = -1) -> Iterator[str]:
+        """Yield log lines as they are written, until the job ends."""
+        client = self._session._http()
+        params = {**self._log_params(limit, instance_id, verbose), "follow": True}
+        with client.stream("GET", f"/jobs/{self._id}/logs", params=params, timeout=None) as resp:
+            if resp.status_code >= 400:
+                resp.read()
+                raise self._session._error(resp)
+            for line in resp.iter_lines():
+                yield line
+        if self.status not in TERMINAL:
+            raise ConnectionError(f"the log stream of job {self._id} ended before the job did")
+
+    def show_logs(self, limit: int = -1, instance_id: int | None = None, *, verbose: bool = False,
+                  follow: bool = False) -> None:
+        if follow:
+            for line in self.stream_logs(instance_id, verbose=verbose, limit=limit):
+                print(line, flush=True)
+        else:
+            print(self.get_logs(limit, instance_id, verbose=verbose))
+
+    # -- control ------------------------------------------------------------------------------
+    def cancel(self) -> None:
+        """Cancel the job: PENDING ends CANCELLED at once; RUNNING stops its whole process tree."""
+        self._info = self._session.request("POST", f"/jobs/{self._id}/cancel").json()
+
+
+def _rebuild_exception(envelope: dict[str, Any]) -> BaseException:
+    """The job's own exception object, else one of the same type, else a RemoteError."""
+    if envelope.get("exc_pickle"):
+        try:
+            exc = pickle.loads(envelope["exc_pickle"])
+            if isinstance(exc, BaseException):
+                return exc
+        except Exception:  # noqa: BLE001 - the type may not exist here
+            pass
+    module, _, qualname = envelope["exc_type"].rpartition(".")
+    try:
+        obj: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+        if isinstance(obj, type) and issubclass(obj, BaseException):
+            return obj(envelope["exc_message"])
+    except Exception:  # noqa: BLE001
+        pass
+    return RemoteError(envelope["exc_type"], envelope["exc_message"], envelope["traceback"])

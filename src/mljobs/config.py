@@ -1,0 +1,62 @@
+"""Settings from the environment and the optional config file ``$MLJOBS_HOME/config.toml``.
+
+Environment variables win over the file. Nothing here starts or imports a server.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 clients
+    import tomli as tomllib
+
+__all__ = ["Settings", "load_settings", "default_home"]
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("MLJOBS_HOME") or Path.home() / ".mljobs").expanduser()
+
+
+@dataclasses.dataclass
+class Settings:
+    home: Path
+    url: str | None = None  # a configured control plane; None means the embedded one
+    token: str | None = None
+    database: str | None = None
+    schema: str | None = None
+    database_url: str | None = None  # the server's store; None means SQLite under home
+    grace_period_s: float = 3.0  # SIGTERM -> SIGKILL on cancel
+    create_default_pool: bool = True
+
+
+def _read_file(home: Path) -> dict[str, Any]:
+    path = home / "config.toml"
+    if not path.is_file():
+        return {}
+    with path.open("rb") as f:
+        return tomllib.load(f)
+
+
+def load_settings(home: str | os.PathLike[str] | None = None) -> Settings:
+    """Read settings: env vars ``MLJOBS_*`` first, then ``[client]``/``[server]`` in config.toml."""
+    root = Path(home).expanduser() if home else default_home()
+    data = _read_file(root)
+    client, server = data.get("client", {}), data.get("server", {})
+    env = os.environ
+    return Settings(
+        home=root,
+        url=env.get("MLJOBS_URL") or client.get("url"),
+        token=env.get("MLJOBS_TOKEN") or client.get("token") or server.get("token"),
+        database=env.get("MLJOBS_DATABASE") or client.get("database"),
+        schema=env.get("MLJOBS_SCHEMA") or client.get("schema"),
+        database_url=env.get("MLJOBS_DATABASE_URL") or server.get("database_url"),
+        grace_period_s=float(env.get("MLJOBS_GRACE_PERIOD_S") or server.get("grace_period_s", 3.0)),
+        create_default_pool=str(env.get("MLJOBS_DEFAULT_POOL", server.get("default_pool", "1"))).lower()
+        not in ("0", "false", "no"),
+    )

@@ -1,0 +1,83 @@
+"""The exception family of mljobs. Every message names the bad value and what to do."""
+
+from __future__ import annotations
+
+__all__ = [
+    "MLJobsError",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "ConflictError",
+    "InvalidTransitionError",
+    "ServerUnavailableError",
+    "VersionMismatchError",
+    "PayloadError",
+    "JobFailedError",
+    "RemoteError",
+    "RemoteTraceback",
+]
+
+
+class MLJobsError(Exception):
+    """Base of every error mljobs raises itself."""
+
+
+class InvalidArgumentError(MLJobsError, ValueError):
+    """A value given by the caller is wrong; the message says which and how to fix it."""
+
+
+class NotFoundError(MLJobsError, LookupError):
+    """A named job, pool, stage or stage path does not exist."""
+
+
+class ConflictError(MLJobsError):
+    """The request clashes with the current state (a pool that already exists, a busy pool)."""
+
+
+class InvalidTransitionError(MLJobsError):
+    """A job status change that the transition table does not allow."""
+
+    def __init__(self, job_id: str, old: str, new: str) -> None:
+        super().__init__(f"job {job_id}: cannot move from {old} to {new}")
+        self.job_id, self.old, self.new = job_id, old, new
+
+
+class ServerUnavailableError(MLJobsError, ConnectionError):
+    """The control plane did not answer."""
+
+
+class VersionMismatchError(MLJobsError):
+    """Client and runtime Python or cloudpickle versions cannot exchange pickles."""
+
+
+class PayloadError(MLJobsError, ValueError):
+    """A payload (function, argument, file, directory) cannot be packaged."""
+
+
+class JobFailedError(MLJobsError):
+    """A job ended without a result (cancelled, platform failure, killed by a signal)."""
+
+    def __init__(self, message: str, *, job_id: str | None = None, status: str | None = None) -> None:
+        super().__init__(message)
+        self.job_id, self.status = job_id, status
+
+
+class RemoteTraceback(Exception):
+    """Carries the job's traceback text; set as ``__cause__`` of a re-raised job exception."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.tb}"""'
+
+
+class RemoteError(MLJobsError):
+    """A job raised an exception whose type cannot be rebuilt on the client."""
+
+    def __init__(self, type_name: str, message: str, traceback: str) -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name, self.message, self.traceback = type_name, message, traceback
+
+    def __reduce__(self):  # keep it picklable with its three fields
+        return (RemoteError, (self.type_name, self.message, self.traceback))

@@ -1,0 +1,117 @@
+"""The one place that names every artifact path: on a stage, and under MLJOBS_HOME."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+__all__ = ["StagePaths", "HomePaths", "InstancePaths", "FUNCTION_PAYLOAD", "IMPORTS_DIR"]
+
+FUNCTION_PAYLOAD = "function.pkl"  # inside app/ for function payloads
+IMPORTS_DIR = ".imports"  # inside app/: roots added to sys.path for `imports=`
+
+
+class StagePaths:
+    """Paths of one job's files, relative to its stage's root."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.job_id}/"
+
+    @property
+    def app(self) -> str:
+        return f"{self.job_id}/app/"
+
+    @property
+    def result(self) -> str:
+        return f"{self.job_id}/result"
+
+
+@dataclasses.dataclass(frozen=True)
+class InstancePaths:
+    """Local files of one instance: what the supervisor reads and writes."""
+
+    run_dir: Path  # launch.json, supervisor.pid, exit.json, result.pkl
+    work_dir: Path  # the payload's working directory
+    log_file: Path
+
+    @property
+    def launch(self) -> Path:
+        return self.run_dir / "launch.json"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.run_dir / "supervisor.pid"
+
+    @property
+    def exit_file(self) -> Path:
+        return self.run_dir / "exit.json"
+
+    @property
+    def result(self) -> Path:
+        return self.run_dir / "result.pkl"
+
+    @property
+    def error(self) -> Path:
+        return self.run_dir / "error.json"
+
+    @property
+    def supervisor_log(self) -> Path:
+        return self.run_dir / "supervisor.err"
+
+
+class HomePaths:
+    """Layout of MLJOBS_HOME, the server's state folder."""
+
+    def __init__(self, home: str | os.PathLike[str]) -> None:
+        self.root = Path(home).expanduser().resolve()
+
+    @property
+    def database(self) -> Path:
+        return self.root / "mljobs.db"
+
+    @property
+    def server_info(self) -> Path:
+        return self.root / "server.json"
+
+    @property
+    def server_lock(self) -> Path:
+        return self.root / "server.lock"
+
+    @property
+    def start_lock(self) -> Path:
+        return self.root / "start.lock"
+
+    @property
+    def server_log(self) -> Path:
+        return self.root / "server.log"
+
+    @property
+    def stages(self) -> Path:
+        return self.root / "stages"
+
+    def stage_root(self, stage: str) -> Path:
+        return self.stages / stage
+
+    def job_logs(self, job_id: str) -> Path:
+        return self.root / "logs" / job_id
+
+    def log_file(self, job_id: str, instance: int) -> Path:
+        return self.job_logs(job_id) / f"{instance}.log"
+
+    def job_run(self, job_id: str) -> Path:
+        return self.root / "run" / job_id
+
+    def job_work(self, job_id: str) -> Path:
+        return self.root / "work" / job_id
+
+    def instance(self, job_id: str, instance: int) -> InstancePaths:
+        return InstancePaths(
+            run_dir=self.job_run(job_id) / str(instance),
+            work_dir=self.job_work(job_id) / str(instance),
+            log_file=self.log_file(job_id, instance),
+        )

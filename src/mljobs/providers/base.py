@@ -1,0 +1,120 @@
+"""The provider interface: start, watch, cancel and clean up job instances.
+
+A provider says what it can do with capability flags; a method it cannot serve raises
+:class:`UnsupportedError` with what the operator should do instead.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from mljobs.errors import MLJobsError
+from mljobs.spec import InstanceFamily, JobSpec, PoolSpec
+
+__all__ = ["Provider", "InstanceLaunch", "InstanceHandle", "InstanceExit", "UnsupportedError", "get_provider_class"]
+
+
+class UnsupportedError(MLJobsError):
+    """The provider cannot do this; the message says what to use instead."""
+
+
+@dataclasses.dataclass
+class InstanceLaunch:
+    """What a provider needs to start one instance."""
+
+    job_id: str
+    instance_id: int
+    instance_count: int
+    spec: JobSpec
+    family: InstanceFamily
+    slot: int  # the instance's slot in its pool (0..max_nodes-1): picks CPUs and GPUs
+    stage: Any  # mljobs.stages.Stage holding the payload under <job_id>/app/
+    env: dict[str, str]  # mljobs' own variables for the payload (session, ids)
+    grace_period_s: float = 3.0
+
+
+@dataclasses.dataclass
+class InstanceHandle:
+    """How to find a running instance again, also after a server restart (stored as JSON)."""
+
+    job_id: str
+    instance_id: int
+    pid: int | None = None
+    pid_start: float | None = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> InstanceHandle:
+        return cls(**d)
+
+
+@dataclasses.dataclass
+class InstanceExit:
+    """How an instance ended. ``lost`` means the platform lost it (no exit record)."""
+
+    exit_code: int | None
+    cancelled: bool = False
+    lost: bool = False
+    error: dict[str, Any] | None = None  # {"exc_type", "exc_message"} when the payload raised
+    result: bytes | None = None  # the launcher's envelope, if it wrote one
+    log_tail: list[str] = dataclasses.field(default_factory=list)
+
+
+ExitCallback = Callable[[InstanceHandle], None]
+
+
+class Provider(abc.ABC):
+    """Supplies nodes for pools and runs instances on them."""
+
+    name: ClassVar[str]
+    supports_gpus: ClassVar[bool] = False
+    supports_multinode: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def validate_pool(self, pool: PoolSpec) -> None:
+        """Raise InvalidArgumentError if this provider cannot serve ``pool``."""
+
+    @abc.abstractmethod
+    def start(self, launch: InstanceLaunch) -> InstanceHandle:
+        """Start one instance; returns once it is running (or raises)."""
+
+    @abc.abstractmethod
+    def watch(self, handle: InstanceHandle, on_exit: ExitCallback) -> bool:
+        """Call ``on_exit(handle)`` once the instance has ended; False if it is already gone."""
+
+    @abc.abstractmethod
+    def poll(self, handle: InstanceHandle) -> InstanceExit | None:
+        """The instance's exit, or None while it still runs."""
+
+    @abc.abstractmethod
+    def cancel(self, handle: InstanceHandle, grace_period_s: float) -> None:
+        """Stop the instance's whole process tree: SIGTERM, grace period, SIGKILL."""
+
+    @abc.abstractmethod
+    def cleanup(self, handle: InstanceHandle) -> None:
+        """Remove the instance's local working files (not its log)."""
+
+    def close(self) -> None:
+        """Stop watching; running instances keep running."""
+
+
+_PROVIDERS: dict[str, str] = {"local": "mljobs.providers.local:LocalProvider"}
+
+
+def get_provider_class(name: str) -> type[Provider]:
+    import importlib
+
+    target = _PROVIDERS.get(name)
+    if target is None:
+        raise UnsupportedError(
+            f"unknown provider {name!r}; available: {', '.join(_PROVIDERS)} "
+            "(ray and slurm are on the roadmap)"
+        )
+    module, _, cls = target.partition(":")
+    return getattr(importlib.import_module(module), cls)

@@ -1,0 +1,276 @@
+"""The local provider: every instance is a supervised process tree on this machine.
+
+Each instance gets a slice of the machine: its family's CPU count as a CPU affinity set (and
+thread-count variables), its memory as RLIMIT_AS, and its GPUs via CUDA_VISIBLE_DEVICES. The
+supervisor runs in a new process session; the server notices its exit through a pidfd, so no
+polling sits on the hot path, and finds it again after a restart from its pid and start time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from typing import Any
+
+import psutil
+
+from mljobs import logformat
+from mljobs.errors import InvalidArgumentError
+from mljobs.paths import HomePaths, InstancePaths
+from mljobs.providers.base import ExitCallback, InstanceExit, InstanceHandle, InstanceLaunch, Provider
+from mljobs.spec import PoolSpec
+
+__all__ = ["LocalProvider", "detect_gpus", "read_log_tail"]
+
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
+               "VECLIB_MAXIMUM_THREADS")
+
+
+def detect_gpus() -> int:
+    """NVIDIA GPUs on this machine (0 when nvidia-smi is missing or fails)."""
+    if os.environ.get("MLJOBS_LOCAL_GPUS"):
+        return int(os.environ["MLJOBS_LOCAL_GPUS"])
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return 0
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
+def read_log_tail(path: os.PathLike[str] | str, lines: int = 10, *, verbose: bool = False) -> list[str]:
+    """The last ``lines`` rendered lines of a log file, reading only its end."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            block, data = 8192, b""
+            while size > 0 and data.count(b"\n") <= lines * 4 + 1:
+                step = min(block, size)
+                size -= step
+                f.seek(size)
+                data = f.read(step) + data
+                block *= 2
+    except FileNotFoundError:
+        return []
+    out = []
+    for raw in data.decode("utf-8", "backslashreplace").splitlines():
+        text = logformat.render(logformat.parse_record(raw), verbose)
+        if text is not None:
+            out.append(text)
+    return out[-lines:]
+
+
+class _ExitWatcher:
+    """One thread that waits on the pidfds of every watched supervisor."""
+
+    def __init__(self) -> None:
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="mljobs-exit-watcher", daemon=True)
+        self._thread.start()
+
+    def add(self, pid: int, callback: Any) -> bool:
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return False
+        with self._lock:
+            self._sel.register(fd, selectors.EVENT_READ, callback)
+        os.write(self._wake_w, b"x")
+        return True
+
+    def _run(self) -> None:
+        while not self._closed:
+            for key, _ in self._sel.select():
+                if key.data is None:
+                    os.read(self._wake_r, 4096)
+                    continue
+                with self._lock:
+                    self._sel.unregister(key.fd)
+                os.close(key.fd)
+                try:
+                    key.data()
+                except Exception:  # noqa: BLE001 - one bad callback must not stop the watcher
+                    import logging
+
+                    logging.getLogger("mljobs.server").exception("exit callback failed")
+
+    def close(self) -> None:
+        self._closed = True
+        os.write(self._wake_w, b"x")
+        self._thread.join(timeout=2)
+
+
+class LocalProvider(Provider):
+    name = "local"
+    supports_gpus = True
+    supports_multinode = False
+
+    def __init__(self, home: HomePaths) -> None:
+        self.home = home
+        self.cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(
+            range(os.cpu_count() or 1))
+        self.gpus = detect_gpus()
+        self._children: dict[int, subprocess.Popen[bytes]] = {}
+        self._watcher = _ExitWatcher()
+
+    # -- pools -------------------------------------------------------------------------------
+    def validate_pool(self, pool: PoolSpec) -> None:
+        fam = pool.family
+        if fam.gpus and fam.gpus * pool.max_nodes > self.gpus:
+            raise InvalidArgumentError(
+                f"compute pool {pool.name}: {pool.max_nodes} x {fam.name} needs "
+                f"{fam.gpus * pool.max_nodes} GPU(s) but this machine has {self.gpus}; "
+                "lower max_nodes or choose a CPU family"
+            )
+
+    # -- instances ---------------------------------------------------------------------------
+    def _slice(self, launch: InstanceLaunch) -> tuple[list[int], list[int]]:
+        n = len(self.cpus)
+        want = min(launch.family.cpus, n)
+        start = (launch.slot * want) % n
+        cpus = sorted({self.cpus[(start + k) % n] for k in range(want)})
+        g = launch.family.gpus
+        gpus = list(range(launch.slot * g, launch.slot * g + g)) if g else []
+        return cpus, gpus
+
+    def paths(self, handle_or_launch: InstanceHandle | InstanceLaunch) -> InstancePaths:
+        return self.home.instance(handle_or_launch.job_id, handle_or_launch.instance_id)
+
+    def start(self, launch: InstanceLaunch) -> InstanceHandle:
+        p = self.paths(launch)
+        for d in (p.run_dir, p.work_dir, p.log_file.parent):
+            d.mkdir(parents=True, exist_ok=True)
+        launch.stage.download_dir(f"{launch.job_id}/app/", p.work_dir)
+        cpus, gpus = self._slice(launch)
+        env = {var: str(len(cpus)) for var in THREAD_VARS}
+        if launch.family.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
+        env.update(launch.env)
+        env.update(launch.spec.env_vars)  # the user's own variables win
+        env["PYTHONUNBUFFERED"] = "1"
+        spec = launch.spec
+        doc = {
+            "job_id": launch.job_id,
+            "instance_id": launch.instance_id,
+            "instance_count": launch.instance_count,
+            "run_dir": str(p.run_dir),
+            "work_dir": str(p.work_dir),
+            "app_dir": str(p.work_dir),
+            "log_file": str(p.log_file),
+            "result_file": str(p.result),
+            "payload_kind": spec.payload_kind.value,
+            "entrypoint": spec.entrypoint,
+            "args": spec.args,
+            "session_param": spec.session_param,
+            "client_python": spec.client_python,
+            "client_cloudpickle": spec.client_cloudpickle,
+            "env": env,
+            "cpus": cpus,
+            "memory_bytes": launch.family.memory_bytes,
+            "python": sys.executable,
+            "grace_period_s": launch.grace_period_s,
+        }
+        p.launch.write_text(json.dumps(doc))
+        with open(p.supervisor_log, "wb") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "mljobs.runtime.supervisor", str(p.run_dir)],
+                stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True, close_fds=True,
+            )
+        self._children[proc.pid] = proc
+        try:
+            started = psutil.Process(proc.pid).create_time()
+        except psutil.NoSuchProcess:
+            started = None
+        p.pid_file.write_text(f"{proc.pid} {started}")
+        return InstanceHandle(launch.job_id, launch.instance_id, proc.pid, started, {"cpus": cpus, "gpus": gpus})
+
+    def _running(self, handle: InstanceHandle) -> bool:
+        if handle.pid is None:
+            return False
+        proc = self._children.get(handle.pid)
+        if proc is not None:
+            return proc.poll() is None
+        try:
+            ps = psutil.Process(handle.pid)
+            return ps.status() != psutil.STATUS_ZOMBIE and (
+                handle.pid_start is None or abs(ps.create_time() - handle.pid_start) < 0.01)
+        except psutil.NoSuchProcess:
+            return False
+
+    def watch(self, handle: InstanceHandle, on_exit: ExitCallback) -> bool:
+        if handle.pid is None or not self._running(handle):
+            return False
+
+        def fired() -> None:
+            proc = self._children.pop(handle.pid, None) if handle.pid is not None else None
+            if proc is not None:
+                proc.wait()
+            on_exit(handle)
+
+        return self._watcher.add(handle.pid, fired)
+
+    def poll(self, handle: InstanceHandle) -> InstanceExit | None:
+        if self._running(handle):
+            return None
+        p = self.paths(handle)
+        tail = read_log_tail(p.log_file, 10)
+        try:
+            record = json.loads(p.exit_file.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return InstanceExit(exit_code=None, lost=True, log_tail=tail)
+        error = None
+        if p.error.exists():
+            error = json.loads(p.error.read_text())
+        result = p.result.read_bytes() if p.result.exists() else None
+        return InstanceExit(record.get("exit_code"), bool(record.get("cancelled")), False, error, result, tail)
+
+    def cancel(self, handle: InstanceHandle, grace_period_s: float) -> None:
+        if not self._running(handle) or handle.pid is None:
+            return
+        pid = handle.pid
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+
+        def force() -> None:  # the supervisor did not finish its own cleanup in time
+            if not self._running(handle):
+                return
+            try:
+                tree = psutil.Process(pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                tree = []
+            for proc in [*tree]:
+                try:
+                    proc.kill()
+                except psutil.NoSuchProcess:
+                    pass
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+        t = threading.Timer(grace_period_s + 5.0, force)
+        t.daemon = True
+        t.start()
+
+    def cleanup(self, handle: InstanceHandle) -> None:
+        p = self.paths(handle)
+        shutil.rmtree(p.work_dir, ignore_errors=True)
+        shutil.rmtree(p.run_dir, ignore_errors=True)
+
+    def close(self) -> None:
+        self._watcher.close()

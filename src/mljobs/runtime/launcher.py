@@ -1,0 +1,201 @@
+"""Runs one payload inside an instance and writes its result envelope.
+
+The envelope is a plain-pickled dict, written to a temporary file and renamed into place, so a
+half-written result is never read::
+
+    {"ok": True, "value": <cloudpickle bytes>}
+    {"ok": False, "exc_type": "mod.Name", "exc_message": str, "traceback": str,
+     "exc_pickle": <cloudpickle bytes> | None, "exit_code": int | None}
+
+``main`` can run in-process (forked from the supervisor, or called by a test) or as
+``python -m mljobs.runtime.launcher RUN_DIR`` in another interpreter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import runpy
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+
+from mljobs.paths import FUNCTION_PAYLOAD, IMPORTS_DIR
+
+__all__ = ["main", "run_payload", "check_versions", "write_envelope", "read_envelope"]
+
+_INTERNAL_FILES = {os.path.abspath(__file__), os.path.abspath(runpy.__file__)}
+
+
+class PayloadExit(Exception):
+    """A script ended with a non-zero ``sys.exit`` or a command with a non-zero exit code."""
+
+    def __init__(self, code: object) -> None:
+        super().__init__(f"the payload exited with code {code}")
+        self.code = code
+
+
+def check_versions(client_python: str, client_cloudpickle: str) -> str | None:
+    """Why pickles from this client cannot load here, or None when they can."""
+    if client_python:
+        client_mm = tuple(int(x) for x in client_python.split(".")[:2])
+        if client_mm != sys.version_info[:2]:
+            here = "%d.%d" % sys.version_info[:2]
+            return (
+                f"the client runs Python {client_python} but the runtime runs Python {here}: "
+                f"pickled functions only load on the same major.minor. Use Python {here} on the "
+                "client, or submit a file or directory (submit_file / submit_directory), which "
+                "does not pickle code."
+            )
+    if client_cloudpickle and client_cloudpickle.split(".")[0] != cloudpickle.__version__.split(".")[0]:
+        return (
+            f"the client has cloudpickle {client_cloudpickle} but the runtime has "
+            f"{cloudpickle.__version__}: install cloudpickle=={cloudpickle.__version__} on the client"
+        )
+    return None
+
+
+def _script_globals(path: Path, args: list[str]) -> dict[str, Any]:
+    sys.argv = [str(path), *args]
+    sys.path.insert(0, str(path.parent))
+    return runpy.run_path(str(path), run_name="__main__")
+
+
+def _run_command(command: list[str], args: list[str], app: Path) -> Any:
+    """Run an entrypoint given as a command; Python ones run in-process so __return__ works."""
+    head, rest = command[0], command[1:]
+    if os.path.basename(head) in ("python", "python3") or head == sys.executable:
+        if rest[:1] == ["-m"] and len(rest) >= 2:
+            sys.argv = [rest[1], *rest[2:], *args]
+            sys.path.insert(0, str(app))
+            return runpy.run_module(rest[1], run_name="__main__", alter_sys=True).get("__return__")
+        if rest and rest[0].endswith(".py"):
+            return _script_globals(app / rest[0], [*rest[1:], *args]).get("__return__")
+    code = subprocess.call([*command, *args], cwd=os.getcwd())
+    if code != 0:
+        raise PayloadExit(code)
+    return None
+
+
+def run_payload(launch: dict[str, Any], session_factory: Any = None) -> Any:
+    """Run the payload described by ``launch`` and return its value (raises what it raises)."""
+    app = Path(launch["app_dir"])
+    imports_root = app / IMPORTS_DIR
+    if imports_root.is_dir():
+        sys.path.insert(0, str(imports_root))
+    kind = launch["payload_kind"]
+    if kind == "function":
+        with open(app / FUNCTION_PAYLOAD, "rb") as f:
+            call = cloudpickle.load(f)
+        kwargs = dict(call["kwargs"])
+        param = launch.get("session_param")
+        if param and kwargs.get(param) is None and session_factory is not None:
+            kwargs[param] = session_factory()
+        sys.path.insert(0, str(app))
+        return call["fn"](*call["args"], **kwargs)
+    entry = launch["entrypoint"]
+    args = list(launch.get("args") or [])
+    if len(entry) == 1 and entry[0].endswith(".py"):
+        return _script_globals(app / entry[0], args).get("__return__")
+    return _run_command(entry, args, app)
+
+
+def _user_traceback(exc: BaseException) -> str:
+    tb = exc.__traceback__
+    while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) in _INTERNAL_FILES:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+def _exception_envelope(exc: BaseException) -> dict[str, Any]:
+    exc_pickle: bytes | None
+    try:
+        exc_pickle = cloudpickle.dumps(exc)
+        pickle.loads(exc_pickle)  # some exceptions pickle but cannot be rebuilt
+    except Exception:
+        exc_pickle = None
+    return {
+        "ok": False,
+        "exc_type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+        "exc_message": str(exc),
+        "traceback": _user_traceback(exc),
+        "exc_pickle": exc_pickle,
+        "exit_code": exc.code if isinstance(exc, PayloadExit) else None,
+    }
+
+
+def write_envelope(path: Path, envelope: dict[str, Any]) -> None:
+    """Write the envelope atomically; for a failure also ``error.json`` beside it, which the
+    server reads (the server never unpickles what a payload wrote)."""
+    if not envelope["ok"]:
+        summary = {k: envelope[k] for k in ("exc_type", "exc_message", "exit_code")}
+        err = path.with_name("error.json")
+        with open(err.with_suffix(".tmp"), "w") as f:
+            json.dump(summary, f, default=str)
+        os.replace(err.with_suffix(".tmp"), err)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump(envelope, f, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(tmp, path)
+
+
+def read_envelope(data: bytes) -> dict[str, Any]:
+    return pickle.loads(data)
+
+
+def _session_factory() -> Any:
+    # Imported here, not at the top: the client (httpx) costs ~100 ms and only payloads that
+    # ask for a session need it.
+    from mljobs.client.session import Session
+
+    return Session.builder.getOrCreate()
+
+
+def main(launch: dict[str, Any]) -> int:
+    """Run the payload and write the envelope; 0 on success, 1 when the payload failed."""
+    result_path = Path(launch["result_file"])
+    problem = check_versions(launch.get("client_python", ""), launch.get("client_cloudpickle", ""))
+    if problem and launch["payload_kind"] == "function":
+        envelope = {"ok": False, "exc_type": "mljobs.errors.VersionMismatchError", "exc_message": problem,
+                    "traceback": problem + "\n", "exc_pickle": None, "exit_code": None}
+        write_envelope(result_path, envelope)
+        print(problem, file=sys.stderr)
+        return 1
+    try:
+        value = run_payload(launch, _session_factory)
+    except SystemExit as e:
+        if e.code in (None, 0):
+            value = None
+        else:
+            exc = PayloadExit(e.code)
+            exc.__traceback__ = e.__traceback__
+            envelope = _exception_envelope(exc)
+            write_envelope(result_path, envelope)
+            return 1
+    except BaseException as e:  # noqa: BLE001 - every failure travels as data
+        envelope = _exception_envelope(e)
+        sys.stderr.write(envelope["traceback"])
+        write_envelope(result_path, envelope)
+        return 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    try:
+        envelope = {"ok": True, "value": cloudpickle.dumps(value)}
+    except Exception as e:  # noqa: BLE001
+        err = TypeError(f"the job's result of type {type(value).__name__} cannot be pickled: {e}")
+        write_envelope(result_path, _exception_envelope(err))
+        print(err, file=sys.stderr)
+        return 1
+    write_envelope(result_path, envelope)
+    return 0
+
+
+if __name__ == "__main__":
+    with open(Path(sys.argv[1]) / "launch.json") as f:
+        sys.exit(main(json.load(f)))

@@ -1,0 +1,278 @@
+"""One supervisor per instance, in its own process session.
+
+It runs the launcher in a child process, captures the child's stdout and stderr line by line
+with timestamps into the instance log, and records the exit in ``exit.json`` (written to a
+temporary file and renamed). It is a child subreaper, so processes the payload leaves behind
+(even ones that call ``setsid``) stay in its tree: on SIGTERM (cancel) or when the payload ends,
+it sends SIGTERM to the whole tree, waits a grace period, then SIGKILLs what is left.
+
+The server learns of the exit by watching this process (a pidfd), not by a callback, so a
+supervisor keeps working across a server restart.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import resource
+import selectors
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from mljobs import logformat
+from mljobs.runtime import launcher
+
+__all__ = ["main", "supervise", "descendants", "kill_tree"]
+
+PR_SET_CHILD_SUBREAPER = 36
+_LINE_LIMIT = 64 * 1024
+
+
+def _set_subreaper() -> None:
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: fall back to the process group alone
+        pass
+
+
+def descendants(root: int) -> list[int]:
+    """Every live descendant of ``root`` (from /proc; children first-level last)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for name in entries:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rfind(b")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(name))
+    out: list[int] = []
+    stack = [root]
+    while stack:
+        for c in children.get(stack.pop(), []):
+            out.append(c)
+            stack.append(c)
+    return out
+
+
+def _signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def kill_tree(root: int, grace_s: float, *, include_root: bool = False) -> None:
+    """SIGTERM every descendant of ``root``, wait up to ``grace_s``, SIGKILL the rest, reap."""
+    pids = descendants(root) + ([root] if include_root else [])
+    if not pids:
+        return
+    _signal_all(pids, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        _reap()
+        pids = descendants(root) + ([root] if include_root and _alive(root) else [])
+        if not pids:
+            return
+        time.sleep(0.02)
+    _signal_all(descendants(root) + ([root] if include_root else []), signal.SIGKILL)
+    for _ in range(100):
+        _reap()
+        if not descendants(root):
+            return
+        time.sleep(0.01)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+_REAPED: dict[int, int] = {}  # pid -> wait status of every child this process reaped
+
+
+def _reap() -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        _REAPED[pid] = status
+
+
+def _child(launch: dict[str, Any], out_w: int, err_w: int) -> None:
+    """In the forked child: set up the instance's limits and environment, then run the launcher."""
+    try:
+        os.setpgid(0, 0)
+        for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.set_wakeup_fd(-1)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.dup2(out_w, 1)
+        os.dup2(err_w, 2)
+        os.closerange(3, 256)
+        os.chdir(launch["work_dir"])
+        os.environ.update(launch["env"])
+        cpus = launch.get("cpus")
+        if cpus and hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, cpus)
+        mem = launch.get("memory_bytes")
+        if mem:
+            resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+        python = launch.get("python") or sys.executable
+        if os.path.realpath(python) != os.path.realpath(sys.executable):
+            os.execv(python, [python, "-m", "mljobs.runtime.launcher", launch["run_dir"]])
+        import io
+
+        sys.stdin = open(0, closefd=False)  # noqa: SIM115
+        sys.stdout = io.TextIOWrapper(open(1, "wb", 0, closefd=False), write_through=True, line_buffering=True)
+        sys.stderr = io.TextIOWrapper(open(2, "wb", 0, closefd=False), write_through=True, line_buffering=True)
+        code = launcher.main(launch)
+    except BaseException as e:  # noqa: BLE001 - never return into the supervisor's code
+        try:
+            os.write(2, f"mljobs: the launcher could not start: {e!r}\n".encode())
+        finally:
+            os._exit(70)
+    os._exit(code)
+
+
+class _LogWriter:
+    def __init__(self, path: str) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(path, "a", encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
+        self.partial: dict[str, bytes] = {}
+
+    def system(self, text: str) -> None:
+        self.f.write(logformat.format_record(logformat.SYS, text))
+        self.f.flush()
+
+    def feed(self, stream: str, data: bytes) -> None:
+        buf = self.partial.get(stream, b"") + data
+        *lines, rest = buf.split(b"\n")
+        if len(rest) > _LINE_LIMIT:
+            lines.append(rest)
+            rest = b""
+        self.partial[stream] = rest
+        if lines:
+            now = logformat.now_iso()
+            self.f.write("".join(
+                logformat.format_record(stream, ln.decode("utf-8", "backslashreplace").rstrip("\r"), now)
+                for ln in lines
+            ))
+            self.f.flush()
+
+    def close(self) -> None:
+        for stream, rest in self.partial.items():
+            if rest:
+                self.f.write(logformat.format_record(stream, rest.decode("utf-8", "backslashreplace")))
+        self.partial.clear()
+        self.f.close()
+
+
+def _write_exit(path: Path, record: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, path)
+
+
+def supervise(launch: dict[str, Any]) -> dict[str, Any]:
+    """Run one instance to its end; returns (and writes) the exit record."""
+    run_dir = Path(launch["run_dir"])
+    grace = float(launch.get("grace_period_s", 3.0))
+    log = _LogWriter(launch["log_file"])
+    _set_subreaper()
+    cancelled = False
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+        signal.signal(sig, lambda *_: None)
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    log.system(
+        f"instance {launch['instance_id']} of job {launch['job_id']} starting "
+        f"(cpus {launch.get('cpus')}, memory limit {launch.get('memory_bytes')} bytes)"
+    )
+    pid = os.fork()
+    if pid == 0:
+        os.close(out_r), os.close(err_r)
+        _child(launch, out_w, err_w)
+    os.close(out_w), os.close(err_w)
+    sel = selectors.DefaultSelector()
+    sel.register(out_r, selectors.EVENT_READ, logformat.OUT)
+    sel.register(err_r, selectors.EVENT_READ, logformat.ERR)
+    sel.register(wake_r, selectors.EVENT_READ, None)
+    open_streams = 2
+    drain_deadline: float | None = None
+    while open_streams and (drain_deadline is None or time.monotonic() < drain_deadline):
+        timeout = None if drain_deadline is None else max(0.0, drain_deadline - time.monotonic())
+        for key, _ in sel.select(timeout):
+            if key.data is None:
+                sigs = os.read(wake_r, 512)
+                if not cancelled and any(s in sigs for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)):
+                    cancelled = True
+                    log.system(f"cancel requested: stopping the process tree (grace {grace:g} s)")
+                    kill_tree(os.getpid(), grace)
+                _reap()
+                if pid in _REAPED and drain_deadline is None:
+                    drain_deadline = time.monotonic() + 0.5
+                continue
+            data = os.read(key.fd, 65536)
+            if not data:
+                sel.unregister(key.fd)
+                os.close(key.fd)
+                open_streams -= 1
+            else:
+                log.feed(key.data, data)
+    if pid not in _REAPED:
+        try:
+            _REAPED[pid] = os.waitpid(pid, 0)[1]
+        except ChildProcessError:
+            pass
+    status = _REAPED.get(pid)
+    leftover = descendants(os.getpid())
+    if leftover:
+        log.system(f"stopping {len(leftover)} process(es) the payload left running")
+        kill_tree(os.getpid(), grace)
+    code = os.waitstatus_to_exitcode(status) if status is not None else None
+    record = {
+        "exit_code": code,
+        "cancelled": cancelled,
+        "ended": logformat.now_iso(),
+        "has_result": (run_dir / "result.pkl").exists(),
+    }
+    log.system(f"instance {launch['instance_id']} exited with code {code}" + (" (cancelled)" if cancelled else ""))
+    log.close()
+    _write_exit(run_dir / "exit.json", record)
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    run_dir = Path(argv[0])
+    with open(run_dir / "launch.json") as f:
+        launch = json.load(f)
+    supervise(launch)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

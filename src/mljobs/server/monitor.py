@@ -1,0 +1,52 @@
+"""Reconciliation: compare the store's live instances with what the providers see."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from mljobs.providers.base import InstanceHandle, Provider
+
+__all__ = ["reconcile_once"]
+
+log = logging.getLogger("mljobs.server")
+
+
+def reconcile_once(
+    live_instances: list[dict[str, Any]],
+    provider_for: Callable[[str], Provider],
+    pool_of: Callable[[str], str],
+    on_exit: Callable[[InstanceHandle], None],
+    now: dt.datetime,
+    *,
+    attach: bool = False,
+    starting_grace: dt.timedelta = dt.timedelta(seconds=60),
+) -> list[InstanceHandle]:
+    """Finish every instance the store thinks is live but its provider says has ended.
+
+    With ``attach`` (after a server start) also watch the ones still running, so their exit is
+    noticed without polling. Errors are isolated per instance. Returns the handles finished.
+    """
+    finished = []
+    for inst in live_instances:
+        try:
+            if inst["handle"] is None:  # the server stopped between recording and starting it
+                started = inst["started_time"]
+                if started is not None and now - started < starting_grace:
+                    continue
+                handle = InstanceHandle(inst["job_id"], inst["instance_id"])
+                on_exit(handle)
+                finished.append(handle)
+                continue
+            handle = InstanceHandle.from_dict(inst["handle"])
+            provider = provider_for(pool_of(inst["job_id"]))
+            if attach and provider.watch(handle, on_exit):
+                continue
+            if provider.poll(handle) is not None:
+                on_exit(handle)
+                finished.append(handle)
+        except Exception:  # noqa: BLE001 - one broken instance must not stop the others
+            log.exception("reconcile: instance %s/%s", inst.get("job_id"), inst.get("instance_id"))
+    return finished

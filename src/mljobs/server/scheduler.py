@@ -1,0 +1,40 @@
+"""Which pending jobs start now: first come, first served, within each pool's max_nodes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["plan_starts", "pending_reason"]
+
+
+def plan_starts(pool: dict[str, Any], used_slots: set[int], pending: list[dict[str, Any]]) -> list[tuple[dict[str, Any], list[int]]]:
+    """Jobs to start now, each with the pool slots it gets.
+
+    A job starts when at least its ``min_instances`` slots are free and takes up to
+    ``target_instances``. The queue is strict FIFO: when the oldest job does not fit, nothing
+    behind it starts (no starvation of big jobs), and a job never holds slots while it waits.
+    A suspended pool starts nothing.
+    """
+    if pool["suspended"]:
+        return []
+    free = [s for s in range(pool["max_nodes"]) if s not in used_slots]
+    plan = []
+    for job in pending:
+        if len(free) < job["min_instances"]:
+            break
+        take = min(job["target_instances"], len(free))
+        plan.append((job, free[:take]))
+        free = free[take:]
+    return plan
+
+
+def pending_reason(job: dict[str, Any], pool: dict[str, Any], nodes_in_use: int, ahead: int) -> str:
+    """Why a PENDING job has not started, in words a user can act on."""
+    name = pool["name"]
+    if pool["suspended"]:
+        return (f"pool {name} is SUSPENDED: resume it with `mljobs pool resume {name}` or "
+                f"alter_compute_pool({name!r}, resume=True)")
+    msg = f"pool busy: {nodes_in_use}/{pool['max_nodes']} nodes in use"
+    if ahead:
+        msg += f", {ahead} job(s) ahead in the queue"
+    return msg

@@ -1,0 +1,427 @@
+"""The control plane's operations: submit, schedule, finish, cancel, delete, pools, stages.
+
+Routes in ``app.py`` call these; the provider's exit watcher calls :meth:`instance_exited`.
+One lock serializes scheduling decisions inside this process; the store's compare-and-set
+transitions keep state right even across processes.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import os
+import shutil
+import sys
+import threading
+from typing import IO, Any
+
+import cloudpickle
+
+from mljobs import __version__
+from mljobs.config import Settings
+from mljobs.errors import InvalidArgumentError, InvalidTransitionError, NotFoundError, VersionMismatchError
+from mljobs.paths import HomePaths, StagePaths
+from mljobs.providers.base import InstanceExit, InstanceHandle, InstanceLaunch, Provider, UnsupportedError, get_provider_class
+from mljobs.runtime.launcher import check_versions
+from mljobs.server.monitor import reconcile_once
+from mljobs.server.notify import Notifier
+from mljobs.server.scheduler import pending_reason, plan_starts
+from mljobs.server.store import Store, utcnow
+from mljobs.spec import DEFAULT_POOL, INSTANCE_FAMILIES, JobSpec, PayloadKind, PoolSpec, PoolState, check_identifier, check_stage_name, is_job_id, new_job_id
+from mljobs.stages import Stage, parse_stage_path
+from mljobs.status import ACTIVE, JOB_STATUS, TERMINAL
+
+__all__ = ["ControlPlane"]
+
+log = logging.getLogger("mljobs.server")
+KNOWN_INTEGRATIONS = {"PYPI_ACCESS"}
+_SIGNALS = {9: "SIGKILL: out of memory, or killed", 15: "SIGTERM", 11: "SIGSEGV: crashed", 6: "SIGABRT"}
+
+
+class ControlPlane:
+    def __init__(self, settings: Settings, store: Store, url: str = "") -> None:
+        self.settings = settings
+        self.home = HomePaths(settings.home)
+        self.store = store
+        self.url = url
+        self.notifier = Notifier()
+        self._providers: dict[str, Provider] = {}
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._monitor: threading.Thread | None = None
+
+    # -- life ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Migrate, create the default pool, reattach to live instances, start the monitor."""
+        self.store.migrate()
+        if self.settings.create_default_pool:
+            self.create_pool(DEFAULT_POOL, instance_family="CPU_X64_XS", min_nodes=1,
+                             max_nodes=max(1, len(os.sched_getaffinity(0))), if_not_exists=True)
+        self.reconcile(attach=True)
+        for pool in self.store.list_pools():
+            self.schedule(pool["name"])
+        self._monitor = threading.Thread(target=self._monitor_loop, name="mljobs-monitor", daemon=True)
+        self._monitor.start()
+
+    def _monitor_loop(self) -> None:
+        while not self._stop.wait(5.0):
+            self.reconcile(attach=False)
+
+    def reconcile(self, attach: bool) -> None:
+        live = self.store.live_instances()
+        reconcile_once(live, self.provider, lambda j: self.store.get_job(j)["compute_pool"],
+                       self.instance_exited, utcnow(), attach=attach)
+        for job in self.store.list_jobs(0, statuses=[JOB_STATUS.CANCELLING.value, JOB_STATUS.RUNNING.value]):
+            if not any(i["status"] in ("STARTING", "RUNNING") for i in self.store.instances_of(job["id"])):
+                self._finish(job, None, None)
+
+    def stop(self, cancel_jobs: bool = False) -> None:
+        self._stop.set()
+        if cancel_jobs:
+            for job in self.store.list_jobs(0, statuses=[s.value for s in ACTIVE]):
+                try:
+                    self.cancel(job["id"])
+                except Exception:  # noqa: BLE001
+                    log.exception("cancel %s on shutdown", job["id"])
+        for p in self._providers.values():
+            p.close()
+
+    def provider(self, pool_name: str) -> Provider:
+        pool = self.store.get_pool(pool_name)
+        name = pool["provider"]
+        if name not in self._providers:
+            self._providers[name] = get_provider_class(name)(self.home)
+        return self._providers[name]
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "version": __version__,
+            "python": "%d.%d.%d" % sys.version_info[:3],
+            "cloudpickle": cloudpickle.__version__,
+            "pid": os.getpid(),
+            "home": str(self.home.root),
+            "store": self.store.engine.dialect.name,
+        }
+
+    # -- pools --------------------------------------------------------------------------------
+    def create_pool(self, name: str, *, instance_family: str, min_nodes: int = 1, max_nodes: int = 1,
+                    provider: str = "local", if_not_exists: bool = False) -> dict[str, Any]:
+        spec = PoolSpec(name, instance_family, min_nodes, max_nodes, provider)
+        cls = get_provider_class(spec.provider)
+        if spec.provider not in self._providers:
+            self._providers[spec.provider] = cls(self.home)
+        self._providers[spec.provider].validate_pool(spec)
+        self.store.create_pool(spec, if_not_exists=if_not_exists)
+        return self.describe_pool(spec.name)
+
+    def describe_pool(self, name: str) -> dict[str, Any]:
+        pool = self.store.get_pool(check_identifier("compute pool", name))
+        usage = self.store.pool_usage().get(pool["name"], {"nodes_in_use": 0, "queued": 0, "running": 0})
+        state = PoolState.SUSPENDED if pool["suspended"] else (
+            PoolState.ACTIVE if usage["nodes_in_use"] else PoolState.IDLE)
+        fam = INSTANCE_FAMILIES[pool["instance_family"]]
+        return {**pool, "state": state.value, **usage, "family": fam.describe(),
+                "cpus_per_node": fam.cpus, "memory_bytes_per_node": fam.memory_bytes, "gpus_per_node": fam.gpus}
+
+    def list_pools(self) -> list[dict[str, Any]]:
+        return [self.describe_pool(p["name"]) for p in self.store.list_pools()]
+
+    def alter_pool(self, name: str, *, suspend: bool | None = None, resume: bool | None = None,
+                   max_nodes: int | None = None) -> dict[str, Any]:
+        name = check_identifier("compute pool", name)
+        if suspend and resume:
+            raise InvalidArgumentError("alter_compute_pool: give suspend=True or resume=True, not both")
+        values: dict[str, Any] = {}
+        if suspend:
+            values["suspended"] = True
+        if resume:
+            values["suspended"] = False
+        if max_nodes is not None:
+            pool = self.store.get_pool(name)
+            spec = PoolSpec(name, pool["instance_family"], min(pool["min_nodes"], max_nodes), max_nodes,
+                            pool["provider"])
+            self.provider(name).validate_pool(spec)
+            values.update(max_nodes=max_nodes, min_nodes=spec.min_nodes)
+        if values:
+            self.store.update_pool(name, **values)
+        else:
+            self.store.get_pool(name)
+        self.schedule(name)
+        return self.describe_pool(name)
+
+    def drop_pool(self, name: str) -> None:
+        self.store.drop_pool(check_identifier("compute pool", name))
+
+    # -- stages -------------------------------------------------------------------------------
+    def stage(self, name: str, create: bool = True) -> Stage:
+        name = check_stage_name(name)
+        row = self.store.get_stage(name)
+        if row is None:
+            if not create:
+                raise NotFoundError(f"stage @{name} does not exist; stages are created when a job or "
+                                    "`mljobs stage put` first uses them")
+            row = self.store.create_stage(name, str(self.home.stage_root(name)))
+        stage = Stage(row["name"], row["url"])
+        stage.ensure()
+        return stage
+
+    def create_stage(self, name: str, url: str | None = None) -> dict[str, Any]:
+        name = check_stage_name(name)
+        row = self.store.create_stage(name, url or str(self.home.stage_root(name)), if_not_exists=False)
+        Stage(row["name"], row["url"]).ensure()
+        return row
+
+    # -- jobs: submit -------------------------------------------------------------------------
+    def _check_submission(self, spec: JobSpec) -> dict[str, Any]:
+        pool = self.store.get_pool(spec.compute_pool)
+        provider = self.provider(pool["name"])
+        if spec.effective_min_instances > pool["max_nodes"]:
+            raise InvalidArgumentError(
+                f"the job needs at least {spec.effective_min_instances} instance(s) but pool {pool['name']} "
+                f"has max_nodes={pool['max_nodes']}; lower min_instances/target_instances or raise max_nodes "
+                f"with alter_compute_pool({pool['name']!r}, max_nodes=...)"
+            )
+        if spec.target_instances > 1 and not provider.supports_multinode:
+            raise UnsupportedError(
+                f"target_instances={spec.target_instances}: the {provider.name} provider does not run "
+                "multi-node jobs yet; use target_instances=1"
+            )
+        if spec.pip_requirements:
+            raise UnsupportedError(
+                f"pip_requirements={spec.pip_requirements}: installing packages per job is not available "
+                "yet on this server; install them into the server's environment instead"
+            )
+        unknown = [n for n in spec.external_access_integrations if n.upper() not in KNOWN_INTEGRATIONS]
+        if unknown:
+            raise InvalidArgumentError(
+                f"unknown external access integration(s) {unknown}; known: {sorted(KNOWN_INTEGRATIONS)}")
+        if spec.payload_kind == PayloadKind.FUNCTION:
+            problem = check_versions(spec.client_python, spec.client_cloudpickle)
+            if problem:
+                raise VersionMismatchError(problem)
+        if not spec.entrypoint:
+            raise InvalidArgumentError("the job has no entrypoint")
+        return pool
+
+    def submit(self, spec: JobSpec, payload: IO[bytes] | None) -> dict[str, Any]:
+        """Check, store the payload on its stage, record the job PENDING, and schedule it."""
+        pool = self._check_submission(spec)
+        stage = self.stage(spec.stage_name)
+        job_id = new_job_id()
+        paths = StagePaths(job_id)
+        try:
+            if spec.payload_kind == PayloadKind.STAGE:
+                self._copy_stage_payload(spec, stage, paths.app)
+            else:
+                if payload is None:
+                    raise InvalidArgumentError("the submission carries no payload")
+                names = stage.extract_tar(payload, paths.app)
+                entry = spec.entrypoint[0]
+                if len(spec.entrypoint) == 1 and entry.endswith(".py") and entry not in names:
+                    raise InvalidArgumentError(
+                        f"entrypoint {entry!r} is not in the uploaded payload ({len(names)} files)")
+            spec.owner = spec.owner or getpass.getuser()
+            self.store.insert_job({
+                "id": job_id, "name": spec.name or job_id, "status": JOB_STATUS.PENDING.value, "message": "",
+                "database_name": spec.database, "schema_name": spec.schema, "owner": spec.owner,
+                "compute_pool": pool["name"], "stage_name": stage.name,
+                "target_instances": spec.target_instances, "min_instances": spec.effective_min_instances,
+                "instances_ran": 0, "spec": spec.to_dict(), "created_time": utcnow(),
+            })
+        except BaseException:
+            stage.remove(paths.prefix)
+            raise
+        self.schedule(pool["name"])
+        return self.job_view(self.store.get_job(job_id))
+
+    def _copy_stage_payload(self, spec: JobSpec, dst: Stage, app_prefix: str) -> None:
+        if not spec.source:
+            raise InvalidArgumentError("submit_from_stage needs a source like '@stage/path/'")
+        src_name, src_path = parse_stage_path(spec.source)
+        src = self.stage(src_name, create=False)
+        if not src_path or not src.isdir(src_path):
+            raise NotFoundError(f"source {spec.source} is not a folder on stage @{src_name}; "
+                                f"`mljobs stage ls @{src_name}/` lists what is there")
+        entry = spec.entrypoint[0]
+        if len(spec.entrypoint) == 1 and entry.startswith("@"):
+            e_stage, e_path = parse_stage_path(entry)
+            base = src_path.rstrip("/") + "/"
+            if e_stage != src_name or not e_path.startswith(base):
+                raise InvalidArgumentError(f"entrypoint {entry} is outside the source folder {spec.source}")
+            spec.entrypoint = [e_path[len(base):]]
+        if len(spec.entrypoint) == 1 and spec.entrypoint[0].endswith(".py") and not src.exists(
+                f"{src_path.rstrip('/')}/{spec.entrypoint[0]}"):
+            raise NotFoundError(f"entrypoint {spec.entrypoint[0]!r} does not exist in {spec.source}")
+        src.copy_dir(src_path, dst, app_prefix)
+
+    # -- scheduling and exits -----------------------------------------------------------------
+    def schedule(self, pool_name: str) -> None:
+        with self._lock:
+            pool = self.store.get_pool(pool_name)
+            plan = plan_starts(pool, self.store.used_slots(pool["name"]), self.store.pending_jobs(pool["name"]))
+            for job, slots in plan:
+                try:
+                    self.store.transition(job["id"], JOB_STATUS.RUNNING, expected=[JOB_STATUS.PENDING],
+                                          message="", started_time=utcnow(), instances_ran=len(slots))
+                except InvalidTransitionError:
+                    continue  # cancelled meanwhile
+                self.store.insert_instances(job["id"], slots)
+                self._start_instances(job, pool, slots)
+                self.notifier.notify(job["id"])
+
+    def _start_instances(self, job: dict[str, Any], pool: dict[str, Any], slots: list[int]) -> None:
+        spec = JobSpec.from_dict(job["spec"])
+        provider = self.provider(pool["name"])
+        family = INSTANCE_FAMILIES[pool["instance_family"]]
+        stage = self.stage(job["stage_name"])
+        for i, slot in enumerate(slots):
+            env = {"MLJOBS_URL": self.url, "MLJOBS_JOB_ID": job["id"], "MLJOBS_INSTANCE_ID": str(i),
+                   "MLJOBS_INSTANCE_COUNT": str(len(slots)), "MLJOBS_DATABASE": job["database_name"],
+                   "MLJOBS_SCHEMA": job["schema_name"], "MLJOBS_COMPUTE_POOL": pool["name"]}
+            if self.settings.token:
+                env["MLJOBS_TOKEN"] = self.settings.token
+            launch = InstanceLaunch(job["id"], i, len(slots), spec, family, slot, stage, env,
+                                    self.settings.grace_period_s)
+            try:
+                handle = provider.start(launch)
+            except Exception as e:  # noqa: BLE001
+                log.exception("start %s/%d", job["id"], i)
+                self.store.update_instance(job["id"], i, status="EXITED", ended_time=utcnow())
+                self._finish(self.store.get_job(job["id"]), None,
+                             f"could not start instance {i} on pool {pool['name']}: {e}")
+                return
+            self.store.update_instance(job["id"], i, status="RUNNING", handle=handle.to_dict())
+            if not provider.watch(handle, self.instance_exited):
+                self.instance_exited(handle)
+
+    def instance_exited(self, handle: InstanceHandle) -> None:
+        """Record an instance's end; when it was the job's last, finish the job."""
+        with self._lock:
+            try:
+                job = self.store.get_job(handle.job_id)
+            except NotFoundError:
+                return
+            pool = job["compute_pool"]
+            provider = self.provider(pool)
+            exit_ = provider.poll(handle) if handle.pid is not None else InstanceExit(None, lost=True)
+            if exit_ is None:  # still running after all (spurious wake-up)
+                return
+            self.store.update_instance(handle.job_id, handle.instance_id, status="EXITED",
+                                       exit_code=exit_.exit_code, ended_time=utcnow())
+            if any(i["status"] in ("STARTING", "RUNNING") for i in self.store.instances_of(job["id"])):
+                return
+            self._finish(job, exit_, None)
+            provider.cleanup(handle)
+        self.schedule(pool)
+
+    def _finish(self, job: dict[str, Any], exit_: InstanceExit | None, platform_error: str | None) -> None:
+        job_id = job["id"]
+        logs_hint = f"`mljobs logs {job_id}` or job.get_logs() shows the full log"
+        if exit_ is not None and exit_.result is not None:
+            self.stage(job["stage_name"]).put_bytes(StagePaths(job_id).result, exit_.result)
+        if job["status"] == JOB_STATUS.CANCELLING.value:
+            new, msg = JOB_STATUS.CANCELLED, "cancelled by request"
+        elif platform_error is not None:
+            new, msg = JOB_STATUS.INTERNAL_ERROR, platform_error
+        elif exit_ is None or exit_.lost:
+            tail = "\n".join(exit_.log_tail if exit_ else [])
+            new = JOB_STATUS.INTERNAL_ERROR
+            msg = f"the supervisor of job {job_id} ended without recording an exit (node lost); {logs_hint}"
+            if tail:
+                msg += f"\nlast log lines:\n{tail}"
+        elif exit_.exit_code == 0 and exit_.error is None:
+            new, msg = JOB_STATUS.DONE, ""
+        elif exit_.error is not None:
+            new = JOB_STATUS.FAILED
+            msg = f"{exit_.error['exc_type']}: {exit_.error['exc_message']} ({logs_hint})"
+        else:
+            code = exit_.exit_code
+            why = f" (killed by signal {-code}: {_SIGNALS.get(-code, '')})" if code is not None and code < 0 else ""
+            tail = "\n".join(exit_.log_tail)
+            new = JOB_STATUS.FAILED
+            msg = f"instance exited with code {code}{why}; {logs_hint}" + (f"\nlast log lines:\n{tail}" if tail else "")
+        try:
+            self.store.transition(job_id, new, expected=[JOB_STATUS(job["status"])] if job["status"] in (
+                JOB_STATUS.RUNNING.value, JOB_STATUS.CANCELLING.value) else None, message=msg)
+        except InvalidTransitionError:
+            pass  # already finished by another path
+        self.notifier.notify(job_id)
+
+    # -- jobs: queries and control ------------------------------------------------------------
+    def resolve(self, ref: str) -> dict[str, Any]:
+        """A job by id or by name (the newest of that name)."""
+        if is_job_id(ref):
+            return self.store.get_job(ref.upper())
+        named = self.store.jobs_named(ref)
+        if not named:
+            raise NotFoundError(f"no job has the id or name {ref!r}; ids look like MLJOB_<uuid>; "
+                                "`mljobs jobs list` shows the jobs")
+        return named[0]
+
+    def job_view(self, job: dict[str, Any]) -> dict[str, Any]:
+        view = {k: v for k, v in job.items() if k != "spec"}
+        view["payload_kind"] = job["spec"].get("payload_kind")
+        if job["status"] == JOB_STATUS.PENDING.value:
+            pool = self.store.get_pool(job["compute_pool"])
+            queue = self.store.pending_jobs(pool["name"])
+            ahead = next((i for i, j in enumerate(queue) if j["id"] == job["id"]), 0)
+            view["message"] = pending_reason(job, pool, len(self.store.used_slots(pool["name"])), ahead)
+        view["instances"] = [
+            {k: i[k] for k in ("instance_id", "status", "exit_code", "started_time", "ended_time")}
+            for i in self.store.instances_of(job["id"])
+        ]
+        return view
+
+    def get_job(self, ref: str) -> dict[str, Any]:
+        return self.job_view(self.resolve(ref))
+
+    def list_jobs(self, limit: int, database: str | None, schema: str | None) -> list[dict[str, Any]]:
+        return [{k: v for k, v in j.items() if k != "spec"} for j in self.store.list_jobs(limit, database, schema)]
+
+    def cancel(self, ref: str) -> dict[str, Any]:
+        job = self.resolve(ref)
+        with self._lock:
+            job = self.store.get_job(job["id"])
+            if job["status"] == JOB_STATUS.PENDING.value:
+                try:
+                    self.store.transition(job["id"], JOB_STATUS.CANCELLED, expected=[JOB_STATUS.PENDING],
+                                          message="cancelled before it started")
+                except InvalidTransitionError:
+                    return self.cancel(ref)  # it started meanwhile
+            elif job["status"] == JOB_STATUS.RUNNING.value:
+                try:
+                    self.store.transition(job["id"], JOB_STATUS.CANCELLING, expected=[JOB_STATUS.RUNNING],
+                                          message="cancelling: stopping every process of the job")
+                except InvalidTransitionError:
+                    return self.get_job(job["id"])
+                provider = self.provider(job["compute_pool"])
+                for inst in self.store.instances_of(job["id"]):
+                    if inst["status"] in ("STARTING", "RUNNING") and inst["handle"]:
+                        provider.cancel(InstanceHandle.from_dict(inst["handle"]), self.settings.grace_period_s)
+        self.notifier.notify(job["id"])
+        return self.get_job(job["id"])
+
+    def result(self, ref: str) -> bytes | None:
+        job = self.resolve(ref)
+        if job["status"] not in {s.value for s in TERMINAL}:
+            raise InvalidTransitionError(job["id"], job["status"], "a result (the job has not finished)")
+        stage = self.stage(job["stage_name"])
+        path = StagePaths(job["id"]).result
+        return stage.get_bytes(path) if stage.exists(path) else None
+
+    def delete(self, ref: str, wait_s: float = 30.0) -> None:
+        """Stop the job if it runs, then remove it, its logs and its stage files."""
+        job = self.resolve(ref)
+        if job["status"] in {s.value for s in ACTIVE}:
+            self.cancel(job["id"])
+            deadline = utcnow().timestamp() + wait_s
+            while self.store.get_job(job["id"])["status"] not in {s.value for s in TERMINAL}:
+                if utcnow().timestamp() > deadline:
+                    raise InvalidTransitionError(job["id"], "CANCELLING", "DELETED (still stopping; try again)")
+                self._stop.wait(0.05)
+        self.stage(job["stage_name"]).remove(StagePaths(job["id"]).prefix)
+        shutil.rmtree(self.home.job_logs(job["id"]), ignore_errors=True)
+        shutil.rmtree(self.home.job_run(job["id"]), ignore_errors=True)
+        shutil.rmtree(self.home.job_work(job["id"]), ignore_errors=True)
+        self.store.delete_job(job["id"])
+        self.notifier.notify(job["id"])

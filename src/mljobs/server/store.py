@@ -1,0 +1,276 @@
+"""The store: every read and write of job, pool, instance and stage state.
+
+SQLite (WAL) by default, PostgreSQL when configured. Status changes are compare-and-set
+``UPDATE ... WHERE status IN (:allowed)`` against the transition table, so two writers can
+never both move a job, and a terminal state never changes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from sqlalchemy.engine import Engine
+
+from mljobs.errors import ConflictError, InvalidTransitionError, NotFoundError
+from mljobs.server.tables import instances, jobs, pools, stages
+from mljobs.spec import PoolSpec
+from mljobs.status import ACTIVE, JOB_STATUS, TERMINAL, can_transition
+
+__all__ = ["Store", "utcnow", "normalize_url"]
+
+LIVE_INSTANCE = ("STARTING", "RUNNING")
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _aware(value: dt.datetime | None) -> dt.datetime | None:
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=dt.timezone.utc)
+    return value
+
+
+def normalize_url(url: str) -> str:
+    """Use psycopg 3 for plain ``postgresql://`` URLs."""
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def _row(r: Any) -> dict[str, Any]:
+    d = dict(r._mapping)
+    for k, v in d.items():
+        if isinstance(v, dt.datetime):
+            d[k] = _aware(v)
+    return d
+
+
+class Store:
+    def __init__(self, url: str) -> None:
+        self.url = normalize_url(url)
+        if self.url.startswith("sqlite"):
+            self.engine: Engine = sa.create_engine(
+                self.url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=8,
+                max_overflow=16,
+            )
+
+            @sa.event.listens_for(self.engine, "connect")
+            def _pragmas(conn: Any, _: Any) -> None:
+                cur = conn.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=NORMAL")
+                cur.execute("PRAGMA foreign_keys=ON")
+                cur.execute("PRAGMA busy_timeout=30000")
+                cur.close()
+        else:
+            self.engine = sa.create_engine(self.url, pool_pre_ping=True, pool_size=8, max_overflow=16)
+
+    @classmethod
+    def sqlite(cls, path: Path) -> Store:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return cls(f"sqlite:///{path}")
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest revision (Alembic)."""
+        cfg = Config()
+        cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+        with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":  # one migrator at a time per database
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(7251001)"))
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- pools --------------------------------------------------------------------------------
+    def create_pool(self, spec: PoolSpec, if_not_exists: bool = False) -> bool:
+        """Insert a pool; False if it existed and ``if_not_exists``; ConflictError otherwise."""
+        with self.engine.begin() as c:
+            if c.execute(sa.select(pools.c.name).where(pools.c.name == spec.name)).first():
+                if if_not_exists:
+                    return False
+                raise ConflictError(
+                    f"compute pool {spec.name} already exists; use if_not_exists=True or "
+                    f"`mljobs pool drop {spec.name}` first"
+                )
+            c.execute(pools.insert().values(**spec.to_dict(), suspended=False, created_time=utcnow()))
+        return True
+
+    def get_pool(self, name: str) -> dict[str, Any]:
+        with self.engine.connect() as c:
+            r = c.execute(sa.select(pools).where(pools.c.name == name)).first()
+        if r is None:
+            raise NotFoundError(
+                f"compute pool {name!r} does not exist; `mljobs pool list` shows the pools, "
+                f"create_compute_pool({name!r}, instance_family=...) makes one"
+            )
+        return _row(r)
+
+    def list_pools(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as c:
+            return [_row(r) for r in c.execute(sa.select(pools).order_by(pools.c.name))]
+
+    def update_pool(self, name: str, **values: Any) -> None:
+        with self.engine.begin() as c:
+            if c.execute(pools.update().where(pools.c.name == name).values(**values)).rowcount == 0:
+                self.get_pool(name)
+
+    def drop_pool(self, name: str) -> None:
+        with self.engine.begin() as c:
+            active = c.execute(
+                sa.select(sa.func.count()).select_from(jobs).where(
+                    jobs.c.compute_pool == name, jobs.c.status.in_([s.value for s in ACTIVE]))
+            ).scalar_one()
+            if active:
+                raise ConflictError(
+                    f"compute pool {name} has {active} active job(s); cancel them first "
+                    "(`mljobs jobs list` shows them)"
+                )
+            if c.execute(pools.delete().where(pools.c.name == name)).rowcount == 0:
+                self.get_pool(name)
+
+    # -- stages -------------------------------------------------------------------------------
+    def get_stage(self, name: str) -> dict[str, Any] | None:
+        with self.engine.connect() as c:
+            r = c.execute(sa.select(stages).where(stages.c.name == name)).first()
+        return _row(r) if r else None
+
+    def create_stage(self, name: str, url: str, if_not_exists: bool = True) -> dict[str, Any]:
+        try:
+            with self.engine.begin() as c:
+                c.execute(stages.insert().values(name=name, url=url, created_time=utcnow()))
+        except sa.exc.IntegrityError:
+            if not if_not_exists:
+                raise ConflictError(f"stage {name} already exists") from None
+        got = self.get_stage(name)
+        assert got is not None  # just inserted, or already there
+        return got
+
+    def list_stages(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as c:
+            return [_row(r) for r in c.execute(sa.select(stages).order_by(stages.c.name))]
+
+    # -- jobs ---------------------------------------------------------------------------------
+    def insert_job(self, row: dict[str, Any]) -> None:
+        with self.engine.begin() as c:
+            c.execute(jobs.insert().values(**row))
+
+    def get_job(self, job_id: str) -> dict[str, Any]:
+        with self.engine.connect() as c:
+            r = c.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
+        if r is None:
+            raise NotFoundError(f"job {job_id} does not exist; `mljobs jobs list` shows the jobs")
+        return _row(r)
+
+    def jobs_named(self, name: str) -> list[dict[str, Any]]:
+        with self.engine.connect() as c:
+            q = sa.select(jobs).where(jobs.c.name == name).order_by(jobs.c.created_time.desc())
+            return [_row(r) for r in c.execute(q)]
+
+    def list_jobs(self, limit: int, database: str | None = None, schema: str | None = None,
+                  statuses: Iterable[str] | None = None) -> list[dict[str, Any]]:
+        q = sa.select(jobs).order_by(jobs.c.created_time.desc())
+        if database:
+            q = q.where(jobs.c.database_name == database)
+        if schema:
+            q = q.where(jobs.c.schema_name == schema)
+        if statuses:
+            q = q.where(jobs.c.status.in_(list(statuses)))
+        if limit > 0:
+            q = q.limit(limit)
+        with self.engine.connect() as c:
+            return [_row(r) for r in c.execute(q)]
+
+    def pending_jobs(self, pool: str) -> list[dict[str, Any]]:
+        q = (sa.select(jobs).where(jobs.c.compute_pool == pool, jobs.c.status == JOB_STATUS.PENDING.value)
+             .order_by(jobs.c.created_time, jobs.c.id))
+        with self.engine.connect() as c:
+            return [_row(r) for r in c.execute(q)]
+
+    def transition(self, job_id: str, new: JOB_STATUS, *, expected: Iterable[JOB_STATUS] | None = None,
+                   message: str | None = None, **values: Any) -> dict[str, Any]:
+        """Move a job to ``new`` if its status is one of ``expected`` (default: any allowed source).
+
+        Raises InvalidTransitionError when the job's current status does not allow it.
+        """
+        sources = {s for s in JOB_STATUS if can_transition(s, new)}
+        if expected is not None:
+            sources &= set(expected)
+        values = dict(values, status=new.value)
+        if message is not None:
+            values["message"] = message
+        if new in TERMINAL and "completed_time" not in values:
+            values["completed_time"] = utcnow()
+        with self.engine.begin() as c:
+            res = c.execute(
+                jobs.update().where(jobs.c.id == job_id, jobs.c.status.in_([s.value for s in sources]))
+                .values(**values)
+            )
+        current = self.get_job(job_id)
+        if res.rowcount == 0:
+            raise InvalidTransitionError(job_id, current["status"], new.value)
+        return current
+
+    def set_message(self, job_id: str, message: str) -> None:
+        with self.engine.begin() as c:
+            c.execute(jobs.update().where(jobs.c.id == job_id).values(message=message))
+
+    def delete_job(self, job_id: str) -> None:
+        with self.engine.begin() as c:
+            c.execute(instances.delete().where(instances.c.job_id == job_id))
+            c.execute(jobs.delete().where(jobs.c.id == job_id))
+
+    # -- instances ----------------------------------------------------------------------------
+    def insert_instances(self, job_id: str, slots: list[int]) -> None:
+        now = utcnow()
+        with self.engine.begin() as c:
+            c.execute(instances.insert(), [
+                {"job_id": job_id, "instance_id": i, "slot": s, "status": "STARTING", "started_time": now}
+                for i, s in enumerate(slots)
+            ])
+
+    def update_instance(self, job_id: str, instance_id: int, **values: Any) -> None:
+        with self.engine.begin() as c:
+            c.execute(instances.update().where(
+                instances.c.job_id == job_id, instances.c.instance_id == instance_id).values(**values))
+
+    def instances_of(self, job_id: str) -> list[dict[str, Any]]:
+        with self.engine.connect() as c:
+            q = sa.select(instances).where(instances.c.job_id == job_id).order_by(instances.c.instance_id)
+            return [_row(r) for r in c.execute(q)]
+
+    def live_instances(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as c:
+            q = sa.select(instances).where(instances.c.status.in_(LIVE_INSTANCE))
+            return [_row(r) for r in c.execute(q)]
+
+    def used_slots(self, pool: str) -> set[int]:
+        q = (sa.select(instances.c.slot).join(jobs, jobs.c.id == instances.c.job_id)
+             .where(jobs.c.compute_pool == pool, instances.c.status.in_(LIVE_INSTANCE)))
+        with self.engine.connect() as c:
+            return {r[0] for r in c.execute(q)}
+
+    def pool_usage(self) -> dict[str, dict[str, int]]:
+        """Per pool: nodes in use, jobs queued, jobs running."""
+        out: dict[str, dict[str, int]] = {}
+        with self.engine.connect() as c:
+            q = (sa.select(jobs.c.compute_pool, sa.func.count()).join(instances, jobs.c.id == instances.c.job_id)
+                 .where(instances.c.status.in_(LIVE_INSTANCE)).group_by(jobs.c.compute_pool))
+            for pool, n in c.execute(q):
+                out.setdefault(pool, {"nodes_in_use": 0, "queued": 0, "running": 0})["nodes_in_use"] = n
+            q = (sa.select(jobs.c.compute_pool, jobs.c.status, sa.func.count())
+                 .where(jobs.c.status.in_([JOB_STATUS.PENDING.value, JOB_STATUS.RUNNING.value,
+                                           JOB_STATUS.CANCELLING.value]))
+                 .group_by(jobs.c.compute_pool, jobs.c.status))
+            for pool, status, n in c.execute(q):
+                d = out.setdefault(pool, {"nodes_in_use": 0, "queued": 0, "running": 0})
+                d["queued" if status == JOB_STATUS.PENDING.value else "running"] += n
+        return out

@@ -1,0 +1,61 @@
+"""The store's tables (SQLAlchemy Core). Alembic migrations under ``migrations/`` create them."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+__all__ = ["metadata", "pools", "jobs", "instances", "stages"]
+
+metadata = sa.MetaData()
+
+pools = sa.Table(
+    "pools", metadata,
+    sa.Column("name", sa.String(255), primary_key=True),
+    sa.Column("instance_family", sa.String(64), nullable=False),
+    sa.Column("min_nodes", sa.Integer, nullable=False),
+    sa.Column("max_nodes", sa.Integer, nullable=False),
+    sa.Column("provider", sa.String(64), nullable=False),
+    sa.Column("suspended", sa.Boolean, nullable=False, default=False),
+    sa.Column("created_time", sa.DateTime(timezone=True), nullable=False),
+)
+
+jobs = sa.Table(
+    "jobs", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("status", sa.String(32), nullable=False),
+    sa.Column("message", sa.Text, nullable=False, default=""),
+    sa.Column("database_name", sa.String(255), nullable=False),
+    sa.Column("schema_name", sa.String(255), nullable=False),
+    sa.Column("owner", sa.String(255), nullable=False),
+    sa.Column("compute_pool", sa.String(255), nullable=False),
+    sa.Column("stage_name", sa.String(255), nullable=False),
+    sa.Column("target_instances", sa.Integer, nullable=False),
+    sa.Column("min_instances", sa.Integer, nullable=False),
+    sa.Column("instances_ran", sa.Integer, nullable=False, default=0),
+    sa.Column("spec", sa.JSON, nullable=False),
+    sa.Column("created_time", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("started_time", sa.DateTime(timezone=True)),
+    sa.Column("completed_time", sa.DateTime(timezone=True)),
+    sa.Index("ix_jobs_pool_status", "compute_pool", "status", "created_time"),
+    sa.Index("ix_jobs_created", "created_time"),
+)
+
+instances = sa.Table(
+    "instances", metadata,
+    sa.Column("job_id", sa.String(64), sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("instance_id", sa.Integer, primary_key=True),
+    sa.Column("slot", sa.Integer, nullable=False),
+    sa.Column("status", sa.String(32), nullable=False),  # STARTING, RUNNING, EXITED
+    sa.Column("handle", sa.JSON),
+    sa.Column("exit_code", sa.Integer),
+    sa.Column("started_time", sa.DateTime(timezone=True)),
+    sa.Column("ended_time", sa.DateTime(timezone=True)),
+)
+
+stages = sa.Table(
+    "stages", metadata,
+    sa.Column("name", sa.String(255), primary_key=True),
+    sa.Column("url", sa.Text, nullable=False),
+    sa.Column("created_time", sa.DateTime(timezone=True), nullable=False),
+)

@@ -1,0 +1,163 @@
+"""Stages: named storage locations addressed as ``@stage/path``, backed by fsspec.
+
+A stage is a root URL (a local folder, ``s3://bucket/prefix``, any fsspec URL). Every read
+and write of stage content goes through :class:`Stage`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import tarfile
+from pathlib import Path
+from typing import IO, Any
+
+import fsspec
+
+from mljobs.errors import InvalidArgumentError, NotFoundError
+from mljobs.spec import check_stage_name
+
+__all__ = ["Stage", "parse_stage_path", "SKIP_NAMES"]
+
+SKIP_NAMES = ("__pycache__",)  # never uploaded; nor are *.pyc files
+
+
+def skip(name: str) -> bool:
+    return name in SKIP_NAMES or name.endswith(".pyc")
+
+
+def parse_stage_path(value: str) -> tuple[str, str]:
+    """``"@stage/a/b/"`` -> ``("STAGE", "a/b/")``; the error shows the expected form."""
+    if not isinstance(value, str) or not value.startswith("@") or len(value) < 2:
+        raise InvalidArgumentError(f"stage path {value!r} must look like '@stage_name/path'")
+    name, _, path = value[1:].partition("/")
+    clean = posixpath.normpath(path) if path else ""
+    if clean.startswith("..") or clean.startswith("/"):
+        raise InvalidArgumentError(f"stage path {value!r} leaves its stage")
+    if clean == ".":
+        clean = ""
+    if path.endswith("/") and clean:
+        clean += "/"
+    return check_stage_name(name), clean
+
+
+class Stage:
+    """One stage's storage. Paths are relative to the stage root and use '/'."""
+
+    def __init__(self, name: str, url: str) -> None:
+        self.name, self.url = name, url
+        self.fs, self.root = fsspec.core.url_to_fs(url)
+        self.root = self.root.rstrip("/")
+
+    def _p(self, path: str) -> str:
+        path = path.lstrip("/")
+        return f"{self.root}/{path}" if path else self.root
+
+    def ensure(self) -> None:
+        self.fs.makedirs(self.root, exist_ok=True)
+
+    def exists(self, path: str) -> bool:
+        return self.fs.exists(self._p(path))
+
+    def isdir(self, path: str) -> bool:
+        return self.fs.isdir(self._p(path))
+
+    def put_bytes(self, path: str, data: bytes) -> None:
+        full = self._p(path)
+        self.fs.makedirs(posixpath.dirname(full), exist_ok=True)
+        self.fs.pipe_file(full, data)
+
+    def put_stream(self, path: str, src: IO[bytes]) -> None:
+        full = self._p(path)
+        self.fs.makedirs(posixpath.dirname(full), exist_ok=True)
+        with self.fs.open(full, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+
+    def put_local(self, path: str, local: str | os.PathLike[str]) -> None:
+        full = self._p(path)
+        self.fs.makedirs(posixpath.dirname(full), exist_ok=True)
+        self.fs.put_file(str(local), full)
+
+    def get_bytes(self, path: str) -> bytes:
+        try:
+            return self.fs.cat_file(self._p(path))
+        except FileNotFoundError:
+            raise NotFoundError(f"@{self.name}/{path} does not exist") from None
+
+    def open(self, path: str) -> Any:
+        try:
+            return self.fs.open(self._p(path), "rb")
+        except FileNotFoundError:
+            raise NotFoundError(f"@{self.name}/{path} does not exist") from None
+
+    def list(self, prefix: str = "") -> list[dict[str, Any]]:
+        """Files under ``prefix`` (a folder or one file), with sizes, relative to the stage root."""
+        full = self._p(prefix)
+        if not self.fs.exists(full):
+            raise NotFoundError(
+                f"@{self.name}/{prefix} does not exist; `mljobs stage ls @{self.name}/` lists what does"
+            )
+        if not self.fs.isdir(full):
+            info = self.fs.info(full)
+            return [{"name": prefix.rstrip("/"), "size": info.get("size", 0)}]
+        out = []
+        for p, info in sorted(self.fs.find(full, detail=True).items()):
+            rel = p[len(self.root) + 1 :] if p.startswith(self.root + "/") else p
+            out.append({"name": rel, "size": info.get("size", 0)})
+        return out
+
+    def download_dir(self, prefix: str, local_dir: str | os.PathLike[str]) -> None:
+        """Copy every file under ``prefix`` into ``local_dir``, keeping the tree."""
+        base = self._p(prefix).rstrip("/")
+        local = Path(local_dir)
+        for p in self.fs.find(base):
+            rel = p[len(base) + 1 :]
+            target = local / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.fs.get_file(p, str(target))
+
+    def copy_dir(self, src_prefix: str, dst: Stage, dst_prefix: str) -> int:
+        """Copy a folder to another place (possibly another stage); returns the file count."""
+        base = self._p(src_prefix).rstrip("/")
+        n = 0
+        for p in self.fs.find(base):
+            rel = p[len(base) + 1 :]
+            if any(skip(part) for part in rel.split("/")):
+                continue
+            dst.put_bytes(f"{dst_prefix.rstrip('/')}/{rel}", self.fs.cat_file(p))
+            n += 1
+        return n
+
+    def extract_tar(self, fileobj: IO[bytes], prefix: str) -> list[str]:
+        """Unpack a tar stream under ``prefix``; refuses members that leave it."""
+        names = []
+        with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                name = posixpath.normpath(member.name)
+                if name.startswith("..") or name.startswith("/"):
+                    raise InvalidArgumentError(f"payload member {member.name!r} leaves the payload folder")
+                f = tar.extractfile(member)
+                assert f is not None  # isfile() above
+                self.put_bytes(f"{prefix.rstrip('/')}/{name}", f.read())
+                names.append(name)
+        return names
+
+    def remove(self, prefix: str) -> None:
+        full = self._p(prefix)
+        if self.fs.exists(full):
+            self.fs.rm(full, recursive=True)
+
+
+def tar_bytes(files: dict[str, bytes]) -> bytes:
+    """A small in-memory tar of ``{name: data}`` (used by tests and the client)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()

@@ -1,0 +1,47 @@
+"""Job statuses, their groups, and the one table of allowed transitions."""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = ["JOB_STATUS", "TERMINAL", "ACTIVE", "CANCELABLE", "TRANSITIONS", "can_transition"]
+
+
+class JOB_STATUS(str, enum.Enum):  # noqa: N801 - mirrors the reference API's name
+    """The life of a job: PENDING -> RUNNING -> DONE | FAILED, with cancel and platform failure."""
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    DONE = "DONE"
+    FAILED = "FAILED"
+    CANCELLING = "CANCELLING"
+    CANCELLED = "CANCELLED"
+    INTERNAL_ERROR = "INTERNAL_ERROR"
+    DELETED = "DELETED"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+S = JOB_STATUS
+TERMINAL: frozenset[JOB_STATUS] = frozenset({S.DONE, S.FAILED, S.CANCELLED, S.INTERNAL_ERROR, S.DELETED})
+ACTIVE: frozenset[JOB_STATUS] = frozenset({S.PENDING, S.RUNNING, S.CANCELLING})
+CANCELABLE: frozenset[JOB_STATUS] = frozenset({S.PENDING, S.RUNNING})
+
+# from -> the states it may move to. Terminal states move nowhere (DELETED is a tombstone that
+# only the delete path writes, and it is terminal too).
+TRANSITIONS: dict[JOB_STATUS, frozenset[JOB_STATUS]] = {
+    S.PENDING: frozenset({S.RUNNING, S.CANCELLING, S.CANCELLED, S.INTERNAL_ERROR, S.FAILED}),
+    S.RUNNING: frozenset({S.DONE, S.FAILED, S.CANCELLING, S.INTERNAL_ERROR}),
+    S.CANCELLING: frozenset({S.CANCELLED, S.INTERNAL_ERROR}),
+    S.DONE: frozenset(),
+    S.FAILED: frozenset(),
+    S.CANCELLED: frozenset(),
+    S.INTERNAL_ERROR: frozenset(),
+    S.DELETED: frozenset(),
+}
+
+
+def can_transition(old: JOB_STATUS, new: JOB_STATUS) -> bool:
+    """Whether a job in ``old`` may move to ``new``."""
+    return new in TRANSITIONS[old]
