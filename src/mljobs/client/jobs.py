@@ -78,7 +78,11 @@ class MLJobDefinition(Generic[P, R]):
         opts = _options(session=session, **self.options)
         spec = JobSpec(payload_kind=PayloadKind.FUNCTION, entrypoint=[self.fn.__qualname__],
                        session_param=self.session_param, **opts)
-        pickled = pl.pickle_call(self.fn, bound.args, bound.kwargs)
+        # every parameter but positional-only ones travels by keyword, so the job can fill in its session
+        positional = [p.name for p in self.signature.parameters.values() if p.kind == p.POSITIONAL_ONLY]
+        args = tuple(bound.arguments[n] for n in positional if n in bound.arguments)
+        kwargs = {k: v for k, v in bound.arguments.items() if k not in positional}
+        pickled = pl.pickle_call(self.fn, args, kwargs)
         return _submit(session, spec, pl.tar_call(pickled, self.imports))
 
 

@@ -240,7 +240,7 @@ class ControlPlane:
         src_name, src_path = parse_stage_path(spec.source)
         src = self.stage(src_name, create=False)
         if not src_path or not src.isdir(src_path):
-            raise NotFoundError(f"source {spec.source} is not a folder on stage @{src_name}; "
+            raise NotFoundError(f"source {spec.source} does not exist (or is not a folder) on stage @{src_name}; "
                                 f"`mljobs stage ls @{src_name}/` lists what is there")
         entry = spec.entrypoint[0]
         if len(spec.entrypoint) == 1 and entry.startswith("@"):

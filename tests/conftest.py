@@ -1,0 +1,189 @@
+"""Shared fixtures: a real mljobs server per test module, on SQLite or PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import sqlalchemy as sa
+
+PG_URL = os.environ.get("MLJOBS_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def pg_available() -> str | None:
+    """None if PostgreSQL answers, else the reason."""
+    try:
+        eng = sa.create_engine(PG_URL, connect_args={"connect_timeout": 3})
+        with eng.connect() as c:
+            c.execute(sa.text("select 1"))
+        eng.dispose()
+        return None
+    except Exception as e:  # noqa: BLE001
+        return f"no PostgreSQL answers at {PG_URL}: {e}"
+
+
+class ServerProc:
+    """A real `mljobs server start` process with its own MLJOBS_HOME."""
+
+    def __init__(self, home: Path, database_url: str | None = None) -> None:
+        self.home, self.database_url = home, database_url
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ, MLJOBS_HOME=str(self.home), MLJOBS_GRACE_PERIOD_S="1")
+        env.pop("MLJOBS_URL", None)
+        if self.database_url:
+            env["MLJOBS_DATABASE_URL"] = self.database_url
+        else:
+            env.pop("MLJOBS_DATABASE_URL", None)
+        return env
+
+    def start(self) -> str:
+        self.home.mkdir(parents=True, exist_ok=True)
+        info = self.home / "server.json"
+        info.unlink(missing_ok=True)
+        log = open(self.home / "server.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen([sys.executable, "-m", "mljobs", "server", "start"], env=self.env(),
+                                     stdout=log, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if info.exists():
+                self.url = json.loads(info.read_text())["url"]
+                import httpx
+
+                try:
+                    if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                        return self.url
+                except httpx.HTTPError:
+                    pass
+            assert self.proc.poll() is None, (self.home / "server.log").read_text()
+            time.sleep(0.05)
+        raise AssertionError("server did not start: " + (self.home / "server.log").read_text())
+
+    def kill(self, sig: int = signal.SIGTERM) -> None:
+        """Stop the server process only (jobs keep running)."""
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        self.proc.wait(30)
+
+    def stop(self) -> None:
+        """Stop the server and every job (as `mljobs server stop`)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        import httpx
+
+        try:
+            httpx.post(self.url + "/api/v1/server/shutdown", timeout=30)
+        except httpx.HTTPError:
+            pass
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def leftover_processes(home: Path) -> list[psutil.Process]:
+    """Processes whose environment or command line mentions this MLJOBS_HOME."""
+    out = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        if p.pid == os.getpid():
+            continue
+        try:
+            if str(home) in " ".join(p.info["cmdline"] or []) or p.environ().get("MLJOBS_HOME") == str(home):
+                out.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return out
+
+
+def assert_no_leftovers(home: Path, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (left := leftover_processes(home)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for p in left:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    assert not left, f"processes left running: {[(p.pid, p.info['cmdline']) for p in left]}"
+
+
+@pytest.fixture
+def pg_schema_url() -> Iterator[str]:
+    reason = pg_available()
+    if reason:
+        print(f"SKIP PostgreSQL half: {reason}")
+        pytest.skip(reason)
+    schema = "mljobs_test_" + uuid.uuid4().hex[:10]
+    eng = sa.create_engine(PG_URL)
+    with eng.begin() as c:
+        c.execute(sa.text(f"CREATE SCHEMA {schema}"))
+    yield f"{PG_URL}?options=-csearch_path%3D{schema}"
+    with eng.begin() as c:
+        c.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+    eng.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc]:
+    """A running server on each store; torn down with every job, leaving no process behind."""
+    home = tmp_path_factory.mktemp("mlh")
+    db = request.getfixturevalue("pg_schema_url") if request.param == "postgres" else None
+    srv = ServerProc(home, db)
+    srv.start()
+    yield srv
+    srv.stop()
+    assert_no_leftovers(home)
+
+
+@pytest.fixture
+def sqlite_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc]:
+    home = tmp_path_factory.mktemp("mlh")
+    srv = ServerProc(home)
+    srv.start()
+    yield srv
+    srv.stop()
+    assert_no_leftovers(home)
+
+
+@pytest.fixture
+def session(server: ServerProc):
+    from mljobs.client.session import Session
+
+    s = Session.builder.config("url", server.url).create()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def lite(sqlite_server: ServerProc):
+    """A session on a SQLite server (for tests whose store does not matter)."""
+    from mljobs.client.session import Session
+
+    s = Session.builder.config("url", sqlite_server.url).create()
+    yield s
+    s.close()
+
+
+def wait_status(job, statuses: set[str], timeout: float = 30.0, allowed: set[str] | None = None) -> str:
+    """Poll until the job reaches one of ``statuses``; every status seen on the way must be allowed."""
+    deadline = time.monotonic() + timeout
+    allowed = (allowed or {"PENDING", "RUNNING"}) | statuses
+    while time.monotonic() < deadline:
+        s = job.status.value
+        assert s in allowed, f"illegal in-between status {s} for {job.id}"
+        if s in statuses:
+            return s
+        time.sleep(0.05)
+    raise AssertionError(f"job {job.id} still {job.status} after {timeout}s")
