@@ -29,7 +29,7 @@ from mljobs.paths import FUNCTION_PAYLOAD, IMPORTS_DIR
 
 __all__ = ["main", "run_payload", "check_versions", "write_envelope", "read_envelope"]
 
-_INTERNAL_FILES = {os.path.abspath(__file__), os.path.abspath(runpy.__file__)}
+_INTERNAL_FILES = {os.path.abspath(__file__), os.path.abspath(runpy.__file__), "<frozen runpy>"}
 
 
 class PayloadExit(Exception):
@@ -107,7 +107,8 @@ def run_payload(launch: dict[str, Any], session_factory: Any = None) -> Any:
 
 def _user_traceback(exc: BaseException) -> str:
     tb = exc.__traceback__
-    while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) in _INTERNAL_FILES:
+    while tb is not None and (tb.tb_frame.f_code.co_filename in _INTERNAL_FILES
+                              or os.path.abspath(tb.tb_frame.f_code.co_filename) in _INTERNAL_FILES):
         tb = tb.tb_next
     return "".join(traceback.format_exception(type(exc), exc, tb))
 

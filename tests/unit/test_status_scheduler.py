@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from mljobs.errors import InvalidTransitionError
+from mljobs.providers.base import InstanceExit, InstanceHandle
+from mljobs.server.monitor import reconcile_once
+from mljobs.server.scheduler import pending_reason, plan_starts
+from mljobs.server.store import Store, utcnow
+from mljobs.spec import JobSpec, PayloadKind, PoolSpec, is_job_id, new_job_id
+from mljobs.status import JOB_STATUS, TERMINAL, can_transition
+
+S = JOB_STATUS
+
+
+def test_terminal_states_never_move():
+    for t in TERMINAL:
+        assert not any(can_transition(t, n) for n in S)
+    assert can_transition(S.PENDING, S.RUNNING) and not can_transition(S.RUNNING, S.PENDING)
+
+
+def test_job_ids():
+    jid = new_job_id()
+    assert is_job_id(jid) and jid.startswith("MLJOB_") and "-" not in jid
+    assert not is_job_id("MLJOB_123")
+
+
+def _pool(max_nodes=2, suspended=False):
+    return {"name": "P", "max_nodes": max_nodes, "suspended": suspended}
+
+
+def _job(i, target=1, min_=None):
+    return {"id": f"j{i}", "target_instances": target, "min_instances": min_ or target}
+
+
+def test_plan_is_fifo_and_respects_capacity():
+    plan = plan_starts(_pool(2), {0}, [_job(1), _job(2)])
+    assert [(j["id"], s) for j, s in plan] == [("j1", [1])]
+    assert plan_starts(_pool(2, suspended=True), set(), [_job(1)]) == []
+    # the head needs 2, only 1 free: nothing behind it jumps the queue
+    assert plan_starts(_pool(2), {0}, [_job(1, target=2), _job(2)]) == []
+    # all-or-enough: min 1 of target 3 starts with what is free
+    assert [s for _, s in plan_starts(_pool(2), set(), [_job(1, target=3, min_=1)])] == [[0, 1]]
+
+
+def test_pending_reason_words():
+    assert pending_reason({}, {"name": "P", "suspended": True, "max_nodes": 1}, 0, 0).startswith("pool P is SUSPENDED")
+    assert pending_reason({}, _pool(2), 2, 1) == "pool busy: 2/2 nodes in use, 1 job(s) ahead in the queue"
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store.sqlite(tmp_path / "db.sqlite")
+    s.migrate()
+    s.create_pool(PoolSpec("P", "CPU_X64_XS"))
+    yield s
+    s.close()
+
+
+def _insert(store, status="PENDING"):
+    jid = new_job_id()
+    spec = JobSpec("P", "st", PayloadKind.FILE, entrypoint=["m.py"])
+    store.insert_job({"id": jid, "name": jid, "status": status, "message": "", "database_name": "D",
+                      "schema_name": "S", "owner": "me", "compute_pool": "P", "stage_name": "ST",
+                      "target_instances": 1, "min_instances": 1, "instances_ran": 0, "spec": spec.to_dict(),
+                      "created_time": utcnow()})
+    return jid
+
+
+def test_store_transitions_are_compare_and_set(store):
+    jid = _insert(store)
+    store.transition(jid, S.RUNNING, expected=[S.PENDING])
+    with pytest.raises(InvalidTransitionError):
+        store.transition(jid, S.RUNNING, expected=[S.PENDING])
+    done = store.transition(jid, S.DONE)
+    assert done["status"] == "DONE" and done["completed_time"] is not None
+    with pytest.raises(InvalidTransitionError, match="DONE"):
+        store.transition(jid, S.CANCELLED)
+
+
+class FakeProvider:
+    """Records calls; instances listed in ``ended`` have exited."""
+
+    def __init__(self, ended):
+        self.ended, self.watched = ended, []
+
+    def watch(self, handle, cb):
+        if handle.pid in self.ended:
+            return False
+        self.watched.append(handle.pid)
+        return True
+
+    def poll(self, handle):
+        if handle.pid == 666:
+            raise RuntimeError("broken")
+        return InstanceExit(0) if handle.pid in self.ended else None
+
+
+def test_reconcile_once_finishes_ended_and_attaches_live():
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    live = [
+        {"job_id": "a", "instance_id": 0, "handle": InstanceHandle("a", 0, pid=1).to_dict(), "started_time": now},
+        {"job_id": "b", "instance_id": 0, "handle": InstanceHandle("b", 0, pid=2).to_dict(), "started_time": now},
+        {"job_id": "c", "instance_id": 0, "handle": InstanceHandle("c", 0, pid=666).to_dict(), "started_time": now},
+        {"job_id": "d", "instance_id": 0, "handle": None, "started_time": now - dt.timedelta(minutes=5)},
+        {"job_id": "e", "instance_id": 0, "handle": None, "started_time": now},
+    ]
+    provider = FakeProvider(ended={1, 666})
+    exited = []
+    done = reconcile_once(live, lambda pool: provider, lambda job: "P", exited.append, now, attach=True)
+    assert [h.job_id for h in done] == ["a", "d"]  # c's error is isolated, e is still starting
+    assert provider.watched == [2]
