@@ -28,7 +28,7 @@ app.add_typer(server_app, name="server")
 app.add_typer(pool_app, name="pool")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(stage_app, name="stage")
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 240)  # no wrapping when piped
 err = Console(stderr=True)
 
 
