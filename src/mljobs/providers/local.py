@@ -9,6 +9,7 @@ polling sits on the hot path, and finds it again after a restart from its pid an
 from __future__ import annotations
 
 import json
+import logging
 import os
 import selectors
 import shutil
@@ -103,8 +104,6 @@ class _ExitWatcher:
                 try:
                     key.data()
                 except Exception:  # noqa: BLE001 - one bad callback must not stop the watcher
-                    import logging
-
                     logging.getLogger("mljobs.server").exception("exit callback failed")
 
     def close(self) -> None:
