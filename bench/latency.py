@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -110,6 +111,17 @@ def ray_inner(runs: int) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def kill_netns_processes(ns: str) -> None:
+    """SIGKILL every process inside network namespace ``ns`` (never `pkill -f ray`: that matches
+    anything with "ray" in its command line, far outside the namespace)."""
+    out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
+    for pid in out.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+
+
 def bench_ray(runs: int) -> dict[str, float] | str:
     if not shutil.which("ip") or os.geteuid() != 0:
         return "skipped: needs root and iproute2 for a network namespace"
@@ -118,6 +130,8 @@ def bench_ray(runs: int) -> dict[str, float] | str:
     except ImportError:
         return "skipped: ray is not installed (pip install -e '.[bench]')"
     ns = f"mljobs-bench-{os.getpid()}"
+    # Cleanup must run even when this script is stopped from outside (SIGTERM, Ctrl-C).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     subprocess.run(["ip", "netns", "add", ns], check=True)
     try:
         subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"], check=True)
@@ -127,7 +141,7 @@ def bench_ray(runs: int) -> dict[str, float] | str:
             return f"failed: {out.stderr[-800:]}"
         return json.loads(out.stdout.strip().splitlines()[-1])
     finally:
-        subprocess.run(["ip", "netns", "exec", ns, "pkill", "-9", "-f", "ray"], capture_output=True)
+        kill_netns_processes(ns)
         subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
 
 

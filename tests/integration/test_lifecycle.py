@@ -172,3 +172,23 @@ def test_embedded_server_shared_by_two_clients(tmp_path):
     from tests.conftest import assert_no_leftovers
 
     assert_no_leftovers(home)
+
+
+def test_supervisors_come_from_a_warm_spawner_that_is_replaced_when_killed(sqlite_server):
+    s = mljobs.Session(url=sqlite_server.url)
+    job = _sleeper(s, pool="DEFAULT_POOL", seconds=5)
+    wait_status(job, {"RUNNING"})
+
+    def named(prefix):
+        return [p for p in psutil.process_iter(["cmdline"])
+                if " ".join(p.info["cmdline"] or []).startswith(f"{prefix} {sqlite_server.home}")]
+
+    spawners = named("mljobs-spawner")
+    assert len(spawners) == 1
+    sups = [p for p in named("mljobs-supervisor") if job.id in " ".join(p.info["cmdline"])]
+    assert len(sups) == 1 and sups[0].ppid() == spawners[0].pid  # ps names each instance's supervisor
+    spawners[0].kill()
+    assert job.result(timeout=60) == 5  # a running job does not depend on the spawner
+    again = _sleeper(s, pool="DEFAULT_POOL", seconds=0.1)
+    assert again.result(timeout=60) == 0.1  # the provider starts a fresh spawner
+    assert len([p for p in named("mljobs-spawner") if p.status() != psutil.STATUS_ZOMBIE]) == 1

@@ -112,6 +112,62 @@ class _ExitWatcher:
         self._thread.join(timeout=2)
 
 
+class _Spawner:
+    """The provider's side of :mod:`mljobs.runtime.spawner`: start it lazily, ask it for forks."""
+
+    def __init__(self, home: HomePaths) -> None:
+        self._home = home
+        self._stderr_path = str(home.root / "spawner.log")
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._lock = threading.Lock()
+
+    def _ensure(self) -> subprocess.Popen[bytes]:
+        if self._proc is not None and self._proc.poll() is None:
+            return self._proc
+        with open(self._stderr_path, "ab") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "mljobs.runtime.spawner", str(self._home.root)], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=err, start_new_session=True, close_fds=True)
+        assert proc.stdout is not None
+        if proc.stdout.readline() != b"ready\n":
+            proc.kill()
+            proc.wait()
+            raise OSError(f"the supervisor spawner did not start; see {self._stderr_path}")
+        self._proc = proc
+        return proc
+
+    def spawn(self, run_dir: str, stderr_path: str) -> int:
+        """The pid of a new supervisor for ``run_dir`` (one retry with a fresh spawner)."""
+        with self._lock:
+            for attempt in (1, 2):
+                proc = self._ensure()
+                assert proc.stdin is not None and proc.stdout is not None
+                try:
+                    proc.stdin.write(json.dumps({"run_dir": run_dir, "stderr": stderr_path}).encode() + b"\n")
+                    proc.stdin.flush()
+                    reply = proc.stdout.readline().decode().strip()
+                except OSError:
+                    reply = ""
+                if reply.isdigit():
+                    return int(reply)
+                if reply.startswith("error") or attempt == 2:
+                    raise OSError(f"the supervisor spawner failed: {reply or 'it exited'}")
+                proc.kill()
+                proc.wait()
+            raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._proc is not None:
+                assert self._proc.stdin is not None
+                self._proc.stdin.close()
+                try:
+                    self._proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    self._proc.kill()
+                    self._proc.wait()
+                self._proc = None
+
+
 class LocalProvider(Provider):
     name = "local"
     supports_gpus = True
@@ -122,8 +178,8 @@ class LocalProvider(Provider):
         self.cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(
             range(os.cpu_count() or 1))
         self.gpus = detect_gpus()
-        self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._watcher = _ExitWatcher()
+        self._spawner = _Spawner(home)
 
     # -- pools -------------------------------------------------------------------------------
     def validate_pool(self, pool: PoolSpec) -> None:
@@ -183,25 +239,17 @@ class LocalProvider(Provider):
             "grace_period_s": launch.grace_period_s,
         }
         p.launch.write_text(json.dumps(doc))
-        with open(p.supervisor_log, "wb") as err:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "mljobs.runtime.supervisor", str(p.run_dir)],
-                stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True, close_fds=True,
-            )
-        self._children[proc.pid] = proc
+        pid = self._spawner.spawn(str(p.run_dir), str(p.supervisor_log))
         try:
-            started = psutil.Process(proc.pid).create_time()
+            started: float | None = psutil.Process(pid).create_time()
         except psutil.NoSuchProcess:
             started = None
-        p.pid_file.write_text(f"{proc.pid} {started}")
-        return InstanceHandle(launch.job_id, launch.instance_id, proc.pid, started, {"cpus": cpus, "gpus": gpus})
+        p.pid_file.write_text(f"{pid} {started}")
+        return InstanceHandle(launch.job_id, launch.instance_id, pid, started, {"cpus": cpus, "gpus": gpus})
 
     def _running(self, handle: InstanceHandle) -> bool:
         if handle.pid is None:
             return False
-        proc = self._children.get(handle.pid)
-        if proc is not None:
-            return proc.poll() is None
         try:
             ps = psutil.Process(handle.pid)
             return ps.status() != psutil.STATUS_ZOMBIE and (
@@ -213,13 +261,7 @@ class LocalProvider(Provider):
         if handle.pid is None or not self._running(handle):
             return False
 
-        def fired() -> None:
-            proc = self._children.pop(handle.pid, None) if handle.pid is not None else None
-            if proc is not None:
-                proc.wait()
-            on_exit(handle)
-
-        return self._watcher.add(handle.pid, fired)
+        return self._watcher.add(handle.pid, lambda: on_exit(handle))
 
     def poll(self, handle: InstanceHandle) -> InstanceExit | None:
         if self._running(handle):
@@ -273,3 +315,4 @@ class LocalProvider(Provider):
 
     def close(self) -> None:
         self._watcher.close()
+        self._spawner.close()

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import setproctitle
+
 from mljobs import logformat
 from mljobs.runtime import launcher
 
@@ -129,6 +131,7 @@ def _child(launch: dict[str, Any], out_w: int, err_w: int) -> None:
         os.dup2(out_w, 1)
         os.dup2(err_w, 2)
         os.closerange(3, 256)
+        setproctitle.setproctitle(f"mljobs-payload {launch['run_dir']}")
         os.chdir(launch["work_dir"])
         os.environ.update(launch["env"])
         cpus = launch.get("cpus")
@@ -268,6 +271,7 @@ def supervise(launch: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     run_dir = Path(argv[0])
+    setproctitle.setproctitle(f"mljobs-supervisor {run_dir}")  # `ps` names the instance
     with open(run_dir / "launch.json") as f:
         launch = json.load(f)
     supervise(launch)

@@ -36,7 +36,9 @@ def read_server_info(home: HomePaths) -> dict[str, Any] | None:
 def _bind(host: str, port: int, previous: int | None) -> socket.socket:
     """Bind ``port``; with 0, prefer the previous server's port so running jobs find us again."""
     for candidate in ([previous] if port == 0 and previous else []) + [port]:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # proto must say TCP: asyncio sets TCP_NODELAY on accepted sockets only then, and without
+        # it every keep-alive response waits ~40 ms for a delayed ACK (Nagle).
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, candidate))
