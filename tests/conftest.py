@@ -34,8 +34,8 @@ def pg_available() -> str | None:
 class ServerProc:
     """A real `mljobs server start` process with its own MLJOBS_HOME."""
 
-    def __init__(self, home: Path, database_url: str | None = None) -> None:
-        self.home, self.database_url = home, database_url
+    def __init__(self, home: Path, database_url: str | None = None, extra_env: dict[str, str] | None = None) -> None:
+        self.home, self.database_url, self.extra_env = home, database_url, dict(extra_env or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
 
@@ -46,6 +46,7 @@ class ServerProc:
             env["MLJOBS_DATABASE_URL"] = self.database_url
         else:
             env.pop("MLJOBS_DATABASE_URL", None)
+        env.update(self.extra_env)
         return env
 
     def start(self) -> str:

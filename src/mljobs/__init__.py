@@ -20,6 +20,10 @@ _EXPORTS = {
     "create_compute_pool": "mljobs.client.pools", "alter_compute_pool": "mljobs.client.pools",
     "drop_compute_pool": "mljobs.client.pools", "list_compute_pools": "mljobs.client.pools",
     "describe_compute_pool": "mljobs.client.pools", "create_stage": "mljobs.client.pools",
+    "create_external_access_integration": "mljobs.client.pools",
+    "list_external_access_integrations": "mljobs.client.pools",
+    "drop_external_access_integration": "mljobs.client.pools", "list_environments": "mljobs.client.pools",
+    "prune_environments": "mljobs.client.pools", "EnvironmentBuildError": "mljobs.errors",
     "JOB_STATUS": "mljobs.status", "INSTANCE_FAMILIES": "mljobs.spec", "InstanceFamily": "mljobs.spec",
     "MLJobsError": "mljobs.errors", "RemoteError": "mljobs.errors", "JobFailedError": "mljobs.errors",
     "ServerUnavailableError": "mljobs.errors", "VersionMismatchError": "mljobs.errors",
@@ -31,10 +35,12 @@ if TYPE_CHECKING:
     from mljobs.client.job import MLJob
     from mljobs.client.jobs import (MLJobDefinition, delete_job, get_job, list_jobs, remote, submit_directory,
                                     submit_file, submit_from_stage)
-    from mljobs.client.pools import (alter_compute_pool, create_compute_pool, create_stage,
-                                     describe_compute_pool, drop_compute_pool, list_compute_pools)
+    from mljobs.client.pools import (alter_compute_pool, create_compute_pool, create_external_access_integration,
+                                     create_stage, describe_compute_pool, drop_compute_pool,
+                                     drop_external_access_integration, list_compute_pools, list_environments,
+                                     list_external_access_integrations, prune_environments)
     from mljobs.client.session import Session, get_active_session
-    from mljobs.errors import (InvalidArgumentError, JobFailedError, MLJobsError, NotFoundError, PayloadError,
+    from mljobs.errors import (EnvironmentBuildError, InvalidArgumentError, JobFailedError, MLJobsError, NotFoundError, PayloadError,
                                RemoteError, ServerUnavailableError, VersionMismatchError)
     from mljobs.spec import INSTANCE_FAMILIES, InstanceFamily
     from mljobs.status import JOB_STATUS

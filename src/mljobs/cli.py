@@ -28,6 +28,10 @@ app.add_typer(server_app, name="server")
 app.add_typer(pool_app, name="pool")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(stage_app, name="stage")
+env_app = typer.Typer(help="The server's cache of job environments (pip requirements).", no_args_is_help=True)
+integration_app = typer.Typer(help="External access integrations (named egress policies).", no_args_is_help=True)
+app.add_typer(env_app, name="env")
+app.add_typer(integration_app, name="integration")
 console = Console(width=None if sys.stdout.isatty() else 240)  # no wrapping when piped
 err = Console(stderr=True)
 
@@ -160,19 +164,26 @@ def submit(ctx: typer.Context, path: Path, pool: str = typer.Option("DEFAULT_POO
            entrypoint: Optional[str] = typer.Option(None, "--entrypoint", "-e",
                                                     help="script inside DIR (or a command, quoted)"),
            name: Optional[str] = None, env: list[str] = typer.Option([], "--env", help="KEY=VALUE, repeatable"),
+           pip: list[str] = typer.Option([], "--pip", help="a pip requirement, repeatable"),
+           integration: list[str] = typer.Option([], "--integration", help="external access integration, repeatable"),
+           runtime: Optional[str] = typer.Option(None, "--runtime", help="interpreter: server, 3.12 or a path"),
            wait: bool = typer.Option(False, "--wait", help="stream the logs and exit with the job's status")) -> None:
     """Submit FILE or DIR; arguments after `--` reach the script's sys.argv. Prints the job id."""
     from mljobs.client.jobs import submit_directory, submit_file
 
-    env_vars = dict(e.split("=", 1) for e in env)
+    bad = [e for e in env if "=" not in e]
+    if bad:
+        raise errors.InvalidArgumentError(f"--env takes KEY=VALUE, got {bad}")
+    opts: dict[str, Any] = dict(env_vars=dict(e.split("=", 1) for e in env), name=name, pip_requirements=pip,
+                                external_access_integrations=integration, runtime_environment=runtime)
     args = list(ctx.args)
     if path.is_dir():
         if not entrypoint:
             raise errors.InvalidArgumentError(f"{path} is a directory: give --entrypoint SCRIPT")
         ep: Any = entrypoint.split() if " " in entrypoint else entrypoint
-        job = submit_directory(path, pool, entrypoint=ep, stage_name=stage, args=args, env_vars=env_vars, name=name)
+        job = submit_directory(path, pool, entrypoint=ep, stage_name=stage, args=args, **opts)
     else:
-        job = submit_file(path, pool, stage_name=stage, args=args, env_vars=env_vars, name=name)
+        job = submit_file(path, pool, stage_name=stage, args=args, **opts)
     print(job.id, flush=True)
     if wait:
         for line in job.stream_logs():
@@ -262,6 +273,55 @@ def stage_create(name: str, url: Optional[str] = typer.Option(None, help="fsspec
     from mljobs.client.pools import create_stage
 
     console.print_json(json.dumps(create_stage(name, url), default=str))
+
+
+# -- integrations and environments ------------------------------------------------------------
+@integration_app.command("create")
+def integration_create(name: str, host: list[str] = typer.Option(..., "--host", help="allowed host, repeatable"),
+                       replace: bool = False) -> None:
+    from mljobs.client.pools import create_external_access_integration
+
+    i = create_external_access_integration(name, host, replace=replace)
+    _table([i], ["name", "allowed_hosts", "created_time"], "external access integration")
+
+
+@integration_app.command("list")
+def integration_list() -> None:
+    _table(_session().request("GET", "/integrations").json(), ["name", "allowed_hosts", "created_time"],
+           "external access integrations")
+
+
+@integration_app.command("drop")
+def integration_drop(name: str) -> None:
+    from mljobs.client.pools import drop_external_access_integration
+
+    drop_external_access_integration(name)
+    console.print(f"dropped external access integration {name.upper()}")
+
+
+def _env_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    import datetime as dt
+
+    return [{**r, "requirements": " ".join(r["requirements"]) or "-", "size": f"{r['size_bytes'] / 2**20:.1f} MiB",
+             "last_used": dt.datetime.fromtimestamp(r["last_used"]).isoformat(timespec="seconds")} for r in rows]
+
+
+ENV_COLUMNS = ["key", "python_version", "requirements", "size", "last_used", "in_use"]
+
+
+@env_app.command("list")
+def env_list() -> None:
+    """Cached environments, most recently used first."""
+    _table(_env_rows(_session().request("GET", "/environments").json()), ENV_COLUMNS, "job environments")
+
+
+@env_app.command("prune")
+def env_prune(all_: bool = typer.Option(False, "--all", help="remove every environment not in use"),
+              max_gb: Optional[float] = typer.Option(None, "--max-gb", help="shrink the cache to this size")) -> None:
+    """Remove least recently used environments (never one a running job uses)."""
+    max_bytes = 0 if all_ else (int(max_gb * 2**30) if max_gb is not None else None)
+    rows = _session().request("POST", "/environments/prune", json={"max_bytes": max_bytes}).json()
+    _table(_env_rows(rows), ENV_COLUMNS, f"removed {len(rows)} environment(s)")
 
 
 def main() -> None:

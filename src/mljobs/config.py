@@ -33,6 +33,11 @@ class Settings:
     database_url: str | None = None  # the server's store; None means SQLite under home
     grace_period_s: float = 3.0  # SIGTERM -> SIGKILL on cancel
     create_default_pool: bool = True
+    # Installing packages needs an external access integration that allows the index host
+    # (shared servers); off for the embedded default.
+    strict_egress: bool = False
+    env_cache_max_bytes: int = 10 << 30  # job environments kept, least recently used evicted
+    install_timeout_s: float = 900.0  # a job's package install, apart from its own run time
 
 
 def _read_file(home: Path) -> dict[str, Any]:
@@ -41,6 +46,10 @@ def _read_file(home: Path) -> dict[str, Any]:
         return {}
     with path.open("rb") as f:
         return tomllib.load(f)
+
+
+def _flag(value: Any) -> bool:
+    return str(value).strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def load_settings(home: str | os.PathLike[str] | None = None) -> Settings:
@@ -57,6 +66,9 @@ def load_settings(home: str | os.PathLike[str] | None = None) -> Settings:
         schema=env.get("MLJOBS_SCHEMA") or client.get("schema"),
         database_url=env.get("MLJOBS_DATABASE_URL") or server.get("database_url"),
         grace_period_s=float(env.get("MLJOBS_GRACE_PERIOD_S") or server.get("grace_period_s", 3.0)),
-        create_default_pool=str(env.get("MLJOBS_DEFAULT_POOL", server.get("default_pool", "1"))).lower()
-        not in ("0", "false", "no"),
+        create_default_pool=_flag(env.get("MLJOBS_DEFAULT_POOL", server.get("default_pool", "1"))),
+        strict_egress=_flag(env.get("MLJOBS_STRICT_EGRESS", server.get("strict_egress", "0"))),
+        env_cache_max_bytes=int(float(env.get("MLJOBS_ENV_CACHE_MAX_GB") or server.get("env_cache_max_gb", 10))
+                                * (1 << 30)),
+        install_timeout_s=float(env.get("MLJOBS_INSTALL_TIMEOUT_S") or server.get("install_timeout_s", 900.0)),
     )

@@ -53,6 +53,10 @@ class PayloadError(MLJobsError, ValueError):
     """A payload (function, argument, file, directory) cannot be packaged."""
 
 
+class EnvironmentBuildError(MLJobsError):
+    """A job's pip requirements could not be installed; the message names them and says why."""
+
+
 class JobFailedError(MLJobsError):
     """A job ended without a result (cancelled, platform failure, killed by a signal)."""
 

@@ -159,6 +159,10 @@ class JobSpec:
     session_param: str | None = None  # function parameter that receives the job's session
     client_python: str = ""  # "3.11.7"
     client_cloudpickle: str = ""
+    # The interpreter: None picks the client's major.minor when the server has it, else the
+    # server's; "server", a version like "3.12", or an interpreter path pick one explicitly.
+    runtime_environment: str | None = None
+    runtime_python: str = ""  # the interpreter the server chose (filled in at submit)
 
     def __post_init__(self) -> None:
         self.payload_kind = PayloadKind(self.payload_kind)

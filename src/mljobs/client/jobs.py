@@ -10,16 +10,18 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Generic, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 import cloudpickle
-import pandas as pd
 
 from mljobs.client import payload as pl
 from mljobs.client.job import MLJob
 from mljobs.client.session import Session, get_active_session
 from mljobs.errors import InvalidArgumentError, NotFoundError
 from mljobs.spec import JobSpec, PayloadKind
+
+if TYPE_CHECKING:  # pandas costs ~0.3 s to import: only the DataFrame-returning calls load it
+    import pandas as pd
 
 __all__ = ["remote", "submit_file", "submit_directory", "submit_from_stage", "get_job", "list_jobs",
            "delete_job", "MLJobDefinition", "LIST_JOBS_COLUMNS"]
@@ -33,7 +35,7 @@ LIST_JOBS_COLUMNS = ["name", "status", "message", "database_name", "schema_name"
 def _options(compute_pool: str, stage_name: str, target_instances: int, min_instances: int | None,
              pip_requirements: Sequence[str] | None, external_access_integrations: Sequence[str] | None,
              env_vars: dict[str, str] | None, name: str | None, database: str | None, schema: str | None,
-             session: Session) -> dict[str, Any]:
+             session: Session, runtime_environment: str | None = None) -> dict[str, Any]:
     if not isinstance(compute_pool, str) or not compute_pool:
         raise InvalidArgumentError(f"compute_pool must be a pool name, got {compute_pool!r}")
     if not stage_name:
@@ -46,7 +48,7 @@ def _options(compute_pool: str, stage_name: str, target_instances: int, min_inst
         external_access_integrations=list(external_access_integrations or []), env_vars=dict(env_vars or {}),
         name=name, database=(database or session.database).upper(), schema=(schema or session.schema).upper(),
         owner=getpass.getuser(), client_python="%d.%d.%d" % sys.version_info[:3],
-        client_cloudpickle=cloudpickle.__version__,
+        client_cloudpickle=cloudpickle.__version__, runtime_environment=runtime_environment,
     )
 
 
@@ -89,7 +91,7 @@ class MLJobDefinition(Generic[P, R]):
 def remote(compute_pool: str, *, stage_name: str, target_instances: int = 1, min_instances: int | None = None,
            pip_requirements: Sequence[str] | None = None, external_access_integrations: Sequence[str] | None = None,
            env_vars: dict[str, str] | None = None, imports: Sequence[Any] | None = None, name: str | None = None,
-           database: str | None = None, schema: str | None = None,
+           database: str | None = None, schema: str | None = None, runtime_environment: str | None = None,
            session: Session | None = None) -> Callable[[Callable[P, R]], MLJobDefinition[P, R]]:
     """Turn a function into a job definition: calling it submits a job and returns an MLJob.
 
@@ -104,12 +106,14 @@ def remote(compute_pool: str, *, stage_name: str, target_instances: int = 1, min
         imports: local packages or modules to ship with the function.
         name: a name for the job (default: its id).
         database, schema: the job's namespace (default: the session's).
+        runtime_environment: the interpreter: by default the server's Python of the client's
+            major.minor when it has one, else its own; "server", "3.12" or a path pick one.
         session: the session to submit with (default: the active one).
     """
     options = dict(compute_pool=compute_pool, stage_name=stage_name, target_instances=target_instances,
                    min_instances=min_instances, pip_requirements=pip_requirements,
                    external_access_integrations=external_access_integrations, env_vars=env_vars, name=name,
-                   database=database, schema=schema)
+                   database=database, schema=schema, runtime_environment=runtime_environment)
 
     def decorator(fn: Callable[P, R]) -> MLJobDefinition[P, R]:
         return MLJobDefinition(fn, options, imports, session)
@@ -132,14 +136,15 @@ def submit_file(file_path: str | os.PathLike[str], compute_pool: str, *, stage_n
                 pip_requirements: Sequence[str] | None = None,
                 external_access_integrations: Sequence[str] | None = None, env_vars: dict[str, str] | None = None,
                 imports: Sequence[Any] | None = None, name: str | None = None, database: str | None = None,
-                schema: str | None = None, session: Session | None = None) -> MLJob:
+                schema: str | None = None, runtime_environment: str | None = None,
+                session: Session | None = None) -> MLJob:
     """Upload one script and run it; ``args`` reach ``sys.argv[1:]``; ``__return__`` is the result."""
     path = Path(file_path)
     if not path.is_file():
         raise NotFoundError(f"file {str(file_path)!r} does not exist (or is not a file)")
     session = session or get_active_session()
     opts = _options(compute_pool, stage_name, target_instances, min_instances, pip_requirements,
-                    external_access_integrations, env_vars, name, database, schema, session)
+                    external_access_integrations, env_vars, name, database, schema, session, runtime_environment)
     spec = JobSpec(payload_kind=PayloadKind.FILE, entrypoint=[path.name], args=list(args or []), **opts)
     return _submit(session, spec, pl.tar_file(path, imports))
 
@@ -150,7 +155,7 @@ def submit_directory(dir_path: str | os.PathLike[str], compute_pool: str, *, ent
                      external_access_integrations: Sequence[str] | None = None,
                      env_vars: dict[str, str] | None = None, imports: Sequence[Any] | None = None,
                      name: str | None = None, database: str | None = None, schema: str | None = None,
-                     session: Session | None = None) -> MLJob:
+                     runtime_environment: str | None = None, session: Session | None = None) -> MLJob:
     """Upload a directory (not ``__pycache__``/``*.pyc``) and run ``entrypoint`` inside it."""
     root = Path(dir_path)
     if not root.is_dir():
@@ -165,7 +170,7 @@ def submit_directory(dir_path: str | os.PathLike[str], compute_pool: str, *, ent
         entry = [target.relative_to(root.resolve()).as_posix()]
     session = session or get_active_session()
     opts = _options(compute_pool, stage_name, target_instances, min_instances, pip_requirements,
-                    external_access_integrations, env_vars, name, database, schema, session)
+                    external_access_integrations, env_vars, name, database, schema, session, runtime_environment)
     spec = JobSpec(payload_kind=PayloadKind.DIRECTORY, entrypoint=entry, args=list(args or []), **opts)
     return _submit(session, spec, pl.tar_directory(root, imports))
 
@@ -176,11 +181,11 @@ def submit_from_stage(source: str, compute_pool: str, *, entrypoint: str | Seque
                       external_access_integrations: Sequence[str] | None = None,
                       env_vars: dict[str, str] | None = None, name: str | None = None,
                       database: str | None = None, schema: str | None = None,
-                      session: Session | None = None) -> MLJob:
+                      runtime_environment: str | None = None, session: Session | None = None) -> MLJob:
     """Run a directory already on a stage (``"@stage/path/"``); ``entrypoint`` is inside it."""
     session = session or get_active_session()
     opts = _options(compute_pool, stage_name, target_instances, min_instances, pip_requirements,
-                    external_access_integrations, env_vars, name, database, schema, session)
+                    external_access_integrations, env_vars, name, database, schema, session, runtime_environment)
     spec = JobSpec(payload_kind=PayloadKind.STAGE, entrypoint=_entrypoint(entrypoint), args=list(args or []),
                    source=source, **opts)
     return _submit(session, spec, None)
@@ -196,6 +201,8 @@ def get_job(job_id: str, session: Session | None = None) -> MLJob:
 def list_jobs(limit: int = 10, database: str | None = None, schema: str | None = None,
               session: Session | None = None) -> pd.DataFrame:
     """Newest jobs first, as a DataFrame (index: job id); ``limit <= 0`` lists all."""
+    import pandas as pd
+
     session = session or get_active_session()
     rows = session.request("GET", "/jobs", params={
         "limit": limit, "database": (database or session.database).upper(),

@@ -1,16 +1,21 @@
-"""Compute pools and stages from the SDK."""
+"""The server's resources from the SDK: compute pools, stages, external access integrations
+(named egress policies) and the cache of job environments."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 
 from mljobs.client.session import Session, get_active_session
 from mljobs.errors import InvalidArgumentError
 
+if TYPE_CHECKING:  # pandas costs ~0.3 s to import: only the DataFrame-returning calls load it
+    import pandas as pd
+
 __all__ = ["create_compute_pool", "alter_compute_pool", "drop_compute_pool", "list_compute_pools",
-           "describe_compute_pool", "create_stage"]
+           "describe_compute_pool", "create_stage", "create_external_access_integration",
+           "list_external_access_integrations", "drop_external_access_integration", "list_environments",
+           "prune_environments"]
 
 
 def create_compute_pool(name: str, *, instance_family: str, min_nodes: int = 1, max_nodes: int = 1,
@@ -43,6 +48,8 @@ def describe_compute_pool(name: str, session: Session | None = None) -> dict[str
 
 
 def list_compute_pools(session: Session | None = None) -> pd.DataFrame:
+    import pandas as pd
+
     rows = (session or get_active_session()).request("GET", "/pools").json()
     cols = ["name", "state", "instance_family", "min_nodes", "max_nodes", "nodes_in_use", "queued", "running",
             "provider", "created_time"]
@@ -52,3 +59,48 @@ def list_compute_pools(session: Session | None = None) -> pd.DataFrame:
 def create_stage(name: str, url: str | None = None, session: Session | None = None) -> dict[str, Any]:
     """Create a stage at an fsspec URL (``s3://bucket/prefix``, a folder); default: under MLJOBS_HOME."""
     return (session or get_active_session()).request("POST", "/stages", json={"name": name, "url": url}).json()
+
+
+def create_external_access_integration(name: str, allowed_hosts: list[str], *, replace: bool = False,
+                                       if_not_exists: bool = False,
+                                       session: Session | None = None) -> dict[str, Any]:
+    """A named egress policy: the hosts (patterns like ``*.example.com`` allowed) a job may reach.
+
+    Name it in ``external_access_integrations=[...]``; a strict server installs packages only
+    from index hosts that the job's integrations allow. ``PYPI_ACCESS`` is built in.
+    """
+    if isinstance(allowed_hosts, str):
+        raise InvalidArgumentError(f"allowed_hosts takes a list of hosts, e.g. [{allowed_hosts!r}]")
+    return (session or get_active_session()).request("POST", "/integrations", json={
+        "name": name, "allowed_hosts": list(allowed_hosts), "replace": replace,
+        "if_not_exists": if_not_exists}).json()
+
+
+def list_external_access_integrations(session: Session | None = None) -> pd.DataFrame:
+    import pandas as pd
+
+    rows = (session or get_active_session()).request("GET", "/integrations").json()
+    return pd.DataFrame(rows, columns=["name", "allowed_hosts", "created_time"])
+
+
+def drop_external_access_integration(name: str, session: Session | None = None) -> None:
+    (session or get_active_session()).request("DELETE", f"/integrations/{name}")
+
+
+def list_environments(session: Session | None = None) -> pd.DataFrame:
+    """The server's cached job environments, most recently used first."""
+    import pandas as pd
+
+    rows = (session or get_active_session()).request("GET", "/environments").json()
+    df = pd.DataFrame(rows, columns=["key", "python_version", "requirements", "size_bytes", "last_used",
+                                     "in_use", "path"])
+    df["last_used"] = pd.to_datetime(df["last_used"], unit="s", utc=True)
+    return df
+
+
+def prune_environments(max_bytes: int | None = None, session: Session | None = None) -> list[str]:
+    """Evict idle environments, least recently used first, down to ``max_bytes`` (default: the
+    server's cap; 0: every one not in use). Returns the keys removed."""
+    rows = (session or get_active_session()).request("POST", "/environments/prune",
+                                                       json={"max_bytes": max_bytes}).json()
+    return [r["key"] for r in rows]

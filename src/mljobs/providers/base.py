@@ -34,6 +34,9 @@ class InstanceLaunch:
     stage: Any  # mljobs.stages.Stage holding the payload under <job_id>/app/
     env: dict[str, str]  # mljobs' own variables for the payload (session, ids)
     grace_period_s: float = 3.0
+    # When the job needs its own environment: {"request": EnvRequest as a dict, "cache_dir",
+    # "max_bytes", "timeout_s"}; the instance builds or reuses it before the payload starts.
+    environment: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass

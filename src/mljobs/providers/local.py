@@ -235,7 +235,8 @@ class LocalProvider(Provider):
             "env": env,
             "cpus": cpus,
             "memory_bytes": launch.family.memory_bytes,
-            "python": sys.executable,
+            "python": spec.runtime_python or sys.executable,
+            "environment": launch.environment,
             "grace_period_s": launch.grace_period_s,
         }
         p.launch.write_text(json.dumps(doc))

@@ -40,22 +40,28 @@ class PayloadExit(Exception):
         self.code = code
 
 
-def check_versions(client_python: str, client_cloudpickle: str) -> str | None:
-    """Why pickles from this client cannot load here, or None when they can."""
+def check_versions(client_python: str, client_cloudpickle: str, *, runtime_python: str | None = None,
+                   runtime_cloudpickle: str | None = None) -> str | None:
+    """Why pickles from this client cannot load in the runtime, or None when they can.
+
+    The runtime is this interpreter unless ``runtime_python`` / ``runtime_cloudpickle`` name another.
+    """
+    here_py = runtime_python or "%d.%d.%d" % sys.version_info[:3]
+    here_cp = runtime_cloudpickle or cloudpickle.__version__
     if client_python:
-        client_mm = tuple(int(x) for x in client_python.split(".")[:2])
-        if client_mm != sys.version_info[:2]:
-            here = "%d.%d" % sys.version_info[:2]
+        client_mm = client_python.split(".")[:2]
+        here = ".".join(here_py.split(".")[:2])
+        if client_mm != here.split("."):
             return (
-                f"the client runs Python {client_python} but the runtime runs Python {here}: "
-                f"pickled functions only load on the same major.minor. Use Python {here} on the "
-                "client, or submit a file or directory (submit_file / submit_directory), which "
-                "does not pickle code."
+                f"the client runs Python {client_python} but the runtime runs Python {here_py}: "
+                f"pickled functions only load on the same major.minor. Use Python {here} on the client, "
+                f"install Python {'.'.join(client_mm)} on the server (it is then picked automatically), "
+                "or submit a file or directory (submit_file / submit_directory), which does not pickle code."
             )
-    if client_cloudpickle and client_cloudpickle.split(".")[0] != cloudpickle.__version__.split(".")[0]:
+    if client_cloudpickle and client_cloudpickle.split(".")[0] != here_cp.split(".")[0]:
         return (
             f"the client has cloudpickle {client_cloudpickle} but the runtime has "
-            f"{cloudpickle.__version__}: install cloudpickle=={cloudpickle.__version__} on the client"
+            f"{here_cp}: install cloudpickle=={here_cp} on the client"
         )
     return None
 

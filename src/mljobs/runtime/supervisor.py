@@ -26,7 +26,8 @@ from typing import Any
 import setproctitle
 
 from mljobs import logformat
-from mljobs.runtime import launcher
+from mljobs.errors import EnvironmentBuildError
+from mljobs.runtime import environment, launcher
 
 __all__ = ["main", "supervise", "descendants", "kill_tree"]
 
@@ -141,7 +142,8 @@ def _child(launch: dict[str, Any], out_w: int, err_w: int) -> None:
         if mem:
             resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
         python = launch.get("python") or sys.executable
-        if os.path.realpath(python) != os.path.realpath(sys.executable):
+        # Not realpath: a job environment's bin/python links to the same binary, yet its site differs.
+        if os.path.abspath(python) != os.path.abspath(sys.executable):
             os.execv(python, [python, "-m", "mljobs.runtime.launcher", launch["run_dir"]])
         import io
 
@@ -214,6 +216,19 @@ def supervise(launch: dict[str, Any]) -> dict[str, Any]:
         f"instance {launch['instance_id']} of job {launch['job_id']} starting "
         f"(cpus {launch.get('cpus')}, memory limit {launch.get('memory_bytes')} bytes)"
     )
+    env_lock: environment.Env | None = None
+    if launch.get("environment"):
+        try:
+            env_lock = _prepare_environment(launch, log)
+        except _Cancelled:
+            log.system("cancel requested while the environment was being prepared")
+            return _finish(launch, log, {"exit_code": -signal.SIGTERM, "cancelled": True})
+        except EnvironmentBuildError as e:
+            log.system(str(e))
+            launcher.write_envelope(Path(launch["result_file"]), {
+                "ok": False, "exc_type": "mljobs.errors.EnvironmentBuildError", "exc_message": str(e),
+                "traceback": f"mljobs.errors.EnvironmentBuildError: {e}\n", "exc_pickle": None, "exit_code": 1})
+            return _finish(launch, log, {"exit_code": 1, "cancelled": False})
     pid = os.fork()
     if pid == 0:
         os.close(out_r), os.close(err_r)
@@ -256,16 +271,46 @@ def supervise(launch: dict[str, Any]) -> dict[str, Any]:
         log.system(f"stopping {len(leftover)} process(es) the payload left running")
         kill_tree(os.getpid(), grace)
     code = os.waitstatus_to_exitcode(status) if status is not None else None
-    record = {
-        "exit_code": code,
-        "cancelled": cancelled,
-        "ended": logformat.now_iso(),
-        "has_result": (run_dir / "result.pkl").exists(),
-    }
-    log.system(f"instance {launch['instance_id']} exited with code {code}" + (" (cancelled)" if cancelled else ""))
+    if env_lock is not None:
+        env_lock.release()
+    return _finish(launch, log, {"exit_code": code, "cancelled": cancelled})
+
+
+def _finish(launch: dict[str, Any], log: _LogWriter, record: dict[str, Any]) -> dict[str, Any]:
+    run_dir = Path(launch["run_dir"])
+    record = {**record, "ended": logformat.now_iso(), "has_result": (run_dir / "result.pkl").exists()}
+    log.system(f"instance {launch['instance_id']} exited with code {record['exit_code']}"
+               + (" (cancelled)" if record["cancelled"] else ""))
     log.close()
     _write_exit(run_dir / "exit.json", record)
     return record
+
+
+class _Cancelled(BaseException):
+    pass
+
+
+def _raise_cancelled(*_: Any) -> None:
+    raise _Cancelled()
+
+
+def _prepare_environment(launch: dict[str, Any], log: _LogWriter) -> environment.Env:
+    """Build or reuse the job's environment (a cancel interrupts it); point the launch at it."""
+    spec = launch["environment"]
+    req = environment.EnvRequest(**spec["request"])
+    cache = environment.EnvCache(spec["cache_dir"], int(spec["max_bytes"]))
+    old = {sig: signal.signal(sig, _raise_cancelled) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    t0 = time.monotonic()
+    try:
+        env = cache.ensure(req, lambda text: log.feed(logformat.SYS, (text + "\n").encode()),
+                           float(spec["timeout_s"]))
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    log.system(f"environment {env.key} " + ("reused from the cache" if env.cached else "built")
+               + f" in {time.monotonic() - t0:.2f} s")
+    launch["python"] = env.python
+    return env
 
 
 def main(argv: list[str] | None = None) -> int:

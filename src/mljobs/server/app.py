@@ -45,6 +45,17 @@ class PoolAlter(BaseModel):
     max_nodes: int | None = None
 
 
+class IntegrationIn(BaseModel):
+    name: str
+    allowed_hosts: list[str]
+    replace: bool = False
+    if_not_exists: bool = False
+
+
+class PruneIn(BaseModel):
+    max_bytes: int | None = None  # None: down to the server's cap; 0: every idle environment
+
+
 class StageIn(BaseModel):
     name: str
     url: str | None = None
@@ -169,6 +180,29 @@ def create_app(cp: ControlPlane, on_shutdown: Any = None) -> FastAPI:
     def drop_pool(name: str) -> dict[str, Any]:
         cp.drop_pool(name)
         return {"ok": True}
+
+    # -- external access integrations and job environments -----------------------------------
+    @app.post(api + "/integrations")
+    def create_integration(body: IntegrationIn) -> dict[str, Any]:
+        return cp.create_integration(body.name, body.allowed_hosts, replace=body.replace,
+                                     if_not_exists=body.if_not_exists)
+
+    @app.get(api + "/integrations")
+    def list_integrations() -> list[dict[str, Any]]:
+        return cp.list_integrations()
+
+    @app.delete(api + "/integrations/{name}")
+    def drop_integration(name: str) -> dict[str, Any]:
+        cp.drop_integration(name)
+        return {"ok": True}
+
+    @app.get(api + "/environments")
+    def list_environments() -> list[dict[str, Any]]:
+        return cp.list_envs()
+
+    @app.post(api + "/environments/prune")
+    def prune_environments(body: PruneIn) -> list[dict[str, Any]]:
+        return cp.prune_envs(body.max_bytes)
 
     # -- stages -------------------------------------------------------------------------------
     @app.get(api + "/stages")

@@ -7,6 +7,7 @@ transitions keep state right even across processes.
 
 from __future__ import annotations
 
+import fnmatch
 import getpass
 import logging
 import os
@@ -14,14 +15,17 @@ import shutil
 import sys
 import threading
 from typing import IO, Any
+from urllib.parse import urlsplit
 
 import cloudpickle
 
 from mljobs import __version__
 from mljobs.config import Settings
-from mljobs.errors import InvalidArgumentError, InvalidTransitionError, NotFoundError, VersionMismatchError
+from mljobs.errors import (ConflictError, InvalidArgumentError, InvalidTransitionError, NotFoundError,
+                           VersionMismatchError)
 from mljobs.paths import HomePaths, StagePaths
 from mljobs.providers.base import InstanceExit, InstanceHandle, InstanceLaunch, Provider, UnsupportedError, get_provider_class
+from mljobs.runtime import environment as envs
 from mljobs.runtime.launcher import check_versions
 from mljobs.server.monitor import reconcile_once
 from mljobs.server.notify import Notifier
@@ -34,7 +38,9 @@ from mljobs.status import ACTIVE, JOB_STATUS, TERMINAL
 __all__ = ["ControlPlane"]
 
 log = logging.getLogger("mljobs.server")
-KNOWN_INTEGRATIONS = {"PYPI_ACCESS"}
+# Built in: the public package index (the simple API and the file host).
+PYPI_ACCESS = ("PYPI_ACCESS", ["pypi.org", "files.pythonhosted.org"])
+DEFAULT_INDEX = "https://pypi.org/simple"
 _SIGNALS = {9: "SIGKILL: out of memory, or killed", 15: "SIGTERM", 11: "SIGSEGV: crashed", 6: "SIGABRT"}
 
 
@@ -57,6 +63,7 @@ class ControlPlane:
         if self.settings.create_default_pool:
             self.create_pool(DEFAULT_POOL, instance_family="CPU_X64_XS", min_nodes=1,
                              max_nodes=max(1, len(os.sched_getaffinity(0))), if_not_exists=True)
+        self.store.create_integration(*PYPI_ACCESS, if_not_exists=True)
         self.reconcile(attach=True)
         for pool in self.store.list_pools():
             self.schedule(pool["name"])
@@ -171,6 +178,100 @@ class ControlPlane:
         Stage(row["name"], row["url"]).ensure()
         return row
 
+    # -- external access integrations and environments ---------------------------------------
+    def create_integration(self, name: str, allowed_hosts: list[str], *, replace: bool = False,
+                           if_not_exists: bool = False) -> dict[str, Any]:
+        name = check_identifier("external access integration", name)
+        if not isinstance(allowed_hosts, list) or not allowed_hosts or not all(
+                isinstance(h, str) and h.strip() and "/" not in h for h in allowed_hosts):
+            raise InvalidArgumentError(
+                f"allowed_hosts must be a non-empty list of host names or patterns like 'pypi.org' or "
+                f"'*.example.com' (no scheme or path), got {allowed_hosts!r}")
+        if name == PYPI_ACCESS[0] and not if_not_exists:
+            raise ConflictError(f"{name} is built in; create an integration with another name")
+        self.store.create_integration(name, [h.strip().lower() for h in allowed_hosts], replace=replace,
+                                      if_not_exists=if_not_exists)
+        return next(i for i in self.store.list_integrations() if i["name"] == name)
+
+    def list_integrations(self) -> list[dict[str, Any]]:
+        return self.store.list_integrations()
+
+    def drop_integration(self, name: str) -> None:
+        name = check_identifier("external access integration", name)
+        if name == PYPI_ACCESS[0]:
+            raise ConflictError(f"{name} is built in and cannot be dropped")
+        self.store.drop_integration(name)
+
+    def env_cache(self) -> envs.EnvCache:
+        return envs.EnvCache(self.home.root / "envs", self.settings.env_cache_max_bytes)
+
+    def list_envs(self) -> list[dict[str, Any]]:
+        return self.env_cache().entries()
+
+    def prune_envs(self, max_bytes: int | None = None) -> list[dict[str, Any]]:
+        """Evict idle environments, least recently used first, down to ``max_bytes`` (0: all idle)."""
+        return self.env_cache().prune(max_bytes, recent_s=0.0)
+
+    def _check_egress(self, spec: JobSpec) -> None:
+        """Unknown integrations are refused; in strict mode so are installs no integration allows."""
+        known = {i["name"]: i["allowed_hosts"] for i in self.store.list_integrations()}
+        names = [n.upper() for n in spec.external_access_integrations]
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise InvalidArgumentError(
+                f"unknown external access integration(s) {unknown}; known: {sorted(known)}. Create one with "
+                "create_external_access_integration(name, allowed_hosts=[...])")
+        if not (spec.pip_requirements and self.settings.strict_egress):
+            return
+        allowed = [h for n in names for h in known[n]]
+        hosts = _index_hosts(spec)
+        denied = [h for h in hosts if not any(fnmatch.fnmatch(h, pat) for pat in allowed)]
+        if denied:
+            hint = ("external_access_integrations=['PYPI_ACCESS']" if set(denied) <= set(PYPI_ACCESS[1]) else
+                    f"an integration that allows them: create_external_access_integration('MY_INDEX', "
+                    f"allowed_hosts={denied!r}), then external_access_integrations=['MY_INDEX']")
+            raise InvalidArgumentError(
+                f"this server requires an external access integration to install packages: pip_requirements "
+                f"{spec.pip_requirements} need host(s) {denied}, which none of the job's integrations "
+                f"{names or '(none)'} allow; add {hint}")
+
+    def _choose_interpreter(self, spec: JobSpec) -> None:
+        """Fill in ``spec.runtime_python`` from ``runtime_environment`` and the client's Python."""
+        want = (spec.runtime_environment or "").strip()
+        client_mm = ".".join(spec.client_python.split(".")[:2])
+        if want.lower() == "server":
+            python = sys.executable
+        elif want and os.sep in want:
+            if not (os.path.isfile(want) and os.access(want, os.X_OK)):
+                raise InvalidArgumentError(f"runtime_environment {want!r} is not an executable interpreter "
+                                           "on the server")
+            python = want
+        elif want:
+            found = envs.find_interpreter(want)
+            if found is None:
+                raise InvalidArgumentError(
+                    f"runtime_environment={want!r}: the server has no Python {want} (mljobs runs on 3.10 and later); it has "
+                    f"{envs.available_versions()} (or pass 'server' or an interpreter path)")
+            python = found
+        else:  # the client's major.minor when the server has it, else the server's own
+            python = (envs.find_interpreter(client_mm) if client_mm else None) or sys.executable
+        spec.runtime_python = python
+
+    def _environment_for(self, spec: JobSpec) -> dict[str, Any] | None:
+        same = os.path.realpath(spec.runtime_python or sys.executable) == os.path.realpath(sys.executable)
+        if same and not spec.pip_requirements:
+            return None
+        req = envs.EnvRequest(
+            requirements=envs.normalize_requirements(spec.pip_requirements),
+            python=spec.runtime_python or sys.executable,
+            index=envs.index_settings(spec.env_vars),
+            # another interpreter gets mljobs' runtime and the client's cloudpickle, nothing else of ours
+            runtime_packages=[] if same else [f"cloudpickle=={spec.client_cloudpickle or cloudpickle.__version__}"],
+            ship_runtime=not same,
+        )
+        return {"request": req.to_dict(), "cache_dir": str(self.home.root / "envs"),
+                "max_bytes": self.settings.env_cache_max_bytes, "timeout_s": self.settings.install_timeout_s}
+
     # -- jobs: submit -------------------------------------------------------------------------
     def _check_submission(self, spec: JobSpec) -> dict[str, Any]:
         pool = self.store.get_pool(spec.compute_pool)
@@ -186,17 +287,16 @@ class ControlPlane:
                 f"target_instances={spec.target_instances}: the {provider.name} provider does not run "
                 "multi-node jobs yet; use target_instances=1"
             )
-        if spec.pip_requirements:
-            raise UnsupportedError(
-                f"pip_requirements={spec.pip_requirements}: installing packages per job is not available "
-                "yet on this server; install them into the server's environment instead"
-            )
-        unknown = [n for n in spec.external_access_integrations if n.upper() not in KNOWN_INTEGRATIONS]
-        if unknown:
-            raise InvalidArgumentError(
-                f"unknown external access integration(s) {unknown}; known: {sorted(KNOWN_INTEGRATIONS)}")
+        if not all(isinstance(r, str) and r.strip() for r in spec.pip_requirements):
+            raise InvalidArgumentError(f"pip_requirements must be requirement strings like 'humanize==4.9.0', "
+                                       f"got {spec.pip_requirements!r}")
+        self._check_egress(spec)
+        self._choose_interpreter(spec)
         if spec.payload_kind == PayloadKind.FUNCTION:
-            problem = check_versions(spec.client_python, spec.client_cloudpickle)
+            runtime = envs.interpreter_version(spec.runtime_python)
+            same = os.path.realpath(spec.runtime_python) == os.path.realpath(sys.executable)
+            problem = check_versions(spec.client_python, spec.client_cloudpickle, runtime_python=runtime,
+                                     runtime_cloudpickle=None if same else spec.client_cloudpickle)
             if problem:
                 raise VersionMismatchError(problem)
         if not spec.entrypoint:
@@ -220,6 +320,8 @@ class ControlPlane:
                 if len(spec.entrypoint) == 1 and entry.endswith(".py") and entry not in names:
                     raise InvalidArgumentError(
                         f"entrypoint {entry!r} is not in the uploaded payload ({len(names)} files)")
+                if spec.payload_kind == PayloadKind.DIRECTORY and "requirements.txt" in names:
+                    self._add_requirements_file(spec, stage, f"{paths.app}requirements.txt")
             spec.owner = spec.owner or getpass.getuser()
             self.store.insert_job({
                 "id": job_id, "name": spec.name or job_id, "status": JOB_STATUS.PENDING.value, "message": "",
@@ -253,6 +355,16 @@ class ControlPlane:
                 f"{src_path.rstrip('/')}/{spec.entrypoint[0]}"):
             raise NotFoundError(f"entrypoint {spec.entrypoint[0]!r} does not exist in {spec.source}")
         src.copy_dir(src_path, dst, app_prefix)
+        if dst.exists(f"{app_prefix}requirements.txt"):
+            self._add_requirements_file(spec, dst, f"{app_prefix}requirements.txt")
+
+    def _add_requirements_file(self, spec: JobSpec, stage: Stage, path: str) -> None:
+        """A ``requirements.txt`` at the payload's root adds to ``pip_requirements`` (checked again)."""
+        lines = stage.get_bytes(path).decode("utf-8", "replace").splitlines()
+        reqs = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+        if reqs:
+            spec.pip_requirements = [*spec.pip_requirements, *reqs]
+            self._check_egress(spec)
 
     # -- scheduling and exits -----------------------------------------------------------------
     def schedule(self, pool_name: str) -> None:
@@ -274,6 +386,7 @@ class ControlPlane:
         provider = self.provider(pool["name"])
         family = INSTANCE_FAMILIES[pool["instance_family"]]
         stage = self.stage(job["stage_name"])
+        environment = self._environment_for(spec)
         for i, slot in enumerate(slots):
             env = {"MLJOBS_URL": self.url, "MLJOBS_JOB_ID": job["id"], "MLJOBS_INSTANCE_ID": str(i),
                    "MLJOBS_INSTANCE_COUNT": str(len(slots)), "MLJOBS_DATABASE": job["database_name"],
@@ -281,7 +394,7 @@ class ControlPlane:
             if self.settings.token:
                 env["MLJOBS_TOKEN"] = self.settings.token
             launch = InstanceLaunch(job["id"], i, len(slots), spec, family, slot, stage, env,
-                                    self.settings.grace_period_s)
+                                    self.settings.grace_period_s, environment)
             try:
                 handle = provider.start(launch)
             except Exception as e:  # noqa: BLE001
@@ -425,3 +538,25 @@ class ControlPlane:
         shutil.rmtree(self.home.job_work(job["id"]), ignore_errors=True)
         self.store.delete_job(job["id"])
         self.notifier.notify(job["id"])
+
+
+def _index_hosts(spec: JobSpec) -> list[str]:
+    """The hosts an install for ``spec`` would reach: its indexes and any direct-URL requirements."""
+    env = spec.env_vars
+    urls = [env.get("UV_DEFAULT_INDEX") or env.get("UV_INDEX_URL") or env.get("PIP_INDEX_URL") or DEFAULT_INDEX]
+    for var in ("PIP_EXTRA_INDEX_URL", "UV_EXTRA_INDEX_URL", "UV_INDEX", "PIP_FIND_LINKS", "UV_FIND_LINKS"):
+        urls += env.get(var, "").split()
+    for req in spec.pip_requirements:
+        r = req.strip()
+        if r.startswith(("--index-url", "-i ", "--extra-index-url", "--find-links", "-f ")):
+            urls.append(r.split(None, 1)[-1].lstrip("=").strip())
+        elif "@" in r and "://" in r:
+            urls.append(r.split("@", 1)[1].strip())
+    hosts = []
+    for u in urls:
+        host = urlsplit(u if "://" in u else f"https://{u}").hostname
+        if host and host not in hosts:
+            hosts.append(host)
+        if host == "pypi.org" and "files.pythonhosted.org" not in hosts:
+            hosts.append("files.pythonhosted.org")  # where pypi.org's files live
+    return hosts

@@ -18,7 +18,7 @@ from alembic.config import Config
 from sqlalchemy.engine import Engine
 
 from mljobs.errors import ConflictError, InvalidTransitionError, NotFoundError
-from mljobs.server.tables import instances, jobs, pools, stages
+from mljobs.server.tables import instances, integrations, jobs, pools, stages
 from mljobs.spec import PoolSpec
 from mljobs.status import ACTIVE, JOB_STATUS, TERMINAL, can_transition
 
@@ -159,6 +159,33 @@ class Store:
             return [_row(r) for r in c.execute(sa.select(stages).order_by(stages.c.name))]
 
     # -- jobs ---------------------------------------------------------------------------------
+    # -- external access integrations ---------------------------------------------------------
+    def create_integration(self, name: str, allowed_hosts: list[str], *, replace: bool = False,
+                           if_not_exists: bool = False) -> bool:
+        """True if it was created (or replaced); False if it existed and ``if_not_exists``."""
+        with self.engine.begin() as c:
+            exists = c.execute(sa.select(integrations.c.name).where(integrations.c.name == name)).first()
+            if exists and if_not_exists:
+                return False
+            if exists and not replace:
+                raise ConflictError(f"external access integration {name} already exists; pass replace=True "
+                                    "to change its hosts or drop it first")
+            if exists:
+                c.execute(integrations.update().where(integrations.c.name == name).values(allowed_hosts=allowed_hosts))
+            else:
+                c.execute(integrations.insert().values(name=name, allowed_hosts=allowed_hosts, created_time=utcnow()))
+        return True
+
+    def list_integrations(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as c:
+            return [_row(r) for r in c.execute(sa.select(integrations).order_by(integrations.c.name))]
+
+    def drop_integration(self, name: str) -> None:
+        with self.engine.begin() as c:
+            if c.execute(integrations.delete().where(integrations.c.name == name)).rowcount == 0:
+                raise NotFoundError(f"external access integration {name} does not exist; "
+                                    "`mljobs integration list` shows them")
+
     def insert_job(self, row: dict[str, Any]) -> None:
         with self.engine.begin() as c:
             c.execute(jobs.insert().values(**row))

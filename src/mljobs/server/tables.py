@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-__all__ = ["metadata", "pools", "jobs", "instances", "stages"]
+__all__ = ["metadata", "pools", "jobs", "instances", "stages", "integrations"]
 
 metadata = sa.MetaData()
 
@@ -57,5 +57,12 @@ stages = sa.Table(
     "stages", metadata,
     sa.Column("name", sa.String(255), primary_key=True),
     sa.Column("url", sa.Text, nullable=False),
+    sa.Column("created_time", sa.DateTime(timezone=True), nullable=False),
+)
+
+integrations = sa.Table(  # external access integrations: named egress policies
+    "integrations", metadata,
+    sa.Column("name", sa.String(255), primary_key=True),
+    sa.Column("allowed_hosts", sa.JSON, nullable=False),
     sa.Column("created_time", sa.DateTime(timezone=True), nullable=False),
 )

@@ -1,0 +1,441 @@
+"""Job environments: uv virtual environments layered on the server's, cached and shared.
+
+A job that asks for ``pip_requirements`` (or for another interpreter than the server's) runs in
+a virtual environment built by uv. The environment sees the server's own packages (its
+site-packages are added after the environment's own, so a job's pins win) and adds the
+requested ones. Environments are cached under ``$MLJOBS_HOME/envs/<key>``, the key hashing the
+normalized requirements, the interpreter and the index settings, so a repeated job starts
+without any install.
+
+Concurrency: building takes an exclusive ``flock`` on the key's lock file, so two jobs that need
+the same new environment build it once; the build happens in a temporary folder that is renamed
+into place when complete, so nobody sees a half-built one. A job holds a shared lock while it
+runs, so pruning (least recently used first, down to a size cap) never removes an environment
+in use.
+
+Runs inside the supervisor: standard library and uv's binary only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import glob
+import hashlib
+import json
+import os
+import re
+import selectors
+import shutil
+import signal
+import site
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from mljobs.errors import EnvironmentBuildError
+
+__all__ = [
+    "EnvRequest", "EnvCache", "EnvironmentBuildError", "normalize_requirements", "find_interpreter",
+    "interpreter_version", "available_versions", "index_settings", "INDEX_VARS", "uv_binary",
+]
+
+MIN_PYTHON = (3, 10)
+META = ".mljobs-env.json"
+LAST_USED = ".mljobs-last-used"
+# Variables that pick the package index; they are part of an environment's identity.
+INDEX_VARS = ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "UV_INDEX_URL", "UV_EXTRA_INDEX_URL",
+              "UV_INDEX", "UV_DEFAULT_INDEX", "UV_FIND_LINKS")
+_NAME_RE = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
+
+
+def uv_binary() -> str:
+    """uv's binary, from the ``uv`` package mljobs depends on (else the one on PATH)."""
+    try:
+        from uv import find_uv_bin  # the package is only a locator for its binary
+
+        return find_uv_bin()
+    except (ImportError, FileNotFoundError):
+        found = shutil.which("uv")
+        if not found:
+            raise EnvironmentBuildError("uv is not installed on the server: pip install uv") from None
+        return found
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def normalize_requirements(lines: Iterable[str]) -> list[str]:
+    """Requirement lines without comments or blanks, names canonicalized, sorted, deduplicated.
+
+    Option lines (``--index-url ...``) keep their place at the front, in their order.
+    """
+    reqs: set[str] = set()
+    options: list[str] = []
+    for raw in lines:
+        line = raw.split(" #", 1)[0].strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("-"):
+            if line not in options:
+                options.append(line)
+            continue
+        m = _NAME_RE.match(line)
+        if m and "://" not in line.split("@", 1)[0]:
+            rest = line[m.end():].replace(" ", "") if "@" not in line else line[m.end():].strip()
+            line = _canonical(m.group(1)) + rest
+        reqs.add(line)
+    return options + sorted(reqs)
+
+
+def requirement_names(requirements: Iterable[str]) -> list[str]:
+    out = []
+    for r in requirements:
+        m = _NAME_RE.match(r)
+        if m and not r.startswith("-"):
+            out.append(_canonical(m.group(1)))
+    return out
+
+
+def index_settings(env_vars: dict[str, str]) -> dict[str, str]:
+    """The index-related variables of a job's ``env_vars`` (what the install must honour)."""
+    return {k: v for k, v in env_vars.items() if k in INDEX_VARS or k.startswith("UV_")}
+
+
+# -- interpreters -------------------------------------------------------------------------------
+def _search_dirs() -> list[str]:
+    dirs = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d and "shims" not in Path(d).parts]
+    pyenv = os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv")
+    dirs += sorted(glob.glob(os.path.join(pyenv, "versions", "*", "bin")), reverse=True)
+    uv_pythons = os.environ.get("UV_PYTHON_INSTALL_DIR") or os.path.expanduser("~/.local/share/uv/python")
+    dirs += sorted(glob.glob(os.path.join(uv_pythons, "*", "bin")), reverse=True)
+    return dirs
+
+
+_VERSIONS: dict[str, str] = {}
+
+
+def interpreter_version(python: str) -> str:
+    """The full version (``"3.10.13"``) of an interpreter, asked once and remembered."""
+    if python not in _VERSIONS:
+        if os.path.realpath(python) == os.path.realpath(sys.executable):
+            _VERSIONS[python] = "%d.%d.%d" % sys.version_info[:3]
+        else:
+            out = subprocess.run([python, "-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"],
+                                 capture_output=True, text=True, timeout=30)
+            if out.returncode != 0:
+                raise OSError(f"{python} does not run: {out.stderr.strip()[-300:]}")
+            _VERSIONS[python] = out.stdout.strip()
+    return _VERSIONS[python]
+
+
+def find_interpreter(version: str) -> str | None:
+    """A CPython ``major.minor`` on this machine: PATH (not pyenv shims), pyenv, uv-managed.
+
+    Only versions mljobs' runtime supports (3.10 and later) count.
+    """
+    if version == "%d.%d" % sys.version_info[:2]:
+        return sys.executable
+    try:
+        if tuple(int(x) for x in version.split(".")) < MIN_PYTHON:
+            return None
+    except ValueError:
+        return None
+    for d in _search_dirs():
+        candidate = os.path.join(d, f"python{version}")
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            try:
+                if interpreter_version(candidate).startswith(version + "."):
+                    return candidate
+            except (OSError, subprocess.SubprocessError):
+                continue
+    return None
+
+
+def available_versions() -> list[str]:
+    found = set()
+    for d in _search_dirs():
+        for p in glob.glob(os.path.join(d, "python3.*")):
+            m = re.fullmatch(r"python(3\.\d+)", os.path.basename(p))
+            if m and tuple(int(x) for x in m.group(1).split(".")) >= MIN_PYTHON:
+                found.add(m.group(1))
+    found.add("%d.%d" % sys.version_info[:2])
+    return sorted(found, key=lambda v: tuple(map(int, v.split("."))))
+
+
+# -- requests and the cache ---------------------------------------------------------------------
+@dataclasses.dataclass
+class EnvRequest:
+    """What a job's environment must hold; its :meth:`key` names the cached environment."""
+
+    requirements: list[str]
+    python: str = sys.executable
+    index: dict[str, str] = dataclasses.field(default_factory=dict)
+    runtime_packages: list[str] = dataclasses.field(default_factory=list)  # e.g. cloudpickle==3.1.1
+    ship_runtime: bool = False  # copy mljobs itself in (another interpreter than the server's)
+
+    @property
+    def same_interpreter(self) -> bool:
+        return os.path.realpath(self.python) == os.path.realpath(sys.executable)
+
+    def key(self) -> str:
+        ident = {
+            "requirements": self.requirements, "runtime": self.runtime_packages, "index": sorted(self.index.items()),
+            "python": os.path.realpath(self.python), "version": interpreter_version(self.python),
+            "base": sys.prefix if self.same_interpreter else None,
+            "mljobs": _mljobs_fingerprint() if self.ship_runtime else None,
+        }
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _mljobs_fingerprint() -> str:
+    import mljobs
+
+    pkg = Path(mljobs.__file__).parent
+    h = hashlib.sha256(getattr(mljobs, "__version__", "").encode())
+    for f in sorted(pkg.rglob("*.py")):
+        st = f.stat()
+        h.update(f"{f.relative_to(pkg)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def _dir_size(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+@dataclasses.dataclass
+class Env:
+    key: str
+    path: Path
+    python: str
+    cached: bool
+    seconds: float
+    lock_fd: int  # a shared flock held while the job runs; closing it releases
+
+    def release(self) -> None:
+        try:
+            os.close(self.lock_fd)
+        except OSError:
+            pass
+
+
+class EnvCache:
+    def __init__(self, root: os.PathLike[str] | str, max_bytes: int = 10 << 30) -> None:
+        self.root = Path(root)
+        self.max_bytes = max_bytes
+        self.locks = self.root / ".locks"
+
+    def _lock(self, key: str) -> int:
+        self.locks.mkdir(parents=True, exist_ok=True)
+        return os.open(self.locks / f"{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+    def ensure(self, req: EnvRequest, log: Callable[[str], None], timeout_s: float = 900.0) -> Env:
+        """The environment for ``req``, built now if not cached; the caller must ``release()`` it."""
+        t0 = time.monotonic()
+        key = req.key()
+        final = self.root / key
+        fd = self._lock(key)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # users share; a builder or a pruner excludes
+            cached = (final / META).is_file()
+            if not cached:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                cached = (final / META).is_file()  # another job built it while we waited
+                if not cached:
+                    self._build(req, key, final, log, timeout_s)
+                (final / LAST_USED).touch()
+                fcntl.flock(fd, fcntl.LOCK_SH)
+            else:
+                (final / LAST_USED).touch()
+        except BaseException:
+            os.close(fd)
+            raise
+        env = Env(key, final, str(final / "bin" / "python"), cached, time.monotonic() - t0, fd)
+        if not cached:
+            self.prune(keep={key})
+        return env
+
+    # -- building ---------------------------------------------------------------------------
+    def _build(self, req: EnvRequest, key: str, final: Path, log: Callable[[str], None], timeout_s: float) -> None:
+        tmp = self.root / f".build-{key}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        uv = uv_binary()
+        env = dict(os.environ, **req.index, UV_NO_PROGRESS="1", NO_COLOR="1")
+        for pip_var, uv_var in (("PIP_INDEX_URL", "UV_INDEX_URL"), ("PIP_EXTRA_INDEX_URL", "UV_EXTRA_INDEX_URL"),
+                                ("PIP_FIND_LINKS", "UV_FIND_LINKS")):
+            if pip_var in req.index and uv_var not in req.index:
+                env[uv_var] = req.index[pip_var]
+        env.pop("VIRTUAL_ENV", None)
+        deadline = time.monotonic() + timeout_s
+        try:
+            log(f"building environment {key} with Python {interpreter_version(req.python)}: "
+                f"{' '.join(req.requirements) or '(no requirements)'}")
+            venv = [uv, "venv", "--quiet", "--relocatable", "--python", req.python, str(tmp)]
+            if req.same_interpreter:
+                venv.insert(2, "--system-site-packages")
+            self._run(venv, env, log, deadline, "create the virtual environment")
+            site_dir = self._site_packages(tmp)
+            if req.same_interpreter:
+                # The server's own site-packages come after the environment's: pins win, the rest is shared.
+                dirs = [d for d in site.getsitepackages() if os.path.isdir(d)]
+                (site_dir / "_mljobs_base.pth").write_text(
+                    "import site; " + "; ".join(f"site.addsitedir({d!r})" for d in dirs) + "\n")
+            if req.ship_runtime:
+                import mljobs
+
+                shutil.copytree(Path(mljobs.__file__).parent, site_dir / "mljobs",
+                                ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            reqs = [*req.runtime_packages, *req.requirements]
+            if reqs:
+                req_file = tmp / "mljobs-requirements.txt"
+                req_file.write_text("\n".join(reqs) + "\n")
+                self._run([uv, "pip", "install", "--python", str(tmp / "bin" / "python"), "-r", str(req_file)],
+                          env, log, deadline, "install", req.requirements)
+            meta = {"key": key, "requirements": req.requirements, "runtime_packages": req.runtime_packages,
+                    "python": req.python, "python_version": interpreter_version(req.python),
+                    "index": req.index, "created": time.time(), "size_bytes": _dir_size(tmp)}
+            (tmp / META).write_text(json.dumps(meta))
+            shutil.rmtree(final, ignore_errors=True)  # a stale half-removed leftover
+            os.rename(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    @staticmethod
+    def _site_packages(venv: Path) -> Path:
+        found = glob.glob(str(venv / "lib" / "python3*" / "site-packages"))
+        if not found:
+            raise EnvironmentBuildError(f"uv made {venv} without a site-packages folder")
+        return Path(found[0])
+
+    @staticmethod
+    def _run(cmd: list[str], env: dict[str, str], log: Callable[[str], None], deadline: float, what: str,
+             requirements: list[str] | None = None) -> None:
+        """Run uv in its own process group, streaming its output to ``log``; kill it on any exit."""
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        assert proc.stdout is not None
+        out: list[str] = []
+        try:
+            os.set_blocking(proc.stdout.fileno(), False)
+            with selectors.DefaultSelector() as sel:
+                sel.register(proc.stdout, selectors.EVENT_READ)
+                buf = b""
+                while True:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise EnvironmentBuildError(
+                            f"{what} timed out: pip requirements {requirements} were still installing when the "
+                            "install time limit passed (server setting install_timeout_s)")
+                    if not sel.select(min(left, 1.0)):
+                        continue
+                    chunk = proc.stdout.read()
+                    if chunk is None:
+                        continue
+                    if not chunk:
+                        break
+                    buf += chunk
+                    *lines, buf = buf.split(b"\n")
+                    for ln in lines:
+                        text = ln.decode("utf-8", "replace").rstrip()
+                        out.append(text)
+                        log(text)
+                if buf:
+                    out.append(buf.decode("utf-8", "replace"))
+                    log(out[-1])
+            code = proc.wait()
+        finally:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
+        if code != 0:
+            raise EnvironmentBuildError(_explain(what, requirements, out))
+
+    # -- listing and pruning ----------------------------------------------------------------
+    def entries(self) -> list[dict[str, Any]]:
+        out = []
+        if not self.root.is_dir():
+            return out
+        for d in self.root.iterdir():
+            meta_file = d / META
+            if d.name.startswith(".") or not meta_file.is_file():
+                continue
+            try:
+                meta = json.loads(meta_file.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            try:
+                last_used = (d / LAST_USED).stat().st_mtime
+            except OSError:
+                last_used = meta.get("created", 0.0)
+            out.append({**meta, "path": str(d), "last_used": last_used, "in_use": self._in_use(meta["key"])})
+        return sorted(out, key=lambda e: e["last_used"], reverse=True)
+
+    def _in_use(self, key: str) -> bool:
+        fd = self._lock(key)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+    def prune(self, max_bytes: int | None = None, *, keep: set[str] | None = None,
+              recent_s: float = 60.0) -> list[dict[str, Any]]:
+        """Remove least recently used environments not in use until the cache fits ``max_bytes``
+        (default: the cache's cap; 0 removes every idle one). Returns what it removed."""
+        cap = self.max_bytes if max_bytes is None else max_bytes
+        entries = self.entries()
+        total = sum(e["size_bytes"] for e in entries)
+        removed = []
+        for e in reversed(entries):  # least recently used first
+            if total <= cap:
+                break
+            if keep and e["key"] in keep or time.time() - e["last_used"] < recent_s:
+                continue  # just built or just chosen: its user may not hold its lock yet
+            fd = self._lock(e["key"])
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue  # a job is using it
+            try:
+                trash = self.root / f".trash-{e['key']}-{os.getpid()}"
+                os.rename(e["path"], trash)  # gone from the cache at once, then deleted
+                shutil.rmtree(trash, ignore_errors=True)
+                total -= e["size_bytes"]
+                removed.append(e)
+            finally:
+                os.close(fd)
+        return removed
+
+
+def _explain(what: str, requirements: list[str] | None, output: list[str]) -> str:
+    """The resolver's reason, first, naming the requirement(s) it is about."""
+    cleaned = [re.sub(r"^(error|cause|hint):\s*", "", re.sub(r"^[\s×╰─▶│|>]+", "", ln).strip()) for ln in output]
+    reason_lines = [ln for ln in cleaned if ln and not ln.lower().startswith(("using ", "resolved ", "prepared "))]
+    reason = ": ".join(reason_lines[-6:]) or "uv failed without saying why"
+    if requirements is None:
+        return f"could not {what}: {reason}"
+    text = " ".join(cleaned).lower()
+    named = [r for r in requirements if not r.startswith("-") and
+             any(n in text for n in requirement_names([r]))] or requirements
+    return f"could not install pip requirement(s) {', '.join(named)}: {reason}"
