@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -24,6 +23,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _netns import run_ray_half  # noqa: E402 - the benchmarks' shared Ray-in-a-namespace runner
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -111,38 +112,8 @@ def ray_inner(runs: int) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def kill_netns_processes(ns: str) -> None:
-    """SIGKILL every process inside network namespace ``ns`` (never `pkill -f ray`: that matches
-    anything with "ray" in its command line, far outside the namespace)."""
-    out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
-    for pid in out.split():
-        try:
-            os.kill(int(pid), signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
-            pass
-
-
 def bench_ray(runs: int) -> dict[str, float] | str:
-    if not shutil.which("ip") or os.geteuid() != 0:
-        return "skipped: needs root and iproute2 for a network namespace"
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        return "skipped: ray is not installed (pip install -e '.[bench]')"
-    ns = f"mljobs-bench-{os.getpid()}"
-    # Cleanup must run even when this script is stopped from outside (SIGTERM, Ctrl-C).
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    try:
-        subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"], check=True)
-        out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, __file__, "--ray-inner", "--runs", str(runs)],
-                             capture_output=True, text=True, timeout=900)
-        if out.returncode != 0:
-            return f"failed: {out.stderr[-800:]}"
-        return json.loads(out.stdout.strip().splitlines()[-1])
-    finally:
-        kill_netns_processes(ns)
-        subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
+    return run_ray_half(__file__, ["--runs", str(runs)])
 
 
 def main() -> None:

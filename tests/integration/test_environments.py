@@ -8,6 +8,7 @@ tabulate); six is in the base at another version, to show the job's pin wins.
 from __future__ import annotations
 
 import http.server
+import os
 import shutil
 import subprocess
 import sys
@@ -65,6 +66,9 @@ def test_install_then_cache_hit_with_pin_over_base_and_env_vars(lite):
         return six.__version__
 
     assert plain().result(timeout=60) == six.__version__  # jobs without requirements keep the base
+    cli = subprocess.run([sys.executable, "-m", "mljobs", "env", "list"], capture_output=True, text=True,
+                         env={**os.environ, "MLJOBS_URL": lite.url}, timeout=60)
+    assert cli.returncode == 0 and envs.iloc[0]["key"] in cli.stdout and "humanize==4.9.0" in cli.stdout
     assert mljobs.prune_environments(0, session=lite) == [envs.iloc[0]["key"]]
     assert mljobs.list_environments(session=lite).empty
 

@@ -286,12 +286,14 @@ class EnvCache:
             log(f"building environment {key} with Python {interpreter_version(req.python)}: "
                 f"{' '.join(req.requirements) or '(no requirements)'}")
             venv = [uv, "venv", "--quiet", "--relocatable", "--python", req.python, str(tmp)]
-            if req.same_interpreter:
-                venv.insert(2, "--system-site-packages")
+            server_in_venv = sys.prefix != sys.base_prefix
+            if req.same_interpreter and not server_in_venv:
+                venv.insert(2, "--system-site-packages")  # the server's packages are the interpreter's
             self._run(venv, env, log, deadline, "create the virtual environment")
             site_dir = self._site_packages(tmp)
-            if req.same_interpreter:
-                # The server's own site-packages come after the environment's: pins win, the rest is shared.
+            if req.same_interpreter and server_in_venv:
+                # The server runs in a venv: see exactly what it sees (its site-packages, and the
+                # interpreter's only if its venv does), after the environment's own, so pins win.
                 dirs = [d for d in site.getsitepackages() if os.path.isdir(d)]
                 (site_dir / "_mljobs_base.pth").write_text(
                     "import site; " + "; ".join(f"site.addsitedir({d!r})" for d in dirs) + "\n")

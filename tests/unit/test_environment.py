@@ -1,0 +1,77 @@
+"""Environment cache logic without installs: keys, LRU eviction, in-use protection, messages."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+
+from mljobs.runtime.environment import LAST_USED, META, EnvCache, EnvRequest, _explain, normalize_requirements
+from mljobs.server.service import _index_hosts
+from mljobs.spec import JobSpec, PayloadKind
+
+
+def test_normalized_requirements_ignore_order_case_comments_and_spaces():
+    a = normalize_requirements(["Six == 1.16.0", "# comment", "", "humanize==4.9.0  # why", "six==1.16.0"])
+    b = normalize_requirements(["humanize==4.9.0", "six==1.16.0"])
+    assert a == b == ["humanize==4.9.0", "six==1.16.0"]
+    assert normalize_requirements(["--index-url https://x/simple", "Foo_Bar>=1"]) == [
+        "--index-url https://x/simple", "foo-bar>=1"]
+    assert EnvRequest(a).key() == EnvRequest(b).key()
+    assert EnvRequest(a).key() != EnvRequest(a, index={"PIP_INDEX_URL": "https://x/simple"}).key()
+    assert EnvRequest(a).key() != EnvRequest(["humanize==4.9.1", "six==1.16.0"]).key()
+
+
+def _fake_env(cache: EnvCache, key: str, size: int, age_s: float) -> None:
+    d = cache.root / key
+    d.mkdir(parents=True)
+    (d / META).write_text(json.dumps({"key": key, "requirements": [key], "python": "p", "python_version": "3.11.7",
+                                      "index": {}, "created": 0, "size_bytes": size}))
+    (d / LAST_USED).touch()
+    t = time.time() - age_s
+    os.utime(d / LAST_USED, (t, t))
+
+
+def test_prune_evicts_least_recently_used_first_and_never_one_in_use(tmp_path):
+    cache = EnvCache(tmp_path, max_bytes=250)
+    for key, age in (("old", 300), ("older", 400), ("oldest", 500), ("new", 100)):
+        _fake_env(cache, key, 100, age)
+    fd = cache._lock("oldest")
+    fcntl.flock(fd, fcntl.LOCK_SH)  # a running job uses the oldest one
+    try:
+        assert [e["key"] for e in cache.entries()] == ["new", "old", "older", "oldest"]
+        assert {e["key"]: e["in_use"] for e in cache.entries()}["oldest"] is True
+        removed = [e["key"] for e in cache.prune()]
+        assert removed == ["older", "old"]  # oldest is in use; 400 -> 200 bytes fits the cap of 250
+        assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["new", "oldest"]
+    finally:
+        os.close(fd)
+    assert [e["key"] for e in cache.prune(0, recent_s=0)] == ["oldest", "new"]
+
+
+def test_prune_spares_environments_just_used(tmp_path):
+    cache = EnvCache(tmp_path, max_bytes=0)
+    _fake_env(cache, "fresh", 100, 1)
+    assert cache.prune() == []  # its job may not hold the lock yet
+
+
+def test_failure_message_names_the_requirement_first():
+    out = ["  × No solution found when resolving dependencies:",
+           "  ╰─▶ Because nosuch was not found in the package registry and you require nosuch==1.0, "
+           "we can conclude that your requirements are unsatisfiable."]
+    msg = _explain("install", ["humanize==4.9.0", "nosuch==1.0"], out)
+    assert msg.startswith("could not install pip requirement(s) nosuch==1.0: No solution found")
+    assert "not found in the package registry" in msg
+
+
+def test_index_hosts_of_a_job():
+    def hosts(reqs, env=None):
+        return _index_hosts(JobSpec("P", "s", PayloadKind.FILE, entrypoint=["a.py"], pip_requirements=reqs,
+                                    env_vars=env or {}))
+
+    assert hosts(["x"]) == ["pypi.org", "files.pythonhosted.org"]
+    assert hosts(["x"], {"PIP_INDEX_URL": "https://pypi.corp.example/simple",
+                         "PIP_EXTRA_INDEX_URL": "https://a.example/s https://b.example/s"}) == [
+        "pypi.corp.example", "a.example", "b.example"]
+    assert hosts(["pkg @ https://git.example/pkg.whl"]) == ["pypi.org", "files.pythonhosted.org", "git.example"]
