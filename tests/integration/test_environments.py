@@ -2,7 +2,7 @@
 and interpreter matching for a client on another Python.
 
 Packages are small, pure Python, pinned, and absent from the base environment (humanize,
-tabulate); six is in the base at another version, to show the job's pin wins.
+tabulate); idna (an httpx dependency) is in the base at another version, to show the job's pin wins.
 """
 
 from __future__ import annotations
@@ -35,37 +35,37 @@ def _versions_job(session, **kw):
         import os
 
         import humanize
-        import six
+        import idna
 
         print("humanize", humanize.__version__)
-        return humanize.__version__, six.__version__, os.environ.get("GREETING"), humanize.intcomma(1234567)
+        return humanize.__version__, idna.__version__, os.environ.get("GREETING"), humanize.intcomma(1234567)
 
     return versions()
 
 
 def test_install_then_cache_hit_with_pin_over_base_and_env_vars(lite):
-    import six
+    import idna
 
-    assert six.__version__ != "1.16.0"  # the base has another six: the job's pin must win inside the job
-    reqs = ["humanize==4.9.0", "six==1.16.0"]
+    pin = "3.6" if idna.__version__ != "3.6" else "3.7"  # the base has another idna: the job's pin must win
+    reqs = ["humanize==4.9.0", f"idna=={pin}"]
     first = _versions_job(lite, pip_requirements=reqs, env_vars={"GREETING": "hi"})
-    assert first.result(timeout=240) == ("4.9.0", "1.16.0", "hi", "1,234,567")
+    assert first.result(timeout=240) == ("4.9.0", pin, "hi", "1,234,567")
     verbose = first.get_logs(verbose=True)
     assert "built in" in verbose and "humanize==4.9.0" in verbose  # uv's output is in the verbose log
     assert first.get_logs() == "humanize 4.9.0"  # ...and not in the payload's own log
-    second = _versions_job(lite, pip_requirements=["six==1.16.0", "Humanize==4.9.0"], env_vars={"GREETING": "again"})
-    assert second.result(timeout=60) == ("4.9.0", "1.16.0", "again", "1,234,567")
+    second = _versions_job(lite, pip_requirements=[f"IDNA=={pin}", "Humanize==4.9.0"], env_vars={"GREETING": "again"})
+    assert second.result(timeout=60) == ("4.9.0", pin, "again", "1,234,567")
     assert "reused from the cache" in second.get_logs(verbose=True)  # same set, other order and case
     envs = mljobs.list_environments(session=lite)
-    assert len(envs) == 1 and envs.iloc[0]["requirements"] == ["humanize==4.9.0", "six==1.16.0"]
+    assert len(envs) == 1 and envs.iloc[0]["requirements"] == ["humanize==4.9.0", f"idna=={pin}"]
 
     @mljobs.remote("DEFAULT_POOL", stage_name="envs", session=lite)
     def plain():
-        import six
+        import idna
 
-        return six.__version__
+        return idna.__version__
 
-    assert plain().result(timeout=60) == six.__version__  # jobs without requirements keep the base
+    assert plain().result(timeout=60) == idna.__version__  # jobs without requirements keep the base
     cli = subprocess.run([sys.executable, "-m", "mljobs", "env", "list"], capture_output=True, text=True,
                          env={**os.environ, "MLJOBS_URL": lite.url}, timeout=60)
     assert cli.returncode == 0 and envs.iloc[0]["key"] in cli.stdout and "humanize==4.9.0" in cli.stdout

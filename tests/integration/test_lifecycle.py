@@ -192,3 +192,18 @@ def test_supervisors_come_from_a_warm_spawner_that_is_replaced_when_killed(sqlit
     again = _sleeper(s, pool="DEFAULT_POOL", seconds=0.1)
     assert again.result(timeout=60) == 0.1  # the provider starts a fresh spawner
     assert len([p for p in named("mljobs-spawner") if p.status() != psutil.STATUS_ZOMBIE]) == 1
+
+
+def test_memory_is_limited_by_the_instance_family(lite):
+    @mljobs.remote("DEFAULT_POOL", stage_name="payload_stage", session=lite)  # CPU_X64_XS: 2 GiB per node
+    def hog():
+        import os
+
+        block = bytearray(3 * 2**30)  # more than the family allows
+        return len(block), os.getpid()
+
+    job = hog()
+    assert job.wait(timeout=60) == JOB_STATUS.FAILED
+    assert job.message.startswith("MemoryError: the payload needed more than the 2 GiB per node of pool DEFAULT_POOL")
+    with pytest.raises(MemoryError):
+        job.result()

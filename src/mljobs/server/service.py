@@ -446,7 +446,10 @@ class ControlPlane:
             new, msg = JOB_STATUS.DONE, ""
         elif exit_.error is not None:
             new = JOB_STATUS.FAILED
-            msg = f"{exit_.error['exc_type']}: {exit_.error['exc_message']} ({logs_hint})"
+            exc_type = exit_.error["exc_type"].removeprefix("builtins.")
+            msg = f"{exc_type}: {exit_.error['exc_message']} ({logs_hint})"
+            if exc_type == "MemoryError":
+                msg = f"MemoryError: {self._memory_hint(job)} ({logs_hint})"
         else:
             code = exit_.exit_code
             why = f" (killed by signal {-code}: {_SIGNALS.get(-code, '')})" if code is not None and code < 0 else ""
@@ -459,6 +462,14 @@ class ControlPlane:
         except InvalidTransitionError:
             pass  # already finished by another path
         self.notifier.notify(job_id)
+
+    def _memory_hint(self, job: dict[str, Any]) -> str:
+        try:
+            fam = INSTANCE_FAMILIES[self.store.get_pool(job["compute_pool"])["instance_family"]]
+        except (NotFoundError, KeyError):
+            return "the payload ran out of memory"
+        return (f"the payload needed more than the {fam.memory_bytes / 2**30:g} GiB per node of pool "
+                f"{job['compute_pool']} ({fam.name}); use a pool of a larger family, e.g. a HIGHMEM_* one")
 
     # -- jobs: queries and control ------------------------------------------------------------
     def resolve(self, ref: str) -> dict[str, Any]:
