@@ -106,10 +106,6 @@ def ray_inner(runs: int) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def bench_ray(runs: int) -> dict[str, float] | str:
-    return run_ray_half(__file__, ["--runs", str(runs)])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=10)
@@ -124,7 +120,7 @@ def main() -> None:
           f"first time (new venv) median {m['first_ms']:.0f} ms; cached median {m['cached_ms']:.0f} ms; "
           f"no requirements median {m['none_ms']:.0f} ms (cached adds {m['cached_ms'] - m['none_ms']:.0f} ms)")
     if a.ray:
-        r = bench_ray(a.runs)
+        r = run_ray_half(__file__, ["--runs", str(a.runs)])
         if isinstance(r, str):
             print(f"Ray runtime_env pip: {r}")
         else:

@@ -112,10 +112,6 @@ def ray_inner(runs: int) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def bench_ray(runs: int) -> dict[str, float] | str:
-    return run_ray_half(__file__, ["--runs", str(runs)])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=50)
@@ -133,7 +129,7 @@ def main() -> None:
           f"({m['median_ms'] / (bare * 1e3):.1f}x the bare start)")
     print(f"mljobs throughput: {m['jobs_per_s']:.1f} jobs/s ({m['done']}/{m['jobs']} DONE, pool max_nodes 2)")
     if a.ray:
-        r = bench_ray(a.runs)
+        r = run_ray_half(__file__, ["--runs", str(a.runs)])
         if isinstance(r, str):
             print(f"Ray Jobs: {r}")
         else:

@@ -40,7 +40,7 @@ from mljobs.errors import EnvironmentBuildError
 
 __all__ = [
     "EnvRequest", "EnvCache", "EnvironmentBuildError", "normalize_requirements", "find_interpreter",
-    "interpreter_version", "available_versions", "index_settings", "INDEX_VARS", "uv_binary",
+    "interpreter_version", "is_server_python", "available_versions", "index_settings", "INDEX_VARS", "uv_binary",
 ]
 
 MIN_PYTHON = (3, 10)
@@ -116,13 +116,18 @@ def _search_dirs() -> list[str]:
     return dirs
 
 
+def is_server_python(python: str) -> bool:
+    """Whether ``python`` is this process's own interpreter binary (a venv's link to it counts)."""
+    return os.path.realpath(python) == os.path.realpath(sys.executable)
+
+
 _VERSIONS: dict[str, str] = {}
 
 
 def interpreter_version(python: str) -> str:
     """The full version (``"3.10.13"``) of an interpreter, asked once and remembered."""
     if python not in _VERSIONS:
-        if os.path.realpath(python) == os.path.realpath(sys.executable):
+        if is_server_python(python):
             _VERSIONS[python] = "%d.%d.%d" % sys.version_info[:3]
         else:
             out = subprocess.run([python, "-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"],
@@ -180,7 +185,7 @@ class EnvRequest:
 
     @property
     def same_interpreter(self) -> bool:
-        return os.path.realpath(self.python) == os.path.realpath(sys.executable)
+        return is_server_python(self.python)
 
     def key(self) -> str:
         ident = {
@@ -258,10 +263,8 @@ class EnvCache:
                 cached = (final / META).is_file()  # another job built it while we waited
                 if not cached:
                     self._build(req, key, final, log, timeout_s)
-                (final / LAST_USED).touch()
                 fcntl.flock(fd, fcntl.LOCK_SH)
-            else:
-                (final / LAST_USED).touch()
+            (final / LAST_USED).touch()
         except BaseException:
             os.close(fd)
             raise

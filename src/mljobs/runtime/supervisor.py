@@ -200,7 +200,6 @@ def _write_exit(path: Path, record: dict[str, Any]) -> None:
 
 def supervise(launch: dict[str, Any]) -> dict[str, Any]:
     """Run one instance to its end; returns (and writes) the exit record."""
-    run_dir = Path(launch["run_dir"])
     grace = float(launch.get("grace_period_s", 3.0))
     log = _LogWriter(launch["log_file"])
     _set_subreaper()
@@ -300,7 +299,6 @@ def _prepare_environment(launch: dict[str, Any], log: _LogWriter) -> environment
     req = environment.EnvRequest(**spec["request"])
     cache = environment.EnvCache(spec["cache_dir"], int(spec["max_bytes"]))
     old = {sig: signal.signal(sig, _raise_cancelled) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    t0 = time.monotonic()
     try:
         env = cache.ensure(req, lambda text: log.feed(logformat.SYS, (text + "\n").encode()),
                            float(spec["timeout_s"]))
@@ -308,7 +306,7 @@ def _prepare_environment(launch: dict[str, Any], log: _LogWriter) -> environment
         for sig, handler in old.items():
             signal.signal(sig, handler)
     log.system(f"environment {env.key} " + ("reused from the cache" if env.cached else "built")
-               + f" in {time.monotonic() - t0:.2f} s")
+               + f" in {env.seconds:.2f} s")
     launch["python"] = env.python
     return env
 

@@ -258,9 +258,10 @@ class ControlPlane:
         spec.runtime_python = python
 
     def _environment_for(self, spec: JobSpec) -> dict[str, Any] | None:
-        same = os.path.realpath(spec.runtime_python or sys.executable) == os.path.realpath(sys.executable)
+        same = envs.is_server_python(spec.runtime_python or sys.executable)
         if same and not spec.pip_requirements:
             return None
+        cache = self.env_cache()
         req = envs.EnvRequest(
             requirements=envs.normalize_requirements(spec.pip_requirements),
             python=spec.runtime_python or sys.executable,
@@ -269,8 +270,8 @@ class ControlPlane:
             runtime_packages=[] if same else [f"cloudpickle=={spec.client_cloudpickle or cloudpickle.__version__}"],
             ship_runtime=not same,
         )
-        return {"request": req.to_dict(), "cache_dir": str(self.home.root / "envs"),
-                "max_bytes": self.settings.env_cache_max_bytes, "timeout_s": self.settings.install_timeout_s}
+        return {"request": req.to_dict(), "cache_dir": str(cache.root), "max_bytes": cache.max_bytes,
+                "timeout_s": self.settings.install_timeout_s}
 
     # -- jobs: submit -------------------------------------------------------------------------
     def _check_submission(self, spec: JobSpec) -> dict[str, Any]:
@@ -294,9 +295,10 @@ class ControlPlane:
         self._choose_interpreter(spec)
         if spec.payload_kind == PayloadKind.FUNCTION:
             runtime = envs.interpreter_version(spec.runtime_python)
-            same = os.path.realpath(spec.runtime_python) == os.path.realpath(sys.executable)
-            problem = check_versions(spec.client_python, spec.client_cloudpickle, runtime_python=runtime,
-                                     runtime_cloudpickle=None if same else spec.client_cloudpickle)
+            problem = check_versions(
+                spec.client_python, spec.client_cloudpickle, runtime_python=runtime,
+                # another interpreter's environment is given the client's cloudpickle
+                runtime_cloudpickle=None if envs.is_server_python(spec.runtime_python) else spec.client_cloudpickle)
             if problem:
                 raise VersionMismatchError(problem)
         if not spec.entrypoint:
