@@ -16,6 +16,7 @@ _EXPORTS = {
     "submit_directory": "mljobs.client.jobs", "submit_from_stage": "mljobs.client.jobs",
     "get_job": "mljobs.client.jobs", "list_jobs": "mljobs.client.jobs", "delete_job": "mljobs.client.jobs",
     "MLJobDefinition": "mljobs.client.jobs", "MLJob": "mljobs.client.job",
+    "DistributedResult": "mljobs.client.job", "InstancesUnavailableError": "mljobs.errors",
     "Session": "mljobs.client.session", "get_active_session": "mljobs.client.session",
     "create_compute_pool": "mljobs.client.pools", "alter_compute_pool": "mljobs.client.pools",
     "drop_compute_pool": "mljobs.client.pools", "list_compute_pools": "mljobs.client.pools",
@@ -32,7 +33,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:
-    from mljobs.client.job import MLJob
+    from mljobs.client.job import DistributedResult, MLJob
     from mljobs.client.jobs import (MLJobDefinition, delete_job, get_job, list_jobs, remote, submit_directory,
                                     submit_file, submit_from_stage)
     from mljobs.client.pools import (alter_compute_pool, create_compute_pool, create_external_access_integration,
@@ -40,8 +41,9 @@ if TYPE_CHECKING:
                                      drop_external_access_integration, list_compute_pools, list_environments,
                                      list_external_access_integrations, prune_environments)
     from mljobs.client.session import Session, get_active_session
-    from mljobs.errors import (EnvironmentBuildError, InvalidArgumentError, JobFailedError, MLJobsError, NotFoundError, PayloadError,
-                               RemoteError, ServerUnavailableError, VersionMismatchError)
+    from mljobs.errors import (EnvironmentBuildError, InstancesUnavailableError, InvalidArgumentError, JobFailedError,
+                               MLJobsError, NotFoundError, PayloadError, RemoteError, ServerUnavailableError,
+                               VersionMismatchError)
     from mljobs.spec import INSTANCE_FAMILIES, InstanceFamily
     from mljobs.status import JOB_STATUS
 

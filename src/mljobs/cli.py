@@ -167,6 +167,10 @@ def submit(ctx: typer.Context, path: Path, pool: str = typer.Option("DEFAULT_POO
            pip: list[str] = typer.Option([], "--pip", help="a pip requirement, repeatable"),
            integration: list[str] = typer.Option([], "--integration", help="external access integration, repeatable"),
            runtime: Optional[str] = typer.Option(None, "--runtime", help="interpreter: server, 3.12 or a path"),
+           instances: int = typer.Option(1, "--instances", "-n", help="target_instances: nodes of a Ray cluster"),
+           min_instances: Optional[int] = typer.Option(None, "--min-instances", help="start with at least this many"),
+           parallel: bool = typer.Option(False, "--parallel", help="run the entrypoint on every instance (ranks in env)"),
+           join_timeout: float = typer.Option(720.0, "--join-timeout", help="seconds the head waits for min instances"),
            wait: bool = typer.Option(False, "--wait", help="stream the logs and exit with the job's status")) -> None:
     """Submit FILE or DIR; arguments after `--` reach the script's sys.argv. Prints the job id."""
     from mljobs.client.jobs import submit_directory, submit_file
@@ -175,7 +179,9 @@ def submit(ctx: typer.Context, path: Path, pool: str = typer.Option("DEFAULT_POO
     if bad:
         raise errors.InvalidArgumentError(f"--env takes KEY=VALUE, got {bad}")
     opts: dict[str, Any] = dict(env_vars=dict(e.split("=", 1) for e in env), name=name, pip_requirements=pip,
-                                external_access_integrations=integration, runtime_environment=runtime)
+                                external_access_integrations=integration, runtime_environment=runtime,
+                                target_instances=instances, min_instances=min_instances, parallel=parallel,
+                                join_timeout_s=join_timeout)
     args = list(ctx.args)
     if path.is_dir():
         if not entrypoint:
@@ -196,7 +202,8 @@ def submit(ctx: typer.Context, path: Path, pool: str = typer.Option("DEFAULT_POO
 @jobs_app.command("list")
 def jobs_list(limit: int = typer.Option(10, help="<= 0: all")) -> None:
     rows = _session().request("GET", "/jobs", params={"limit": limit}).json()
-    _table(rows, ["id", "name", "status", "compute_pool", "target_instances", "created_time", "message"], "jobs")
+    _table(rows, ["id", "name", "status", "compute_pool", "target_instances", "instances_ran", "created_time",
+                  "message"], "jobs")
 
 
 @app.command("logs")
@@ -215,6 +222,10 @@ def status(job: str) -> None:
 
     info = get_job(job)._refresh()
     console.print(f"{info['id']} {info['status']}" + (f": {info['message']}" if info["message"] else ""))
+    if info["target_instances"] > 1:
+        for inst in info["instances"]:
+            console.print(f"  instance {inst['instance_id']}: {inst['status']}"
+                          + (f" (exit code {inst['exit_code']})" if inst["exit_code"] is not None else ""))
 
 
 @app.command("result")

@@ -38,6 +38,9 @@ class Settings:
     strict_egress: bool = False
     env_cache_max_bytes: int = 10 << 30  # job environments kept, least recently used evicted
     install_timeout_s: float = 900.0  # a job's package install, apart from its own run time
+    # Instances of a multi-node job: "netns" (each its own network namespace and address, needs
+    # root and iproute2), "loopback" (shared loopback, distinct ports) or "auto" (netns if possible).
+    node_network: str = "auto"
 
 
 def _read_file(home: Path) -> dict[str, Any]:
@@ -71,4 +74,5 @@ def load_settings(home: str | os.PathLike[str] | None = None) -> Settings:
         env_cache_max_bytes=int(float(env.get("MLJOBS_ENV_CACHE_MAX_GB") or server.get("env_cache_max_gb", 10))
                                 * (1 << 30)),
         install_timeout_s=float(env.get("MLJOBS_INSTALL_TIMEOUT_S") or server.get("install_timeout_s", 900.0)),
+        node_network=(env.get("MLJOBS_NODE_NETWORK") or server.get("node_network") or "auto").lower(),
     )

@@ -11,6 +11,8 @@ __all__ = [
     "ServerUnavailableError",
     "VersionMismatchError",
     "PayloadError",
+    "EnvironmentBuildError",
+    "InstancesUnavailableError",
     "JobFailedError",
     "RemoteError",
     "RemoteTraceback",
@@ -55,6 +57,10 @@ class PayloadError(MLJobsError, ValueError):
 
 class EnvironmentBuildError(MLJobsError):
     """A job's pip requirements could not be installed; the message names them and says why."""
+
+
+class InstancesUnavailableError(MLJobsError):
+    """A multi-node job's head saw fewer than ``min_instances`` nodes join within its timeout."""
 
 
 class JobFailedError(MLJobsError):

@@ -30,6 +30,10 @@ class StagePaths:
     def result(self) -> str:
         return f"{self.job_id}/result"
 
+    def instance_result(self, instance_id: int) -> str:
+        """Each instance's own result envelope (parallel multi-node jobs)."""
+        return f"{self.job_id}/results/{instance_id}"
+
 
 @dataclasses.dataclass(frozen=True)
 class InstancePaths:

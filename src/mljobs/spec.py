@@ -163,6 +163,10 @@ class JobSpec:
     # server's; "server", a version like "3.12", or an interpreter path pick one explicitly.
     runtime_environment: str | None = None
     runtime_python: str = ""  # the interpreter the server chose (filled in at submit)
+    # Multi-node: run the entrypoint on every instance (ranks in env vars) instead of on the
+    # head of a Ray cluster; and how long the head waits for min_instances nodes to join.
+    parallel: bool = False
+    join_timeout_s: float = 720.0
 
     def __post_init__(self) -> None:
         self.payload_kind = PayloadKind(self.payload_kind)
@@ -177,6 +181,11 @@ class JobSpec:
                 f"min_instances must be between 1 and target_instances ({self.target_instances}), "
                 f"got {self.min_instances!r}"
             )
+        if self.parallel and self.payload_kind == PayloadKind.FUNCTION:
+            raise InvalidArgumentError("parallel=True runs a file, directory or stage entrypoint on every "
+                                       "instance; a function runs on the head (use Ray inside it)")
+        if not isinstance(self.join_timeout_s, (int, float)) or not self.join_timeout_s > 0:
+            raise InvalidArgumentError(f"join_timeout_s must be a number of seconds > 0, got {self.join_timeout_s!r}")
         self.args = [str(a) for a in self.args]
         self.env_vars = {str(k): str(v) for k, v in self.env_vars.items()}
         for k in self.env_vars:

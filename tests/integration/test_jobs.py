@@ -34,7 +34,8 @@ def test_remote_function_result_and_logs(session):
     assert any(line.endswith("[out] Hello developer!") for line in verbose)
     df = mljobs.list_jobs(session=session)
     assert list(df.columns) == ["name", "status", "message", "database_name", "schema_name", "owner",
-                                "compute_pool", "target_instances", "created_time", "completed_time"]
+                                "compute_pool", "target_instances", "instances_ran", "created_time",
+                                "completed_time"]
     assert df.loc[job.id, "status"] == "DONE"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import pickle
@@ -13,10 +14,10 @@ from typing import Any
 import cloudpickle
 
 from mljobs.client.session import Session, get_active_session
-from mljobs.errors import JobFailedError, RemoteError, RemoteTraceback
+from mljobs.errors import InvalidArgumentError, JobFailedError, NotFoundError, RemoteError, RemoteTraceback
 from mljobs.status import JOB_STATUS, TERMINAL
 
-__all__ = ["MLJob"]
+__all__ = ["MLJob", "DistributedResult"]
 
 log = logging.getLogger("mljobs")
 if not log.handlers:  # progress on long waits, unless the application configured logging itself
@@ -87,6 +88,19 @@ class MLJob:
     def compute_pool(self) -> str:
         return self._cached()["compute_pool"]
 
+    @property
+    def instances_ran(self) -> int:
+        """How many instances the job actually got (0 until it starts; >= min_instances after)."""
+        return self._refresh()["instances_ran"]
+
+    def get_ray_dashboard_url(self) -> str | None:
+        """The Ray dashboard of a running multi-node job (None before its head node is up, after
+        it ended, or when the dashboard is not installed: pip install 'ray[default]').
+
+        With network namespaces (a server running as root) the address is the head's address on
+        the job's own network, reachable from the job's instances."""
+        return self._session.request("GET", f"/jobs/{self._id}/ray").json()["dashboard_url"]
+
     # -- waiting ------------------------------------------------------------------------------
     def wait(self, timeout: float = -1) -> JOB_STATUS:
         """Block until the job ends; returns its final status (FAILED does not raise).
@@ -124,6 +138,38 @@ class MLJob:
         if envelope["ok"]:
             return cloudpickle.loads(envelope["value"])
         raise _rebuild_exception(envelope) from RemoteTraceback(envelope["traceback"])
+
+    def distributed_result(self, timeout: float = -1) -> DistributedResult:
+        """Every instance's outcome of a ``parallel=True`` job: exit codes, each instance's
+        ``__return__`` (None where it failed) and the first failure's exception (not raised)."""
+        self.wait(timeout)
+        info = self._refresh()
+        if not info.get("parallel"):
+            raise InvalidArgumentError(f"job {self._id} is not a parallel job: use result() (its head's value)")
+        instances = sorted(info["instances"], key=lambda i: i["instance_id"])
+        codes = [i["exit_code"] for i in instances]
+        values: list[Any] = []
+        errors: list[BaseException] = []  # instances whose payload raised, in instance order
+        for inst in instances:
+            try:
+                envelope = pickle.loads(
+                    self._session.request("GET", f"/jobs/{self._id}/results/{inst['instance_id']}").content)
+            except NotFoundError:  # the instance never wrote one (killed, lost, or stopped early)
+                envelope = None
+            if envelope is not None and envelope["ok"]:
+                values.append(cloudpickle.loads(envelope["value"]))
+                continue
+            values.append(None)
+            if envelope is not None:
+                exc = _rebuild_exception(envelope)
+                exc.__cause__ = RemoteTraceback(envelope["traceback"])
+                errors.append(exc)
+        first: BaseException | None = errors[0] if errors else None
+        if first is None and any(c != 0 for c in codes):  # none raised: one was killed or lost
+            bad = next(i for i, c in enumerate(codes) if c != 0)
+            first = JobFailedError(f"instance {bad} of job {self._id} exited with code {codes[bad]}: "
+                                   f"{info['message']}", job_id=self._id, status=info["status"])
+        return DistributedResult(codes, values, first)
 
     # -- logs ---------------------------------------------------------------------------------
     def _log_params(self, limit: int, instance_id: int | None, verbose: bool) -> dict[str, Any]:
@@ -172,6 +218,23 @@ class MLJob:
     def cancel(self) -> None:
         """Cancel the job: PENDING ends CANCELLED at once; RUNNING stops its whole process tree."""
         self._info = self._session.request("POST", f"/jobs/{self._id}/cancel").json()
+
+
+@dataclasses.dataclass
+class DistributedResult:
+    """What every instance of a parallel job did, in instance order."""
+
+    exit_codes: list[int | None]
+    results: list[Any]
+    exception: BaseException | None  # the first failed instance's, with its remote traceback
+
+    @property
+    def ok(self) -> bool:
+        return self.exception is None and all(c == 0 for c in self.exit_codes)
+
+    def raise_for_failure(self) -> None:
+        if self.exception is not None:
+            raise self.exception
 
 
 def _rebuild_exception(envelope: dict[str, Any]) -> BaseException:

@@ -29,13 +29,14 @@ __all__ = ["remote", "submit_file", "submit_directory", "submit_from_stage", "ge
 P = ParamSpec("P")
 R = TypeVar("R")
 LIST_JOBS_COLUMNS = ["name", "status", "message", "database_name", "schema_name", "owner", "compute_pool",
-                     "target_instances", "created_time", "completed_time"]
+                     "target_instances", "instances_ran", "created_time", "completed_time"]
 
 
 def _options(compute_pool: str, stage_name: str, target_instances: int, min_instances: int | None,
              pip_requirements: Sequence[str] | None, external_access_integrations: Sequence[str] | None,
              env_vars: dict[str, str] | None, name: str | None, database: str | None, schema: str | None,
-             session: Session, runtime_environment: str | None = None) -> dict[str, Any]:
+             session: Session, runtime_environment: str | None = None, parallel: bool = False,
+             join_timeout_s: float = 720.0) -> dict[str, Any]:
     if not isinstance(compute_pool, str) or not compute_pool:
         raise InvalidArgumentError(f"compute_pool must be a pool name, got {compute_pool!r}")
     if not stage_name:
@@ -49,6 +50,7 @@ def _options(compute_pool: str, stage_name: str, target_instances: int, min_inst
         name=name, database=(database or session.database).upper(), schema=(schema or session.schema).upper(),
         owner=getpass.getuser(), client_python="%d.%d.%d" % sys.version_info[:3],
         client_cloudpickle=cloudpickle.__version__, runtime_environment=runtime_environment,
+        parallel=parallel, join_timeout_s=join_timeout_s,
     )
 
 
@@ -92,13 +94,15 @@ def remote(compute_pool: str, *, stage_name: str, target_instances: int = 1, min
            pip_requirements: Sequence[str] | None = None, external_access_integrations: Sequence[str] | None = None,
            env_vars: dict[str, str] | None = None, imports: Sequence[Any] | None = None, name: str | None = None,
            database: str | None = None, schema: str | None = None, runtime_environment: str | None = None,
+           join_timeout_s: float = 720.0,
            session: Session | None = None) -> Callable[[Callable[P, R]], MLJobDefinition[P, R]]:
     """Turn a function into a job definition: calling it submits a job and returns an MLJob.
 
     Args:
         compute_pool: the pool to run on.
         stage_name: the stage that keeps the payload and result.
-        target_instances: instances (nodes) to run on.
+        target_instances: instances (nodes) to run on. With more than one, every instance starts
+            a Ray node (instance 0 the head) and the function runs on the head with Ray ready.
         min_instances: start once this many are available (default: target_instances).
         pip_requirements: packages to install for the job.
         external_access_integrations: egress policies the job may use.
@@ -108,12 +112,15 @@ def remote(compute_pool: str, *, stage_name: str, target_instances: int = 1, min
         database, schema: the job's namespace (default: the session's).
         runtime_environment: the interpreter: by default the server's Python of the client's
             major.minor when it has one, else its own; "server", "3.12" or a path pick one.
+        join_timeout_s: how long the head waits for ``min_instances`` nodes to join its Ray
+            cluster before the job fails.
         session: the session to submit with (default: the active one).
     """
     options = dict(compute_pool=compute_pool, stage_name=stage_name, target_instances=target_instances,
                    min_instances=min_instances, pip_requirements=pip_requirements,
                    external_access_integrations=external_access_integrations, env_vars=env_vars, name=name,
-                   database=database, schema=schema, runtime_environment=runtime_environment)
+                   database=database, schema=schema, runtime_environment=runtime_environment,
+                   join_timeout_s=join_timeout_s)
 
     def decorator(fn: Callable[P, R]) -> MLJobDefinition[P, R]:
         return MLJobDefinition(fn, options, imports, session)
@@ -136,15 +143,23 @@ def submit_file(file_path: str | os.PathLike[str], compute_pool: str, *, stage_n
                 pip_requirements: Sequence[str] | None = None,
                 external_access_integrations: Sequence[str] | None = None, env_vars: dict[str, str] | None = None,
                 imports: Sequence[Any] | None = None, name: str | None = None, database: str | None = None,
-                schema: str | None = None, runtime_environment: str | None = None,
-                session: Session | None = None) -> MLJob:
-    """Upload one script and run it; ``args`` reach ``sys.argv[1:]``; ``__return__`` is the result."""
+                schema: str | None = None, runtime_environment: str | None = None, parallel: bool = False,
+                join_timeout_s: float = 720.0, session: Session | None = None) -> MLJob:
+    """Upload one script and run it; ``args`` reach ``sys.argv[1:]``; ``__return__`` is the result.
+
+    With ``target_instances > 1`` the script runs on the head of a Ray cluster of that many nodes;
+    with ``parallel=True`` it runs on every instance instead, with ``MLJOBS_INSTANCE_ID``,
+    ``MLJOBS_INSTANCE_COUNT``, ``MLJOBS_HEAD_ADDRESS``, ``MLJOBS_NODE_ADDRESSES``,
+    ``MLJOBS_RENDEZVOUS_PORT`` (and torch's ``MASTER_ADDR``/``MASTER_PORT``/``RANK``/``WORLD_SIZE``)
+    set; ``MLJob.distributed_result()`` then gives every instance's outcome.
+    """
     path = Path(file_path)
     if not path.is_file():
         raise NotFoundError(f"file {str(file_path)!r} does not exist (or is not a file)")
     session = session or get_active_session()
     opts = _options(compute_pool, stage_name, target_instances, min_instances, pip_requirements,
-                    external_access_integrations, env_vars, name, database, schema, session, runtime_environment)
+                    external_access_integrations, env_vars, name, database, schema, session, runtime_environment,
+                    parallel, join_timeout_s)
     spec = JobSpec(payload_kind=PayloadKind.FILE, entrypoint=[path.name], args=list(args or []), **opts)
     return _submit(session, spec, pl.tar_file(path, imports))
 
@@ -155,7 +170,8 @@ def submit_directory(dir_path: str | os.PathLike[str], compute_pool: str, *, ent
                      external_access_integrations: Sequence[str] | None = None,
                      env_vars: dict[str, str] | None = None, imports: Sequence[Any] | None = None,
                      name: str | None = None, database: str | None = None, schema: str | None = None,
-                     runtime_environment: str | None = None, session: Session | None = None) -> MLJob:
+                     runtime_environment: str | None = None, parallel: bool = False,
+                     join_timeout_s: float = 720.0, session: Session | None = None) -> MLJob:
     """Upload a directory (not ``__pycache__``/``*.pyc``) and run ``entrypoint`` inside it."""
     root = Path(dir_path)
     if not root.is_dir():
@@ -170,7 +186,8 @@ def submit_directory(dir_path: str | os.PathLike[str], compute_pool: str, *, ent
         entry = [target.relative_to(root.resolve()).as_posix()]
     session = session or get_active_session()
     opts = _options(compute_pool, stage_name, target_instances, min_instances, pip_requirements,
-                    external_access_integrations, env_vars, name, database, schema, session, runtime_environment)
+                    external_access_integrations, env_vars, name, database, schema, session, runtime_environment,
+                    parallel, join_timeout_s)
     spec = JobSpec(payload_kind=PayloadKind.DIRECTORY, entrypoint=entry, args=list(args or []), **opts)
     return _submit(session, spec, pl.tar_directory(root, imports))
 
@@ -181,11 +198,13 @@ def submit_from_stage(source: str, compute_pool: str, *, entrypoint: str | Seque
                       external_access_integrations: Sequence[str] | None = None,
                       env_vars: dict[str, str] | None = None, name: str | None = None,
                       database: str | None = None, schema: str | None = None,
-                      runtime_environment: str | None = None, session: Session | None = None) -> MLJob:
+                      runtime_environment: str | None = None, parallel: bool = False,
+                      join_timeout_s: float = 720.0, session: Session | None = None) -> MLJob:
     """Run a directory already on a stage (``"@stage/path/"``); ``entrypoint`` is inside it."""
     session = session or get_active_session()
     opts = _options(compute_pool, stage_name, target_instances, min_instances, pip_requirements,
-                    external_access_integrations, env_vars, name, database, schema, session, runtime_environment)
+                    external_access_integrations, env_vars, name, database, schema, session, runtime_environment,
+                    parallel, join_timeout_s)
     spec = JobSpec(payload_kind=PayloadKind.STAGE, entrypoint=_entrypoint(entrypoint), args=list(args or []),
                    source=source, **opts)
     return _submit(session, spec, None)

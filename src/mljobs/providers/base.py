@@ -67,6 +67,7 @@ class InstanceExit:
     error: dict[str, Any] | None = None  # {"exc_type", "exc_message"} when the payload raised
     result: bytes | None = None  # the launcher's envelope, if it wrote one
     log_tail: list[str] = dataclasses.field(default_factory=list)
+    released: bool = False  # a multi-node worker stopped because its head had finished
 
 
 ExitCallback = Callable[[InstanceHandle], None]
@@ -102,6 +103,17 @@ class Provider(abc.ABC):
     @abc.abstractmethod
     def cleanup(self, handle: InstanceHandle) -> None:
         """Remove the instance's local working files (not its log)."""
+
+    def release(self, handle: InstanceHandle, grace_period_s: float) -> None:
+        """Tell a worker instance its head has finished: it stops its node and ends as done."""
+        self.cancel(handle, grace_period_s)
+
+    def ray_info(self, handle: InstanceHandle) -> dict[str, Any] | None:
+        """A head instance's Ray addresses (``gcs_address``, ``dashboard_url``) once its node is up."""
+        return None
+
+    def finish_job(self, job_id: str) -> None:
+        """Everything of the job's instances is over: free what the provider set up for it."""
 
     def close(self) -> None:
         """Stop watching; running instances keep running."""

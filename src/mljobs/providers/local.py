@@ -8,26 +8,32 @@ polling sits on the hot path, and finds it again after a restart from its pid an
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import selectors
 import shutil
+import socket
 import signal
 import subprocess
 import sys
 import threading
+import time
+from pathlib import Path
 from typing import Any
 
 import psutil
 
 from mljobs import logformat
+from mljobs.config import Settings
 from mljobs.errors import InvalidArgumentError
 from mljobs.paths import HomePaths, InstancePaths
+from mljobs.providers import netns
 from mljobs.providers.base import ExitCallback, InstanceExit, InstanceHandle, InstanceLaunch, Provider
 from mljobs.spec import PoolSpec
 
-__all__ = ["LocalProvider", "detect_gpus", "read_log_tail"]
+__all__ = ["LocalProvider", "detect_gpus", "read_log_tail", "free_ports", "ray_temp_dir"]
 
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
                "VECLIB_MAXIMUM_THREADS")
@@ -45,6 +51,11 @@ def detect_gpus() -> int:
     except (OSError, subprocess.SubprocessError):
         return 0
     return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
+def ray_temp_dir(run_dir: Path) -> str:
+    """A short per-instance folder for Ray (its socket paths must stay under 107 characters)."""
+    return os.path.join("/tmp", "mljr-" + hashlib.sha1(str(run_dir).encode()).hexdigest()[:12])
 
 
 def read_log_tail(path: os.PathLike[str] | str, lines: int = 10, *, verbose: bool = False) -> list[str]:
@@ -168,13 +179,43 @@ class _Spawner:
                 self._proc = None
 
 
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct ports free on ``host`` right now (held open together, so never the same twice)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+# Ray's per-node listening ports that default to fixed numbers or could collide when several
+# nodes share one address; each gets a port of its own in loopback mode.
+_NODE_PORT_OPTIONS = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
+                      "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port")
+
+
 class LocalProvider(Provider):
     name = "local"
     supports_gpus = True
-    supports_multinode = False
+    supports_multinode = True
 
-    def __init__(self, home: HomePaths) -> None:
+    def __init__(self, home: HomePaths, settings: Settings | None = None) -> None:
         self.home = home
+        node_network = settings.node_network if settings else "auto"
+        reason = netns.unavailable_reason()
+        if node_network not in ("auto", "netns", "loopback"):
+            raise InvalidArgumentError(f"node_network must be auto, netns or loopback, got {node_network!r}")
+        if node_network == "netns" and reason:
+            raise InvalidArgumentError(f"node_network=netns: cannot make network namespaces ({reason})")
+        # Instances of a multi-node job as separate hosts (own namespaces) or on shared loopback.
+        self.use_netns = node_network == "netns" or (node_network == "auto" and reason is None)
+        self._networks: dict[str, dict[str, Any]] = {}
+        self._net_lock = threading.Lock()
         self.cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(
             range(os.cpu_count() or 1))
         self.gpus = detect_gpus()
@@ -204,6 +245,55 @@ class LocalProvider(Provider):
     def paths(self, handle_or_launch: InstanceHandle | InstanceLaunch) -> InstancePaths:
         return self.home.instance(handle_or_launch.job_id, handle_or_launch.instance_id)
 
+    # -- multi-node: the job's network and each instance's Ray settings ----------------------
+    def _network_file(self, job_id: str) -> Path:
+        return self.home.job_run(job_id) / "network.json"
+
+    def _network(self, launch: InstanceLaunch) -> dict[str, Any]:
+        """The job's addresses and ports, made when its first instance starts."""
+        with self._net_lock:
+            net = self._networks.get(launch.job_id)
+            if net is not None:
+                return net
+            k = launch.instance_count
+            if self.use_netns:  # every node its own host: Ray's default ports on every address
+                net = {"netns": True, "addresses": netns.create(launch.job_id, k), "gcs_port": 6379,
+                       "dashboard_port": 8265, "client_port": 10001, "rendezvous_port": 29500,
+                       "node_ports": [{} for _ in range(k)]}
+            else:  # shared loopback: every listening port distinct
+                ports = free_ports(4 + k * len(_NODE_PORT_OPTIONS))
+                head, rest = ports[:4], ports[4:]
+                net = {"netns": False, "addresses": ["127.0.0.1"] * k, "gcs_port": head[0],
+                       "dashboard_port": head[1], "client_port": head[2], "rendezvous_port": head[3],
+                       "node_ports": [dict(zip(_NODE_PORT_OPTIONS, rest[i * len(_NODE_PORT_OPTIONS):]))
+                                      for i in range(k)]}
+            net["started_at"] = time.time()
+            self._network_file(launch.job_id).parent.mkdir(parents=True, exist_ok=True)
+            self._network_file(launch.job_id).write_text(json.dumps(net))
+            self._networks[launch.job_id] = net
+            return net
+
+    def _multinode(self, launch: InstanceLaunch, p: InstancePaths) -> tuple[dict[str, Any], dict[str, str], str | None]:
+        """This instance's part of a multi-node job: its ``multinode`` launch entry, its
+        environment variables (ranks and addresses) and its network namespace."""
+        net = self._network(launch)
+        spec, i, k = launch.spec, launch.instance_id, launch.instance_count
+        head = net["addresses"][0]
+        mn = {"count": k, "min_instances": min(spec.effective_min_instances, k), "parallel": spec.parallel,
+              "join_timeout_s": spec.join_timeout_s, "started_at": net["started_at"],
+              "addresses": net["addresses"], "gcs_port": net["gcs_port"], "dashboard_port": net["dashboard_port"],
+              "client_port": net["client_port"], "ports": net["node_ports"][i],
+              "temp_dir": ray_temp_dir(p.run_dir), "cpus": launch.family.cpus, "gpus": launch.family.gpus,
+              "memory_bytes": launch.family.memory_bytes}
+        env = {"MLJOBS_HEAD_ADDRESS": head, "MLJOBS_NODE_ADDRESSES": ",".join(net["addresses"]),
+               "MLJOBS_RENDEZVOUS_PORT": str(net["rendezvous_port"])}
+        if spec.parallel:  # what torch.distributed's env:// method reads
+            env.update(MASTER_ADDR=head, MASTER_PORT=str(net["rendezvous_port"]), WORLD_SIZE=str(k),
+                       RANK=str(i), NODE_RANK=str(i), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        else:
+            env["RAY_ADDRESS"] = f"{head}:{net['gcs_port']}"
+        return mn, env, netns.namespace(launch.job_id, i) if net["netns"] else None
+
     def start(self, launch: InstanceLaunch) -> InstanceHandle:
         p = self.paths(launch)
         for d in (p.run_dir, p.work_dir, p.log_file.parent):
@@ -213,6 +303,10 @@ class LocalProvider(Provider):
         env = {var: str(len(cpus)) for var in THREAD_VARS}
         if launch.family.gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
+        multinode, ns = None, None
+        if launch.spec.target_instances > 1:
+            multinode, mn_env, ns = self._multinode(launch, p)
+            env.update(mn_env)
         env.update(launch.env)
         env.update(launch.spec.env_vars)  # the user's own variables win
         env["PYTHONUNBUFFERED"] = "1"
@@ -238,6 +332,8 @@ class LocalProvider(Provider):
             "python": spec.runtime_python or sys.executable,
             "environment": launch.environment,
             "grace_period_s": launch.grace_period_s,
+            "multinode": multinode,
+            "netns": ns,
         }
         p.launch.write_text(json.dumps(doc))
         pid = self._spawner.spawn(str(p.run_dir), str(p.supervisor_log))
@@ -277,7 +373,21 @@ class LocalProvider(Provider):
         if p.error.exists():
             error = json.loads(p.error.read_text())
         result = p.result.read_bytes() if p.result.exists() else None
-        return InstanceExit(record.get("exit_code"), bool(record.get("cancelled")), False, error, result, tail)
+        return InstanceExit(record.get("exit_code"), bool(record.get("cancelled")), False, error, result, tail,
+                            bool(record.get("released")))
+
+    def ray_info(self, handle: InstanceHandle) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.paths(handle).run_dir / "ray.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def release(self, handle: InstanceHandle, grace_period_s: float) -> None:
+        if self._running(handle) and handle.pid is not None:
+            try:
+                os.kill(handle.pid, signal.SIGUSR1)
+            except ProcessLookupError:
+                pass
 
     def cancel(self, handle: InstanceHandle, grace_period_s: float) -> None:
         if not self._running(handle) or handle.pid is None:
@@ -312,7 +422,29 @@ class LocalProvider(Provider):
     def cleanup(self, handle: InstanceHandle) -> None:
         p = self.paths(handle)
         shutil.rmtree(p.work_dir, ignore_errors=True)
+        shutil.rmtree(ray_temp_dir(p.run_dir), ignore_errors=True)
         shutil.rmtree(p.run_dir, ignore_errors=True)
+
+    def finish_job(self, job_id: str) -> None:
+        """Remove a multi-node job's namespaces (killing what is left in them) and, on loopback,
+        stop any process of the job that outlived its supervisor (a lost head's Ray node)."""
+        with self._net_lock:
+            self._networks.pop(job_id, None)
+        path = self._network_file(job_id)
+        try:
+            net = json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return
+        if net.get("netns"):
+            netns.delete(job_id)
+        else:
+            for proc in psutil.process_iter():
+                try:
+                    if proc.environ().get("MLJOBS_JOB_ID") == job_id:
+                        proc.kill()
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    continue
+        path.unlink(missing_ok=True)
 
     def close(self) -> None:
         self._watcher.close()

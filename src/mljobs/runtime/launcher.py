@@ -27,7 +27,7 @@ import cloudpickle
 
 from mljobs.paths import FUNCTION_PAYLOAD, IMPORTS_DIR
 
-__all__ = ["main", "run_payload", "check_versions", "write_envelope", "read_envelope"]
+__all__ = ["main", "run_payload", "check_versions", "write_envelope", "read_envelope", "exception_envelope"]
 
 _INTERNAL_FILES = {os.path.abspath(__file__), os.path.abspath(runpy.__file__), "<frozen runpy>"}
 
@@ -119,7 +119,7 @@ def _user_traceback(exc: BaseException) -> str:
     return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
-def _exception_envelope(exc: BaseException) -> dict[str, Any]:
+def exception_envelope(exc: BaseException) -> dict[str, Any]:
     exc_pickle: bytes | None
     try:
         exc_pickle = cloudpickle.dumps(exc)
@@ -181,11 +181,11 @@ def main(launch: dict[str, Any]) -> int:
         else:
             exc = PayloadExit(e.code)
             exc.__traceback__ = e.__traceback__
-            envelope = _exception_envelope(exc)
+            envelope = exception_envelope(exc)
             write_envelope(result_path, envelope)
             return 1
     except BaseException as e:  # noqa: BLE001 - every failure travels as data
-        envelope = _exception_envelope(e)
+        envelope = exception_envelope(e)
         sys.stderr.write(envelope["traceback"])
         write_envelope(result_path, envelope)
         return 1
@@ -196,7 +196,7 @@ def main(launch: dict[str, Any]) -> int:
         envelope = {"ok": True, "value": cloudpickle.dumps(value)}
     except Exception as e:  # noqa: BLE001
         err = TypeError(f"the job's result of type {type(value).__name__} cannot be pickled: {e}")
-        write_envelope(result_path, _exception_envelope(err))
+        write_envelope(result_path, exception_envelope(err))
         print(err, file=sys.stderr)
         return 1
     write_envelope(result_path, envelope)

@@ -27,7 +27,7 @@ import setproctitle
 
 from mljobs import logformat
 from mljobs.errors import EnvironmentBuildError
-from mljobs.runtime import environment, launcher
+from mljobs.runtime import environment, launcher, multinode
 
 __all__ = ["main", "supervise", "descendants", "kill_tree"]
 
@@ -138,19 +138,23 @@ def _child(launch: dict[str, Any], out_w: int, err_w: int) -> None:
         cpus = launch.get("cpus")
         if cpus and hasattr(os, "sched_setaffinity"):
             os.sched_setaffinity(0, cpus)
+        mn = launch.get("multinode")
         mem = launch.get("memory_bytes")
-        if mem:
+        # Ray reserves far more address space than it uses, so a Ray node gets its memory as a
+        # Ray resource (--memory) instead of an address-space limit.
+        if mem and not (mn and not mn["parallel"]):
             resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
         python = launch.get("python") or sys.executable
         # Not realpath: a job environment's bin/python links to the same binary, yet its site differs.
         if os.path.abspath(python) != os.path.abspath(sys.executable):
-            os.execv(python, [python, "-m", "mljobs.runtime.launcher", launch["run_dir"]])
+            module = "mljobs.runtime.multinode" if mn else "mljobs.runtime.launcher"
+            os.execv(python, [python, "-m", module, launch["run_dir"]])
         import io
 
         sys.stdin = open(0, closefd=False)  # noqa: SIM115
         sys.stdout = io.TextIOWrapper(open(1, "wb", 0, closefd=False), write_through=True, line_buffering=True)
         sys.stderr = io.TextIOWrapper(open(2, "wb", 0, closefd=False), write_through=True, line_buffering=True)
-        code = launcher.main(launch)
+        code = multinode.main(launch) if mn else launcher.main(launch)
     except BaseException as e:  # noqa: BLE001 - never return into the supervisor's code
         try:
             os.write(2, f"mljobs: the launcher could not start: {e!r}\n".encode())
@@ -203,11 +207,11 @@ def supervise(launch: dict[str, Any]) -> dict[str, Any]:
     grace = float(launch.get("grace_period_s", 3.0))
     log = _LogWriter(launch["log_file"])
     _set_subreaper()
-    cancelled = False
+    cancelled = released = False
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1):
         signal.signal(sig, lambda *_: None)
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
@@ -228,6 +232,8 @@ def supervise(launch: dict[str, Any]) -> dict[str, Any]:
                 "ok": False, "exc_type": "mljobs.errors.EnvironmentBuildError", "exc_message": str(e),
                 "traceback": f"mljobs.errors.EnvironmentBuildError: {e}\n", "exc_pickle": None, "exit_code": 1})
             return _finish(launch, log, {"exit_code": 1, "cancelled": False})
+    if launch.get("netns"):  # after the install, which may need the outside network
+        multinode.enter_netns(launch["netns"])
     pid = os.fork()
     if pid == 0:
         os.close(out_r), os.close(err_r)
@@ -248,6 +254,10 @@ def supervise(launch: dict[str, Any]) -> dict[str, Any]:
                     cancelled = True
                     log.system(f"cancel requested: stopping the process tree (grace {grace:g} s)")
                     kill_tree(os.getpid(), grace)
+                elif not (cancelled or released) and signal.SIGUSR1 in sigs:
+                    released = True  # a worker node whose head has finished
+                    log.system("released: the job's head has finished; stopping this Ray node")
+                    kill_tree(os.getpid(), grace)
                 _reap()
                 if pid in _REAPED and drain_deadline is None:
                     drain_deadline = time.monotonic() + 0.5
@@ -267,12 +277,14 @@ def supervise(launch: dict[str, Any]) -> dict[str, Any]:
     status = _REAPED.get(pid)
     leftover = descendants(os.getpid())
     if leftover:
-        log.system(f"stopping {len(leftover)} process(es) the payload left running")
+        what = "this instance's Ray node" if launch.get("multinode") else "the payload left running"
+        log.system(f"stopping {len(leftover)} process(es): {what}")
         kill_tree(os.getpid(), grace)
     code = os.waitstatus_to_exitcode(status) if status is not None else None
     if env_lock is not None:
         env_lock.release()
-    return _finish(launch, log, {"exit_code": code, "cancelled": cancelled})
+    return _finish(launch, log, {"exit_code": 0 if released else code, "cancelled": cancelled,
+                                 "released": released})
 
 
 def _finish(launch: dict[str, Any], log: _LogWriter, record: dict[str, Any]) -> dict[str, Any]:

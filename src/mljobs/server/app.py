@@ -132,6 +132,18 @@ def create_app(cp: ControlPlane, on_shutdown: Any = None) -> FastAPI:
         cp.delete(ref)
         return {"ok": True}
 
+    @app.get(api + "/jobs/{ref}/results/{instance_id}")
+    def instance_result(ref: str, instance_id: int) -> Response:
+        data = cp.result(ref, instance_id)
+        if data is None:
+            return JSONResponse({"detail": f"instance {instance_id} of job {ref} left no result",
+                                 "error": "NotFoundError"}, 404)
+        return Response(data, media_type="application/octet-stream")
+
+    @app.get(api + "/jobs/{ref}/ray")
+    def ray_info(ref: str) -> dict[str, Any]:
+        return cp.ray_info(ref)
+
     @app.get(api + "/jobs/{ref}/result")
     def result(ref: str) -> Response:
         data = cp.result(ref)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import getpass
+import importlib.util
 import logging
 import os
 import shutil
@@ -19,7 +20,7 @@ from urllib.parse import urlsplit
 
 import cloudpickle
 
-from mljobs import __version__
+from mljobs import __version__, logformat
 from mljobs.config import Settings
 from mljobs.errors import (ConflictError, InvalidArgumentError, InvalidTransitionError, NotFoundError,
                            VersionMismatchError)
@@ -97,7 +98,7 @@ class ControlPlane:
         pool = self.store.get_pool(pool_name)
         name = pool["provider"]
         if name not in self._providers:
-            self._providers[name] = get_provider_class(name)(self.home)
+            self._providers[name] = get_provider_class(name)(self.home, self.settings)
         return self._providers[name]
 
     def info(self) -> dict[str, Any]:
@@ -116,7 +117,7 @@ class ControlPlane:
         spec = PoolSpec(name, instance_family, min_nodes, max_nodes, provider)
         cls = get_provider_class(spec.provider)
         if spec.provider not in self._providers:
-            self._providers[spec.provider] = cls(self.home)
+            self._providers[spec.provider] = cls(self.home, self.settings)
         self._providers[spec.provider].validate_pool(spec)
         self.store.create_pool(spec, if_not_exists=if_not_exists)
         return self.describe_pool(spec.name)
@@ -235,6 +236,14 @@ class ControlPlane:
                 f"{spec.pip_requirements} need host(s) {denied}, which none of the job's integrations "
                 f"{names or '(none)'} allow; add {hint}")
 
+    def _check_ray(self, spec: JobSpec) -> None:
+        """A multi-node job (not parallel) runs a Ray cluster: its runtime needs Ray."""
+        if importlib.util.find_spec("ray") is None:
+            raise InvalidArgumentError(
+                f"target_instances={spec.target_instances} runs the job on a Ray cluster, but Ray is not "
+                "installed on the server; install it there with pip install 'mljobs[multinode]', or submit a "
+                "file or directory with parallel=True, which runs the entrypoint on every instance without Ray")
+
     def _choose_interpreter(self, spec: JobSpec) -> None:
         """Fill in ``spec.runtime_python`` from ``runtime_environment`` and the client's Python."""
         want = (spec.runtime_environment or "").strip()
@@ -288,6 +297,8 @@ class ControlPlane:
                 f"target_instances={spec.target_instances}: the {provider.name} provider does not run "
                 "multi-node jobs yet; use target_instances=1"
             )
+        if spec.target_instances > 1 and not spec.parallel:
+            self._check_ray(spec)
         if not all(isinstance(r, str) and r.strip() for r in spec.pip_requirements):
             raise InvalidArgumentError(f"pip_requirements must be requirement strings like 'humanize==4.9.0', "
                                        f"got {spec.pip_requirements!r}")
@@ -401,9 +412,16 @@ class ControlPlane:
                 handle = provider.start(launch)
             except Exception as e:  # noqa: BLE001
                 log.exception("start %s/%d", job["id"], i)
-                self.store.update_instance(job["id"], i, status="EXITED", ended_time=utcnow())
+                for inst in self.store.instances_of(job["id"]):  # the ones started already stop too
+                    if inst["handle"]:
+                        provider.cancel(InstanceHandle.from_dict(inst["handle"]), self.settings.grace_period_s)
+                    else:
+                        self.store.update_instance(job["id"], inst["instance_id"], status="EXITED",
+                                                   ended_time=utcnow())
                 self._finish(self.store.get_job(job["id"]), None,
                              f"could not start instance {i} on pool {pool['name']}: {e}")
+                if not any(inst["handle"] for inst in self.store.instances_of(job["id"])):
+                    provider.finish_job(job["id"])
                 return
             self.store.update_instance(job["id"], i, status="RUNNING", handle=handle.to_dict())
             if not provider.watch(handle, self.instance_exited):
@@ -423,11 +441,74 @@ class ControlPlane:
                 return
             self.store.update_instance(handle.job_id, handle.instance_id, status="EXITED",
                                        exit_code=exit_.exit_code, ended_time=utcnow())
-            if any(i["status"] in ("STARTING", "RUNNING") for i in self.store.instances_of(job["id"])):
+            live = [i for i in self.store.instances_of(job["id"]) if i["status"] in ("STARTING", "RUNNING")]
+            if live:
+                if job["target_instances"] > 1 and job["status"] == JOB_STATUS.RUNNING.value:
+                    self._multinode_exit(job, handle.instance_id, exit_, live)
                 return
+            if job["target_instances"] > 1:
+                exit_ = self._multinode_outcome(job)
             self._finish(job, exit_, None)
-            provider.cleanup(handle)
+            handles = [InstanceHandle.from_dict(i["handle"]) for i in self.store.instances_of(job["id"]) if i["handle"]]
+            for h in handles or [handle]:
+                provider.cleanup(h)
+            provider.finish_job(job["id"])
         self.schedule(pool)
+
+    # -- multi-node ---------------------------------------------------------------------------
+    def _multinode_exit(self, job: dict[str, Any], instance_id: int, exit_: InstanceExit,
+                        live: list[dict[str, Any]]) -> None:
+        """One instance of a running multi-node job ended while others still run."""
+        provider = self.provider(job["compute_pool"])
+        parallel = bool(job["spec"].get("parallel"))
+        failed = exit_.lost or exit_.error is not None or exit_.exit_code not in (0, None)
+        if not parallel and instance_id == 0:  # the head is done (its result is written): workers leave
+            for inst in live:
+                if inst["handle"]:
+                    provider.release(InstanceHandle.from_dict(inst["handle"]), self.settings.grace_period_s)
+            return
+        if not failed or exit_.released:
+            return
+        how = "was lost (its supervisor ended without an exit record)" if exit_.lost else (
+            f"exited with code {exit_.exit_code}" + _signal_hint(exit_.exit_code))
+        if parallel:  # fail fast: the others would wait for it forever
+            note = f"instance {instance_id} {how}; stopping the other {len(live)} instance(s)"
+            for inst in live:
+                if inst["handle"]:
+                    provider.cancel(InstanceHandle.from_dict(inst["handle"]), self.settings.grace_period_s)
+        else:
+            note = (f"instance {instance_id} (a worker node) {how} at {utcnow():%H:%M:%S} UTC; the job goes on "
+                    f"with {len(live)} of {job['instances_ran']} node(s)")
+        self._append_note(job, note)
+
+    def _append_note(self, job: dict[str, Any], note: str) -> None:
+        """Add ``note`` to the running job's message and to the head's log."""
+        current = self.store.get_job(job["id"])["message"]
+        self.store.set_message(job["id"], f"{current}; {note}" if current else note)
+        log_file = self.home.log_file(job["id"], 0)
+        if log_file.parent.is_dir():
+            with open(log_file, "a", encoding="utf-8") as f:
+                f.write(logformat.format_record(logformat.SYS, f"mljobs: {note}"))
+        self.notifier.notify(job["id"])
+
+    def _multinode_outcome(self, job: dict[str, Any]) -> InstanceExit:
+        """The exit that decides a finished multi-node job: the head's; for a parallel job the
+        first failed instance's (else instance 0's). Parallel jobs keep every instance's result."""
+        provider = self.provider(job["compute_pool"])
+        exits: dict[int, InstanceExit] = {}
+        for inst in self.store.instances_of(job["id"]):
+            h = InstanceHandle.from_dict(inst["handle"]) if inst["handle"] else None
+            exits[inst["instance_id"]] = (provider.poll(h) if h and h.pid is not None else None) or InstanceExit(
+                None, lost=True)
+        if not job["spec"].get("parallel"):
+            return exits.get(0) or InstanceExit(None, lost=True)
+        stage = self.stage(job["stage_name"])
+        for i, e in exits.items():
+            if e.result is not None:
+                stage.put_bytes(StagePaths(job["id"]).instance_result(i), e.result)
+        failed = [e for i, e in sorted(exits.items()) if not e.cancelled and (
+            e.lost or e.error is not None or e.exit_code != 0)]
+        return failed[0] if failed else exits[0]
 
     def _finish(self, job: dict[str, Any], exit_: InstanceExit | None, platform_error: str | None) -> None:
         job_id = job["id"]
@@ -445,7 +526,7 @@ class ControlPlane:
             if tail:
                 msg += f"\nlast log lines:\n{tail}"
         elif exit_.exit_code == 0 and exit_.error is None:
-            new, msg = JOB_STATUS.DONE, ""
+            new, msg = JOB_STATUS.DONE, job["message"] if job["target_instances"] > 1 else ""
         elif exit_.error is not None:
             new = JOB_STATUS.FAILED
             exc_type = exit_.error["exc_type"].removeprefix("builtins.")
@@ -454,10 +535,13 @@ class ControlPlane:
                 msg = f"MemoryError: {self._memory_hint(job)} ({logs_hint})"
         else:
             code = exit_.exit_code
-            why = f" (killed by signal {-code}: {_SIGNALS.get(-code, '')})" if code is not None and code < 0 else ""
+            why = _signal_hint(code)
             tail = "\n".join(exit_.log_tail)
             new = JOB_STATUS.FAILED
             msg = f"instance exited with code {code}{why}; {logs_hint}" + (f"\nlast log lines:\n{tail}" if tail else "")
+        notes = job["message"] if job["target_instances"] > 1 and job["status"] == JOB_STATUS.RUNNING.value else ""
+        if notes and new != JOB_STATUS.DONE:
+            msg = f"{msg}\n{notes}"
         try:
             self.store.transition(job_id, new, expected=[JOB_STATUS(job["status"])] if job["status"] in (
                 JOB_STATUS.RUNNING.value, JOB_STATUS.CANCELLING.value) else None, message=msg)
@@ -496,7 +580,20 @@ class ControlPlane:
             {k: i[k] for k in ("instance_id", "status", "exit_code", "started_time", "ended_time")}
             for i in self.store.instances_of(job["id"])
         ]
+        view["parallel"] = bool(job["spec"].get("parallel"))
         return view
+
+    def ray_info(self, ref: str) -> dict[str, Any]:
+        """A running multi-node job's Ray addresses (GCS, dashboard) as its head wrote them."""
+        job = self.resolve(ref)
+        head = next((i for i in self.store.instances_of(job["id"]) if i["instance_id"] == 0), None)
+        if job["target_instances"] < 2 or job["spec"].get("parallel"):
+            raise InvalidArgumentError(f"job {job['id']} runs no Ray cluster (only multi-node jobs without "
+                                       "parallel=True do)")
+        info = None
+        if head and head["handle"] and head["status"] in ("STARTING", "RUNNING"):
+            info = self.provider(job["compute_pool"]).ray_info(InstanceHandle.from_dict(head["handle"]))
+        return {"job_id": job["id"], "status": job["status"], **(info or {"gcs_address": None, "dashboard_url": None})}
 
     def get_job(self, ref: str) -> dict[str, Any]:
         return self.job_view(self.resolve(ref))
@@ -527,12 +624,14 @@ class ControlPlane:
         self.notifier.notify(job["id"])
         return self.get_job(job["id"])
 
-    def result(self, ref: str) -> bytes | None:
+    def result(self, ref: str, instance_id: int | None = None) -> bytes | None:
+        """The job's result envelope, or one instance's (parallel multi-node jobs)."""
         job = self.resolve(ref)
         if job["status"] not in {s.value for s in TERMINAL}:
             raise InvalidTransitionError(job["id"], job["status"], "a result (the job has not finished)")
         stage = self.stage(job["stage_name"])
-        path = StagePaths(job["id"]).result
+        paths = StagePaths(job["id"])
+        path = paths.result if instance_id is None else paths.instance_result(instance_id)
         return stage.get_bytes(path) if stage.exists(path) else None
 
     def delete(self, ref: str, wait_s: float = 30.0) -> None:
@@ -551,6 +650,10 @@ class ControlPlane:
         shutil.rmtree(self.home.job_work(job["id"]), ignore_errors=True)
         self.store.delete_job(job["id"])
         self.notifier.notify(job["id"])
+
+
+def _signal_hint(code: int | None) -> str:
+    return f" (killed by signal {-code}: {_SIGNALS.get(-code, '')})" if code is not None and code < 0 else ""
 
 
 def _index_hosts(spec: JobSpec) -> list[str]:
