@@ -149,6 +149,41 @@ def test_min_instances_starts_with_the_free_nodes(lite):
 
 
 @needs_netns
+def test_late_instances_join_when_nodes_free_up(lite):
+    mljobs.create_compute_pool("MN", instance_family="CPU_X64_XS", max_nodes=3, session=lite)
+
+    @mljobs.remote("MN", stage_name="st", session=lite)
+    def blocker():
+        import time as t
+
+        t.sleep(600)
+
+    @mljobs.remote("MN", stage_name="st", target_instances=3, min_instances=2, session=lite)
+    def grows():
+        import time as t
+
+        import ray
+
+        ray.init(address="auto")
+        first = len([n for n in ray.nodes() if n["Alive"]])
+        deadline = t.monotonic() + 120
+        while t.monotonic() < deadline and len([n for n in ray.nodes() if n["Alive"]]) < 3:
+            t.sleep(0.2)
+        return first, len([n for n in ray.nodes() if n["Alive"]])
+
+    hold = blocker()
+    wait_status(hold, {"RUNNING"})
+    job = grows()
+    _wait_for_log(job, "running the payload")
+    assert job.instances_ran == 2
+    hold.cancel()  # its node frees up: the running job gets its third instance
+    assert job.result(timeout=180) == (2, 3)
+    assert job.instances_ran == 3
+    assert "joining the Ray cluster at 10.211.0.1:6379 as node 10.211.0.3" in job.get_logs(instance_id=2, verbose=True)
+    assert hold.wait(timeout=60) == JOB_STATUS.CANCELLED
+
+
+@needs_netns
 def test_instances_that_cannot_join_time_out(lite):
     mljobs.create_compute_pool("MN2", instance_family="CPU_X64_XS", max_nodes=2, session=lite)
 

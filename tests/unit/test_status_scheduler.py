@@ -7,7 +7,7 @@ import pytest
 from mljobs.errors import InvalidTransitionError
 from mljobs.providers.base import InstanceExit, InstanceHandle
 from mljobs.server.monitor import reconcile_once
-from mljobs.server.scheduler import pending_reason, plan_starts
+from mljobs.server.scheduler import pending_reason, plan_starts, plan_top_ups
 from mljobs.server.store import Store, utcnow
 from mljobs.spec import JobSpec, PayloadKind, PoolSpec, is_job_id, new_job_id
 from mljobs.status import JOB_STATUS, TERMINAL, can_transition
@@ -43,6 +43,22 @@ def test_plan_is_fifo_and_respects_capacity():
     assert plan_starts(_pool(2), {0}, [_job(1, target=2), _job(2)]) == []
     # all-or-enough: min 1 of target 3 starts with what is free
     assert [s for _, s in plan_starts(_pool(2), set(), [_job(1, target=3, min_=1)])] == [[0, 1]]
+
+
+def test_two_multinode_jobs_never_deadlock():
+    # each needs 2 of 3 nodes: the first takes what it can, the second waits holding nothing
+    plan = plan_starts(_pool(3), set(), [_job(1, target=3, min_=2), _job(2, target=3, min_=2)])
+    assert [(j["id"], s) for j, s in plan] == [("j1", [0, 1, 2])]
+    plan = plan_starts(_pool(4), set(), [_job(1, target=2), _job(2, target=3, min_=2)])
+    assert [(j["id"], s) for j, s in plan] == [("j1", [0, 1]), ("j2", [2, 3])]
+
+
+def test_top_ups_use_only_slots_nobody_queues_for():
+    short = [{**_job(1, target=3, min_=2), "instances_ran": 2}]
+    assert [(j["id"], s) for j, s in plan_top_ups(_pool(3), {0, 1}, [], short)] == [("j1", [2])]
+    assert plan_top_ups(_pool(3), {0, 1}, [_job(2)], short) == []  # a queued job comes first
+    assert plan_top_ups(_pool(3, suspended=True), {0, 1}, [], short) == []
+    assert plan_top_ups(_pool(2), {0, 1}, [], short) == []  # nothing free
 
 
 def test_pending_reason_words():

@@ -250,26 +250,32 @@ class LocalProvider(Provider):
         return self.home.job_run(job_id) / "network.json"
 
     def _network(self, launch: InstanceLaunch) -> dict[str, Any]:
-        """The job's addresses and ports, made when its first instance starts."""
+        """The job's addresses and ports: made when its first instance starts, extended for late
+        instances, and read back from ``network.json`` after a server restart."""
         with self._net_lock:
             net = self._networks.get(launch.job_id)
-            if net is not None:
-                return net
-            k = launch.instance_count
-            if self.use_netns:  # every node its own host: Ray's default ports on every address
-                net = {"netns": True, "addresses": netns.create(launch.job_id, k), "gcs_port": 6379,
-                       "dashboard_port": 8265, "client_port": 10001, "rendezvous_port": 29500,
-                       "node_ports": [{} for _ in range(k)]}
-            else:  # shared loopback: every listening port distinct
-                ports = free_ports(4 + k * len(_NODE_PORT_OPTIONS))
-                head, rest = ports[:4], ports[4:]
-                net = {"netns": False, "addresses": ["127.0.0.1"] * k, "gcs_port": head[0],
-                       "dashboard_port": head[1], "client_port": head[2], "rendezvous_port": head[3],
-                       "node_ports": [dict(zip(_NODE_PORT_OPTIONS, rest[i * len(_NODE_PORT_OPTIONS):]))
-                                      for i in range(k)]}
-            net["started_at"] = time.time()
-            self._network_file(launch.job_id).parent.mkdir(parents=True, exist_ok=True)
-            self._network_file(launch.job_id).write_text(json.dumps(net))
+            path = self._network_file(launch.job_id)
+            if net is None and path.exists():
+                net = json.loads(path.read_text())
+            if net is None:
+                net = {"netns": self.use_netns, "addresses": [], "node_ports": [], "started_at": time.time()}
+                if self.use_netns:  # every node its own host: Ray's default ports on every address
+                    net.update(gcs_port=6379, dashboard_port=8265, client_port=10001, rendezvous_port=29500)
+                else:  # shared loopback: every listening port distinct
+                    net.update(zip(("gcs_port", "dashboard_port", "client_port", "rendezvous_port"), free_ports(4)))
+            have, want = len(net["addresses"]), max(launch.instance_count, launch.instance_id + 1)
+            if want > have:
+                if net["netns"]:
+                    made = netns.create(launch.job_id, want) if have == 0 else netns.add(launch.job_id, range(have, want))
+                    net["addresses"] += made
+                    net["node_ports"] += [{} for _ in range(have, want)]
+                else:
+                    ports = free_ports((want - have) * len(_NODE_PORT_OPTIONS))
+                    net["addresses"] += ["127.0.0.1"] * (want - have)
+                    net["node_ports"] += [dict(zip(_NODE_PORT_OPTIONS, ports[j * len(_NODE_PORT_OPTIONS):]))
+                                          for j in range(want - have)]
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(net))
             self._networks[launch.job_id] = net
             return net
 

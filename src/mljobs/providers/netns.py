@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 
-__all__ = ["unavailable_reason", "namespace", "create", "delete", "pids", "list_job_namespaces", "SUBNET"]
+__all__ = ["unavailable_reason", "namespace", "create", "add", "delete", "pids", "list_job_namespaces", "SUBNET"]
 
 SUBNET = "10.211.0"
 _PREFIX = "mlj-"
@@ -57,18 +57,24 @@ def create(job_id: str, count: int) -> list[str]:
         _ip("netns", "add", sw)
         _ip("-n", sw, "link", "add", "br0", "type", "bridge")
         _ip("-n", sw, "link", "set", "br0", "up")
-        for i in range(count):
-            ns = namespace(job_id, i)
-            _ip("netns", "add", ns)
-            _ip("-n", sw, "link", "add", f"v{i}", "type", "veth", "peer", "name", "eth0", "netns", ns)
-            _ip("-n", sw, "link", "set", f"v{i}", "master", "br0", "up")
-            _ip("-n", ns, "addr", "add", f"{address(i)}/24", "dev", "eth0")
-            _ip("-n", ns, "link", "set", "eth0", "up")
-            _ip("-n", ns, "link", "set", "lo", "up")
+        return add(job_id, range(count))
     except BaseException:
         delete(job_id)
         raise
-    return [address(i) for i in range(count)]
+
+
+def add(job_id: str, instance_ids: range) -> list[str]:
+    """Plug more instances into an existing job network (late instances); their addresses."""
+    sw = namespace(job_id, "sw")
+    for i in instance_ids:
+        ns = namespace(job_id, i)
+        _ip("netns", "add", ns)
+        _ip("-n", sw, "link", "add", f"v{i}", "type", "veth", "peer", "name", "eth0", "netns", ns)
+        _ip("-n", sw, "link", "set", f"v{i}", "master", "br0", "up")
+        _ip("-n", ns, "addr", "add", f"{address(i)}/24", "dev", "eth0")
+        _ip("-n", ns, "link", "set", "eth0", "up")
+        _ip("-n", ns, "link", "set", "lo", "up")
+    return [address(i) for i in instance_ids]
 
 
 def pids(ns: str) -> list[int]:

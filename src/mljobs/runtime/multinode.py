@@ -161,13 +161,15 @@ def wait_for_nodes(mn: dict[str, Any], log: _SysLog) -> int:
 
 
 def _wait_for_port(host: str, port: int, deadline: float) -> bool:
-    while time.time() < deadline:
+    """Whether ``host:port`` accepts a connection before ``deadline`` (tried at least once)."""
+    while True:
         try:
             socket.create_connection((host, port), timeout=0.5).close()
             return True
         except OSError:
+            if time.time() >= deadline:
+                return False
             time.sleep(0.1)
-    return False
 
 
 def run_worker(mn: dict[str, Any], instance_id: int, log: _SysLog) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["plan_starts", "pending_reason"]
+__all__ = ["plan_starts", "plan_top_ups", "pending_reason"]
 
 
 def plan_starts(pool: dict[str, Any], used_slots: set[int], pending: list[dict[str, Any]]) -> list[tuple[dict[str, Any], list[int]]]:
@@ -25,6 +25,25 @@ def plan_starts(pool: dict[str, Any], used_slots: set[int], pending: list[dict[s
         take = min(job["target_instances"], len(free))
         plan.append((job, free[:take]))
         free = free[take:]
+    return plan
+
+
+def plan_top_ups(pool: dict[str, Any], used_slots: set[int], pending: list[dict[str, Any]],
+                 short: list[dict[str, Any]]) -> list[tuple[dict[str, Any], list[int]]]:
+    """Late instances for running multi-node jobs that started with fewer than their target.
+
+    ``short`` are such jobs, oldest first, each with ``instances_ran``. Only slots nobody queues
+    for are used: a pending job always comes first, so topping up never delays the queue.
+    """
+    if pool["suspended"] or pending:
+        return []
+    free = [s for s in range(pool["max_nodes"]) if s not in used_slots]
+    plan = []
+    for job in short:
+        take = min(job["target_instances"] - job["instances_ran"], len(free))
+        if take > 0:
+            plan.append((job, free[:take]))
+            free = free[take:]
     return plan
 
 

@@ -30,7 +30,7 @@ from mljobs.runtime import environment as envs
 from mljobs.runtime.launcher import check_versions
 from mljobs.server.monitor import reconcile_once
 from mljobs.server.notify import Notifier
-from mljobs.server.scheduler import pending_reason, plan_starts
+from mljobs.server.scheduler import pending_reason, plan_starts, plan_top_ups
 from mljobs.server.store import Store, utcnow
 from mljobs.spec import DEFAULT_POOL, INSTANCE_FAMILIES, JobSpec, PayloadKind, PoolSpec, PoolState, check_identifier, check_stage_name, is_job_id, new_job_id
 from mljobs.stages import Stage, parse_stage_path
@@ -393,25 +393,48 @@ class ControlPlane:
                 self.store.insert_instances(job["id"], slots)
                 self._start_instances(job, pool, slots)
                 self.notifier.notify(job["id"])
+            self._top_up(pool)
 
-    def _start_instances(self, job: dict[str, Any], pool: dict[str, Any], slots: list[int]) -> None:
+    def _top_up(self, pool: dict[str, Any]) -> None:
+        """Late instances join running multi-node jobs that started with fewer than their target."""
+        short = [j for j in self.store.list_jobs(0, statuses=[JOB_STATUS.RUNNING.value])
+                 if j["compute_pool"] == pool["name"] and j["target_instances"] > j["instances_ran"]
+                 and not j["spec"].get("parallel") and any(
+                     i["instance_id"] == 0 and i["status"] == "RUNNING" for i in self.store.instances_of(j["id"]))]
+        if not short:
+            return
+        plan = plan_top_ups(pool, self.store.used_slots(pool["name"]), self.store.pending_jobs(pool["name"]),
+                            sorted(short, key=lambda j: j["created_time"]))
+        for job, slots in plan:
+            first = self.store.add_instances(job["id"], slots)
+            if first is not None:
+                self._start_instances(job, pool, slots, first_id=first)
+                self.notifier.notify(job["id"])
+
+    def _start_instances(self, job: dict[str, Any], pool: dict[str, Any], slots: list[int],
+                         first_id: int = 0) -> None:
         spec = JobSpec.from_dict(job["spec"])
         provider = self.provider(pool["name"])
         family = INSTANCE_FAMILIES[pool["instance_family"]]
         stage = self.stage(job["stage_name"])
         environment = self._environment_for(spec)
-        for i, slot in enumerate(slots):
+        count = first_id + len(slots)
+        for i, slot in enumerate(slots, start=first_id):
             env = {"MLJOBS_URL": self.url, "MLJOBS_JOB_ID": job["id"], "MLJOBS_INSTANCE_ID": str(i),
-                   "MLJOBS_INSTANCE_COUNT": str(len(slots)), "MLJOBS_DATABASE": job["database_name"],
+                   "MLJOBS_INSTANCE_COUNT": str(count), "MLJOBS_DATABASE": job["database_name"],
                    "MLJOBS_SCHEMA": job["schema_name"], "MLJOBS_COMPUTE_POOL": pool["name"]}
             if self.settings.token:
                 env["MLJOBS_TOKEN"] = self.settings.token
-            launch = InstanceLaunch(job["id"], i, len(slots), spec, family, slot, stage, env,
+            launch = InstanceLaunch(job["id"], i, count, spec, family, slot, stage, env,
                                     self.settings.grace_period_s, environment)
             try:
                 handle = provider.start(launch)
             except Exception as e:  # noqa: BLE001
                 log.exception("start %s/%d", job["id"], i)
+                if first_id > 0:  # a late instance: the running job goes on without it
+                    self.store.update_instance(job["id"], i, status="EXITED", ended_time=utcnow())
+                    self._append_note(job, f"late instance {i} could not start: {e}")
+                    continue
                 for inst in self.store.instances_of(job["id"]):  # the ones started already stop too
                     if inst["handle"]:
                         provider.cancel(InstanceHandle.from_dict(inst["handle"]), self.settings.grace_period_s)

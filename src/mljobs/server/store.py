@@ -250,18 +250,33 @@ class Store:
         with self.engine.begin() as c:
             c.execute(jobs.update().where(jobs.c.id == job_id).values(message=message))
 
+    def add_instances(self, job_id: str, slots: list[int]) -> int | None:
+        """Late instances for a RUNNING job: their ids follow the last; None if it is not running."""
+        with self.engine.begin() as c:
+            res = c.execute(jobs.update().where(jobs.c.id == job_id, jobs.c.status == JOB_STATUS.RUNNING.value)
+                            .values(instances_ran=jobs.c.instances_ran + len(slots)))
+            if res.rowcount == 0:
+                return None
+            first = c.execute(sa.select(sa.func.count()).select_from(instances)
+                              .where(instances.c.job_id == job_id)).scalar_one()
+            now = utcnow()
+            c.execute(instances.insert(), [
+                {"job_id": job_id, "instance_id": i, "slot": s, "status": "STARTING", "started_time": now}
+                for i, s in enumerate(slots, start=first)])
+            return int(first)
+
     def delete_job(self, job_id: str) -> None:
         with self.engine.begin() as c:
             c.execute(instances.delete().where(instances.c.job_id == job_id))
             c.execute(jobs.delete().where(jobs.c.id == job_id))
 
     # -- instances ----------------------------------------------------------------------------
-    def insert_instances(self, job_id: str, slots: list[int]) -> None:
+    def insert_instances(self, job_id: str, slots: list[int], first_id: int = 0) -> None:
         now = utcnow()
         with self.engine.begin() as c:
             c.execute(instances.insert(), [
                 {"job_id": job_id, "instance_id": i, "slot": s, "status": "STARTING", "started_time": now}
-                for i, s in enumerate(slots)
+                for i, s in enumerate(slots, start=first_id)
             ])
 
     def update_instance(self, job_id: str, instance_id: int, **values: Any) -> None:
