@@ -30,9 +30,11 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from mljobs import logformat
 from mljobs.errors import InstancesUnavailableError
@@ -45,16 +47,64 @@ _WORKER_GCS_GRACE_S = 15  # a raylet exits this long after its head's GCS went a
 _PROGRESS_EVERY_S = 10.0
 
 
-def enter_netns(name: str) -> None:
-    """Move this (single-threaded) process into network namespace ``name`` (``ip netns`` names)."""
+def _setns(fd: int, what: str) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns into {what}: {os.strerror(err)}")
+
+
+def enter_netns(name: str, control_plane: str | None = None) -> threading.Thread | None:
+    """Move this (single-threaded) process into network namespace ``name`` (``ip netns`` names).
+
+    With ``control_plane`` (``http://127.0.0.1:PORT``, the server's own loopback address) the
+    same address keeps working inside the namespace: a socket listening there is served by a
+    thread that stays in the machine's namespace and forwards each connection to the server.
+    Returns that thread, not yet started (start it after any fork)."""
+    host_fd = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     fd = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns into network namespace {name}: {os.strerror(err)}")
+        _setns(fd, f"network namespace {name}")
     finally:
         os.close(fd)
+    target = urlsplit(control_plane or "")
+    if target.hostname not in ("127.0.0.1", "localhost") or not target.port:
+        os.close(host_fd)
+        return None
+    listener = socket.create_server(("127.0.0.1", target.port))  # created here: it lives in `name`
+    return threading.Thread(target=_forward, args=(listener, host_fd, target.port), daemon=True,
+                            name="mljobs-control-plane-forwarder")
+
+
+def _forward(listener: socket.socket, host_fd: int, port: int) -> None:
+    """Accept inside the namespace, connect from the machine's (this thread moves back)."""
+    _setns(host_fd, "the machine's network namespace")
+    os.close(host_fd)
+    while True:
+        inner, _ = listener.accept()
+        try:
+            outer = socket.create_connection(("127.0.0.1", port), timeout=10)
+        except OSError:
+            inner.close()
+            continue
+        outer.settimeout(None)
+        for a, b in ((inner, outer), (outer, inner)):
+            threading.Thread(target=_pump, args=(a, b), daemon=True).start()
+
+
+def _pump(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        src.close()
 
 
 class _SysLog:

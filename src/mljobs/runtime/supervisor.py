@@ -232,13 +232,16 @@ def supervise(launch: dict[str, Any]) -> dict[str, Any]:
                 "ok": False, "exc_type": "mljobs.errors.EnvironmentBuildError", "exc_message": str(e),
                 "traceback": f"mljobs.errors.EnvironmentBuildError: {e}\n", "exc_pickle": None, "exit_code": 1})
             return _finish(launch, log, {"exit_code": 1, "cancelled": False})
+    forwarder = None
     if launch.get("netns"):  # after the install, which may need the outside network
-        multinode.enter_netns(launch["netns"])
+        forwarder = multinode.enter_netns(launch["netns"], launch["env"].get("MLJOBS_URL"))
     pid = os.fork()
     if pid == 0:
         os.close(out_r), os.close(err_r)
         _child(launch, out_w, err_w)
     os.close(out_w), os.close(err_w)
+    if forwarder is not None:  # started after the fork: the child gets no thread
+        forwarder.start()
     sel = selectors.DefaultSelector()
     sel.register(out_r, selectors.EVENT_READ, logformat.OUT)
     sel.register(err_r, selectors.EVENT_READ, logformat.ERR)
