@@ -61,6 +61,30 @@ def _wait_for_log(job, text: str, instance_id: int = 0, timeout: float = 120.0) 
     raise AssertionError(f"{text!r} not in the log of instance {instance_id} of {job.id} after {timeout}s")
 
 
+def _kill_instance(job, instance_id: int) -> None:
+    """SIGKILL an instance's supervisor and everything in its namespace: a node that dies."""
+    victims = netns.pids(netns.namespace(job.id, instance_id))
+    assert victims
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+
+
+def _running_forever(session, instances: int):
+    """A job of ``instances`` nodes whose payload sleeps, once its payload runs."""
+    pool = f"MN{instances}"
+    mljobs.create_compute_pool(pool, instance_family="CPU_X64_XS", max_nodes=instances, session=session)
+
+    @mljobs.remote(pool, stage_name="st", target_instances=instances, session=session)
+    def forever():
+        import time as t
+
+        t.sleep(600)
+
+    job = forever()
+    _wait_for_log(job, "running the payload")
+    return job
+
+
 def _host_listeners() -> list[tuple[str, int, int | None]]:
     """TCP sockets listening in the machine's own namespace (the test's): (address, port, pid)."""
     return [(c.laddr.ip, c.laddr.port, c.pid) for c in psutil.net_connections("tcp") if c.status == "LISTEN"]
@@ -227,10 +251,7 @@ def test_a_killed_worker_is_reported_and_the_job_goes_on(lite):
 
     job = outlive()
     _wait_for_log(job, "running the payload")
-    victims = netns.pids(netns.namespace(job.id, 1))  # the worker's supervisor and its whole Ray node
-    assert victims
-    for pid in victims:
-        os.kill(pid, signal.SIGKILL)
+    _kill_instance(job, 1)  # the worker's supervisor and its whole Ray node
     assert job.result(timeout=180) == 1  # Ray saw the node die; the payload carried on
     assert job.status == JOB_STATUS.DONE
     assert "instance 1 (a worker node) was lost" in job.message
@@ -240,18 +261,8 @@ def test_a_killed_worker_is_reported_and_the_job_goes_on(lite):
 
 @needs_netns
 def test_a_dead_head_is_an_internal_error_and_stops_the_workers(lite):
-    mljobs.create_compute_pool("MN2", instance_family="CPU_X64_XS", max_nodes=2, session=lite)
-
-    @mljobs.remote("MN2", stage_name="st", target_instances=2, session=lite)
-    def forever():
-        import time as t
-
-        t.sleep(600)
-
-    job = forever()
-    _wait_for_log(job, "running the payload")
-    for pid in netns.pids(netns.namespace(job.id, 0)):
-        os.kill(pid, signal.SIGKILL)
+    job = _running_forever(lite, 2)
+    _kill_instance(job, 0)
     assert job.wait(timeout=120) == JOB_STATUS.INTERNAL_ERROR
     assert "node lost" in job.message
     assert "released: the job's head has finished" in job.get_logs(instance_id=1, verbose=True)
@@ -259,16 +270,7 @@ def test_a_dead_head_is_an_internal_error_and_stops_the_workers(lite):
 
 @needs_netns
 def test_cancel_stops_every_instance(lite):
-    mljobs.create_compute_pool("MN", instance_family="CPU_X64_XS", max_nodes=3, session=lite)
-
-    @mljobs.remote("MN", stage_name="st", target_instances=3, session=lite)
-    def forever():
-        import time as t
-
-        t.sleep(600)
-
-    job = forever()
-    _wait_for_log(job, "running the payload")
+    job = _running_forever(lite, 3)
     assert len(_ray_processes()) >= 3
     job.cancel()
     assert wait_status(job, {"CANCELLED"}, timeout=60, allowed={"CANCELLING"}) == "CANCELLED"

@@ -471,11 +471,12 @@ class ControlPlane:
                 return
             if job["target_instances"] > 1:
                 exit_ = self._multinode_outcome(job)
-            self._finish(job, exit_, None)
+            # Clean up first, so that a job seen ended has nothing of it left on the machine.
             handles = [InstanceHandle.from_dict(i["handle"]) for i in self.store.instances_of(job["id"]) if i["handle"]]
             for h in handles or [handle]:
                 provider.cleanup(h)
             provider.finish_job(job["id"])
+            self._finish(job, exit_, None)
         self.schedule(pool)
 
     # -- multi-node ---------------------------------------------------------------------------
