@@ -56,6 +56,9 @@ class ControlPlane:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
+        # Pools that may hold a running job with fewer instances than its target (None: unknown,
+        # as after a start), so that scheduling asks the store about late instances only then.
+        self._maybe_short: set[str] | None = None
 
     # -- life ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -391,20 +394,23 @@ class ControlPlane:
                 except InvalidTransitionError:
                     continue  # cancelled meanwhile
                 self.store.insert_instances(job["id"], slots)
+                if len(slots) < job["target_instances"] and self._maybe_short is not None:
+                    self._maybe_short.add(pool["name"])
                 self._start_instances(job, pool, slots)
                 self.notifier.notify(job["id"])
-            self._top_up(pool)
+            if self._maybe_short is None or pool["name"] in self._maybe_short:
+                self._top_up(pool)
 
     def _top_up(self, pool: dict[str, Any]) -> None:
         """Late instances join running multi-node jobs that started with fewer than their target."""
-        short = [j for j in self.store.list_jobs(0, statuses=[JOB_STATUS.RUNNING.value])
-                 if j["compute_pool"] == pool["name"] and j["target_instances"] > j["instances_ran"]
-                 and not j["spec"].get("parallel") and any(
-                     i["instance_id"] == 0 and i["status"] == "RUNNING" for i in self.store.instances_of(j["id"]))]
+        short = [j for j in self.store.short_jobs(pool["name"]) if not j["spec"].get("parallel") and any(
+            i["instance_id"] == 0 and i["status"] == "RUNNING" for i in self.store.instances_of(j["id"]))]
         if not short:
+            if self._maybe_short is None:
+                self._maybe_short = {p["name"] for p in self.store.list_pools() if self.store.short_jobs(p["name"])}
+            self._maybe_short.discard(pool["name"])
             return
-        plan = plan_top_ups(pool, self.store.used_slots(pool["name"]), self.store.pending_jobs(pool["name"]),
-                            sorted(short, key=lambda j: j["created_time"]))
+        plan = plan_top_ups(pool, self.store.used_slots(pool["name"]), self.store.pending_jobs(pool["name"]), short)
         for job, slots in plan:
             first = self.store.add_instances(job["id"], slots)
             if first is not None:
@@ -464,19 +470,20 @@ class ControlPlane:
                 return
             self.store.update_instance(handle.job_id, handle.instance_id, status="EXITED",
                                        exit_code=exit_.exit_code, ended_time=utcnow())
-            live = [i for i in self.store.instances_of(job["id"]) if i["status"] in ("STARTING", "RUNNING")]
+            insts = self.store.instances_of(job["id"])
+            live = [i for i in insts if i["status"] in ("STARTING", "RUNNING")]
             if live:
                 if job["target_instances"] > 1 and job["status"] == JOB_STATUS.RUNNING.value:
                     self._multinode_exit(job, handle.instance_id, exit_, live)
                 return
             if job["target_instances"] > 1:
                 exit_ = self._multinode_outcome(job)
-            # Clean up first, so that a job seen ended has nothing of it left on the machine.
-            handles = [InstanceHandle.from_dict(i["handle"]) for i in self.store.instances_of(job["id"]) if i["handle"]]
-            for h in handles or [handle]:
-                provider.cleanup(h)
+            # Processes and namespaces go first, so that a job seen ended runs nothing any more;
+            # its local files after, off the path to the user's result.
             provider.finish_job(job["id"])
             self._finish(job, exit_, None)
+            for h in [InstanceHandle.from_dict(i["handle"]) for i in insts if i["handle"]] or [handle]:
+                provider.cleanup(h)
         self.schedule(pool)
 
     # -- multi-node ---------------------------------------------------------------------------

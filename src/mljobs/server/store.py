@@ -250,6 +250,14 @@ class Store:
         with self.engine.begin() as c:
             c.execute(jobs.update().where(jobs.c.id == job_id).values(message=message))
 
+    def short_jobs(self, pool: str) -> list[dict[str, Any]]:
+        """RUNNING multi-node jobs of ``pool`` with fewer instances than their target, oldest first."""
+        q = (sa.select(jobs).where(jobs.c.compute_pool == pool, jobs.c.status == JOB_STATUS.RUNNING.value,
+                                   jobs.c.target_instances > jobs.c.instances_ran)
+             .order_by(jobs.c.created_time))
+        with self.engine.connect() as c:
+            return [_row(r) for r in c.execute(q)]
+
     def add_instances(self, job_id: str, slots: list[int]) -> int | None:
         """Late instances for a RUNNING job: their ids follow the last; None if it is not running."""
         with self.engine.begin() as c:
