@@ -29,6 +29,8 @@ _EXPORTS = {
     "MLJobsError": "mljobs.errors", "RemoteError": "mljobs.errors", "JobFailedError": "mljobs.errors",
     "ServerUnavailableError": "mljobs.errors", "VersionMismatchError": "mljobs.errors",
     "InvalidArgumentError": "mljobs.errors", "NotFoundError": "mljobs.errors", "PayloadError": "mljobs.errors",
+    "LocalFileNotFoundError": "mljobs.errors", "AuthenticationError": "mljobs.errors",
+    "PermissionDeniedError": "mljobs.errors", "PayloadTooLargeError": "mljobs.errors",
 }
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
@@ -41,9 +43,10 @@ if TYPE_CHECKING:
                                      drop_external_access_integration, list_compute_pools, list_environments,
                                      list_external_access_integrations, prune_environments)
     from mljobs.client.session import Session, get_active_session
-    from mljobs.errors import (EnvironmentBuildError, InstancesUnavailableError, InvalidArgumentError, JobFailedError,
-                               MLJobsError, NotFoundError, PayloadError, RemoteError, ServerUnavailableError,
-                               VersionMismatchError)
+    from mljobs.errors import (AuthenticationError, EnvironmentBuildError, InstancesUnavailableError,
+                               InvalidArgumentError, JobFailedError, LocalFileNotFoundError, MLJobsError,
+                               NotFoundError, PayloadError, PayloadTooLargeError, PermissionDeniedError,
+                               RemoteError, ServerUnavailableError, VersionMismatchError)
     from mljobs.spec import INSTANCE_FAMILIES, InstanceFamily
     from mljobs.status import JOB_STATUS
 

@@ -31,6 +31,8 @@ app.add_typer(stage_app, name="stage")
 env_app = typer.Typer(help="The server's cache of job environments (pip requirements).", no_args_is_help=True)
 integration_app = typer.Typer(help="External access integrations (named egress policies).", no_args_is_help=True)
 app.add_typer(env_app, name="env")
+user_app = typer.Typer(help="Users and their tokens (admins only, or the server's own machine).", no_args_is_help=True)
+app.add_typer(user_app, name="user")
 app.add_typer(integration_app, name="integration")
 console = Console(width=None if sys.stdout.isatty() else 240)  # no wrapping when piped
 err = Console(stderr=True)
@@ -199,6 +201,28 @@ def submit(ctx: typer.Context, path: Path, pool: str = typer.Option("DEFAULT_POO
         raise typer.Exit(_exit_code(status))
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _duration(text: str) -> float:
+    """``7d``, ``12h``, ``30m``, ``90s`` or plain seconds."""
+    t = text.strip().lower()
+    try:
+        return float(t[:-1]) * _UNITS[t[-1]] if t and t[-1] in _UNITS else float(t)
+    except ValueError:
+        raise errors.InvalidArgumentError(f"--older-than {text!r}: give a duration like 7d, 12h, 30m or 90s") from None
+
+
+@jobs_app.command("prune")
+def jobs_prune(older_than: str = typer.Option(..., "--older-than", help="e.g. 7d, 12h, 30m"),
+               status_: list[str] = typer.Option([], "--status", help="only jobs that ended so, repeatable")) -> None:
+    """Delete finished jobs (yours; an admin's: everyone's) that ended longer ago than --older-than,
+    with their logs and stage files."""
+    body = {"older_than_s": _duration(older_than), "statuses": [s.upper() for s in status_] or None}
+    deleted = _session().request("POST", "/jobs/prune", json=body).json()["deleted"]
+    console.print(f"deleted {len(deleted)} job(s)")
+
+
 @jobs_app.command("list")
 def jobs_list(limit: int = typer.Option(10, help="<= 0: all")) -> None:
     rows = _session().request("GET", "/jobs", params={"limit": limit}).json()
@@ -259,6 +283,56 @@ def delete(job: str) -> None:
 
     delete_job(job)
     console.print(f"deleted {job}")
+
+
+# -- users ------------------------------------------------------------------------------------
+def _live_server(settings: Any) -> str | None:
+    from mljobs.client.embedded import find_server
+
+    return settings.url or find_server(HomePaths(settings.home))
+
+
+@user_app.command("create")
+def user_create(name: str, admin: bool = typer.Option(False, "--admin", help="may manage users, pools and egress")) -> None:
+    """Make a user and print their token (shown this once). Through the running server when one
+    answers (you must be an admin); else straight into this MLJOBS_HOME's (or MLJOBS_DATABASE_URL's)
+    store, which is how the first admin of a shared server is made."""
+    settings = load_settings()
+    if _live_server(settings):
+        made = _session().request("POST", "/users", json={"name": name, "admin": admin}).json()
+    else:
+        from mljobs.server.auth import make_user
+        from mljobs.server.store import Store
+
+        home = HomePaths(settings.home)
+        store = Store(settings.database_url) if settings.database_url else Store.sqlite(home.database)
+        try:
+            store.migrate()
+            made = make_user(store, name, admin)
+        finally:
+            store.close()
+    err.print(f"user {made['name']}{' (admin)' if made['admin'] else ''} created; their token (shown once, "
+              "set it as MLJOBS_TOKEN):")
+    print(made["token"])
+
+
+@user_app.command("list")
+def user_list() -> None:
+    _table(_session().request("GET", "/users").json(), ["name", "admin", "created_time"], "users")
+
+
+@user_app.command("delete")
+def user_delete(name: str) -> None:
+    """Delete a user: their token stops working at once (their jobs stay)."""
+    _session().request("DELETE", f"/users/{name}")
+    console.print(f"deleted user {name}")
+
+
+@app.command("whoami")
+def whoami() -> None:
+    """Who the server takes you for."""
+    me = _session().request("GET", "/whoami").json()
+    console.print(f"{me['name']}" + (" (admin)" if me["admin"] else "") + (f" as job {me['job_id']}" if me["job_id"] else ""))
 
 
 # -- stages -----------------------------------------------------------------------------------

@@ -41,6 +41,9 @@ class Settings:
     # Instances of a multi-node job: "netns" (each its own network namespace and address, needs
     # root and iproute2), "loopback" (shared loopback, distinct ports) or "auto" (netns if possible).
     node_network: str = "auto"
+    job_ttl_days: float = 14.0  # finished jobs, their logs and stage files are removed after this; 0 keeps them
+    max_payload_bytes: int = 1 << 30  # the largest job payload or stage file the server accepts
+    log_keepalive_s: float = 10.0  # a followed log that stays quiet this long gets a keep-alive line
 
 
 def _read_file(home: Path) -> dict[str, Any]:
@@ -75,4 +78,8 @@ def load_settings(home: str | os.PathLike[str] | None = None) -> Settings:
                                 * (1 << 30)),
         install_timeout_s=float(env.get("MLJOBS_INSTALL_TIMEOUT_S") or server.get("install_timeout_s", 900.0)),
         node_network=(env.get("MLJOBS_NODE_NETWORK") or server.get("node_network") or "auto").lower(),
+        job_ttl_days=float(env.get("MLJOBS_JOB_TTL_DAYS") or server.get("job_ttl_days", 14.0)),
+        log_keepalive_s=float(env.get("MLJOBS_LOG_KEEPALIVE_S") or server.get("log_keepalive_s", 10.0)),
+        max_payload_bytes=int(float(env.get("MLJOBS_MAX_PAYLOAD_MB") or server.get("max_payload_mb", 1024))
+                              * (1 << 20)),
     )

@@ -6,6 +6,11 @@ __all__ = [
     "MLJobsError",
     "InvalidArgumentError",
     "NotFoundError",
+    "LocalFileNotFoundError",
+    "AuthenticationError",
+    "PermissionDeniedError",
+    "PayloadTooLargeError",
+    "StoreBusyError",
     "ConflictError",
     "InvalidTransitionError",
     "ServerUnavailableError",
@@ -29,6 +34,26 @@ class InvalidArgumentError(MLJobsError, ValueError):
 
 class NotFoundError(MLJobsError, LookupError):
     """A named job, pool, stage or stage path does not exist."""
+
+
+class LocalFileNotFoundError(NotFoundError, FileNotFoundError):
+    """A local file or folder given to the client does not exist (``except FileNotFoundError`` works)."""
+
+
+class AuthenticationError(MLJobsError):
+    """No credentials, or credentials the server does not know (HTTP 401)."""
+
+
+class PermissionDeniedError(MLJobsError, PermissionError):
+    """The caller is known but may not do this (HTTP 403); the message says who may."""
+
+
+class PayloadTooLargeError(MLJobsError, ValueError):
+    """An upload is larger than the server accepts (HTTP 413); the message names the cap and its setting."""
+
+
+class StoreBusyError(MLJobsError):
+    """The server's database stayed locked or unreachable for too long (HTTP 503); try again."""
 
 
 class ConflictError(MLJobsError):

@@ -9,9 +9,15 @@ from __future__ import annotations
 import datetime as _dt
 from typing import NamedTuple
 
-__all__ = ["LogRecord", "format_record", "parse_record", "render", "OUT", "ERR", "SYS"]
+__all__ = ["LogRecord", "format_record", "parse_record", "render", "OUT", "ERR", "SYS", "KEEPALIVE",
+           "KEEPALIVE_S"]
 
 OUT, ERR, SYS = "out", "err", "sys"
+# A followed log stream sends this line (ASCII SYN, "synchronous idle") when nothing was written
+# for a while (the server's MLJOBS_LOG_KEEPALIVE_S, at most KEEPALIVE_S), so a client tells a
+# quiet job from a dead connection; clients drop it.
+KEEPALIVE = "\x16"
+KEEPALIVE_S = 10.0
 
 
 class LogRecord(NamedTuple):

@@ -15,7 +15,7 @@ from typing import IO, Any
 
 import fsspec
 
-from mljobs.errors import InvalidArgumentError, NotFoundError
+from mljobs.errors import InvalidArgumentError, NotFoundError, PayloadTooLargeError
 from mljobs.spec import check_stage_name
 
 __all__ = ["Stage", "parse_stage_path", "SKIP_NAMES"]
@@ -29,7 +29,7 @@ def skip(name: str) -> bool:
 
 def parse_stage_path(value: str) -> tuple[str, str]:
     """``"@stage/a/b/"`` -> ``("STAGE", "a/b/")``; the error shows the expected form."""
-    if not isinstance(value, str) or not value.startswith("@") or len(value) < 2:
+    if not isinstance(value, str) or not value.startswith("@") or len(value) < 2 or "\x00" in value:
         raise InvalidArgumentError(f"stage path {value!r} must look like '@stage_name/path'")
     name, _, path = value[1:].partition("/")
     clean = posixpath.normpath(path) if path else ""
@@ -68,12 +68,40 @@ class Stage:
         self.fs.makedirs(posixpath.dirname(full), exist_ok=True)
         self.fs.pipe_file(full, data)
 
-    def put_stream(self, path: str, src: IO[bytes]) -> None:
+    def put_stream(self, path: str, src: IO[bytes], max_bytes: int | None = None) -> int:
+        """Copy ``src`` to ``path`` chunk by chunk; more than ``max_bytes`` removes the partial file
+        and raises PayloadTooLargeError. Returns the size written."""
         full = self._p(path)
         self.fs.makedirs(posixpath.dirname(full), exist_ok=True)
-        with self.fs.open(full, "wb") as dst:
-            while chunk := src.read(1 << 20):
-                dst.write(chunk)
+        size = 0
+        try:
+            with self.fs.open(full, "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    size += len(chunk)
+                    if max_bytes is not None and size > max_bytes:
+                        raise PayloadTooLargeError(
+                            f"@{self.name}/{path} is larger than the server accepts ({max_bytes} bytes); an admin "
+                            "raises the cap with MLJOBS_MAX_PAYLOAD_MB")
+                    dst.write(chunk)
+        except BaseException:
+            if self.fs.exists(full):
+                self.fs.rm(full)
+            raise
+        return size
+
+    def iter_chunks(self, path: str, chunk_size: int = 1 << 20) -> Any:
+        """A file's bytes, chunk by chunk (for streaming answers)."""
+        if self.isdir(path):
+            raise InvalidArgumentError(f"@{self.name}/{path} is a folder; `mljobs stage ls @{self.name}/{path}` lists "
+                                       "its files, and each is fetched on its own")
+        f = self.open(path)
+
+        def chunks() -> Any:
+            with f:
+                while chunk := f.read(chunk_size):
+                    yield chunk
+
+        return chunks()
 
     def put_local(self, path: str, local: str | os.PathLike[str]) -> None:
         full = self._p(path)
@@ -130,9 +158,18 @@ class Stage:
             n += 1
         return n
 
-    def extract_tar(self, fileobj: IO[bytes], prefix: str) -> list[str]:
-        """Unpack a tar stream under ``prefix``; refuses members that leave it."""
+    def extract_tar(self, fileobj: IO[bytes], prefix: str, max_bytes: int | None = None) -> list[str]:
+        """Unpack a tar stream under ``prefix``, member by member (never a whole member in memory);
+        refuses members that leave it, and more than ``max_bytes`` in all."""
+        try:
+            return self._extract_tar(fileobj, prefix, max_bytes)
+        except tarfile.TarError as e:
+            raise InvalidArgumentError(f"the payload is not a readable tar archive ({e}); submit it with the "
+                                       "mljobs client (submit_file, submit_directory or @remote)") from None
+
+    def _extract_tar(self, fileobj: IO[bytes], prefix: str, max_bytes: int | None) -> list[str]:
         names = []
+        total = 0
         with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
             for member in tar:
                 if not member.isfile():
@@ -142,7 +179,8 @@ class Stage:
                     raise InvalidArgumentError(f"payload member {member.name!r} leaves the payload folder")
                 f = tar.extractfile(member)
                 assert f is not None  # isfile() above
-                self.put_bytes(f"{prefix.rstrip('/')}/{name}", f.read())
+                left = None if max_bytes is None else max_bytes - total
+                total += self.put_stream(f"{prefix.rstrip('/')}/{name}", f, left)
                 names.append(name)
         return names
 

@@ -23,6 +23,10 @@ def test_unknown_pool(lite):
 def test_missing_file_dir_and_entrypoint(lite, tmp_path):
     with pytest.raises(mljobs.NotFoundError, match="nope.py"):
         mljobs.submit_file(tmp_path / "nope.py", "DEFAULT_POOL", stage_name="s", session=lite)
+    with pytest.raises(FileNotFoundError, match="nope.py"):  # what a Python user catches
+        mljobs.submit_file(tmp_path / "nope.py", "DEFAULT_POOL", stage_name="s", session=lite)
+    with pytest.raises(FileNotFoundError, match="missing.bin"):
+        lite.file.put(tmp_path / "missing.bin", "@s/")
     with pytest.raises(mljobs.NotFoundError, match="nodir"):
         mljobs.submit_directory(tmp_path / "nodir", "DEFAULT_POOL", entrypoint="m.py", stage_name="s", session=lite)
     (tmp_path / "d").mkdir()

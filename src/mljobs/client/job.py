@@ -12,9 +12,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import cloudpickle
+import httpx
 
+from mljobs import logformat
 from mljobs.client.session import Session, get_active_session
-from mljobs.errors import InvalidArgumentError, JobFailedError, NotFoundError, RemoteError, RemoteTraceback
+from mljobs.errors import (InvalidArgumentError, JobFailedError, NotFoundError, RemoteError, RemoteTraceback,
+                           ServerUnavailableError)
 from mljobs.status import JOB_STATUS, TERMINAL
 
 __all__ = ["MLJob", "DistributedResult"]
@@ -197,12 +200,20 @@ class MLJob:
         """Yield log lines as they are written, until the job ends."""
         client = self._session._http()
         params = {**self._log_params(limit, instance_id, verbose), "follow": True}
-        with client.stream("GET", f"/jobs/{self._id}/logs", params=params, timeout=None) as resp:
-            if resp.status_code >= 400:
-                resp.read()
-                raise self._session._error(resp)
-            for line in resp.iter_lines():
-                yield line
+        # the server sends a keep-alive line when the job is quiet, so a silent stream is a dead one
+        timeout = httpx.Timeout(60.0, read=3 * logformat.KEEPALIVE_S)
+        try:
+            with client.stream("GET", f"/jobs/{self._id}/logs", params=params, timeout=timeout) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    raise self._session._error(resp)
+                for line in resp.iter_lines():
+                    if line != logformat.KEEPALIVE:
+                        yield line
+        except httpx.TimeoutException:
+            raise ServerUnavailableError(
+                f"the log stream of job {self._id} went silent for {3 * logformat.KEEPALIVE_S:g} s (not even a "
+                "keep-alive): the server or the connection is gone; call stream_logs again to resume") from None
         if self.status not in TERMINAL:
             raise ConnectionError(f"the log stream of job {self._id} ended before the job did")
 

@@ -8,6 +8,7 @@ import inspect
 import json
 import os
 import sys
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
@@ -17,7 +18,7 @@ import cloudpickle
 from mljobs.client import payload as pl
 from mljobs.client.job import MLJob
 from mljobs.client.session import Session, get_active_session
-from mljobs.errors import InvalidArgumentError, NotFoundError
+from mljobs.errors import InvalidArgumentError, LocalFileNotFoundError
 from mljobs.spec import JobSpec, PayloadKind
 
 if TYPE_CHECKING:  # pandas costs ~0.3 s to import: only the DataFrame-returning calls load it
@@ -56,7 +57,11 @@ def _options(compute_pool: str, stage_name: str, target_instances: int, min_inst
 
 def _submit(session: Session, spec: JobSpec, tar: bytes | None) -> MLJob:
     files = {"payload": ("payload.tar", tar, "application/x-tar")} if tar is not None else None
-    info = session.request("POST", "/jobs", data={"spec": json.dumps(spec.to_dict())}, files=files).json()
+    # one key per submission: if the answer is lost and the request is sent again, the server
+    # returns the job the first request made instead of starting a second one
+    headers = {"Idempotency-Key": uuid.uuid4().hex}
+    info = session.request("POST", "/jobs", data={"spec": json.dumps(spec.to_dict())}, files=files,
+                           headers=headers).json()
     return MLJob(info["id"], session, info)
 
 
@@ -155,7 +160,7 @@ def submit_file(file_path: str | os.PathLike[str], compute_pool: str, *, stage_n
     """
     path = Path(file_path)
     if not path.is_file():
-        raise NotFoundError(f"file {str(file_path)!r} does not exist (or is not a file)")
+        raise LocalFileNotFoundError(f"file {str(file_path)!r} does not exist (or is not a file)")
     session = session or get_active_session()
     opts = _options(compute_pool, stage_name, target_instances, min_instances, pip_requirements,
                     external_access_integrations, env_vars, name, database, schema, session, runtime_environment,
@@ -175,14 +180,14 @@ def submit_directory(dir_path: str | os.PathLike[str], compute_pool: str, *, ent
     """Upload a directory (not ``__pycache__``/``*.pyc``) and run ``entrypoint`` inside it."""
     root = Path(dir_path)
     if not root.is_dir():
-        raise NotFoundError(f"directory {str(dir_path)!r} does not exist (or is not a directory)")
+        raise LocalFileNotFoundError(f"directory {str(dir_path)!r} does not exist (or is not a directory)")
     entry = _entrypoint(entrypoint)
     if len(entry) == 1:
         target = (root / entry[0]).resolve()
         if not target.is_relative_to(root.resolve()):
             raise InvalidArgumentError(f"entrypoint {entry[0]!r} is outside the directory {str(root)!r}")
         if not target.is_file():
-            raise NotFoundError(f"entrypoint {entry[0]!r} does not exist in {str(root)!r}")
+            raise LocalFileNotFoundError(f"entrypoint {entry[0]!r} does not exist in {str(root)!r}")
         entry = [target.relative_to(root.resolve()).as_posix()]
     session = session or get_active_session()
     opts = _options(compute_pool, stage_name, target_instances, min_instances, pip_requirements,

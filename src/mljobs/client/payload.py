@@ -16,7 +16,7 @@ from typing import Any
 
 import cloudpickle
 
-from mljobs.errors import InvalidArgumentError, NotFoundError, PayloadError
+from mljobs.errors import InvalidArgumentError, LocalFileNotFoundError, PayloadError
 from mljobs.paths import FUNCTION_PAYLOAD, IMPORTS_DIR
 from mljobs.stages import skip
 
@@ -130,7 +130,7 @@ def _add_imports(tar: tarfile.TarFile, imports: Iterable[Any]) -> None:
         if not src.exists():
             spec = importlib.util.find_spec(str(path)) if isinstance(path, str) and "/" not in str(path) else None
             if spec is None or not spec.origin:
-                raise NotFoundError(f"imports: {str(path)!r} is neither a local path nor an importable module")
+                raise LocalFileNotFoundError(f"imports: {str(path)!r} is neither a local path nor an importable module")
             src = Path(spec.origin).parent if spec.submodule_search_locations else Path(spec.origin)
         if dotted:
             parts = dotted.split(".")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -36,7 +37,7 @@ class FileOperation:
         """Upload a file, or every file of a folder, to ``@stage/path/`` (a folder) or a file path."""
         src = Path(local_path)
         if not src.exists():
-            raise errors.NotFoundError(f"local path {str(src)!r} does not exist")
+            raise errors.LocalFileNotFoundError(f"local path {str(src)!r} does not exist")
         stage, rel = parse_stage_path(stage_location)
         if src.is_dir():
             files = [(p, p.relative_to(src).as_posix()) for p in sorted(src.rglob("*")) if p.is_file()]
@@ -47,7 +48,8 @@ class FileOperation:
         out = []
         for path, name in files:
             target = f"{base}{name}" if base is not None else rel
-            out.append(self._s.request("PUT", f"/stages/{stage}/files/{target}", content=path.read_bytes()).json())
+            with open(path, "rb") as f:  # streamed in chunks, never read whole
+                out.append(self._s.request("PUT", f"/stages/{stage}/files/{target}", content=_chunks(f)).json())
         return out
 
     def list(self, stage_location: str) -> list[dict[str, Any]]:
@@ -67,9 +69,14 @@ class FileOperation:
             local_rel = name[len(prefix) + 1:] if prefix and name.startswith(prefix + "/") else Path(name).name
             dest = target / local_rel
             dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(self._s.request("GET", f"/stages/{stage}/files/{name}").content)
+            self._s.download(f"/stages/{stage}/files/{name}", dest)
             written.append(str(dest))
         return written
+
+
+def _chunks(f: Any, size: int = 1 << 20) -> Iterator[bytes]:
+    while chunk := f.read(size):
+        yield chunk
 
 
 class Session:
@@ -119,7 +126,8 @@ class Session:
             resp = self._http().request(method, path, timeout=timeout or 60.0, **kw)
         except httpx.TransportError as e:
             where = ("MLJOBS_URL/config" if self._configured_url else f"the embedded server of {self.home.root}")
-            if self._configured_url is None:  # the embedded server went away: start it again once
+            # the embedded server went away before the request reached it: start it again once
+            if self._configured_url is None and isinstance(e, httpx.ConnectError):
                 self._url, self._client = None, None
                 try:
                     resp = self._http().request(method, path, timeout=timeout or 60.0, **kw)
@@ -141,7 +149,7 @@ class Session:
         except ValueError:
             return errors.MLJobsError(f"HTTP {resp.status_code}: {resp.text[:500]}")
         cls = _ERRORS.get(body.get("error", ""), errors.MLJobsError)
-        detail = body.get("detail", resp.text)
+        detail = body.get("message") or body.get("detail", resp.text)  # 422s carry a readable "message"
         if cls is errors.InvalidTransitionError:
             return errors.ConflictError(detail)
         if cls is errors.JobFailedError:
@@ -149,6 +157,23 @@ class Session:
         if not isinstance(detail, str):  # FastAPI validation errors
             return errors.InvalidArgumentError(str(detail))
         return cls(detail)
+
+    def download(self, path: str, dest: Path) -> None:
+        """Stream a GET's body into the file ``dest`` (written whole or not at all)."""
+        tmp = dest.with_name(dest.name + ".part")
+        try:
+            with self._http().stream("GET", path, timeout=60.0) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    raise self._error(resp)
+                with open(tmp, "wb") as f:
+                    for chunk in resp.iter_bytes(1 << 20):
+                        f.write(chunk)
+            os.replace(tmp, dest)
+        except httpx.TransportError as e:
+            raise errors.ServerUnavailableError(f"the download of {path} from {self.url} broke off: {e}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def get_current_database(self) -> str:
         return self.database

@@ -1,20 +1,31 @@
-"""REST routes of the control plane (FastAPI). Logic lives in :mod:`mljobs.server.service`."""
+"""REST routes of the control plane (FastAPI). Logic lives in :mod:`mljobs.server.service`.
+
+Every body is typed (:mod:`mljobs.server.schemas`, and :class:`mljobs.spec.JobSpec` for a
+submission), every route but ``/health`` names its caller (:mod:`mljobs.server.auth`), and files
+(payloads, stage files, results, logs) stream in both directions.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, File, Form, Request, UploadFile
+import sqlalchemy as sa
+from fastapi import Depends, FastAPI, File, Form, Header, Path, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import TypeAdapter, ValidationError
 
-from mljobs import errors
+from mljobs import __version__, errors, logformat
 from mljobs.providers.base import UnsupportedError
-from mljobs.server.logs import follow_lines, read_lines
+from mljobs.server import schemas as S
+from mljobs.server.auth import Principal
+from mljobs.server.logs import follow_lines, iter_lines
 from mljobs.server.service import ControlPlane
 from mljobs.spec import JobSpec
 from mljobs.stages import parse_stage_path
@@ -23,226 +34,315 @@ from mljobs.status import TERMINAL
 __all__ = ["create_app"]
 
 _STATUS = {
-    errors.InvalidArgumentError: 400, errors.PayloadError: 400, errors.VersionMismatchError: 400,
-    UnsupportedError: 400, errors.NotFoundError: 404, errors.ConflictError: 409,
-    errors.InvalidTransitionError: 409,
+    errors.AuthenticationError: 401, errors.PermissionDeniedError: 403, errors.PayloadTooLargeError: 413,
+    errors.StoreBusyError: 503, errors.InvalidArgumentError: 400, errors.PayloadError: 400,
+    errors.VersionMismatchError: 400, UnsupportedError: 400, errors.NotFoundError: 404,
+    errors.ConflictError: 409, errors.InvalidTransitionError: 409,
 }
 _TERMINAL = {s.value for s in TERMINAL}
+_JOB_SPEC = TypeAdapter(JobSpec)
+_SPEC_FIELDS = {f.name for f in dataclasses.fields(JobSpec)}
+_OCTETS = "application/octet-stream"
+_TEXT = "text/plain; charset=utf-8"
+_Limit = Annotated[int, Query(ge=-(2**31), le=10_000_000, description="<= 0: all")]
 
 
-class PoolIn(BaseModel):
-    name: str
-    instance_family: str
-    min_nodes: int = 1
-    max_nodes: int = 1
-    provider: str = "local"
-    if_not_exists: bool = False
+def _error(code: int, exc: Exception, **extra: Any) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if code == 401 else None
+    return JSONResponse({"detail": str(exc), "error": type(exc).__name__, **extra}, status_code=code,
+                        headers=headers)
 
 
-class PoolAlter(BaseModel):
-    suspend: bool | None = None
-    resume: bool | None = None
-    max_nodes: int | None = None
+def _field_errors(e: ValidationError, prefix: tuple[str, ...]) -> list[dict[str, Any]]:
+    return [{**err, "loc": [*prefix, *err["loc"]]} for err in e.errors(include_url=False, include_context=False,
+                                                                         include_input=False)]
 
 
-class IntegrationIn(BaseModel):
-    name: str
-    allowed_hosts: list[str]
-    replace: bool = False
-    if_not_exists: bool = False
+def _describe(errs: Any) -> str:
+    """``spec.env_vars: Input should be a valid dictionary; ...`` from pydantic's error list."""
+    parts = []
+    for err in list(errs)[:5]:
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x not in ("body", "query", "path", "header"))
+        parts.append(f"{loc or 'request'}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts)
 
 
-class PruneIn(BaseModel):
-    max_bytes: int | None = None  # None: down to the server's cap; 0: every idle environment
+_bearer = HTTPBearer(auto_error=False, description="a user's token (`mljobs user create`) or a job's own")
 
 
-class StageIn(BaseModel):
-    name: str
-    url: str | None = None
+def _caller(request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Principal:
+    """The request's principal (a route dependency: routes say ``who: Who``)."""
+    return request.app.state.cp.auth.authenticate(creds.credentials if creds else None)
+
+
+Who = Annotated[Principal, Depends(_caller)]
 
 
 def create_app(cp: ControlPlane, on_shutdown: Any = None) -> FastAPI:
-    app = FastAPI(title="mljobs control plane", version=cp.info()["version"])
+    app = FastAPI(title="mljobs control plane", version=__version__)
+    app.state.cp = cp
     api = "/api/v1"
 
     @app.exception_handler(errors.MLJobsError)
     async def _mljobs_error(_: Request, exc: errors.MLJobsError) -> JSONResponse:
-        code = next((c for t, c in _STATUS.items() if isinstance(exc, t)), 500)
-        return JSONResponse({"detail": str(exc), "error": type(exc).__name__}, status_code=code)
+        return _error(next((c for t, c in _STATUS.items() if isinstance(exc, t)), 500), exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errs = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
+        return JSONResponse({"detail": errs, "error": "InvalidArgumentError", "message": _describe(errs)}, 422)
+
+    @app.exception_handler(sa.exc.OperationalError)
+    async def _store_busy(_: Request, exc: sa.exc.OperationalError) -> JSONResponse:
+        return _error(503, errors.StoreBusyError(
+            f"the server's database did not answer in time ({exc.orig}); nothing was changed, try again"))
 
     @app.middleware("http")
-    async def _auth(request: Request, call_next: Any) -> Any:
-        token = cp.settings.token
-        if token and request.url.path.startswith(api) and request.headers.get("authorization") != f"Bearer {token}":
-            return JSONResponse({"detail": "missing or wrong token (set MLJOBS_TOKEN)", "error": "AuthError"}, 401)
+    async def _cap_uploads(request: Request, call_next: Any) -> Any:
+        """Refuse an upload whose declared size is over the cap before reading any of it."""
+        size = request.headers.get("content-length")
+        if request.method in ("POST", "PUT") and size and size.isdigit() and int(size) > (
+                cp.settings.max_payload_bytes + (1 << 20)):
+            return _error(413, errors.PayloadTooLargeError(
+                f"the request has {int(size)} bytes, more than the server accepts ({cp.settings.max_payload_bytes}); "
+                "an admin raises the cap with MLJOBS_MAX_PAYLOAD_MB"))
         return await call_next(request)
 
     @app.on_event("startup")
     async def _bind() -> None:
         cp.notifier.bind(asyncio.get_running_loop())
 
-    @app.get("/health")
+    @app.get("/health", response_model=S.HealthOut)
     def health() -> dict[str, Any]:
         return {"ok": True, **cp.info()}
 
-    @app.post(api + "/server/shutdown")
-    def shutdown() -> dict[str, Any]:
+    @app.get(api + "/whoami", response_model=S.WhoAmI)
+    def whoami(who: Who) -> dict[str, Any]:
+        return {"name": who.name, "admin": who.admin, "job_id": who.job_id}
+
+    @app.post(api + "/server/shutdown", response_model=S.Ok)
+    def shutdown(who: Who) -> dict[str, Any]:
+        who.require_admin("stopping the server")
         if on_shutdown is None:
             raise errors.ConflictError("this server cannot be stopped over the API")
         on_shutdown()
         return {"ok": True}
 
+    # -- users --------------------------------------------------------------------------------
+    @app.post(api + "/users", response_model=S.UserCreated)
+    def create_user(body: S.UserIn, who: Who) -> dict[str, Any]:
+        return cp.create_user(body.name, body.admin, who)
+
+    @app.get(api + "/users", response_model=list[S.UserOut])
+    def list_users(who: Who) -> list[dict[str, Any]]:
+        return cp.list_users(who)
+
+    @app.delete(api + "/users/{name}", response_model=S.Ok)
+    def delete_user(name: str, who: Who) -> dict[str, Any]:
+        cp.delete_user(name, who)
+        return {"ok": True}
+
     # -- jobs ---------------------------------------------------------------------------------
-    @app.post(api + "/jobs")
-    def submit(spec: str = Form(...), payload: UploadFile | None = File(None)) -> dict[str, Any]:
+    @app.post(api + "/jobs", response_model=S.JobOut)
+    def submit(who: Who, spec: Annotated[str, Form(description="the job's JobSpec, as JSON")],
+               payload: Annotated[UploadFile | None, File(description="a tar of the job's files")] = None,
+               idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> dict[str, Any]:
         try:
-            job_spec = JobSpec.from_dict(json.loads(spec))
-        except (TypeError, json.JSONDecodeError) as e:
-            raise errors.InvalidArgumentError(f"invalid job spec: {e}") from None
-        return cp.submit(job_spec, payload.file if payload is not None else None)
+            job_spec = _JOB_SPEC.validate_json(spec)
+        except ValidationError as e:
+            raise RequestValidationError(_field_errors(e, ("body", "spec"))) from None
+        unknown = sorted(set(json.loads(spec)) - _SPEC_FIELDS)  # valid JSON object by now
+        if unknown:  # a misspelt option is an error, not silently ignored
+            raise RequestValidationError([{"loc": ["body", "spec", k], "msg": "Extra inputs are not permitted",
+                                           "type": "extra_forbidden"} for k in unknown])
+        return cp.submit(job_spec, payload.file if payload is not None else None, who, idempotency_key)
 
-    @app.get(api + "/jobs")
-    def list_jobs(limit: int = 10, database: str | None = None, schema: str | None = None) -> list[dict[str, Any]]:
-        return cp.list_jobs(limit, database, schema)
+    @app.get(api + "/jobs", response_model=list[S.JobSummary])
+    def list_jobs(who: Who, limit: _Limit = 10, database: Annotated[str | None, Query(max_length=255)] = None,
+                  schema: Annotated[str | None, Query(max_length=255)] = None) -> list[dict[str, Any]]:
+        return cp.list_jobs(limit, database, schema, who)
 
-    @app.get(api + "/jobs/{ref}")
-    def get_job(ref: str) -> dict[str, Any]:
-        return cp.get_job(ref)
+    @app.post(api + "/jobs/prune", response_model=S.PrunedJobs)
+    def prune_jobs(body: S.PruneJobsIn, who: Who) -> dict[str, Any]:
+        statuses = [s.value for s in body.statuses] if body.statuses else None
+        return {"deleted": cp.prune_jobs(body.older_than_s, statuses, who)}
 
-    @app.get(api + "/jobs/{ref}/wait")
-    async def wait(ref: str, timeout: float = 30.0) -> dict[str, Any]:
+    @app.get(api + "/jobs/{ref}", response_model=S.JobOut)
+    def get_job(ref: str, who: Who) -> dict[str, Any]:
+        return cp.get_job(ref, who)
+
+    @app.get(api + "/jobs/{ref}/wait", response_model=S.JobOut)
+    async def wait(ref: str, who: Who, timeout: Annotated[float, Query(ge=0, le=300, allow_inf_nan=False)] = 30.0
+                   ) -> dict[str, Any]:
         """Return the job once it is terminal, or when ``timeout`` s pass (long poll)."""
-        job = await run_in_threadpool(cp.resolve, ref)
-        deadline = time.monotonic() + min(max(timeout, 0.0), 300.0)
+        job = await run_in_threadpool(cp.resolve, ref, who)
+        deadline = time.monotonic() + timeout
         while True:
             fut = cp.notifier.register(job["id"])
-            view = await run_in_threadpool(cp.get_job, job["id"])
+            view = await run_in_threadpool(lambda: cp.job_view(cp.store.get_job(job["id"])))
             left = deadline - time.monotonic()
             if view["status"] in _TERMINAL or left <= 0:
                 cp.notifier.discard(job["id"], fut)
                 return view
             await cp.notifier.wait(job["id"], fut, left)
 
-    @app.post(api + "/jobs/{ref}/cancel")
-    def cancel(ref: str) -> dict[str, Any]:
-        return cp.cancel(ref)
+    @app.post(api + "/jobs/{ref}/cancel", response_model=S.JobOut)
+    def cancel(ref: str, who: Who) -> dict[str, Any]:
+        return cp.cancel(ref, who)
 
-    @app.delete(api + "/jobs/{ref}")
-    def delete(ref: str) -> dict[str, Any]:
-        cp.delete(ref)
+    @app.delete(api + "/jobs/{ref}", response_model=S.Ok)
+    def delete(ref: str, who: Who) -> dict[str, Any]:
+        cp.delete(ref, who)
         return {"ok": True}
 
-    @app.get(api + "/jobs/{ref}/results/{instance_id}")
-    def instance_result(ref: str, instance_id: int) -> Response:
-        data = cp.result(ref, instance_id)
-        if data is None:
-            return JSONResponse({"detail": f"instance {instance_id} of job {ref} left no result",
-                                 "error": "NotFoundError"}, 404)
-        return Response(data, media_type="application/octet-stream")
+    @app.get(api + "/jobs/{ref}/results/{instance_id}", response_class=StreamingResponse,
+             responses={200: {"content": {_OCTETS: {}}}})
+    def instance_result(ref: str, instance_id: Annotated[int, Path(ge=0, le=100_000)], who: Who) -> Any:
+        chunks = cp.result(ref, who, instance_id)
+        if chunks is None:
+            return _error(404, errors.NotFoundError(f"instance {instance_id} of job {ref} left no result"))
+        return StreamingResponse(chunks, media_type=_OCTETS)
 
-    @app.get(api + "/jobs/{ref}/ray")
-    def ray_info(ref: str) -> dict[str, Any]:
-        return cp.ray_info(ref)
+    @app.get(api + "/jobs/{ref}/ray", response_model=S.RayInfoOut)
+    def ray_info(ref: str, who: Who) -> dict[str, Any]:
+        return cp.ray_info(ref, who)
 
-    @app.get(api + "/jobs/{ref}/result")
-    def result(ref: str) -> Response:
-        data = cp.result(ref)
-        if data is None:
-            job = cp.resolve(ref)
-            return JSONResponse({"detail": f"job {job['id']} ended {job['status']} without a result: "
-                                 f"{job['message']}", "error": "JobFailedError", "status": job["status"]}, 404)
-        return Response(data, media_type="application/octet-stream")
+    @app.get(api + "/jobs/{ref}/result", response_class=StreamingResponse,
+             responses={200: {"content": {_OCTETS: {}}}})
+    def result(ref: str, who: Who) -> Any:
+        chunks = cp.result(ref, who)
+        if chunks is None:
+            job = cp.resolve(ref, who)
+            exc = errors.JobFailedError(f"job {job['id']} ended {job['status']} without a result: {job['message']}")
+            return _error(404, exc, status=job["status"])
+        return StreamingResponse(chunks, media_type=_OCTETS)
 
-    @app.get(api + "/jobs/{ref}/logs")
-    async def logs(ref: str, instance: int = 0, limit: int = -1, verbose: bool = False,
-                   follow: bool = False) -> Response:
-        job = await run_in_threadpool(cp.resolve, ref)
-        if not 0 <= instance < max(job["target_instances"], 1):
+    @app.get(api + "/jobs/{ref}/logs", response_class=StreamingResponse, responses={200: {"content": {_TEXT: {}}}})
+    async def logs(ref: str, who: Who, instance: Annotated[int, Query(ge=0, le=100_000)] = 0, limit: _Limit = -1,
+                   verbose: bool = False, follow: bool = False) -> StreamingResponse:
+        job = await run_in_threadpool(cp.resolve, ref, who)
+        if instance >= max(job["target_instances"], 1):
             raise errors.InvalidArgumentError(
                 f"instance {instance} does not exist: job {job['id']} has instances 0..{job['target_instances'] - 1}")
         path = cp.home.log_file(job["id"], instance)
         if not follow:
-            lines = await run_in_threadpool(read_lines, path, limit, verbose)
-            return Response("".join(line + "\n" for line in lines), media_type="text/plain; charset=utf-8")
+            return StreamingResponse(iter_lines(path, limit, verbose), media_type=_TEXT)
 
         def finished() -> bool:
-            return cp.store.get_job(job["id"])["status"] in _TERMINAL
+            status = cp.store.job_owner_status(job["id"])
+            return status is None or status[1] in _TERMINAL
 
-        return StreamingResponse(follow_lines(path, finished, verbose, limit), media_type="text/plain; charset=utf-8")
+        keepalive = min(cp.settings.log_keepalive_s, logformat.KEEPALIVE_S)
+        return StreamingResponse(follow_lines(path, finished, verbose, limit, keepalive_s=keepalive), media_type=_TEXT)
 
     # -- pools --------------------------------------------------------------------------------
-    @app.post(api + "/pools")
-    def create_pool(body: PoolIn) -> dict[str, Any]:
+    @app.post(api + "/pools", response_model=S.PoolOut)
+    def create_pool(body: S.PoolIn, who: Who) -> dict[str, Any]:
         return cp.create_pool(body.name, instance_family=body.instance_family, min_nodes=body.min_nodes,
-                              max_nodes=body.max_nodes, provider=body.provider, if_not_exists=body.if_not_exists)
+                              max_nodes=body.max_nodes, provider=body.provider, if_not_exists=body.if_not_exists,
+                              who=who)
 
-    @app.get(api + "/pools")
-    def list_pools() -> list[dict[str, Any]]:
+    @app.get(api + "/pools", response_model=list[S.PoolOut])
+    def list_pools(who: Who) -> list[dict[str, Any]]:
         return cp.list_pools()
 
-    @app.get(api + "/pools/{name}")
-    def describe_pool(name: str) -> dict[str, Any]:
+    @app.get(api + "/pools/{name}", response_model=S.PoolOut)
+    def describe_pool(name: str, who: Who) -> dict[str, Any]:
         return cp.describe_pool(name)
 
-    @app.patch(api + "/pools/{name}")
-    def alter_pool(name: str, body: PoolAlter) -> dict[str, Any]:
-        return cp.alter_pool(name, suspend=body.suspend, resume=body.resume, max_nodes=body.max_nodes)
+    @app.patch(api + "/pools/{name}", response_model=S.PoolOut)
+    def alter_pool(name: str, body: S.PoolAlter, who: Who) -> dict[str, Any]:
+        return cp.alter_pool(name, suspend=body.suspend, resume=body.resume, max_nodes=body.max_nodes, who=who)
 
-    @app.delete(api + "/pools/{name}")
-    def drop_pool(name: str) -> dict[str, Any]:
-        cp.drop_pool(name)
+    @app.delete(api + "/pools/{name}", response_model=S.Ok)
+    def drop_pool(name: str, who: Who) -> dict[str, Any]:
+        cp.drop_pool(name, who)
         return {"ok": True}
 
     # -- external access integrations and job environments -----------------------------------
-    @app.post(api + "/integrations")
-    def create_integration(body: IntegrationIn) -> dict[str, Any]:
+    @app.post(api + "/integrations", response_model=S.IntegrationOut)
+    def create_integration(body: S.IntegrationIn, who: Who) -> dict[str, Any]:
         return cp.create_integration(body.name, body.allowed_hosts, replace=body.replace,
-                                     if_not_exists=body.if_not_exists)
+                                     if_not_exists=body.if_not_exists, who=who)
 
-    @app.get(api + "/integrations")
-    def list_integrations() -> list[dict[str, Any]]:
+    @app.get(api + "/integrations", response_model=list[S.IntegrationOut])
+    def list_integrations(who: Who) -> list[dict[str, Any]]:
         return cp.list_integrations()
 
-    @app.delete(api + "/integrations/{name}")
-    def drop_integration(name: str) -> dict[str, Any]:
-        cp.drop_integration(name)
+    @app.delete(api + "/integrations/{name}", response_model=S.Ok)
+    def drop_integration(name: str, who: Who) -> dict[str, Any]:
+        cp.drop_integration(name, who)
         return {"ok": True}
 
-    @app.get(api + "/environments")
-    def list_environments() -> list[dict[str, Any]]:
+    @app.get(api + "/environments", response_model=list[S.EnvOut])
+    def list_environments(who: Who) -> list[dict[str, Any]]:
         return cp.list_envs()
 
-    @app.post(api + "/environments/prune")
-    def prune_environments(body: PruneIn) -> list[dict[str, Any]]:
-        return cp.prune_envs(body.max_bytes)
+    @app.post(api + "/environments/prune", response_model=list[S.EnvOut])
+    def prune_environments(body: S.PruneEnvsIn, who: Who) -> list[dict[str, Any]]:
+        return cp.prune_envs(body.max_bytes, who)
 
     # -- stages -------------------------------------------------------------------------------
-    @app.get(api + "/stages")
-    def list_stages() -> list[dict[str, Any]]:
-        return cp.store.list_stages()
+    @app.get(api + "/stages", response_model=list[S.StageOut])
+    def list_stages(who: Who) -> list[dict[str, Any]]:
+        return [s for s in cp.store.list_stages() if who.may_use(s["owner"])]
 
-    @app.post(api + "/stages")
-    def create_stage(body: StageIn) -> dict[str, Any]:
-        return cp.create_stage(body.name, body.url)
+    @app.post(api + "/stages", response_model=S.StageOut)
+    def create_stage(body: S.StageIn, who: Who) -> dict[str, Any]:
+        return cp.create_stage(body.name, body.url, who)
 
-    @app.put(api + "/stages/{name}/files/{path:path}")
-    async def put_file(name: str, path: str, request: Request) -> dict[str, Any]:
+    @app.put(api + "/stages/{name}/files/{path:path}", response_model=S.StageFileOut)
+    async def put_file(name: str, path: str, request: Request, who: Who) -> dict[str, Any]:
+        """Write one stage file from the request body, streamed (never held whole)."""
         stage_name, rel = parse_stage_path(f"@{name}/{path}")
         if not rel or rel.endswith("/"):
             raise errors.InvalidArgumentError(f"@{name}/{path}: a file path is needed")
-        data = await request.body()
-        stage = await run_in_threadpool(cp.stage, stage_name)
-        await run_in_threadpool(stage.put_bytes, rel, data)
-        return {"name": rel, "size": len(data)}
+        stage = await run_in_threadpool(cp.stage, stage_name, True, who)
+        reader = _BodyReader(request, asyncio.get_running_loop())
+        size = await run_in_threadpool(stage.put_stream, rel, reader, cp.settings.max_payload_bytes)
+        return {"name": rel, "size": size}
 
-    @app.get(api + "/stages/{name}/files/{path:path}")
-    def get_file(name: str, path: str) -> Response:
+    @app.get(api + "/stages/{name}/files/{path:path}", response_class=StreamingResponse,
+             responses={200: {"content": {_OCTETS: {}}}})
+    def get_file(name: str, path: str, who: Who) -> StreamingResponse:
         stage_name, rel = parse_stage_path(f"@{name}/{path}")
-        return Response(cp.stage(stage_name, create=False).get_bytes(rel), media_type="application/octet-stream")
+        stage = cp.stage(stage_name, create=False, who=who)
+        return StreamingResponse(stage.iter_chunks(rel), media_type=_OCTETS)
 
-    @app.get(api + "/stages/{name}/list")
-    def list_files(name: str, path: str = "") -> list[dict[str, Any]]:
+    @app.get(api + "/stages/{name}/list", response_model=list[S.StageFileOut])
+    def list_files(name: str, who: Who, path: Annotated[str, Query(max_length=4096)] = "") -> list[dict[str, Any]]:
         stage_name, rel = parse_stage_path(f"@{name}/{path}")
-        return cp.stage(stage_name, create=False).list(rel)
+        return cp.stage(stage_name, create=False, who=who).list(rel)
 
     return app
+
+
+class _BodyReader:
+    """A request body as a blocking file (``read``) for a worker thread, fed from the event loop
+    one chunk at a time, so an upload is written as it arrives and never held whole."""
+
+    def __init__(self, request: Request, loop: asyncio.AbstractEventLoop) -> None:
+        self._stream = request.stream().__aiter__()
+        self._loop = loop
+        self._buf = b""
+        self._eof = False
+
+    def read(self, n: int = -1) -> bytes:
+        while not self._eof and (n < 0 or len(self._buf) < n):
+            fut = asyncio.run_coroutine_threadsafe(self._next(), self._loop)
+            chunk = fut.result()
+            if chunk is None:
+                self._eof = True
+            else:
+                self._buf += chunk
+        if n < 0:
+            out, self._buf = self._buf, b""
+        else:
+            out, self._buf = self._buf[:n], self._buf[n:]
+        return out
+
+    async def _next(self) -> bytes | None:
+        try:
+            return await self._stream.__anext__()
+        except StopAsyncIteration:
+            return None

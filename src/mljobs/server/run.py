@@ -18,6 +18,7 @@ from mljobs.config import Settings
 from mljobs.errors import ConflictError
 from mljobs.paths import HomePaths
 from mljobs.server.app import create_app
+from mljobs.server.auth import is_loopback
 from mljobs.server.service import ControlPlane
 from mljobs.server.store import Store
 
@@ -65,12 +66,21 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 0) -> None:
         raise ConflictError(
             f"an mljobs server already runs for MLJOBS_HOME={home.root} (pid {info.get('pid')}, "
             f"{info.get('url')}); `mljobs server stop` stops it") from None
+    store = Store(settings.database_url) if settings.database_url else Store.sqlite(home.database)
+    loopback = is_loopback(host)
+    if not loopback:
+        store.migrate()
+        if not (store.has_users() or settings.token):
+            store.close()
+            raise ConflictError(
+                f"refusing to serve on {host}: a server reachable from other machines needs users, and this one "
+                f"has none. Create an admin first (`mljobs user create NAME --admin` with the same MLJOBS_HOME "
+                f"or MLJOBS_DATABASE_URL prints their token), or bind to 127.0.0.1")
     previous = (read_server_info(home) or {}).get("port")
     sock = _bind(host, port, previous)
     bound = sock.getsockname()[1]
-    url = f"http://{host}:{bound}"
-    store = Store(settings.database_url) if settings.database_url else Store.sqlite(home.database)
-    cp = ControlPlane(settings, store, url)
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{bound}"
+    cp = ControlPlane(settings, store, url, loopback=loopback)
     cp.start()
     stop_jobs = threading.Event()
     server: uvicorn.Server

@@ -7,14 +7,16 @@ transitions keep state right even across processes.
 
 from __future__ import annotations
 
+import datetime as dt
 import fnmatch
-import getpass
 import importlib.util
 import logging
 import os
 import shutil
 import sys
 import threading
+import time
+from collections.abc import Iterator
 from typing import IO, Any
 from urllib.parse import urlsplit
 
@@ -23,11 +25,12 @@ import cloudpickle
 from mljobs import __version__, logformat
 from mljobs.config import Settings
 from mljobs.errors import (ConflictError, InvalidArgumentError, InvalidTransitionError, NotFoundError,
-                           VersionMismatchError)
+                           PermissionDeniedError, VersionMismatchError)
 from mljobs.paths import HomePaths, StagePaths
 from mljobs.providers.base import InstanceExit, InstanceHandle, InstanceLaunch, Provider, UnsupportedError, get_provider_class
 from mljobs.runtime import environment as envs
 from mljobs.runtime.launcher import check_versions
+from mljobs.server.auth import Authenticator, Principal, make_user
 from mljobs.server.monitor import reconcile_once
 from mljobs.server.notify import Notifier
 from mljobs.server.scheduler import pending_reason, plan_starts, plan_top_ups
@@ -42,12 +45,15 @@ log = logging.getLogger("mljobs.server")
 # Built in: the public package index (the simple API and the file host).
 PYPI_ACCESS = ("PYPI_ACCESS", ["pypi.org", "files.pythonhosted.org"])
 DEFAULT_INDEX = "https://pypi.org/simple"
+SYSTEM = Principal("mljobs", admin=True)  # the server acting on its own (shutdown, TTL)
 _SIGNALS = {9: "SIGKILL: out of memory, or killed", 15: "SIGTERM", 11: "SIGSEGV: crashed", 6: "SIGABRT"}
 
 
 class ControlPlane:
-    def __init__(self, settings: Settings, store: Store, url: str = "") -> None:
+    def __init__(self, settings: Settings, store: Store, url: str = "", *, loopback: bool = True) -> None:
         self.settings = settings
+        self.loopback = loopback
+        self.auth: Authenticator  # made by start(), once the store has its tables
         self.home = HomePaths(settings.home)
         self.store = store
         self.url = url
@@ -64,6 +70,7 @@ class ControlPlane:
     def start(self) -> None:
         """Migrate, create the default pool, reattach to live instances, start the monitor."""
         self.store.migrate()
+        self.auth = Authenticator(self.store, loopback=self.loopback, server_token=self.settings.token)
         if self.settings.create_default_pool:
             self.create_pool(DEFAULT_POOL, instance_family="CPU_X64_XS", min_nodes=1,
                              max_nodes=max(1, len(os.sched_getaffinity(0))), if_not_exists=True)
@@ -75,8 +82,15 @@ class ControlPlane:
         self._monitor.start()
 
     def _monitor_loop(self) -> None:
+        next_prune = 0.0
         while not self._stop.wait(5.0):
             self.reconcile(attach=False)
+            ttl_s = self.settings.job_ttl_days * 86400.0
+            if ttl_s > 0 and time.monotonic() >= next_prune:
+                # small batches, so a long backlog never holds the store for long; a full batch
+                # means more are due, so the next one comes at the next tick
+                if len(self.prune_jobs(ttl_s, None, None, limit=100)) < 100:
+                    next_prune = time.monotonic() + min(600.0, ttl_s / 4)
 
     def reconcile(self, attach: bool) -> None:
         live = self.store.live_instances()
@@ -91,7 +105,7 @@ class ControlPlane:
         if cancel_jobs:
             for job in self.store.list_jobs(0, statuses=[s.value for s in ACTIVE]):
                 try:
-                    self.cancel(job["id"])
+                    self.cancel(job["id"], SYSTEM)
                 except Exception:  # noqa: BLE001
                     log.exception("cancel %s on shutdown", job["id"])
         for p in self._providers.values():
@@ -112,18 +126,29 @@ class ControlPlane:
             "pid": os.getpid(),
             "home": str(self.home.root),
             "store": self.store.engine.dialect.name,
+            "auth": "local-admin" if self.auth.anonymous_allowed() else "tokens",
         }
 
     # -- pools --------------------------------------------------------------------------------
     def create_pool(self, name: str, *, instance_family: str, min_nodes: int = 1, max_nodes: int = 1,
-                    provider: str = "local", if_not_exists: bool = False) -> dict[str, Any]:
+                    provider: str = "local", if_not_exists: bool = False,
+                    who: Principal | None = None) -> dict[str, Any]:
+        """Make a pool; ``who`` becomes its owner (None: the server's own, managed by admins)."""
         spec = PoolSpec(name, instance_family, min_nodes, max_nodes, provider)
         cls = get_provider_class(spec.provider)
         if spec.provider not in self._providers:
             self._providers[spec.provider] = cls(self.home, self.settings)
         self._providers[spec.provider].validate_pool(spec)
-        self.store.create_pool(spec, if_not_exists=if_not_exists)
+        self.store.create_pool(spec, if_not_exists=if_not_exists, owner=who.name if who else None)
         return self.describe_pool(spec.name)
+
+    def _check_pool_owner(self, pool: dict[str, Any], who: Principal | None, what: str) -> None:
+        """Only a pool's owner or an admin changes it; the server's own pools only admins."""
+        if who is None or who.admin or (pool["owner"] is not None and pool["owner"] == who.name):
+            return
+        owner = f"user {pool['owner']!r}" if pool["owner"] else "the server (its admins)"
+        raise PermissionDeniedError(f"compute pool {pool['name']} belongs to {owner}: only they or an admin "
+                                    f"may {what} it")
 
     def describe_pool(self, name: str) -> dict[str, Any]:
         pool = self.store.get_pool(check_identifier("compute pool", name))
@@ -138,8 +163,9 @@ class ControlPlane:
         return [self.describe_pool(p["name"]) for p in self.store.list_pools()]
 
     def alter_pool(self, name: str, *, suspend: bool | None = None, resume: bool | None = None,
-                   max_nodes: int | None = None) -> dict[str, Any]:
+                   max_nodes: int | None = None, who: Principal | None = None) -> dict[str, Any]:
         name = check_identifier("compute pool", name)
+        self._check_pool_owner(self.store.get_pool(name), who, "alter")
         if suspend and resume:
             raise InvalidArgumentError("alter_compute_pool: give suspend=True or resume=True, not both")
         values: dict[str, Any] = {}
@@ -160,31 +186,43 @@ class ControlPlane:
         self.schedule(name)
         return self.describe_pool(name)
 
-    def drop_pool(self, name: str) -> None:
-        self.store.drop_pool(check_identifier("compute pool", name))
+    def drop_pool(self, name: str, who: Principal | None = None) -> None:
+        name = check_identifier("compute pool", name)
+        self._check_pool_owner(self.store.get_pool(name), who, "drop")
+        self.store.drop_pool(name)
 
     # -- stages -------------------------------------------------------------------------------
-    def stage(self, name: str, create: bool = True) -> Stage:
+    def stage(self, name: str, create: bool = True, who: Principal | None = None) -> Stage:
+        """A stage by name, made on first use (owned by ``who``); ``who`` must be allowed to use it
+        (None: the server itself)."""
         name = check_stage_name(name)
         row = self.store.get_stage(name)
         if row is None:
             if not create:
                 raise NotFoundError(f"stage @{name} does not exist; stages are created when a job or "
                                     "`mljobs stage put` first uses them")
-            row = self.store.create_stage(name, str(self.home.stage_root(name)))
+            row = self.store.create_stage(name, str(self.home.stage_root(name)), owner=who.name if who else None)
+        if who is not None and not who.may_use(row["owner"]):
+            raise PermissionDeniedError(f"stage @{name} belongs to user {row['owner']!r}; use a stage of your own "
+                                        "(another stage_name) or ask them to share results another way")
         stage = Stage(row["name"], row["url"])
         stage.ensure()
         return stage
 
-    def create_stage(self, name: str, url: str | None = None) -> dict[str, Any]:
+    def create_stage(self, name: str, url: str | None = None, who: Principal | None = None) -> dict[str, Any]:
         name = check_stage_name(name)
-        row = self.store.create_stage(name, url or str(self.home.stage_root(name)), if_not_exists=False)
+        if url is not None and who is not None:  # any fsspec URL reaches the server's files and credentials
+            who.require_admin(f"a stage on {url!r}")
+        row = self.store.create_stage(name, url or str(self.home.stage_root(name)), if_not_exists=False,
+                                      owner=who.name if who else None)
         Stage(row["name"], row["url"]).ensure()
         return row
 
     # -- external access integrations and environments ---------------------------------------
     def create_integration(self, name: str, allowed_hosts: list[str], *, replace: bool = False,
-                           if_not_exists: bool = False) -> dict[str, Any]:
+                           if_not_exists: bool = False, who: Principal | None = None) -> dict[str, Any]:
+        if who is not None:
+            who.require_admin("creating an external access integration")
         name = check_identifier("external access integration", name)
         if not isinstance(allowed_hosts, list) or not allowed_hosts or not all(
                 isinstance(h, str) and h.strip() and "/" not in h for h in allowed_hosts):
@@ -200,7 +238,9 @@ class ControlPlane:
     def list_integrations(self) -> list[dict[str, Any]]:
         return self.store.list_integrations()
 
-    def drop_integration(self, name: str) -> None:
+    def drop_integration(self, name: str, who: Principal | None = None) -> None:
+        if who is not None:
+            who.require_admin("dropping an external access integration")
         name = check_identifier("external access integration", name)
         if name == PYPI_ACCESS[0]:
             raise ConflictError(f"{name} is built in and cannot be dropped")
@@ -212,8 +252,10 @@ class ControlPlane:
     def list_envs(self) -> list[dict[str, Any]]:
         return self.env_cache().entries()
 
-    def prune_envs(self, max_bytes: int | None = None) -> list[dict[str, Any]]:
+    def prune_envs(self, max_bytes: int | None = None, who: Principal | None = None) -> list[dict[str, Any]]:
         """Evict idle environments, least recently used first, down to ``max_bytes`` (0: all idle)."""
+        if who is not None:
+            who.require_admin("pruning the server's environments")
         return self.env_cache().prune(max_bytes, recent_s=0.0)
 
     def _check_egress(self, spec: JobSpec) -> None:
@@ -319,44 +361,57 @@ class ControlPlane:
             raise InvalidArgumentError("the job has no entrypoint")
         return pool
 
-    def submit(self, spec: JobSpec, payload: IO[bytes] | None) -> dict[str, Any]:
-        """Check, store the payload on its stage, record the job PENDING, and schedule it."""
+    def submit(self, spec: JobSpec, payload: IO[bytes] | None, who: Principal,
+               idempotency_key: str | None = None) -> dict[str, Any]:
+        """Check, store the payload on its stage, record the job PENDING, and schedule it.
+
+        The job belongs to ``who``. A second submission with the same ``idempotency_key`` (a
+        client retrying after a lost response) returns the job the first one made.
+        """
+        spec.owner = who.name
+        if idempotency_key:
+            done = self.store.job_by_key(who.name, idempotency_key)
+            if done is not None:
+                return self.job_view(done)
         pool = self._check_submission(spec)
-        stage = self.stage(spec.stage_name)
+        stage = self.stage(spec.stage_name, who=who)
         job_id = new_job_id()
         paths = StagePaths(job_id)
         try:
             if spec.payload_kind == PayloadKind.STAGE:
-                self._copy_stage_payload(spec, stage, paths.app)
+                self._copy_stage_payload(spec, stage, paths.app, who)
             else:
                 if payload is None:
                     raise InvalidArgumentError("the submission carries no payload")
-                names = stage.extract_tar(payload, paths.app)
+                names = stage.extract_tar(payload, paths.app, self.settings.max_payload_bytes)
                 entry = spec.entrypoint[0]
                 if len(spec.entrypoint) == 1 and entry.endswith(".py") and entry not in names:
                     raise InvalidArgumentError(
                         f"entrypoint {entry!r} is not in the uploaded payload ({len(names)} files)")
                 if spec.payload_kind == PayloadKind.DIRECTORY and "requirements.txt" in names:
                     self._add_requirements_file(spec, stage, f"{paths.app}requirements.txt")
-            spec.owner = spec.owner or getpass.getuser()
             self.store.insert_job({
                 "id": job_id, "name": spec.name or job_id, "status": JOB_STATUS.PENDING.value, "message": "",
                 "database_name": spec.database, "schema_name": spec.schema, "owner": spec.owner,
                 "compute_pool": pool["name"], "stage_name": stage.name,
                 "target_instances": spec.target_instances, "min_instances": spec.effective_min_instances,
                 "instances_ran": 0, "spec": spec.to_dict(), "created_time": utcnow(),
+                "idempotency_key": idempotency_key or None,
             })
         except BaseException:
             stage.remove(paths.prefix)
+            first = self.store.job_by_key(who.name, idempotency_key) if idempotency_key else None
+            if first is not None:  # the same submission raced itself: the first one stands
+                return self.job_view(first)
             raise
         self.schedule(pool["name"])
         return self.job_view(self.store.get_job(job_id))
 
-    def _copy_stage_payload(self, spec: JobSpec, dst: Stage, app_prefix: str) -> None:
+    def _copy_stage_payload(self, spec: JobSpec, dst: Stage, app_prefix: str, who: Principal) -> None:
         if not spec.source:
             raise InvalidArgumentError("submit_from_stage needs a source like '@stage/path/'")
         src_name, src_path = parse_stage_path(spec.source)
-        src = self.stage(src_name, create=False)
+        src = self.stage(src_name, create=False, who=who)
         if not src_path or not src.isdir(src_path):
             raise NotFoundError(f"source {spec.source} does not exist (or is not a folder) on stage @{src_name}; "
                                 f"`mljobs stage ls @{src_name}/` lists what is there")
@@ -429,8 +484,7 @@ class ControlPlane:
             env = {"MLJOBS_URL": self.url, "MLJOBS_JOB_ID": job["id"], "MLJOBS_INSTANCE_ID": str(i),
                    "MLJOBS_INSTANCE_COUNT": str(count), "MLJOBS_DATABASE": job["database_name"],
                    "MLJOBS_SCHEMA": job["schema_name"], "MLJOBS_COMPUTE_POOL": pool["name"]}
-            if self.settings.token:
-                env["MLJOBS_TOKEN"] = self.settings.token
+            env["MLJOBS_TOKEN"] = self.auth.job_token(job["id"])  # acts for the owner, never as an admin
             launch = InstanceLaunch(job["id"], i, count, spec, family, slot, stage, env,
                                     self.settings.grace_period_s, environment)
             try:
@@ -589,14 +643,24 @@ class ControlPlane:
                 f"{job['compute_pool']} ({fam.name}); use a pool of a larger family, e.g. a HIGHMEM_* one")
 
     # -- jobs: queries and control ------------------------------------------------------------
-    def resolve(self, ref: str) -> dict[str, Any]:
-        """A job by id or by name (the newest of that name)."""
+    def resolve(self, ref: str, who: Principal) -> dict[str, Any]:
+        """A job of ``who``'s (any job for an admin) by id or by name (the newest of that name).
+
+        Someone else's job is reported as missing, so ids do not leak who runs what.
+        """
         if is_job_id(ref):
-            return self.store.get_job(ref.upper())
-        named = self.store.jobs_named(ref)
+            try:
+                job = self.store.get_job(ref.upper())
+            except NotFoundError:
+                job = None
+            if job is not None and who.may_use(job["owner"]):
+                return job
+            raise NotFoundError(f"job {ref.upper()} does not exist (or is not yours); `mljobs jobs list` shows "
+                                "your jobs")
+        named = self.store.jobs_named(ref, owner=who.owner_filter)
         if not named:
-            raise NotFoundError(f"no job has the id or name {ref!r}; ids look like MLJOB_<uuid>; "
-                                "`mljobs jobs list` shows the jobs")
+            raise NotFoundError(f"no job of yours has the id or name {ref!r}; ids look like MLJOB_<uuid>; "
+                                "`mljobs jobs list` shows your jobs")
         return named[0]
 
     def job_view(self, job: dict[str, Any]) -> dict[str, Any]:
@@ -614,9 +678,9 @@ class ControlPlane:
         view["parallel"] = bool(job["spec"].get("parallel"))
         return view
 
-    def ray_info(self, ref: str) -> dict[str, Any]:
+    def ray_info(self, ref: str, who: Principal) -> dict[str, Any]:
         """A running multi-node job's Ray addresses (GCS, dashboard) as its head wrote them."""
-        job = self.resolve(ref)
+        job = self.resolve(ref, who)
         head = next((i for i in self.store.instances_of(job["id"]) if i["instance_id"] == 0), None)
         if job["target_instances"] < 2 or job["spec"].get("parallel"):
             raise InvalidArgumentError(f"job {job['id']} runs no Ray cluster (only multi-node jobs without "
@@ -626,14 +690,16 @@ class ControlPlane:
             info = self.provider(job["compute_pool"]).ray_info(InstanceHandle.from_dict(head["handle"]))
         return {"job_id": job["id"], "status": job["status"], **(info or {"gcs_address": None, "dashboard_url": None})}
 
-    def get_job(self, ref: str) -> dict[str, Any]:
-        return self.job_view(self.resolve(ref))
+    def get_job(self, ref: str, who: Principal) -> dict[str, Any]:
+        return self.job_view(self.resolve(ref, who))
 
-    def list_jobs(self, limit: int, database: str | None, schema: str | None) -> list[dict[str, Any]]:
-        return [{k: v for k, v in j.items() if k != "spec"} for j in self.store.list_jobs(limit, database, schema)]
+    def list_jobs(self, limit: int, database: str | None, schema: str | None, who: Principal) -> list[dict[str, Any]]:
+        """Newest first: ``who``'s jobs, or everyone's for an admin."""
+        return [{k: v for k, v in j.items() if k != "spec"}
+                for j in self.store.list_jobs(limit, database, schema, owner=who.owner_filter)]
 
-    def cancel(self, ref: str) -> dict[str, Any]:
-        job = self.resolve(ref)
+    def cancel(self, ref: str, who: Principal) -> dict[str, Any]:
+        job = self.resolve(ref, who)
         with self._lock:
             job = self.store.get_job(job["id"])
             if job["status"] == JOB_STATUS.PENDING.value:
@@ -641,46 +707,91 @@ class ControlPlane:
                     self.store.transition(job["id"], JOB_STATUS.CANCELLED, expected=[JOB_STATUS.PENDING],
                                           message="cancelled before it started")
                 except InvalidTransitionError:
-                    return self.cancel(ref)  # it started meanwhile
+                    return self.cancel(ref, who)  # it started meanwhile
             elif job["status"] == JOB_STATUS.RUNNING.value:
                 try:
                     self.store.transition(job["id"], JOB_STATUS.CANCELLING, expected=[JOB_STATUS.RUNNING],
                                           message="cancelling: stopping every process of the job")
                 except InvalidTransitionError:
-                    return self.get_job(job["id"])
+                    return self.job_view(self.store.get_job(job["id"]))
                 provider = self.provider(job["compute_pool"])
                 for inst in self.store.instances_of(job["id"]):
                     if inst["status"] in ("STARTING", "RUNNING") and inst["handle"]:
                         provider.cancel(InstanceHandle.from_dict(inst["handle"]), self.settings.grace_period_s)
         self.notifier.notify(job["id"])
-        return self.get_job(job["id"])
+        return self.job_view(self.store.get_job(job["id"]))
 
-    def result(self, ref: str, instance_id: int | None = None) -> bytes | None:
-        """The job's result envelope, or one instance's (parallel multi-node jobs)."""
-        job = self.resolve(ref)
+    def result(self, ref: str, who: Principal, instance_id: int | None = None) -> Iterator[bytes] | None:
+        """The job's result envelope, or one instance's (parallel multi-node jobs), in chunks."""
+        job = self.resolve(ref, who)
         if job["status"] not in {s.value for s in TERMINAL}:
             raise InvalidTransitionError(job["id"], job["status"], "a result (the job has not finished)")
         stage = self.stage(job["stage_name"])
         paths = StagePaths(job["id"])
         path = paths.result if instance_id is None else paths.instance_result(instance_id)
-        return stage.get_bytes(path) if stage.exists(path) else None
+        return stage.iter_chunks(path) if stage.exists(path) else None
 
-    def delete(self, ref: str, wait_s: float = 30.0) -> None:
+    def delete(self, ref: str, who: Principal, wait_s: float = 30.0) -> None:
         """Stop the job if it runs, then remove it, its logs and its stage files."""
-        job = self.resolve(ref)
+        job = self.resolve(ref, who)
         if job["status"] in {s.value for s in ACTIVE}:
-            self.cancel(job["id"])
+            self.cancel(job["id"], who)
             deadline = utcnow().timestamp() + wait_s
             while self.store.get_job(job["id"])["status"] not in {s.value for s in TERMINAL}:
                 if utcnow().timestamp() > deadline:
                     raise InvalidTransitionError(job["id"], "CANCELLING", "DELETED (still stopping; try again)")
                 self._stop.wait(0.05)
-        self.stage(job["stage_name"]).remove(StagePaths(job["id"]).prefix)
+        self._remove(job)
+
+    def _remove(self, job: dict[str, Any]) -> None:
+        """Remove a finished job: its stage files, logs and local folders, then its record."""
+        try:
+            self.stage(job["stage_name"], create=False).remove(StagePaths(job["id"]).prefix)
+        except NotFoundError:  # its stage is gone already
+            pass
         shutil.rmtree(self.home.job_logs(job["id"]), ignore_errors=True)
         shutil.rmtree(self.home.job_run(job["id"]), ignore_errors=True)
         shutil.rmtree(self.home.job_work(job["id"]), ignore_errors=True)
         self.store.delete_job(job["id"])
         self.notifier.notify(job["id"])
+
+    def prune_jobs(self, older_than_s: float, statuses: list[str] | None, who: Principal | None,
+                   limit: int = 1000) -> list[str]:
+        """Remove up to ``limit`` finished jobs that ended more than ``older_than_s`` ago (only
+        ``who``'s unless an admin or the server itself); returns their ids."""
+        if not older_than_s >= 0:
+            raise InvalidArgumentError(f"older_than must be a duration >= 0, got {older_than_s!r}")
+        bad = [s for s in statuses or [] if s not in {t.value for t in TERMINAL} - {JOB_STATUS.DELETED.value}]
+        if bad:
+            raise InvalidArgumentError(f"status {bad} is not a finished status; use DONE, FAILED, CANCELLED or "
+                                       "INTERNAL_ERROR")
+        before = utcnow() - dt.timedelta(seconds=min(older_than_s, 36500 * 86400.0))
+        owner = who.owner_filter if who is not None else None
+        gone = []
+        for job in self.store.finished_before(before, limit, owner, statuses):
+            self._remove(job)
+            gone.append(job["id"])
+        if gone:
+            log.info("pruned %d finished job(s)", len(gone))
+        return gone
+
+    # -- users --------------------------------------------------------------------------------
+    def create_user(self, name: str, admin: bool, who: Principal | None) -> dict[str, Any]:
+        """Make a user; the answer holds their token, which is shown this once."""
+        if who is not None:
+            who.require_admin("creating users")
+        made = make_user(self.store, name, admin)
+        self.auth.forget()
+        return made
+
+    def list_users(self, who: Principal) -> list[dict[str, Any]]:
+        who.require_admin("listing users")
+        return self.store.list_users()
+
+    def delete_user(self, name: str, who: Principal) -> None:
+        who.require_admin("deleting users")
+        self.store.delete_user(name)
+        self.auth.forget()
 
 
 def _signal_hint(code: int | None) -> str:

@@ -8,6 +8,7 @@ never both move a job, and a terminal state never changes.
 from __future__ import annotations
 
 import datetime as dt
+import secrets as pysecrets
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from alembic.config import Config
 from sqlalchemy.engine import Engine
 
 from mljobs.errors import ConflictError, InvalidTransitionError, NotFoundError
-from mljobs.server.tables import instances, integrations, jobs, pools, stages
+from mljobs.server.tables import instances, integrations, jobs, pools, secrets, stages, users
 from mljobs.spec import PoolSpec
 from mljobs.status import ACTIVE, JOB_STATUS, TERMINAL, can_transition
 
@@ -91,7 +92,7 @@ class Store:
         self.engine.dispose()
 
     # -- pools --------------------------------------------------------------------------------
-    def create_pool(self, spec: PoolSpec, if_not_exists: bool = False) -> bool:
+    def create_pool(self, spec: PoolSpec, if_not_exists: bool = False, owner: str | None = None) -> bool:
         """Insert a pool; False if it existed and ``if_not_exists``; ConflictError otherwise."""
         with self.engine.begin() as c:
             if c.execute(sa.select(pools.c.name).where(pools.c.name == spec.name)).first():
@@ -101,7 +102,7 @@ class Store:
                     f"compute pool {spec.name} already exists; use if_not_exists=True or "
                     f"`mljobs pool drop {spec.name}` first"
                 )
-            c.execute(pools.insert().values(**spec.to_dict(), suspended=False, created_time=utcnow()))
+            c.execute(pools.insert().values(**spec.to_dict(), suspended=False, created_time=utcnow(), owner=owner))
         return True
 
     def get_pool(self, name: str) -> dict[str, Any]:
@@ -143,10 +144,10 @@ class Store:
             r = c.execute(sa.select(stages).where(stages.c.name == name)).first()
         return _row(r) if r else None
 
-    def create_stage(self, name: str, url: str, if_not_exists: bool = True) -> dict[str, Any]:
+    def create_stage(self, name: str, url: str, if_not_exists: bool = True, owner: str | None = None) -> dict[str, Any]:
         try:
             with self.engine.begin() as c:
-                c.execute(stages.insert().values(name=name, url=url, created_time=utcnow()))
+                c.execute(stages.insert().values(name=name, url=url, created_time=utcnow(), owner=owner))
         except sa.exc.IntegrityError:
             if not if_not_exists:
                 raise ConflictError(f"stage {name} already exists") from None
@@ -197,14 +198,31 @@ class Store:
             raise NotFoundError(f"job {job_id} does not exist; `mljobs jobs list` shows the jobs")
         return _row(r)
 
-    def jobs_named(self, name: str) -> list[dict[str, Any]]:
+    def jobs_named(self, name: str, owner: str | None = None) -> list[dict[str, Any]]:
+        """Jobs called ``name``, newest first; only ``owner``'s when given."""
         with self.engine.connect() as c:
             q = sa.select(jobs).where(jobs.c.name == name).order_by(jobs.c.created_time.desc())
+            if owner is not None:
+                q = q.where(jobs.c.owner == owner)
             return [_row(r) for r in c.execute(q)]
 
+    def job_owner_status(self, job_id: str) -> tuple[str, str] | None:
+        """A job's owner and status (one small read, for job tokens)."""
+        with self.engine.connect() as c:
+            r = c.execute(sa.select(jobs.c.owner, jobs.c.status).where(jobs.c.id == job_id)).first()
+        return (r[0], r[1]) if r else None
+
+    def job_by_key(self, owner: str, key: str) -> dict[str, Any] | None:
+        """The job ``owner`` submitted with idempotency key ``key``, if any."""
+        with self.engine.connect() as c:
+            r = c.execute(sa.select(jobs).where(jobs.c.owner == owner, jobs.c.idempotency_key == key)).first()
+        return _row(r) if r else None
+
     def list_jobs(self, limit: int, database: str | None = None, schema: str | None = None,
-                  statuses: Iterable[str] | None = None) -> list[dict[str, Any]]:
+                  statuses: Iterable[str] | None = None, owner: str | None = None) -> list[dict[str, Any]]:
         q = sa.select(jobs).order_by(jobs.c.created_time.desc())
+        if owner is not None:
+            q = q.where(jobs.c.owner == owner)
         if database:
             q = q.where(jobs.c.database_name == database)
         if schema:
@@ -273,6 +291,18 @@ class Store:
                 for i, s in enumerate(slots, start=first)])
             return int(first)
 
+    def finished_before(self, before: dt.datetime, limit: int, owner: str | None = None,
+                        statuses: Iterable[str] | None = None) -> list[dict[str, Any]]:
+        """Terminal jobs completed before ``before``, oldest first, at most ``limit``."""
+        terminal = [s.value for s in TERMINAL]
+        wanted = [s for s in statuses if s in terminal] if statuses else terminal
+        q = (sa.select(jobs).where(jobs.c.status.in_(wanted), jobs.c.completed_time < before)
+             .order_by(jobs.c.completed_time).limit(limit))
+        if owner is not None:
+            q = q.where(jobs.c.owner == owner)
+        with self.engine.connect() as c:
+            return [_row(r) for r in c.execute(q)]
+
     def delete_job(self, job_id: str) -> None:
         with self.engine.begin() as c:
             c.execute(instances.delete().where(instances.c.job_id == job_id))
@@ -324,3 +354,45 @@ class Store:
                 d = out.setdefault(pool, {"nodes_in_use": 0, "queued": 0, "running": 0})
                 d["queued" if status == JOB_STATUS.PENDING.value else "running"] += n
         return out
+
+    # -- users and secrets --------------------------------------------------------------------
+    def create_user(self, name: str, token_hash: str, admin: bool) -> None:
+        try:
+            with self.engine.begin() as c:
+                c.execute(users.insert().values(name=name, token_hash=token_hash, admin=admin, created_time=utcnow()))
+        except sa.exc.IntegrityError:
+            raise ConflictError(f"user {name!r} already exists; `mljobs user delete {name}` first, or pick "
+                                "another name") from None
+
+    def user_by_token_hash(self, token_hash: str) -> dict[str, Any] | None:
+        with self.engine.connect() as c:
+            r = c.execute(sa.select(users).where(users.c.token_hash == token_hash)).first()
+        return _row(r) if r else None
+
+    def list_users(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as c:
+            q = sa.select(users.c.name, users.c.admin, users.c.created_time).order_by(users.c.name)
+            return [_row(r) for r in c.execute(q)]
+
+    def has_users(self) -> bool:
+        with self.engine.connect() as c:
+            return c.execute(sa.select(users.c.name).limit(1)).first() is not None
+
+    def delete_user(self, name: str) -> None:
+        with self.engine.begin() as c:
+            if c.execute(users.delete().where(users.c.name == name)).rowcount == 0:
+                raise NotFoundError(f"user {name!r} does not exist; `mljobs user list` shows the users")
+
+    def secret(self, name: str) -> str:
+        """The server's secret called ``name``, made (random) on first use; every server of a
+        shared database reads the same one."""
+        with self.engine.connect() as c:
+            r = c.execute(sa.select(secrets.c.value).where(secrets.c.name == name)).first()
+        if r is not None:
+            return str(r[0])
+        try:
+            with self.engine.begin() as c:
+                c.execute(secrets.insert().values(name=name, value=pysecrets.token_hex(32)))
+        except sa.exc.IntegrityError:  # another server made it first
+            pass
+        return self.secret(name)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-__all__ = ["metadata", "pools", "jobs", "instances", "stages", "integrations"]
+__all__ = ["metadata", "pools", "jobs", "instances", "stages", "integrations", "users", "secrets"]
 
 metadata = sa.MetaData()
 
@@ -17,6 +17,7 @@ pools = sa.Table(
     sa.Column("provider", sa.String(64), nullable=False),
     sa.Column("suspended", sa.Boolean, nullable=False, default=False),
     sa.Column("created_time", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("owner", sa.String(255)),  # None: made before owners were recorded
 )
 
 jobs = sa.Table(
@@ -37,8 +38,13 @@ jobs = sa.Table(
     sa.Column("created_time", sa.DateTime(timezone=True), nullable=False),
     sa.Column("started_time", sa.DateTime(timezone=True)),
     sa.Column("completed_time", sa.DateTime(timezone=True)),
+    # the client's key for one submission: a retried POST /jobs finds the job it already made
+    sa.Column("idempotency_key", sa.String(255)),
     sa.Index("ix_jobs_pool_status", "compute_pool", "status", "created_time"),
     sa.Index("ix_jobs_created", "created_time"),
+    sa.Index("ix_jobs_owner_idempotency", "owner", "idempotency_key", unique=True),
+    sa.Index("ix_jobs_owner_created", "owner", "created_time"),
+    sa.Index("ix_jobs_status_completed", "status", "completed_time"),
 )
 
 instances = sa.Table(
@@ -58,6 +64,7 @@ stages = sa.Table(
     sa.Column("name", sa.String(255), primary_key=True),
     sa.Column("url", sa.Text, nullable=False),
     sa.Column("created_time", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("owner", sa.String(255)),  # None: shared (made before owners were recorded)
 )
 
 integrations = sa.Table(  # external access integrations: named egress policies
@@ -65,4 +72,18 @@ integrations = sa.Table(  # external access integrations: named egress policies
     sa.Column("name", sa.String(255), primary_key=True),
     sa.Column("allowed_hosts", sa.JSON, nullable=False),
     sa.Column("created_time", sa.DateTime(timezone=True), nullable=False),
+)
+
+users = sa.Table(  # people (and services) with their own tokens; only a SHA-256 of each is kept
+    "users", metadata,
+    sa.Column("name", sa.String(255), primary_key=True),
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("admin", sa.Boolean, nullable=False),
+    sa.Column("created_time", sa.DateTime(timezone=True), nullable=False),
+)
+
+secrets = sa.Table(  # the server's own keys (the one that signs job tokens)
+    "secrets", metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.String(255), nullable=False),
 )

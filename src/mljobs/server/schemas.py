@@ -1,0 +1,201 @@
+"""The REST API's request and response bodies (pydantic), so the OpenAPI schema says what each
+route takes and gives, and a malformed body is a 422 naming the field.
+
+A job's submission is :class:`mljobs.spec.JobSpec` itself (pydantic validates the dataclass);
+the models here are the shapes of everything else.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from mljobs.spec import PayloadKind
+from mljobs.status import JOB_STATUS
+
+__all__ = ["Name", "PoolIn", "PoolAlter", "IntegrationIn", "PruneEnvsIn", "StageIn", "UserIn", "PruneJobsIn",
+           "JobSummary", "JobOut", "InstanceOut", "PoolOut", "IntegrationOut", "StageOut", "StageFileOut",
+           "EnvOut", "UserOut", "UserCreated", "Ok", "RayInfoOut", "HealthOut", "WhoAmI", "PrunedJobs"]
+
+# Names of pools, stages and integrations; the service checks their form and says how to fix it.
+Name = Annotated[str, StringConstraints(min_length=1, max_length=255)]
+_NODES = Field(ge=0, le=100_000)
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt option is an error, not silently ignored
+
+
+class PoolIn(_In):
+    name: Name
+    instance_family: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    min_nodes: Annotated[int, _NODES] = 1
+    max_nodes: Annotated[int, Field(ge=1, le=100_000)] = 1
+    provider: Annotated[str, StringConstraints(min_length=1, max_length=64)] = "local"
+    if_not_exists: bool = False
+
+
+class PoolAlter(_In):
+    suspend: bool | None = None
+    resume: bool | None = None
+    max_nodes: Annotated[int, Field(ge=1, le=100_000)] | None = None
+
+
+class IntegrationIn(_In):
+    name: Name
+    allowed_hosts: Annotated[list[Annotated[str, StringConstraints(min_length=1, max_length=255)]],
+                             Field(min_length=1, max_length=1000)]
+    replace: bool = False
+    if_not_exists: bool = False
+
+
+class PruneEnvsIn(_In):
+    max_bytes: Annotated[int, Field(ge=0)] | None = None  # None: down to the server's cap; 0: every idle one
+
+
+class StageIn(_In):
+    name: Name
+    url: Annotated[str, StringConstraints(min_length=1, max_length=4096)] | None = None
+
+
+class UserIn(_In):
+    name: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    admin: bool = False
+
+
+class PruneJobsIn(_In):
+    older_than_s: Annotated[float, Field(ge=0, le=36500 * 86400.0)]
+    statuses: list[JOB_STATUS] | None = None
+
+
+class InstanceOut(BaseModel):
+    instance_id: int
+    status: str
+    exit_code: int | None = None
+    started_time: dt.datetime | None = None
+    ended_time: dt.datetime | None = None
+
+
+class JobSummary(BaseModel):
+    """A row of ``list_jobs``."""
+
+    id: str
+    name: str
+    status: JOB_STATUS
+    message: str
+    database_name: str
+    schema_name: str
+    owner: str
+    compute_pool: str
+    stage_name: str
+    target_instances: int
+    min_instances: int
+    instances_ran: int
+    created_time: dt.datetime
+    started_time: dt.datetime | None = None
+    completed_time: dt.datetime | None = None
+
+
+class JobOut(JobSummary):
+    """One job, with its instances."""
+
+    payload_kind: PayloadKind | None = None
+    parallel: bool = False
+    instances: list[InstanceOut] = []
+
+
+class PoolOut(BaseModel):
+    name: str
+    instance_family: str
+    min_nodes: int
+    max_nodes: int
+    provider: str
+    suspended: bool
+    created_time: dt.datetime
+    owner: str | None = None
+    state: str
+    nodes_in_use: int
+    queued: int
+    running: int
+    family: str
+    cpus_per_node: int
+    memory_bytes_per_node: int
+    gpus_per_node: int
+
+
+class IntegrationOut(BaseModel):
+    name: str
+    allowed_hosts: list[str]
+    created_time: dt.datetime
+
+
+class StageOut(BaseModel):
+    name: str
+    url: str
+    created_time: dt.datetime
+    owner: str | None = None
+
+
+class StageFileOut(BaseModel):
+    name: str
+    size: int
+
+
+class EnvOut(BaseModel):
+    key: str
+    requirements: list[str]
+    runtime_packages: list[str] = []
+    python: str
+    python_version: str
+    index: dict[str, Any] = {}
+    created: float
+    size_bytes: int
+    path: str
+    last_used: float
+    in_use: bool
+
+
+class UserOut(BaseModel):
+    name: str
+    admin: bool
+    created_time: dt.datetime
+
+
+class UserCreated(BaseModel):
+    name: str
+    admin: bool
+    token: str  # shown this once; the server keeps only its hash
+
+
+class Ok(BaseModel):
+    ok: bool = True
+
+
+class RayInfoOut(BaseModel):
+    job_id: str
+    status: JOB_STATUS
+    gcs_address: str | None = None
+    dashboard_url: str | None = None
+
+
+class HealthOut(BaseModel):
+    ok: bool
+    version: str
+    python: str
+    cloudpickle: str
+    pid: int
+    home: str
+    store: str
+    auth: str  # "local-admin" (no users, loopback) or "tokens"
+
+
+class WhoAmI(BaseModel):
+    name: str
+    admin: bool
+    job_id: str | None = None
+
+
+class PrunedJobs(BaseModel):
+    deleted: list[str]
