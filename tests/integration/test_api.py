@@ -3,10 +3,8 @@ nothing; uploads have a cap; submits are idempotent; logs stream with keep-alive
 
 from __future__ import annotations
 
-import io
 import json
 import socket
-import tarfile
 import threading
 import time
 
@@ -21,19 +19,10 @@ import mljobs
 from mljobs import logformat
 from mljobs.client.job import MLJob
 from mljobs.client.session import Session
+from mljobs.stages import tar_bytes as _tar
 from tests.conftest import ServerProc, assert_no_leftovers
 
 SPEC = {"compute_pool": "DEFAULT_POOL", "stage_name": "api_stage", "payload_kind": "file", "entrypoint": ["m.py"]}
-
-
-def _tar(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
