@@ -81,10 +81,24 @@ class ControlPlane:
     def reconcile(self, attach: bool) -> None:
         live = self.store.live_instances()
         reconcile_once(live, self.provider, lambda j: self.store.get_job(j)["compute_pool"],
-                       self.instance_exited, utcnow(), attach=attach)
+                       self.instance_exited, utcnow(), attach=attach, on_found=self._record_found)
+        # A job whose instances all ended but that is still active: the server died (or its exit
+        # callback failed) between recording the last exit and moving the job. Complete it now,
+        # from what the provider's files say, as instance_exited would have.
         for job in self.store.list_jobs(0, statuses=[JOB_STATUS.CANCELLING.value, JOB_STATUS.RUNNING.value]):
-            if not any(i["status"] in ("STARTING", "RUNNING") for i in self.store.instances_of(job["id"])):
-                self._finish(job, None, None)
+            with self._lock:
+                job = self.store.get_job(job["id"])
+                insts = self.store.instances_of(job["id"])
+                if job["status"] in (JOB_STATUS.CANCELLING.value, JOB_STATUS.RUNNING.value) and not any(
+                        i["status"] in ("STARTING", "RUNNING") for i in insts):
+                    self._complete(job, insts, None)
+                else:
+                    continue
+            self.schedule(job["compute_pool"])
+
+    def _record_found(self, handle: InstanceHandle) -> None:
+        """reconcile_once found a running instance whose handle was never stored."""
+        self.store.update_instance(handle.job_id, handle.instance_id, status="RUNNING", handle=handle.to_dict())
 
     def stop(self, cancel_jobs: bool = False) -> None:
         self._stop.set()
@@ -388,12 +402,8 @@ class ControlPlane:
             pool = self.store.get_pool(pool_name)
             plan = plan_starts(pool, self.store.used_slots(pool["name"]), self.store.pending_jobs(pool["name"]))
             for job, slots in plan:
-                try:
-                    self.store.transition(job["id"], JOB_STATUS.RUNNING, expected=[JOB_STATUS.PENDING],
-                                          message="", started_time=utcnow(), instances_ran=len(slots))
-                except InvalidTransitionError:
+                if not self.store.start_job(job["id"], slots):
                     continue  # cancelled meanwhile
-                self.store.insert_instances(job["id"], slots)
                 if len(slots) < job["target_instances"] and self._maybe_short is not None:
                     self._maybe_short.add(pool["name"])
                 self._start_instances(job, pool, slots)
@@ -476,15 +486,26 @@ class ControlPlane:
                 if job["target_instances"] > 1 and job["status"] == JOB_STATUS.RUNNING.value:
                     self._multinode_exit(job, handle.instance_id, exit_, live)
                 return
-            if job["target_instances"] > 1:
-                exit_ = self._multinode_outcome(job)
-            # Processes and namespaces go first, so that a job seen ended runs nothing any more;
-            # its local files after, off the path to the user's result.
-            provider.finish_job(job["id"])
-            self._finish(job, exit_, None)
-            for h in [InstanceHandle.from_dict(i["handle"]) for i in insts if i["handle"]] or [handle]:
-                provider.cleanup(h)
+            self._complete(job, insts, exit_)
         self.schedule(pool)
+
+    def _complete(self, job: dict[str, Any], insts: list[dict[str, Any]], exit_: InstanceExit | None) -> None:
+        """Every instance of the active ``job`` has ended: finish it and clean up. ``exit_`` None:
+        derive it again from the provider, whose files stay until the job's status is terminal,
+        so a server that dies anywhere in here finishes the job the same way after a restart."""
+        provider = self.provider(job["compute_pool"])
+        handles = [InstanceHandle.from_dict(i["handle"]) for i in insts if i["handle"]]
+        if job["target_instances"] > 1:
+            exit_ = self._multinode_outcome(job)
+        elif exit_ is None:
+            head = next((h for h in handles if h.instance_id == 0 and h.pid is not None), None)
+            exit_ = (provider.poll(head) if head else None) or InstanceExit(None, lost=True)
+        # Processes and namespaces go first, so that a job seen ended runs nothing any more;
+        # its local files after, off the path to the user's result.
+        provider.finish_job(job["id"])
+        self._finish(job, exit_, None)
+        for h in handles or [InstanceHandle(job["id"], 0)]:
+            provider.cleanup(h)
 
     # -- multi-node ---------------------------------------------------------------------------
     def _multinode_exit(self, job: dict[str, Any], instance_id: int, exit_: InstanceExit,

@@ -246,6 +246,22 @@ class Store:
             raise InvalidTransitionError(job_id, current["status"], new.value)
         return current
 
+    def start_job(self, job_id: str, slots: list[int]) -> bool:
+        """PENDING -> RUNNING with its instances recorded STARTING, in one transaction, so that a
+        crash leaves either a queued job or a running one with instances, never a running job
+        without any. False if the job is no longer PENDING (cancelled meanwhile)."""
+        now = utcnow()
+        with self.engine.begin() as c:
+            res = c.execute(jobs.update().where(jobs.c.id == job_id, jobs.c.status == JOB_STATUS.PENDING.value)
+                            .values(status=JOB_STATUS.RUNNING.value, message="", started_time=now,
+                                    instances_ran=len(slots)))
+            if res.rowcount == 0:
+                return False
+            c.execute(instances.insert(), [
+                {"job_id": job_id, "instance_id": i, "slot": s, "status": "STARTING", "started_time": now}
+                for i, s in enumerate(slots)])
+        return True
+
     def set_message(self, job_id: str, message: str) -> None:
         with self.engine.begin() as c:
             c.execute(jobs.update().where(jobs.c.id == job_id).values(message=message))
