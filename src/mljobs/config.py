@@ -41,6 +41,9 @@ class Settings:
     # Instances of a multi-node job: "netns" (each its own network namespace and address, needs
     # root and iproute2), "loopback" (shared loopback, distinct ports) or "auto" (netns if possible).
     node_network: str = "auto"
+    # How long a store write waits for a lock another process holds (SQLite) before the request
+    # fails with 503 ServerUnavailableError.
+    store_busy_timeout_s: float = 30.0
 
 
 def _read_file(home: Path) -> dict[str, Any]:
@@ -75,4 +78,5 @@ def load_settings(home: str | os.PathLike[str] | None = None) -> Settings:
                                 * (1 << 30)),
         install_timeout_s=float(env.get("MLJOBS_INSTALL_TIMEOUT_S") or server.get("install_timeout_s", 900.0)),
         node_network=(env.get("MLJOBS_NODE_NETWORK") or server.get("node_network") or "auto").lower(),
+        store_busy_timeout_s=float(env.get("MLJOBS_STORE_BUSY_TIMEOUT_S") or server.get("store_busy_timeout_s", 30.0)),
     )

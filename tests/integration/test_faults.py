@@ -135,3 +135,135 @@ def test_restart_after_crash_between_spawn_and_recording_the_handle(sqlite_serve
     assert _final(again) == "DONE", again.message
     assert again.result() == {"i": 7, "pid_seen": True}
     assert time.monotonic() - t < 20  # not after the 60 s grace for instances that never started
+
+
+def test_payload_kill9_fails_with_the_signal_and_leaves_nothing(lite, sqlite_server):
+    """kill -9 of the payload process: FAILED naming the signal; its own child goes too."""
+
+    @mljobs.remote("DEFAULT_POOL", stage_name="faults", session=lite)
+    def parent():
+        import subprocess as sp
+        import time as t
+
+        sp.Popen(["sleep", "300"])  # a child the payload leaves behind when it dies
+        print("child started", flush=True)
+        t.sleep(300)
+
+    job = parent()
+    wait_status(job, {"RUNNING"})
+    run_dir = sqlite_server.home / "run" / job.id / "0"
+    deadline = time.monotonic() + 30
+    while "child started" not in job.get_logs():
+        assert time.monotonic() < deadline, job.get_logs()
+        time.sleep(0.05)
+    payload = [p for p in psutil.process_iter(["cmdline"])
+               if " ".join(p.info["cmdline"] or []) == f"mljobs-payload {run_dir}"]
+    assert len(payload) == 1, [p.info for p in psutil.process_iter(["cmdline"]) if job.id in str(p.info["cmdline"])]
+    payload[0].send_signal(signal.SIGKILL)
+    assert _final(job, timeout=30) == "FAILED"
+    assert "signal 9" in job.message and "SIGKILL" in job.message, job.message
+    with pytest.raises(mljobs.JobFailedError):
+        job.result()
+    deadline = time.monotonic() + 15
+    while (left := [p for p in leftover_processes(sqlite_server.home) if "sleep" in " ".join(p.cmdline())]):
+        assert time.monotonic() < deadline, f"the payload's child outlived it: {left}"
+        time.sleep(0.1)
+
+
+_LOCKER = textwrap.dedent("""
+    import sqlite3, sys, time
+    con = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=60)
+    con.execute("BEGIN EXCLUSIVE")
+    print("locked", flush=True)
+    time.sleep(float(sys.argv[2]))
+    con.execute("ROLLBACK")
+""")
+
+
+def _lock_db(srv: ServerProc, seconds: float) -> subprocess.Popen[str]:
+    """Another process holding an exclusive lock on the server's SQLite file for ``seconds``."""
+    proc = subprocess.Popen([sys.executable, "-c", _LOCKER, str(srv.home / "mljobs.db"), str(seconds)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline() == "locked\n"
+    return proc
+
+
+def _locked_store_run(srv: ServerProc, lock_s: float) -> tuple[list, list[tuple[float, object]]]:
+    """A job ends while the store is locked; submits are tried meanwhile. Returns the jobs that
+    were running and each submit's (seconds, job or exception)."""
+    s = mljobs.Session(url=srv.url)
+    _pool(s, "LOCKED", max_nodes=2)
+    nap = _napper(s, "LOCKED")
+    running = [nap(0, 1.5), nap(1, lock_s + 2.0)]  # one ends during the lock, one after it
+    for job in running:
+        wait_status(job, {"RUNNING"})
+    locker = _lock_db(srv, lock_s)
+    tries: list[tuple[float, object]] = []
+    try:
+        for i in (2, 3):
+            t = time.monotonic()
+            try:
+                got: object = nap(i, 0.1)
+            except mljobs.MLJobsError as e:
+                got = e
+            tries.append((time.monotonic() - t, got))
+    finally:
+        assert locker.wait(30) == 0
+    return running, tries
+
+
+def test_sqlite_locked_10s_submits_wait_and_nothing_is_lost(sqlite_server):
+    running, tries = _locked_store_run(sqlite_server, 10.0)
+    # the first submit waits for the lock (30 s busy timeout), the second goes straight through
+    assert 5.0 < tries[0][0] < 20.0 and tries[1][0] < 5.0, tries
+    jobs = running + [got for _, got in tries]
+    for i, job in enumerate(jobs):
+        assert isinstance(job, mljobs.MLJob), job
+        assert _final(job) == "DONE", (job.id, job.message)
+        assert job.result() == {"i": i, "pid_seen": True}
+
+
+def test_sqlite_locked_past_busy_timeout_fails_clearly_and_nothing_is_lost(tmp_path):
+    """With a 2 s busy timeout a 10 s lock makes submits fail with 503 ServerUnavailableError,
+    and the exit the watcher could not record is recorded by reconciliation afterwards."""
+    srv = ServerProc(tmp_path / "home", extra_env={"MLJOBS_STORE_BUSY_TIMEOUT_S": "2"})
+    srv.start()
+    try:
+        running, tries = _locked_store_run(srv, 10.0)
+        for took, got in tries:
+            assert isinstance(got, mljobs.ServerUnavailableError), got
+            assert "store is unavailable" in str(got) and "locked" in str(got), got
+            assert took < 6.0, tries
+        for i, job in enumerate(running):
+            assert _final(job, timeout=60) == "DONE", (job.id, job.message)
+            assert job.result() == {"i": i, "pid_seen": True}
+        s = mljobs.Session(url=srv.url)
+        assert [j for j in mljobs.list_jobs(limit=0, session=s)["status"]] == ["DONE", "DONE"]  # none half-made
+    finally:
+        srv.stop()
+        assert_no_leftovers(srv.home)
+
+
+def test_1000_queued_jobs_on_a_pool_of_2_finish_in_fifo_order(lite):
+    _pool(lite, "QUEUE", max_nodes=2)
+
+    @mljobs.remote("QUEUE", stage_name="faults", session=lite)
+    def square(i: int):
+        return i * i
+
+    n = int(os.environ.get("MLJOBS_QUEUE_JOBS", "1000"))
+    t = time.monotonic()
+    jobs = [square(i) for i in range(n)]
+    for i, job in enumerate(jobs):
+        assert job.wait(timeout=300) == JOB_STATUS.DONE, (job.id, job.message)
+        assert job.result() == i * i
+    took = time.monotonic() - t
+    rows = mljobs.list_jobs(limit=0, session=lite)
+    rows = rows[rows["compute_pool"] == "QUEUE"]
+    assert len(rows) == n and set(rows["status"]) == {"DONE"}
+    views = [lite.request("GET", f"/jobs/{j.id}").json() for j in jobs]
+    created = [v["id"] for v in sorted(views, key=lambda v: v["created_time"])]
+    started = [v["id"] for v in sorted(views, key=lambda v: (v["started_time"], v["created_time"]))]
+    assert created == [j.id for j in jobs]
+    assert started == created, "jobs did not start in the order they were queued"
+    print(f"{n} jobs on a pool of 2: {took:.1f} s ({n / took:.0f} jobs/s)")

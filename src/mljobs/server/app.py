@@ -7,6 +7,7 @@ import json
 import time
 from typing import Any
 
+import sqlalchemy as sa
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -69,6 +70,12 @@ def create_app(cp: ControlPlane, on_shutdown: Any = None) -> FastAPI:
     async def _mljobs_error(_: Request, exc: errors.MLJobsError) -> JSONResponse:
         code = next((c for t, c in _STATUS.items() if isinstance(exc, t)), 500)
         return JSONResponse({"detail": str(exc), "error": type(exc).__name__}, status_code=code)
+
+    @app.exception_handler(sa.exc.OperationalError)
+    async def _store_unavailable(_: Request, exc: sa.exc.OperationalError) -> JSONResponse:
+        # SQLite locked by another process past the busy timeout, or PostgreSQL unreachable.
+        return JSONResponse({"detail": f"the control plane's store is unavailable ({exc.orig}); the request did not "
+                             "complete, try again shortly", "error": "ServerUnavailableError"}, 503)
 
     @app.middleware("http")
     async def _auth(request: Request, call_next: Any) -> Any:

@@ -69,7 +69,8 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 0) -> None:
     sock = _bind(host, port, previous)
     bound = sock.getsockname()[1]
     url = f"http://{host}:{bound}"
-    store = Store(settings.database_url) if settings.database_url else Store.sqlite(home.database)
+    store = (Store(settings.database_url, settings.store_busy_timeout_s) if settings.database_url
+             else Store.sqlite(home.database, settings.store_busy_timeout_s))
     cp = ControlPlane(settings, store, url)
     cp.start()
     stop_jobs = threading.Event()

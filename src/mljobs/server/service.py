@@ -76,7 +76,10 @@ class ControlPlane:
 
     def _monitor_loop(self) -> None:
         while not self._stop.wait(5.0):
-            self.reconcile(attach=False)
+            try:
+                self.reconcile(attach=False)
+            except Exception:  # noqa: BLE001 - a store locked or unreachable for a while: try again later
+                log.exception("reconcile")
 
     def reconcile(self, attach: bool) -> None:
         live = self.store.live_instances()

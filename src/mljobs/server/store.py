@@ -53,11 +53,11 @@ def _row(r: Any) -> dict[str, Any]:
 
 
 class Store:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, busy_timeout_s: float = 30.0) -> None:
         self.url = normalize_url(url)
         if self.url.startswith("sqlite"):
             self.engine: Engine = sa.create_engine(
-                self.url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=8,
+                self.url, connect_args={"check_same_thread": False, "timeout": busy_timeout_s}, pool_size=8,
                 max_overflow=16,
             )
 
@@ -67,15 +67,15 @@ class Store:
                 cur.execute("PRAGMA journal_mode=WAL")
                 cur.execute("PRAGMA synchronous=NORMAL")
                 cur.execute("PRAGMA foreign_keys=ON")
-                cur.execute("PRAGMA busy_timeout=30000")
+                cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
                 cur.close()
         else:
             self.engine = sa.create_engine(self.url, pool_pre_ping=True, pool_size=8, max_overflow=16)
 
     @classmethod
-    def sqlite(cls, path: Path) -> Store:
+    def sqlite(cls, path: Path, busy_timeout_s: float = 30.0) -> Store:
         path.parent.mkdir(parents=True, exist_ok=True)
-        return cls(f"sqlite:///{path}")
+        return cls(f"sqlite:///{path}", busy_timeout_s)
 
     def migrate(self) -> None:
         """Bring the schema to the newest revision (Alembic)."""
