@@ -267,3 +267,42 @@ def test_1000_queued_jobs_on_a_pool_of_2_finish_in_fifo_order(lite):
     assert created == [j.id for j in jobs]
     assert started == created, "jobs did not start in the order they were queued"
     print(f"{n} jobs on a pool of 2: {took:.1f} s ({n / took:.0f} jobs/s)")
+
+
+def test_embedded_server_is_detached_so_stop_is_immediate(tmp_path):
+    """`mljobs server stop` while the process that started the embedded server lives on (a
+    notebook kernel): it returns at once, leaves no zombie, and the starter keeps running."""
+    home = tmp_path / "home"
+    env = dict(os.environ, MLJOBS_HOME=str(home))
+    env.pop("MLJOBS_URL", None)
+    code = textwrap.dedent("""
+        import sys, mljobs
+        s = mljobs.get_active_session()
+        print(s.server_info()["pid"], flush=True)
+        sys.stdin.readline()  # stay alive, as a kernel does
+        print("still here", flush=True)
+    """)
+    starter = subprocess.Popen([sys.executable, "-c", code], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True)
+    try:
+        assert starter.stdout is not None and starter.stdin is not None
+        server_pid = int(starter.stdout.readline())
+        assert server_pid not in [c.pid for c in psutil.Process(starter.pid).children(recursive=True)]
+        t = time.monotonic()
+        subprocess.run([sys.executable, "-m", "mljobs", "server", "stop"], env=env, timeout=60, check=True,
+                       capture_output=True)
+        took = time.monotonic() - t
+        assert took < 10, f"server stop took {took:.1f} s"
+        assert not psutil.pid_exists(server_pid) or psutil.Process(server_pid).status() != psutil.STATUS_ZOMBIE
+        assert not psutil.pid_exists(server_pid), "the server is still there after stop"
+        assert starter.poll() is None, "the starter died"
+        assert not [c for c in psutil.Process(starter.pid).children() if c.status() == psutil.STATUS_ZOMBIE]
+        starter.stdin.write("\n")
+        starter.stdin.flush()
+        assert starter.stdout.readline() == "still here\n"
+        assert starter.wait(30) == 0
+    finally:
+        if starter.poll() is None:
+            starter.kill()
+            starter.wait()
+    assert_no_leftovers(home)
