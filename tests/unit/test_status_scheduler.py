@@ -96,6 +96,19 @@ def test_store_transitions_are_compare_and_set(store):
         store.transition(jid, S.CANCELLED)
 
 
+def test_queue_position_and_start_are_consistent_with_the_queue(store):
+    ids = [_insert(store) for _ in range(5)]
+    assert [j["id"] for j in store.pending_jobs("P")] == ids
+    assert [j["id"] for j in store.pending_jobs("P", limit=2)] == ids[:2]
+    assert [store.jobs_ahead(store.get_job(j)) for j in ids] == [0, 1, 2, 3, 4]
+    assert store.start_job(ids[1], [0, 1])
+    assert not store.start_job(ids[1], [0])  # no longer PENDING
+    assert store.get_job(ids[1])["status"] == "RUNNING" and store.get_job(ids[1])["instances_ran"] == 2
+    assert [i["slot"] for i in store.instances_of(ids[1])] == [0, 1]
+    assert [store.jobs_ahead(store.get_job(j)) for j in ids[2:]] == [1, 2, 3]
+    assert "spec" not in store.list_jobs(0, with_spec=False)[0] and "spec" in store.list_jobs(1)[0]
+
+
 class FakeProvider:
     """Records calls; instances listed in ``ended`` have exited."""
 

@@ -403,7 +403,9 @@ class ControlPlane:
     def schedule(self, pool_name: str) -> None:
         with self._lock:
             pool = self.store.get_pool(pool_name)
-            plan = plan_starts(pool, self.store.used_slots(pool["name"]), self.store.pending_jobs(pool["name"]))
+            # every job started takes a slot, so no more than max_nodes of the queue can start now
+            plan = plan_starts(pool, self.store.used_slots(pool["name"]),
+                               self.store.pending_jobs(pool["name"], limit=pool["max_nodes"]))
             for job, slots in plan:
                 if not self.store.start_job(job["id"], slots):
                     continue  # cancelled meanwhile
@@ -423,7 +425,8 @@ class ControlPlane:
                 self._maybe_short = {p["name"] for p in self.store.list_pools() if self.store.short_jobs(p["name"])}
             self._maybe_short.discard(pool["name"])
             return
-        plan = plan_top_ups(pool, self.store.used_slots(pool["name"]), self.store.pending_jobs(pool["name"]), short)
+        plan = plan_top_ups(pool, self.store.used_slots(pool["name"]), self.store.pending_jobs(pool["name"], limit=1),
+                            short)
         for job, slots in plan:
             first = self.store.add_instances(job["id"], slots)
             if first is not None:
@@ -628,8 +631,7 @@ class ControlPlane:
         view["payload_kind"] = job["spec"].get("payload_kind")
         if job["status"] == JOB_STATUS.PENDING.value:
             pool = self.store.get_pool(job["compute_pool"])
-            queue = self.store.pending_jobs(pool["name"])
-            ahead = next((i for i, j in enumerate(queue) if j["id"] == job["id"]), 0)
+            ahead = self.store.jobs_ahead(job)
             view["message"] = pending_reason(job, pool, len(self.store.used_slots(pool["name"])), ahead)
         view["instances"] = [
             {k: i[k] for k in ("instance_id", "status", "exit_code", "started_time", "ended_time")}
@@ -654,7 +656,7 @@ class ControlPlane:
         return self.job_view(self.resolve(ref))
 
     def list_jobs(self, limit: int, database: str | None, schema: str | None) -> list[dict[str, Any]]:
-        return [{k: v for k, v in j.items() if k != "spec"} for j in self.store.list_jobs(limit, database, schema)]
+        return self.store.list_jobs(limit, database, schema, with_spec=False)
 
     def cancel(self, ref: str) -> dict[str, Any]:
         job = self.resolve(ref)

@@ -203,8 +203,10 @@ class Store:
             return [_row(r) for r in c.execute(q)]
 
     def list_jobs(self, limit: int, database: str | None = None, schema: str | None = None,
-                  statuses: Iterable[str] | None = None) -> list[dict[str, Any]]:
-        q = sa.select(jobs).order_by(jobs.c.created_time.desc())
+                  statuses: Iterable[str] | None = None, with_spec: bool = True) -> list[dict[str, Any]]:
+        """Newest first; ``with_spec=False`` leaves out the spec (the one large column)."""
+        cols = jobs.c if with_spec else [c for c in jobs.c if c.name != "spec"]
+        q = sa.select(*cols).order_by(jobs.c.created_time.desc())
         if database:
             q = q.where(jobs.c.database_name == database)
         if schema:
@@ -216,11 +218,23 @@ class Store:
         with self.engine.connect() as c:
             return [_row(r) for r in c.execute(q)]
 
-    def pending_jobs(self, pool: str) -> list[dict[str, Any]]:
+    def pending_jobs(self, pool: str, limit: int = 0) -> list[dict[str, Any]]:
+        """The pool's queue in order (its first ``limit`` jobs when > 0)."""
         q = (sa.select(jobs).where(jobs.c.compute_pool == pool, jobs.c.status == JOB_STATUS.PENDING.value)
              .order_by(jobs.c.created_time, jobs.c.id))
+        if limit > 0:
+            q = q.limit(limit)
         with self.engine.connect() as c:
             return [_row(r) for r in c.execute(q)]
+
+    def jobs_ahead(self, job: dict[str, Any]) -> int:
+        """How many PENDING jobs of the job's pool come before it in the queue."""
+        t, i = job["created_time"], job["id"]
+        q = (sa.select(sa.func.count()).select_from(jobs)
+             .where(jobs.c.compute_pool == job["compute_pool"], jobs.c.status == JOB_STATUS.PENDING.value,
+                    sa.or_(jobs.c.created_time < t, sa.and_(jobs.c.created_time == t, jobs.c.id < i))))
+        with self.engine.connect() as c:
+            return int(c.execute(q).scalar_one())
 
     def transition(self, job_id: str, new: JOB_STATUS, *, expected: Iterable[JOB_STATUS] | None = None,
                    message: str | None = None, **values: Any) -> dict[str, Any]:
