@@ -44,6 +44,9 @@ class Settings:
     job_ttl_days: float = 14.0  # finished jobs, their logs and stage files are removed after this; 0 keeps them
     max_payload_bytes: int = 1 << 30  # the largest job payload or stage file the server accepts
     log_keepalive_s: float = 10.0  # a followed log that stays quiet this long gets a keep-alive line
+    # How long a store write waits for a lock another process holds (SQLite) before the request
+    # fails with 503 StoreBusyError.
+    store_busy_timeout_s: float = 30.0
 
 
 def _read_file(home: Path) -> dict[str, Any]:
@@ -82,4 +85,5 @@ def load_settings(home: str | os.PathLike[str] | None = None) -> Settings:
         log_keepalive_s=float(env.get("MLJOBS_LOG_KEEPALIVE_S") or server.get("log_keepalive_s", 10.0)),
         max_payload_bytes=int(float(env.get("MLJOBS_MAX_PAYLOAD_MB") or server.get("max_payload_mb", 1024))
                               * (1 << 20)),
+        store_busy_timeout_s=float(env.get("MLJOBS_STORE_BUSY_TIMEOUT_S") or server.get("store_busy_timeout_s", 30.0)),
     )

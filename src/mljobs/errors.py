@@ -52,7 +52,7 @@ class PayloadTooLargeError(MLJobsError, ValueError):
     """An upload is larger than the server accepts (HTTP 413); the message names the cap and its setting."""
 
 
-class StoreBusyError(MLJobsError):
+
     """The server's database stayed locked or unreachable for too long (HTTP 503); try again."""
 
 
@@ -70,6 +70,10 @@ class InvalidTransitionError(MLJobsError):
 
 class ServerUnavailableError(MLJobsError, ConnectionError):
     """The control plane did not answer."""
+
+
+class StoreBusyError(ServerUnavailableError):
+    """The server's database stayed locked or unreachable for too long (HTTP 503); try again."""
 
 
 class VersionMismatchError(MLJobsError):

@@ -96,11 +96,27 @@ def test_store_transitions_are_compare_and_set(store):
         store.transition(jid, S.CANCELLED)
 
 
+def test_queue_position_and_start_are_consistent_with_the_queue(store):
+    ids = [_insert(store) for _ in range(5)]
+    assert [j["id"] for j in store.pending_jobs("P")] == ids
+    assert [j["id"] for j in store.pending_jobs("P", limit=2)] == ids[:2]
+    assert [store.jobs_ahead(store.get_job(j)) for j in ids] == [0, 1, 2, 3, 4]
+    assert store.start_job(ids[1], [0, 1])
+    assert not store.start_job(ids[1], [0])  # no longer PENDING
+    assert store.get_job(ids[1])["status"] == "RUNNING" and store.get_job(ids[1])["instances_ran"] == 2
+    assert [i["slot"] for i in store.instances_of(ids[1])] == [0, 1]
+    assert [store.jobs_ahead(store.get_job(j)) for j in ids[2:]] == [1, 2, 3]
+    assert "spec" not in store.list_jobs(0, with_spec=False)[0] and "spec" in store.list_jobs(1)[0]
+
+
 class FakeProvider:
     """Records calls; instances listed in ``ended`` have exited."""
 
-    def __init__(self, ended):
-        self.ended, self.watched = ended, []
+    def __init__(self, ended, started=None):
+        self.ended, self.watched, self.started = ended, [], started or {}
+
+    def find(self, job_id, instance_id):
+        return self.started.get(job_id)
 
     def watch(self, handle, cb):
         if handle.pid in self.ended:
@@ -122,9 +138,15 @@ def test_reconcile_once_finishes_ended_and_attaches_live():
         {"job_id": "c", "instance_id": 0, "handle": InstanceHandle("c", 0, pid=666).to_dict(), "started_time": now},
         {"job_id": "d", "instance_id": 0, "handle": None, "started_time": now - dt.timedelta(minutes=5)},
         {"job_id": "e", "instance_id": 0, "handle": None, "started_time": now},
+        # started, but the server stopped before it stored the handles: the provider finds them
+        {"job_id": "f", "instance_id": 0, "handle": None, "started_time": now},
+        {"job_id": "g", "instance_id": 0, "handle": None, "started_time": now},
     ]
-    provider = FakeProvider(ended={1, 666})
-    exited = []
-    done = reconcile_once(live, lambda pool: provider, lambda job: "P", exited.append, now, attach=True)
-    assert [h.job_id for h in done] == ["a", "d"]  # c's error is isolated, e is still starting
-    assert provider.watched == [2]
+    provider = FakeProvider(ended={1, 666, 7}, started={"f": InstanceHandle("f", 0, pid=6),
+                                                        "g": InstanceHandle("g", 0, pid=7)})
+    exited, found = [], []
+    done = reconcile_once(live, lambda pool: provider, lambda job: "P", exited.append, now, attach=True,
+                          on_found=found.append)
+    assert [h.job_id for h in done] == ["a", "d", "g"]  # c's error is isolated, e is still starting
+    assert provider.watched == [2, 6]
+    assert [(h.job_id, h.pid) for h in found] == [("f", 6), ("g", 7)]

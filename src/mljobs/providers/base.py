@@ -104,6 +104,11 @@ class Provider(abc.ABC):
     def cleanup(self, handle: InstanceHandle) -> None:
         """Remove the instance's local working files (not its log)."""
 
+    def find(self, job_id: str, instance_id: int) -> InstanceHandle | None:
+        """The handle of an instance this provider started but whose handle the server never
+        stored (it stopped in between), from the provider's own records; None if there is none."""
+        return None
+
     def release(self, handle: InstanceHandle, grace_period_s: float) -> None:
         """Tell a worker instance its head has finished: it stops its node and ends as done."""
         self.cancel(handle, grace_period_s)

@@ -350,6 +350,17 @@ class LocalProvider(Provider):
         p.pid_file.write_text(f"{pid} {started}")
         return InstanceHandle(launch.job_id, launch.instance_id, pid, started, {"cpus": cpus, "gpus": gpus})
 
+    def find(self, job_id: str, instance_id: int) -> InstanceHandle | None:
+        p = self.home.instance(job_id, instance_id)
+        try:
+            pid_text, started_text = p.pid_file.read_text().split()
+            launch = json.loads(p.launch.read_text())
+        except (FileNotFoundError, ValueError):
+            return None  # not started: the pid file is written once the supervisor runs
+        started = None if started_text == "None" else float(started_text)
+        gpus = [int(g) for g in launch["env"].get("CUDA_VISIBLE_DEVICES", "").split(",") if g]
+        return InstanceHandle(job_id, instance_id, int(pid_text), started, {"cpus": launch["cpus"], "gpus": gpus})
+
     def _running(self, handle: InstanceHandle) -> bool:
         if handle.pid is None:
             return False

@@ -23,25 +23,33 @@ def reconcile_once(
     *,
     attach: bool = False,
     starting_grace: dt.timedelta = dt.timedelta(seconds=60),
+    on_found: Callable[[InstanceHandle], None] | None = None,
 ) -> list[InstanceHandle]:
     """Finish every instance the store thinks is live but its provider says has ended.
 
     With ``attach`` (after a server start) also watch the ones still running, so their exit is
-    noticed without polling. Errors are isolated per instance. Returns the handles finished.
+    noticed without polling. An instance without a stored handle (the server stopped between
+    recording and starting it) is looked up with the provider's ``find``; ``on_found`` records
+    the handle found. Errors are isolated per instance. Returns the handles finished.
     """
     finished = []
     for inst in live_instances:
         try:
-            if inst["handle"] is None:  # the server stopped between recording and starting it
-                started = inst["started_time"]
-                if started is not None and now - started < starting_grace:
-                    continue
-                handle = InstanceHandle(inst["job_id"], inst["instance_id"])
-                on_exit(handle)
-                finished.append(handle)
-                continue
-            handle = InstanceHandle.from_dict(inst["handle"])
             provider = provider_for(pool_of(inst["job_id"]))
+            if inst["handle"] is None:
+                found = provider.find(inst["job_id"], inst["instance_id"])
+                if found is None:
+                    started = inst["started_time"]
+                    if started is not None and now - started < starting_grace:
+                        continue
+                    handle = InstanceHandle(inst["job_id"], inst["instance_id"])
+                    on_exit(handle)
+                    finished.append(handle)
+                    continue
+                if on_found is not None:
+                    on_found(found)
+                inst = {**inst, "handle": found.to_dict()}
+            handle = InstanceHandle.from_dict(inst["handle"])
             if attach and provider.watch(handle, on_exit):
                 continue
             if provider.poll(handle) is not None:

@@ -66,7 +66,8 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 0) -> None:
         raise ConflictError(
             f"an mljobs server already runs for MLJOBS_HOME={home.root} (pid {info.get('pid')}, "
             f"{info.get('url')}); `mljobs server stop` stops it") from None
-    store = Store(settings.database_url) if settings.database_url else Store.sqlite(home.database)
+    store = (Store(settings.database_url, settings.store_busy_timeout_s) if settings.database_url
+             else Store.sqlite(home.database, settings.store_busy_timeout_s))
     loopback = is_loopback(host)
     if not loopback:
         store.migrate()

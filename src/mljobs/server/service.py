@@ -21,6 +21,7 @@ from typing import IO, Any
 from urllib.parse import urlsplit
 
 import cloudpickle
+import sqlalchemy as sa
 
 from mljobs import __version__, logformat
 from mljobs.config import Settings
@@ -84,21 +85,38 @@ class ControlPlane:
     def _monitor_loop(self) -> None:
         next_prune = 0.0
         while not self._stop.wait(5.0):
-            self.reconcile(attach=False)
-            ttl_s = self.settings.job_ttl_days * 86400.0
-            if ttl_s > 0 and time.monotonic() >= next_prune:
-                # small batches, so a long backlog never holds the store for long; a full batch
-                # means more are due, so the next one comes at the next tick
-                if len(self.prune_jobs(ttl_s, None, None, limit=100)) < 100:
-                    next_prune = time.monotonic() + min(600.0, ttl_s / 4)
+            try:
+                self.reconcile(attach=False)
+                ttl_s = self.settings.job_ttl_days * 86400.0
+                if ttl_s > 0 and time.monotonic() >= next_prune:
+                    # small batches, so a long backlog never holds the store for long; a full
+                    # batch means more are due, so the next one comes at the next tick
+                    if len(self.prune_jobs(ttl_s, None, None, limit=100)) < 100:
+                        next_prune = time.monotonic() + min(600.0, ttl_s / 4)
+            except sa.exc.OperationalError as e:  # the store locked or unreachable for a while
+                log.warning("monitor: the store did not answer (%s); trying again in 5 s", e.orig)
 
     def reconcile(self, attach: bool) -> None:
         live = self.store.live_instances()
         reconcile_once(live, self.provider, lambda j: self.store.get_job(j)["compute_pool"],
-                       self.instance_exited, utcnow(), attach=attach)
+                       self.instance_exited, utcnow(), attach=attach, on_found=self._record_found)
+        # A job whose instances all ended but that is still active: the server died (or its exit
+        # callback failed) between recording the last exit and moving the job. Complete it now,
+        # from what the provider's files say, as instance_exited would have.
         for job in self.store.list_jobs(0, statuses=[JOB_STATUS.CANCELLING.value, JOB_STATUS.RUNNING.value]):
-            if not any(i["status"] in ("STARTING", "RUNNING") for i in self.store.instances_of(job["id"])):
-                self._finish(job, None, None)
+            with self._lock:
+                job = self.store.get_job(job["id"])
+                insts = self.store.instances_of(job["id"])
+                if job["status"] in (JOB_STATUS.CANCELLING.value, JOB_STATUS.RUNNING.value) and not any(
+                        i["status"] in ("STARTING", "RUNNING") for i in insts):
+                    self._complete(job, insts, None)
+                else:
+                    continue
+            self.schedule(job["compute_pool"])
+
+    def _record_found(self, handle: InstanceHandle) -> None:
+        """reconcile_once found a running instance whose handle was never stored."""
+        self.store.update_instance(handle.job_id, handle.instance_id, status="RUNNING", handle=handle.to_dict())
 
     def stop(self, cancel_jobs: bool = False) -> None:
         self._stop.set()
@@ -441,14 +459,12 @@ class ControlPlane:
     def schedule(self, pool_name: str) -> None:
         with self._lock:
             pool = self.store.get_pool(pool_name)
-            plan = plan_starts(pool, self.store.used_slots(pool["name"]), self.store.pending_jobs(pool["name"]))
+            # every job started takes a slot, so no more than max_nodes of the queue can start now
+            plan = plan_starts(pool, self.store.used_slots(pool["name"]),
+                               self.store.pending_jobs(pool["name"], limit=pool["max_nodes"]))
             for job, slots in plan:
-                try:
-                    self.store.transition(job["id"], JOB_STATUS.RUNNING, expected=[JOB_STATUS.PENDING],
-                                          message="", started_time=utcnow(), instances_ran=len(slots))
-                except InvalidTransitionError:
+                if not self.store.start_job(job["id"], slots):
                     continue  # cancelled meanwhile
-                self.store.insert_instances(job["id"], slots)
                 if len(slots) < job["target_instances"] and self._maybe_short is not None:
                     self._maybe_short.add(pool["name"])
                 self._start_instances(job, pool, slots)
@@ -465,7 +481,8 @@ class ControlPlane:
                 self._maybe_short = {p["name"] for p in self.store.list_pools() if self.store.short_jobs(p["name"])}
             self._maybe_short.discard(pool["name"])
             return
-        plan = plan_top_ups(pool, self.store.used_slots(pool["name"]), self.store.pending_jobs(pool["name"]), short)
+        plan = plan_top_ups(pool, self.store.used_slots(pool["name"]), self.store.pending_jobs(pool["name"], limit=1),
+                            short)
         for job, slots in plan:
             first = self.store.add_instances(job["id"], slots)
             if first is not None:
@@ -530,15 +547,26 @@ class ControlPlane:
                 if job["target_instances"] > 1 and job["status"] == JOB_STATUS.RUNNING.value:
                     self._multinode_exit(job, handle.instance_id, exit_, live)
                 return
-            if job["target_instances"] > 1:
-                exit_ = self._multinode_outcome(job)
-            # Processes and namespaces go first, so that a job seen ended runs nothing any more;
-            # its local files after, off the path to the user's result.
-            provider.finish_job(job["id"])
-            self._finish(job, exit_, None)
-            for h in [InstanceHandle.from_dict(i["handle"]) for i in insts if i["handle"]] or [handle]:
-                provider.cleanup(h)
+            self._complete(job, insts, exit_)
         self.schedule(pool)
+
+    def _complete(self, job: dict[str, Any], insts: list[dict[str, Any]], exit_: InstanceExit | None) -> None:
+        """Every instance of the active ``job`` has ended: finish it and clean up. ``exit_`` None:
+        derive it again from the provider, whose files stay until the job's status is terminal,
+        so a server that dies anywhere in here finishes the job the same way after a restart."""
+        provider = self.provider(job["compute_pool"])
+        handles = [InstanceHandle.from_dict(i["handle"]) for i in insts if i["handle"]]
+        if job["target_instances"] > 1:
+            exit_ = self._multinode_outcome(job)
+        elif exit_ is None:
+            head = next((h for h in handles if h.instance_id == 0 and h.pid is not None), None)
+            exit_ = (provider.poll(head) if head else None) or InstanceExit(None, lost=True)
+        # Processes and namespaces go first, so that a job seen ended runs nothing any more;
+        # its local files after, off the path to the user's result.
+        provider.finish_job(job["id"])
+        self._finish(job, exit_, None)
+        for h in handles or [InstanceHandle(job["id"], 0)]:
+            provider.cleanup(h)
 
     # -- multi-node ---------------------------------------------------------------------------
     def _multinode_exit(self, job: dict[str, Any], instance_id: int, exit_: InstanceExit,
@@ -668,8 +696,7 @@ class ControlPlane:
         view["payload_kind"] = job["spec"].get("payload_kind")
         if job["status"] == JOB_STATUS.PENDING.value:
             pool = self.store.get_pool(job["compute_pool"])
-            queue = self.store.pending_jobs(pool["name"])
-            ahead = next((i for i, j in enumerate(queue) if j["id"] == job["id"]), 0)
+            ahead = self.store.jobs_ahead(job)
             view["message"] = pending_reason(job, pool, len(self.store.used_slots(pool["name"])), ahead)
         view["instances"] = [
             {k: i[k] for k in ("instance_id", "status", "exit_code", "started_time", "ended_time")}
@@ -695,8 +722,7 @@ class ControlPlane:
 
     def list_jobs(self, limit: int, database: str | None, schema: str | None, who: Principal) -> list[dict[str, Any]]:
         """Newest first: ``who``'s jobs, or everyone's for an admin."""
-        return [{k: v for k, v in j.items() if k != "spec"}
-                for j in self.store.list_jobs(limit, database, schema, owner=who.owner_filter)]
+        return self.store.list_jobs(limit, database, schema, owner=who.owner_filter, with_spec=False)
 
     def cancel(self, ref: str, who: Principal) -> dict[str, Any]:
         job = self.resolve(ref, who)

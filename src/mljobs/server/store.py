@@ -54,11 +54,11 @@ def _row(r: Any) -> dict[str, Any]:
 
 
 class Store:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, busy_timeout_s: float = 30.0) -> None:
         self.url = normalize_url(url)
         if self.url.startswith("sqlite"):
             self.engine: Engine = sa.create_engine(
-                self.url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=8,
+                self.url, connect_args={"check_same_thread": False, "timeout": busy_timeout_s}, pool_size=8,
                 max_overflow=16,
             )
 
@@ -68,15 +68,15 @@ class Store:
                 cur.execute("PRAGMA journal_mode=WAL")
                 cur.execute("PRAGMA synchronous=NORMAL")
                 cur.execute("PRAGMA foreign_keys=ON")
-                cur.execute("PRAGMA busy_timeout=30000")
+                cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
                 cur.close()
         else:
             self.engine = sa.create_engine(self.url, pool_pre_ping=True, pool_size=8, max_overflow=16)
 
     @classmethod
-    def sqlite(cls, path: Path) -> Store:
+    def sqlite(cls, path: Path, busy_timeout_s: float = 30.0) -> Store:
         path.parent.mkdir(parents=True, exist_ok=True)
-        return cls(f"sqlite:///{path}")
+        return cls(f"sqlite:///{path}", busy_timeout_s)
 
     def migrate(self) -> None:
         """Bring the schema to the newest revision (Alembic)."""
@@ -219,8 +219,11 @@ class Store:
         return _row(r) if r else None
 
     def list_jobs(self, limit: int, database: str | None = None, schema: str | None = None,
-                  statuses: Iterable[str] | None = None, owner: str | None = None) -> list[dict[str, Any]]:
-        q = sa.select(jobs).order_by(jobs.c.created_time.desc())
+                  statuses: Iterable[str] | None = None, owner: str | None = None,
+                  with_spec: bool = True) -> list[dict[str, Any]]:
+        """Newest first; ``with_spec=False`` leaves out the spec (the one large column)."""
+        cols = jobs.c if with_spec else [c for c in jobs.c if c.name != "spec"]
+        q = sa.select(*cols).order_by(jobs.c.created_time.desc())
         if owner is not None:
             q = q.where(jobs.c.owner == owner)
         if database:
@@ -234,11 +237,23 @@ class Store:
         with self.engine.connect() as c:
             return [_row(r) for r in c.execute(q)]
 
-    def pending_jobs(self, pool: str) -> list[dict[str, Any]]:
+    def pending_jobs(self, pool: str, limit: int = 0) -> list[dict[str, Any]]:
+        """The pool's queue in order (its first ``limit`` jobs when > 0)."""
         q = (sa.select(jobs).where(jobs.c.compute_pool == pool, jobs.c.status == JOB_STATUS.PENDING.value)
              .order_by(jobs.c.created_time, jobs.c.id))
+        if limit > 0:
+            q = q.limit(limit)
         with self.engine.connect() as c:
             return [_row(r) for r in c.execute(q)]
+
+    def jobs_ahead(self, job: dict[str, Any]) -> int:
+        """How many PENDING jobs of the job's pool come before it in the queue."""
+        t, i = job["created_time"], job["id"]
+        q = (sa.select(sa.func.count()).select_from(jobs)
+             .where(jobs.c.compute_pool == job["compute_pool"], jobs.c.status == JOB_STATUS.PENDING.value,
+                    sa.or_(jobs.c.created_time < t, sa.and_(jobs.c.created_time == t, jobs.c.id < i))))
+        with self.engine.connect() as c:
+            return int(c.execute(q).scalar_one())
 
     def transition(self, job_id: str, new: JOB_STATUS, *, expected: Iterable[JOB_STATUS] | None = None,
                    message: str | None = None, **values: Any) -> dict[str, Any]:
@@ -263,6 +278,22 @@ class Store:
         if res.rowcount == 0:
             raise InvalidTransitionError(job_id, current["status"], new.value)
         return current
+
+    def start_job(self, job_id: str, slots: list[int]) -> bool:
+        """PENDING -> RUNNING with its instances recorded STARTING, in one transaction, so that a
+        crash leaves either a queued job or a running one with instances, never a running job
+        without any. False if the job is no longer PENDING (cancelled meanwhile)."""
+        now = utcnow()
+        with self.engine.begin() as c:
+            res = c.execute(jobs.update().where(jobs.c.id == job_id, jobs.c.status == JOB_STATUS.PENDING.value)
+                            .values(status=JOB_STATUS.RUNNING.value, message="", started_time=now,
+                                    instances_ran=len(slots)))
+            if res.rowcount == 0:
+                return False
+            c.execute(instances.insert(), [
+                {"job_id": job_id, "instance_id": i, "slot": s, "status": "STARTING", "started_time": now}
+                for i, s in enumerate(slots)])
+        return True
 
     def set_message(self, job_id: str, message: str) -> None:
         with self.engine.begin() as c:
