@@ -41,6 +41,10 @@ class Settings:
     # Instances of a multi-node job: "netns" (each its own network namespace and address, needs
     # root and iproute2), "loopback" (shared loopback, distinct ports) or "auto" (netns if possible).
     node_network: str = "auto"
+    # How a job's processes are kept together and ended: "auto" (the best the machine allows),
+    # "cgroup2", "cgroup1" or "fallback" (parent-death signal and a sweep by the job's marker).
+    containment: str = "auto"
+    metrics: bool = True  # sample each instance's CPU, memory and GPU use while it runs
 
 
 def _read_file(home: Path) -> dict[str, Any]:
@@ -75,4 +79,6 @@ def load_settings(home: str | os.PathLike[str] | None = None) -> Settings:
                                 * (1 << 30)),
         install_timeout_s=float(env.get("MLJOBS_INSTALL_TIMEOUT_S") or server.get("install_timeout_s", 900.0)),
         node_network=(env.get("MLJOBS_NODE_NETWORK") or server.get("node_network") or "auto").lower(),
+        containment=(env.get("MLJOBS_CONTAINMENT") or server.get("containment") or "auto").lower(),
+        metrics=_flag(env.get("MLJOBS_METRICS", server.get("metrics", "1"))),
     )
