@@ -140,6 +140,11 @@ def create_app(cp: ControlPlane, on_shutdown: Any = None) -> FastAPI:
                                  "error": "NotFoundError"}, 404)
         return Response(data, media_type="application/octet-stream")
 
+    @app.get(api + "/jobs/{ref}/metrics")
+    def job_metrics(ref: str) -> list[dict[str, Any]]:
+        """Resource samples of every instance (mljobs.server.metrics.COLUMNS); [] if it never ran."""
+        return cp.job_metrics(ref)
+
     @app.get(api + "/jobs/{ref}/ray")
     def ray_info(ref: str) -> dict[str, Any]:
         return cp.ray_info(ref)
