@@ -107,6 +107,7 @@ def _child(launch: dict[str, Any], out_w: int, err_w: int, cgroup: containment.I
     """In the forked child: enter the instance's cgroups, die with the supervisor, set up the
     environment, then run the launcher."""
     try:
+        setproctitle.setproctitle(f"mljobs-payload {launch['run_dir']}")
         if cgroup is not None:
             cgroup.enter()
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -122,7 +123,6 @@ def _child(launch: dict[str, Any], out_w: int, err_w: int, cgroup: containment.I
         os.dup2(out_w, 1)
         os.dup2(err_w, 2)
         os.closerange(3, 256)
-        setproctitle.setproctitle(f"mljobs-payload {launch['run_dir']}")
         os.chdir(launch["work_dir"])
         os.environ.update(launch["env"])
         cpus = launch.get("cpus")
