@@ -41,14 +41,14 @@ def bare_start(n: int = 20) -> float:
     return statistics.median(ts)
 
 
-def bench_mljobs(runs: int, jobs: int) -> dict[str, float]:
+def bench_mljobs(runs: int, jobs: int, env: dict[str, str] | None = None) -> dict[str, float]:
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import ServerProc  # the tests' real-server helper
 
     import mljobs
 
     home = Path(tempfile.mkdtemp(prefix="mljobs-bench-"))
-    srv = ServerProc(home)
+    srv = ServerProc(home, extra_env=env)
     srv.start()
     try:
         s = mljobs.Session(url=srv.url)
@@ -117,17 +117,22 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--jobs", type=int, default=200)
     ap.add_argument("--ray", action="store_true")
+    ap.add_argument("--metrics-off-too", action="store_true",
+                    help="run the mljobs half twice, sampling on and off (MLJOBS_METRICS=0), side by side")
     ap.add_argument("--ray-inner", action="store_true")
     a = ap.parse_args()
     if a.ray_inner:
         ray_inner(a.runs)
         return
     bare = bare_start()
-    m = bench_mljobs(a.runs, a.jobs)
+    halves = [("metrics on", None), ("metrics off", {"MLJOBS_METRICS": "0"})] if a.metrics_off_too else [("", None)]
+    results = [(label, bench_mljobs(a.runs, a.jobs, env)) for label, env in halves]
     print(f"bare `python -c 'import cloudpickle'`: {bare * 1e3:.1f} ms (median of 20)")
-    print(f"mljobs submit->result: median {m['median_ms']:.1f} ms, p90 {m['p90_ms']:.1f} ms over {a.runs} runs "
-          f"({m['median_ms'] / (bare * 1e3):.1f}x the bare start)")
-    print(f"mljobs throughput: {m['jobs_per_s']:.1f} jobs/s ({m['done']}/{m['jobs']} DONE, pool max_nodes 2)")
+    for label, m in results:
+        tag = f" [{label}]" if label else ""
+        print(f"mljobs submit->result{tag}: median {m['median_ms']:.1f} ms, p90 {m['p90_ms']:.1f} ms over {a.runs} "
+              f"runs ({m['median_ms'] / (bare * 1e3):.1f}x the bare start)")
+        print(f"mljobs throughput{tag}: {m['jobs_per_s']:.1f} jobs/s ({m['done']}/{m['jobs']} DONE, pool max_nodes 2)")
     if a.ray:
         r = run_ray_half(__file__, ["--runs", str(a.runs)])
         if isinstance(r, str):

@@ -92,7 +92,7 @@ def server_stop() -> None:
 
 @server_app.command("status")
 def server_status() -> None:
-    """Say whether a server answers, and where."""
+    """Say whether a server answers, and where, and how it contains jobs (``containment``)."""
     from mljobs.client.embedded import find_server
 
     settings = load_settings()
@@ -227,7 +227,7 @@ def jobs_prune(older_than: str = typer.Option(..., "--older-than", help="e.g. 7d
 def jobs_list(limit: int = typer.Option(10, help="<= 0: all")) -> None:
     rows = _session().request("GET", "/jobs", params={"limit": limit}).json()
     _table(rows, ["id", "name", "status", "compute_pool", "target_instances", "instances_ran", "created_time",
-                  "message"], "jobs")
+                  "peak_rss_bytes", "cpu_seconds", "message"], "jobs")
 
 
 @app.command("logs")
@@ -246,6 +246,8 @@ def status(job: str) -> None:
 
     info = get_job(job)._refresh()
     console.print(f"{info['id']} {info['status']}" + (f": {info['message']}" if info["message"] else ""))
+    if info.get("peak_rss_bytes") is not None:
+        console.print(f"  peak memory {info['peak_rss_bytes'] / 2**20:.1f} MiB, CPU time {info['cpu_seconds']:.2f} s")
     if info["target_instances"] > 1:
         for inst in info["instances"]:
             console.print(f"  instance {inst['instance_id']}: {inst['status']}"

@@ -47,6 +47,10 @@ class Settings:
     # How long a store write waits for a lock another process holds (SQLite) before the request
     # fails with 503 StoreBusyError.
     store_busy_timeout_s: float = 30.0
+    # How a job's processes are kept together and ended: "auto" (the best the machine allows),
+    # "cgroup2", "cgroup1" or "fallback" (parent-death signal and a sweep by the job's marker).
+    containment: str = "auto"
+    metrics: bool = True  # sample each instance's CPU, memory and GPU use while it runs
 
 
 def _read_file(home: Path) -> dict[str, Any]:
@@ -86,4 +90,6 @@ def load_settings(home: str | os.PathLike[str] | None = None) -> Settings:
         max_payload_bytes=int(float(env.get("MLJOBS_MAX_PAYLOAD_MB") or server.get("max_payload_mb", 1024))
                               * (1 << 20)),
         store_busy_timeout_s=float(env.get("MLJOBS_STORE_BUSY_TIMEOUT_S") or server.get("store_busy_timeout_s", 30.0)),
+        containment=(env.get("MLJOBS_CONTAINMENT") or server.get("containment") or "auto").lower(),
+        metrics=_flag(env.get("MLJOBS_METRICS", server.get("metrics", "1"))),
     )

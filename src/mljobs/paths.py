@@ -67,6 +67,11 @@ class InstancePaths:
     def supervisor_log(self) -> Path:
         return self.run_dir / "supervisor.err"
 
+    @property
+    def metrics_file(self) -> Path:
+        """Resource samples, one JSON object a line (see mljobs.runtime.metrics)."""
+        return self.run_dir / "metrics.jsonl"
+
 
 class HomePaths:
     """Layout of MLJOBS_HOME, the server's state folder."""

@@ -20,7 +20,10 @@ from mljobs.errors import (InvalidArgumentError, JobFailedError, NotFoundError, 
                            ServerUnavailableError)
 from mljobs.status import JOB_STATUS, TERMINAL
 
-__all__ = ["MLJob", "DistributedResult"]
+__all__ = ["MLJob", "DistributedResult", "METRICS_COLUMNS", "GPU_METRICS_COLUMNS"]
+
+METRICS_COLUMNS = ["time", "instance", "cpu_percent", "cpu_seconds", "rss_bytes", "peak_rss_bytes"]
+GPU_METRICS_COLUMNS = ["gpu_util", "gpu_memory_bytes"]  # on instances with GPUs
 
 log = logging.getLogger("mljobs")
 if not log.handlers:  # progress on long waits, unless the application configured logging itself
@@ -177,6 +180,19 @@ class MLJob:
     # -- logs ---------------------------------------------------------------------------------
     def _log_params(self, limit: int, instance_id: int | None, verbose: bool) -> dict[str, Any]:
         return {"limit": limit, "instance": instance_id or 0, "verbose": verbose}
+
+    def get_metrics(self) -> Any:
+        """Resource samples of every instance, as a pandas DataFrame with columns ``time`` (UTC),
+        ``instance``, ``cpu_percent``, ``cpu_seconds``, ``rss_bytes``, ``peak_rss_bytes`` (and
+        ``gpu_util``, ``gpu_memory_bytes`` on GPU instances). Live while the job runs; empty (with
+        those columns) for a job that never ran."""
+        import pandas as pd
+
+        rows = self._session.request("GET", f"/jobs/{self._id}/metrics").json()
+        columns = METRICS_COLUMNS + (GPU_METRICS_COLUMNS if any("gpu_util" in r for r in rows) else [])
+        df = pd.DataFrame(rows, columns=columns)
+        df["time"] = pd.to_datetime(df["time"], unit="s", utc=True)
+        return df
 
     def get_logs(self, limit: int = -1, instance_id: int | None = None, *, as_list: bool = False,
                  verbose: bool = False, follow: bool = False) -> str | list[str]:

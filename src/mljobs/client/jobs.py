@@ -30,7 +30,8 @@ __all__ = ["remote", "submit_file", "submit_directory", "submit_from_stage", "ge
 P = ParamSpec("P")
 R = TypeVar("R")
 LIST_JOBS_COLUMNS = ["name", "status", "message", "database_name", "schema_name", "owner", "compute_pool",
-                     "target_instances", "instances_ran", "created_time", "completed_time"]
+                     "target_instances", "instances_ran", "created_time", "completed_time", "peak_rss_bytes",
+                     "cpu_seconds"]
 
 
 def _options(compute_pool: str, stage_name: str, target_instances: int, min_instances: int | None,

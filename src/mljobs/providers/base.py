@@ -68,6 +68,8 @@ class InstanceExit:
     result: bytes | None = None  # the launcher's envelope, if it wrote one
     log_tail: list[str] = dataclasses.field(default_factory=list)
     released: bool = False  # a multi-node worker stopped because its head had finished
+    oom: dict[str, int] | None = None  # {"used_bytes", "limit_bytes"} when it ended over its memory
+    usage: dict[str, Any] | None = None  # {"cpu_seconds", "peak_rss_bytes"} over its whole run
 
 
 ExitCallback = Callable[[InstanceHandle], None]
@@ -118,7 +120,20 @@ class Provider(abc.ABC):
         return None
 
     def finish_job(self, job_id: str) -> None:
-        """Everything of the job's instances is over: free what the provider set up for it."""
+        """Everything of the job's instances is over: free what the provider set up for it and
+        make sure none of its processes is left; returns once they are gone."""
+
+    def sweep(self, ended: Callable[[str], bool]) -> list[str]:
+        """After a server start: finish the jobs (``ended(job_id)``) that left processes behind."""
+        return []
+
+    def metrics(self, handle: InstanceHandle) -> list[dict[str, Any]]:
+        """A running instance's resource samples so far (see mljobs.runtime.metrics)."""
+        return []
+
+    def containment(self) -> str:
+        """In words: how this provider keeps a job's processes together and limits its memory."""
+        return "not described"
 
     def close(self) -> None:
         """Stop watching; running instances keep running."""

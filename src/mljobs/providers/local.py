@@ -1,8 +1,10 @@
 """The local provider: every instance is a supervised process tree on this machine.
 
 Each instance gets a slice of the machine: its family's CPU count as a CPU affinity set (and
-thread-count variables), its memory as RLIMIT_AS, and its GPUs via CUDA_VISIBLE_DEVICES. The
-supervisor runs in a new process session; the server notices its exit through a pidfd, so no
+thread-count variables), its memory as a limit on resident memory (a memory cgroup, else the
+supervisor's watch), and its GPUs via CUDA_VISIBLE_DEVICES. Its processes are contained as
+:mod:`mljobs.runtime.containment` describes; :meth:`LocalProvider.finish_job` kills whatever of a
+job is left before the server marks it ended. The supervisor runs in a new process session; the server notices its exit through a pidfd, so no
 polling sits on the hot path, and finds it again after a restart from its pid and start time.
 """
 
@@ -21,6 +23,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import psutil
@@ -30,6 +33,7 @@ from mljobs.config import Settings
 from mljobs.errors import InvalidArgumentError
 from mljobs.paths import HomePaths, InstancePaths
 from mljobs.providers import netns
+from mljobs.runtime import containment
 from mljobs.providers.base import ExitCallback, InstanceExit, InstanceHandle, InstanceLaunch, Provider
 from mljobs.spec import PoolSpec
 
@@ -219,6 +223,8 @@ class LocalProvider(Provider):
         self.cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(
             range(os.cpu_count() or 1))
         self.gpus = detect_gpus()
+        self.plan = containment.detect(home.root, settings.containment if settings else "auto")
+        self._metrics = settings.metrics if settings else True
         self._watcher = _ExitWatcher()
         self._spawner = _Spawner(home)
 
@@ -340,6 +346,10 @@ class LocalProvider(Provider):
             "grace_period_s": launch.grace_period_s,
             "multinode": multinode,
             "netns": ns,
+            "containment": self.plan.to_dict(),
+            "metrics_file": str(p.metrics_file),
+            "metrics": self._metrics,
+            "gpus": gpus,
         }
         p.launch.write_text(json.dumps(doc))
         pid = self._spawner.spawn(str(p.run_dir), str(p.supervisor_log))
@@ -391,7 +401,21 @@ class LocalProvider(Provider):
             error = json.loads(p.error.read_text())
         result = p.result.read_bytes() if p.result.exists() else None
         return InstanceExit(record.get("exit_code"), bool(record.get("cancelled")), False, error, result, tail,
-                            bool(record.get("released")))
+                            bool(record.get("released")), record.get("oom"), record.get("usage"))
+
+    def metrics(self, handle: InstanceHandle) -> list[dict[str, Any]]:
+        rows = []
+        try:
+            with open(self.paths(handle).metrics_file, encoding="utf-8") as f:
+                for line in f:
+                    if line.endswith("\n"):  # a line being written is read next time
+                        rows.append(json.loads(line))
+        except FileNotFoundError:
+            pass
+        return rows
+
+    def containment(self) -> str:
+        return self.plan.describe()
 
     def ray_info(self, handle: InstanceHandle) -> dict[str, Any] | None:
         try:
@@ -442,27 +466,71 @@ class LocalProvider(Provider):
         shutil.rmtree(ray_temp_dir(p.run_dir), ignore_errors=True)
         shutil.rmtree(p.run_dir, ignore_errors=True)
 
+    def _cgroups_of(self, job_id: str | None = None) -> dict[str, list[containment.InstanceCgroup]]:
+        """This server's instance cgroups that still exist, by job (only ``job_id``'s when given)."""
+        out: dict[str, list[containment.InstanceCgroup]] = {}
+        for root in dict.fromkeys([self.plan.kill_dir, self.plan.memory_dir]):
+            try:
+                names = os.listdir(root) if root else []
+            except FileNotFoundError:
+                continue
+            for name in names:
+                job, _, inst = name.rpartition(".")
+                if job and inst.isdigit() and (job_id is None or job == job_id):
+                    cg = containment.InstanceCgroup(self.plan, job, inst)
+                    if all(c.dirs != cg.dirs for c in out.get(job, [])):
+                        out.setdefault(job, []).append(cg)
+        return out
+
     def finish_job(self, job_id: str) -> None:
-        """Remove a multi-node job's namespaces (killing what is left in them) and, on loopback,
-        stop any process of the job that outlived its supervisor (a lost head's Ray node)."""
+        """Kill whatever of the job is left and wait until it is gone: its instances' cgroups
+        (a supervisor that ended normally removed its own); by the job's marker where an instance
+        had no cgroup and lost its supervisor, or on a loopback multi-node job (a lost head's Ray
+        node); a multi-node job's namespaces."""
+        for cg in self._cgroups_of(job_id).get(job_id, []):
+            if not cg.remove():
+                log.warning("job %s: cgroups %s still hold processes after SIGKILL", job_id, cg.dirs)
         with self._net_lock:
             self._networks.pop(job_id, None)
         path = self._network_file(job_id)
         try:
             net = json.loads(path.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
-            return
-        if net.get("netns"):
+            net = None
+        if net is not None and net.get("netns"):
             netns.delete(job_id)
-        else:
-            for proc in psutil.process_iter():
-                try:
-                    if proc.environ().get("MLJOBS_JOB_ID") == job_id:
-                        proc.kill()
-                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                    continue
+        if (net is not None and not net.get("netns")) or self._lost_uncontained(job_id):
+            containment.kill_marked(job_id)
         path.unlink(missing_ok=True)
+
+    def _lost_uncontained(self, job_id: str) -> bool:
+        """Whether an instance of the job ran without a cgroup and its supervisor left no exit record
+        (then its processes are found by the job's marker)."""
+        if self.plan.kind != "fallback":
+            return False
+        run = self.home.job_run(job_id)
+        try:
+            dirs = [d for d in run.iterdir() if d.name.isdigit()]
+        except FileNotFoundError:
+            return True  # nothing to tell: look
+        return any(not (d / "exit.json").exists() for d in dirs)
+
+    def sweep(self, ended: Callable[[str], bool]) -> list[str]:
+        """Finish ended jobs that left processes: from this server's cgroups, and by marker."""
+        jobs = set(self._cgroups_of())
+        jobs.update(containment.marked_processes().values())
+        done = sorted(j for j in jobs if j and ended(j))
+        for job_id in done:
+            self.finish_job(job_id)
+            containment.kill_marked(job_id)
+        return done
 
     def close(self) -> None:
         self._watcher.close()
         self._spawner.close()
+        for root in dict.fromkeys([self.plan.kill_dir, self.plan.memory_dir]):
+            if root:  # only when empty: instances still running keep theirs
+                try:
+                    os.rmdir(root)
+                except OSError:
+                    pass

@@ -6,6 +6,13 @@ temporary file and renamed). It is a child subreaper, so processes the payload l
 (even ones that call ``setsid``) stay in its tree: on SIGTERM (cancel) or when the payload ends,
 it sends SIGTERM to the whole tree, waits a grace period, then SIGKILLs what is left.
 
+Containment (:mod:`mljobs.runtime.containment`): the forked child enters the instance's cgroups
+before anything else runs and has a parent-death signal (SIGKILL), so should this supervisor die,
+the payload dies with it and the server kills the rest from the cgroup (or by the job's marker).
+Memory is limited on resident memory: by the memory cgroup, else by the sampler watching the
+tree; an instance over its limit ends with ``oom: {used_bytes, limit_bytes}`` in its exit record.
+Resource samples (:mod:`mljobs.runtime.metrics`) are taken in the same select loop.
+
 The server learns of the exit by watching this process (a pidfd), not by a callback, so a
 supervisor keeps working across a server restart.
 """
@@ -15,7 +22,6 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import resource
 import selectors
 import signal
 import sys
@@ -27,11 +33,14 @@ import setproctitle
 
 from mljobs import logformat
 from mljobs.errors import EnvironmentBuildError
-from mljobs.runtime import environment, launcher, multinode
+from mljobs.runtime import containment, environment, launcher, multinode
+from mljobs.runtime.containment import descendants
+from mljobs.runtime.metrics import Sampler
 
 __all__ = ["main", "supervise", "descendants", "kill_tree"]
 
 PR_SET_CHILD_SUBREAPER = 36
+PR_SET_PDEATHSIG = 1
 _LINE_LIMIT = 64 * 1024
 
 
@@ -40,32 +49,6 @@ def _set_subreaper() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     except (OSError, AttributeError):  # not Linux: fall back to the process group alone
         pass
-
-
-def descendants(root: int) -> list[int]:
-    """Every live descendant of ``root`` (from /proc; children first-level last)."""
-    children: dict[int, list[int]] = {}
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return []
-    for name in entries:
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rfind(b")") + 2 :].split()[1])
-        children.setdefault(ppid, []).append(int(name))
-    out: list[int] = []
-    stack = [root]
-    while stack:
-        for c in children.get(stack.pop(), []):
-            out.append(c)
-            stack.append(c)
-    return out
 
 
 def _signal_all(pids: list[int], sig: int) -> None:
@@ -119,9 +102,17 @@ def _reap() -> None:
         _REAPED[pid] = status
 
 
-def _child(launch: dict[str, Any], out_w: int, err_w: int) -> None:
-    """In the forked child: set up the instance's limits and environment, then run the launcher."""
+def _child(launch: dict[str, Any], out_w: int, err_w: int, cgroup: containment.InstanceCgroup | None,
+           parent: int) -> None:
+    """In the forked child: enter the instance's cgroups, die with the supervisor, set up the
+    environment, then run the launcher."""
     try:
+        setproctitle.setproctitle(f"mljobs-payload {launch['run_dir']}")
+        if cgroup is not None:
+            cgroup.enter()
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the supervisor died before the signal was armed
+            os._exit(70)
         os.setpgid(0, 0)
         for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_DFL)
@@ -132,18 +123,12 @@ def _child(launch: dict[str, Any], out_w: int, err_w: int) -> None:
         os.dup2(out_w, 1)
         os.dup2(err_w, 2)
         os.closerange(3, 256)
-        setproctitle.setproctitle(f"mljobs-payload {launch['run_dir']}")
         os.chdir(launch["work_dir"])
         os.environ.update(launch["env"])
         cpus = launch.get("cpus")
         if cpus and hasattr(os, "sched_setaffinity"):
             os.sched_setaffinity(0, cpus)
         mn = launch.get("multinode")
-        mem = launch.get("memory_bytes")
-        # Ray reserves far more address space than it uses, so a Ray node gets its memory as a
-        # Ray resource (--memory) instead of an address-space limit.
-        if mem and not (mn and not mn["parallel"]):
-            resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
         python = launch.get("python") or sys.executable
         # Not realpath: a job environment's bin/python links to the same binary, yet its site differs.
         if os.path.abspath(python) != os.path.abspath(sys.executable):
@@ -235,13 +220,20 @@ def supervise(launch: dict[str, Any]) -> dict[str, Any]:
     forwarder = None
     if launch.get("netns"):  # after the install, which may need the outside network
         forwarder = multinode.enter_netns(launch["netns"], launch["env"].get("MLJOBS_URL"))
+    plan = containment.Plan.from_dict(launch.get("containment"))
+    cgroup, limit = _make_cgroup(launch, plan, log)
+    watch = bool(limit) and (cgroup is None or cgroup.memory_dir is None)
+    me = os.getpid()
     pid = os.fork()
     if pid == 0:
         os.close(out_r), os.close(err_r)
-        _child(launch, out_w, err_w)
+        _child(launch, out_w, err_w, cgroup, me)
     os.close(out_w), os.close(err_w)
     if forwarder is not None:  # started after the fork: the child gets no thread
         forwarder.start()
+    sampler = Sampler(launch["metrics_file"], me, cgroup, limit_bytes=limit, watch_memory=watch,
+                      record=bool(launch.get("metrics", True)), gpus=launch.get("gpus"), now=time.time())
+    oom: dict[str, int] | None = None
     sel = selectors.DefaultSelector()
     sel.register(out_r, selectors.EVENT_READ, logformat.OUT)
     sel.register(err_r, selectors.EVENT_READ, logformat.ERR)
@@ -249,7 +241,9 @@ def supervise(launch: dict[str, Any]) -> dict[str, Any]:
     open_streams = 2
     drain_deadline: float | None = None
     while open_streams and (drain_deadline is None or time.monotonic() < drain_deadline):
-        timeout = None if drain_deadline is None else max(0.0, drain_deadline - time.monotonic())
+        timeout = sampler.timeout(time.time())
+        if drain_deadline is not None:
+            timeout = max(0.0, min(drain_deadline - time.monotonic(), timeout if timeout is not None else 1.0))
         for key, _ in sel.select(timeout):
             if key.data is None:
                 sigs = os.read(wake_r, 512)
@@ -272,6 +266,12 @@ def supervise(launch: dict[str, Any]) -> dict[str, Any]:
                 open_streams -= 1
             else:
                 log.feed(key.data, data)
+        used = sampler.tick(time.time())
+        if used is not None and oom is None and limit:
+            oom = {"used_bytes": used, "limit_bytes": limit}
+            log.system(f"out of memory: the instance's processes use {used} bytes, over its limit of {limit}; "
+                       "stopping them")
+            _kill_now(cgroup)
     if pid not in _REAPED:
         try:
             _REAPED[pid] = os.waitpid(pid, 0)[1]
@@ -283,11 +283,50 @@ def supervise(launch: dict[str, Any]) -> dict[str, Any]:
         what = "this instance's Ray node" if launch.get("multinode") else "the payload left running"
         log.system(f"stopping {len(leftover)} process(es): {what}")
         kill_tree(os.getpid(), grace)
+    if cgroup is not None:
+        oom = oom or _cgroup_oom(cgroup, sampler)
+        if not cgroup.remove():
+            log.system(f"could not remove the instance's cgroups {cgroup.dirs}; the server retries")
+        _reap()
     code = os.waitstatus_to_exitcode(status) if status is not None else None
     if env_lock is not None:
         env_lock.release()
-    return _finish(launch, log, {"exit_code": 0 if released else code, "cancelled": cancelled,
-                                 "released": released})
+    record = {"exit_code": 0 if released else code, "cancelled": cancelled, "released": released,
+              "usage": sampler.finish()}
+    if oom is not None and not cancelled:
+        record["oom"] = oom
+    return _finish(launch, log, record)
+
+
+def _make_cgroup(launch: dict[str, Any], plan: containment.Plan,
+                 log: _LogWriter) -> tuple[containment.InstanceCgroup | None, int | None]:
+    """The instance's cgroups with its memory limit (None where the machine has none)."""
+    limit = launch.get("memory_bytes")
+    if plan.kind == "fallback" and plan.memory == "rss":
+        return None, limit
+    cgroup = containment.InstanceCgroup(plan, launch["job_id"], launch["instance_id"])
+    try:
+        cgroup.create(limit)
+    except OSError as e:
+        log.system(f"could not make the instance's cgroups ({e}); the server sweeps its processes by marker")
+        cgroup.remove()
+        return None, limit
+    return cgroup, limit
+
+
+def _kill_now(cgroup: containment.InstanceCgroup | None) -> None:
+    """SIGKILL the whole tree at once (memory is the emergency: no grace period)."""
+    if cgroup is not None and cgroup.kill_dir:
+        cgroup.kill()
+    _signal_all(descendants(os.getpid()), signal.SIGKILL)
+
+
+def _cgroup_oom(cgroup: containment.InstanceCgroup, sampler: Sampler) -> dict[str, int] | None:
+    """The kernel's OOM kill inside the instance's memory cgroup, if there was one."""
+    state = cgroup.memory_state()
+    if not state.get("oom_kills"):
+        return None
+    return {"used_bytes": max(state["peak_bytes"], sampler.peak), "limit_bytes": state["limit_bytes"]}
 
 
 def _finish(launch: dict[str, Any], log: _LogWriter, record: dict[str, Any]) -> dict[str, Any]:

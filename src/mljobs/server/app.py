@@ -203,6 +203,11 @@ def create_app(cp: ControlPlane, on_shutdown: Any = None) -> FastAPI:
             return _error(404, errors.NotFoundError(f"instance {instance_id} of job {ref} left no result"))
         return StreamingResponse(chunks, media_type=_OCTETS)
 
+    @app.get(api + "/jobs/{ref}/metrics", response_model=list[S.MetricRow])
+    def job_metrics(ref: str, who: Who) -> list[dict[str, Any]]:
+        """Resource samples of every instance; [] if it never ran."""
+        return cp.job_metrics(ref, who)
+
     @app.get(api + "/jobs/{ref}/ray", response_model=S.RayInfoOut)
     def ray_info(ref: str, who: Who) -> dict[str, Any]:
         return cp.ray_info(ref, who)

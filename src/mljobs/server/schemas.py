@@ -17,7 +17,7 @@ from mljobs.status import JOB_STATUS
 
 __all__ = ["Name", "PoolIn", "PoolAlter", "IntegrationIn", "PruneEnvsIn", "StageIn", "UserIn", "PruneJobsIn",
            "JobSummary", "JobOut", "InstanceOut", "PoolOut", "IntegrationOut", "StageOut", "StageFileOut",
-           "EnvOut", "UserOut", "UserCreated", "Ok", "RayInfoOut", "HealthOut", "WhoAmI", "PrunedJobs"]
+           "EnvOut", "UserOut", "UserCreated", "Ok", "RayInfoOut", "HealthOut", "WhoAmI", "PrunedJobs", "MetricRow"]
 
 # Names of pools, stages and integrations; the service checks their form and says how to fix it.
 Name = Annotated[str, StringConstraints(min_length=1, max_length=255)]
@@ -76,6 +76,8 @@ class InstanceOut(BaseModel):
     exit_code: int | None = None
     started_time: dt.datetime | None = None
     ended_time: dt.datetime | None = None
+    cpu_seconds: float | None = None
+    peak_rss_bytes: int | None = None
 
 
 class JobSummary(BaseModel):
@@ -96,6 +98,8 @@ class JobSummary(BaseModel):
     created_time: dt.datetime
     started_time: dt.datetime | None = None
     completed_time: dt.datetime | None = None
+    peak_rss_bytes: int | None = None  # the largest instance's, once instances ended
+    cpu_seconds: float | None = None  # all instances' together
 
 
 class JobOut(JobSummary):
@@ -189,6 +193,20 @@ class HealthOut(BaseModel):
     home: str
     store: str
     auth: str  # "local-admin" (no users, loopback) or "tokens"
+    containment: dict[str, Any] = {}  # per provider: how a job's processes are kept and ended
+
+
+class MetricRow(BaseModel):
+    """One resource sample of one instance (``MLJob.get_metrics()`` rows)."""
+
+    time: float
+    instance: int
+    cpu_percent: float | None = None
+    cpu_seconds: float
+    rss_bytes: int
+    peak_rss_bytes: int
+    gpu_util: float | None = None
+    gpu_memory_bytes: int | None = None
 
 
 class WhoAmI(BaseModel):

@@ -31,6 +31,7 @@ from mljobs.paths import HomePaths, StagePaths
 from mljobs.providers.base import InstanceExit, InstanceHandle, InstanceLaunch, Provider, UnsupportedError, get_provider_class
 from mljobs.runtime import environment as envs
 from mljobs.runtime.launcher import check_versions
+from mljobs.server import metrics
 from mljobs.server.auth import Authenticator, Principal, make_user
 from mljobs.server.monitor import reconcile_once
 from mljobs.server.notify import Notifier
@@ -77,10 +78,26 @@ class ControlPlane:
                              max_nodes=max(1, len(os.sched_getaffinity(0))), if_not_exists=True)
         self.store.create_integration(*PYPI_ACCESS, if_not_exists=True)
         self.reconcile(attach=True)
+        self._sweep()
         for pool in self.store.list_pools():
             self.schedule(pool["name"])
         self._monitor = threading.Thread(target=self._monitor_loop, name="mljobs-monitor", daemon=True)
         self._monitor.start()
+
+    def _sweep(self) -> None:
+        """Kill what jobs that already ended left behind (a server that died mid-finish)."""
+        terminal = {s.value for s in TERMINAL}
+
+        def ended(job_id: str) -> bool:
+            try:
+                return self.store.get_job(job_id)["status"] in terminal
+            except NotFoundError:
+                return False  # not this server's job
+
+        for name in {p["provider"] for p in self.store.list_pools()}:
+            swept = self.provider_named(name).sweep(ended)
+            if swept:
+                log.warning("killed processes left behind by ended jobs %s", ", ".join(swept))
 
     def _monitor_loop(self) -> None:
         next_prune = 0.0
@@ -130,8 +147,9 @@ class ControlPlane:
             p.close()
 
     def provider(self, pool_name: str) -> Provider:
-        pool = self.store.get_pool(pool_name)
-        name = pool["provider"]
+        return self.provider_named(self.store.get_pool(pool_name)["provider"])
+
+    def provider_named(self, name: str) -> Provider:
         if name not in self._providers:
             self._providers[name] = get_provider_class(name)(self.home, self.settings)
         return self._providers[name]
@@ -145,6 +163,7 @@ class ControlPlane:
             "home": str(self.home.root),
             "store": self.store.engine.dialect.name,
             "auth": "local-admin" if self.auth.anonymous_allowed() else "tokens",
+            "containment": {name: p.containment() for name, p in self._providers.items()},
         }
 
     # -- pools --------------------------------------------------------------------------------
@@ -539,8 +558,10 @@ class ControlPlane:
             exit_ = provider.poll(handle) if handle.pid is not None else InstanceExit(None, lost=True)
             if exit_ is None:  # still running after all (spurious wake-up)
                 return
+            now = utcnow()
             self.store.update_instance(handle.job_id, handle.instance_id, status="EXITED",
-                                       exit_code=exit_.exit_code, ended_time=utcnow())
+                                       exit_code=exit_.exit_code, ended_time=now, **metrics.instance_values(
+                                           provider.metrics(handle), exit_.usage, now.timestamp()))
             insts = self.store.instances_of(job["id"])
             live = [i for i in insts if i["status"] in ("STARTING", "RUNNING")]
             if live:
@@ -632,6 +653,9 @@ class ControlPlane:
             new, msg = JOB_STATUS.CANCELLED, "cancelled by request"
         elif platform_error is not None:
             new, msg = JOB_STATUS.INTERNAL_ERROR, platform_error
+        elif exit_ is not None and exit_.oom is not None:
+            new = JOB_STATUS.FAILED
+            msg = f"{self._memory_message(job, exit_.oom)} ({logs_hint})"
         elif exit_ is None or exit_.lost:
             tail = "\n".join(exit_.log_tail if exit_ else [])
             new = JOB_STATUS.INTERNAL_ERROR
@@ -645,7 +669,7 @@ class ControlPlane:
             exc_type = exit_.error["exc_type"].removeprefix("builtins.")
             msg = f"{exc_type}: {exit_.error['exc_message']} ({logs_hint})"
             if exc_type == "MemoryError":
-                msg = f"MemoryError: {self._memory_hint(job)} ({logs_hint})"
+                msg = f"MemoryError: {self._memory_message(job, None)} ({logs_hint})"
         else:
             code = exit_.exit_code
             why = _signal_hint(code)
@@ -662,13 +686,13 @@ class ControlPlane:
             pass  # already finished by another path
         self.notifier.notify(job_id)
 
-    def _memory_hint(self, job: dict[str, Any]) -> str:
+    def _memory_message(self, job: dict[str, Any], oom: dict[str, int] | None) -> str:
         try:
-            fam = INSTANCE_FAMILIES[self.store.get_pool(job["compute_pool"])["instance_family"]]
-        except (NotFoundError, KeyError):
-            return "the payload ran out of memory"
-        return (f"the payload needed more than the {fam.memory_bytes / 2**30:g} GiB per node of pool "
-                f"{job['compute_pool']} ({fam.name}); use a pool of a larger family, e.g. a HIGHMEM_* one")
+            fam = INSTANCE_FAMILIES.get(self.store.get_pool(job["compute_pool"])["instance_family"])
+        except NotFoundError:
+            fam = None
+        oom = oom or {}
+        return metrics.oom_message(fam, job["compute_pool"], oom.get("used_bytes"), oom.get("limit_bytes"))
 
     # -- jobs: queries and control ------------------------------------------------------------
     def resolve(self, ref: str, who: Principal) -> dict[str, Any]:
@@ -699,11 +723,25 @@ class ControlPlane:
             ahead = self.store.jobs_ahead(job)
             view["message"] = pending_reason(job, pool, len(self.store.used_slots(pool["name"])), ahead)
         view["instances"] = [
-            {k: i[k] for k in ("instance_id", "status", "exit_code", "started_time", "ended_time")}
+            {k: i[k] for k in ("instance_id", "status", "exit_code", "started_time", "ended_time", "cpu_seconds",
+                               "peak_rss_bytes")}
             for i in self.store.instances_of(job["id"])
         ]
         view["parallel"] = bool(job["spec"].get("parallel"))
+        view.update(metrics.summarize(view["instances"]))
         return view
+
+    def job_metrics(self, ref: str, who: Principal) -> list[dict[str, Any]]:
+        """Every instance's resource samples: stored for ended instances, live from the provider."""
+        job = self.resolve(ref, who)
+        out: list[dict[str, Any]] = []
+        for inst in self.store.instances_of(job["id"]):
+            if inst["status"] == "EXITED" or not inst["handle"]:
+                rows = metrics.decode(inst["metrics"])
+            else:
+                rows = self.provider(job["compute_pool"]).metrics(InstanceHandle.from_dict(inst["handle"]))
+            out += metrics.frame_rows(inst["instance_id"], rows)
+        return out
 
     def ray_info(self, ref: str, who: Principal) -> dict[str, Any]:
         """A running multi-node job's Ray addresses (GCS, dashboard) as its head wrote them."""
@@ -721,8 +759,10 @@ class ControlPlane:
         return self.job_view(self.resolve(ref, who))
 
     def list_jobs(self, limit: int, database: str | None, schema: str | None, who: Principal) -> list[dict[str, Any]]:
-        """Newest first: ``who``'s jobs, or everyone's for an admin."""
-        return self.store.list_jobs(limit, database, schema, owner=who.owner_filter, with_spec=False)
+        """Newest first: ``who``'s jobs, or everyone's for an admin, with their resource use."""
+        rows = self.store.list_jobs(limit, database, schema, owner=who.owner_filter, with_spec=False)
+        usage = metrics.usage_by_job(self.store, [r["id"] for r in rows])
+        return [{**r, **usage.get(r["id"], {"peak_rss_bytes": None, "cpu_seconds": None})} for r in rows]
 
     def cancel(self, ref: str, who: Principal) -> dict[str, Any]:
         job = self.resolve(ref, who)

@@ -57,6 +57,10 @@ instances = sa.Table(
     sa.Column("exit_code", sa.Integer),
     sa.Column("started_time", sa.DateTime(timezone=True)),
     sa.Column("ended_time", sa.DateTime(timezone=True)),
+    # Resource use, written when the instance ends (mljobs.server.metrics): totals and samples.
+    sa.Column("cpu_seconds", sa.Float),
+    sa.Column("peak_rss_bytes", sa.BigInteger),
+    sa.Column("metrics", sa.JSON),
 )
 
 stages = sa.Table(
