@@ -7,10 +7,14 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
+import sysconfig
 import time
 
 import cloudpickle
 import pytest
+
+import mljobs
 
 from mljobs.runtime import containment
 from mljobs.runtime.metrics import ROWS_PER_LEVEL, row_interval
@@ -114,7 +118,10 @@ def test_a_limit_smaller_than_the_interpreter_fails_fast(tmp_path, mechanism):
     (run / "launch.json").write_text(json.dumps(launch))
     t0 = time.monotonic()
     try:
-        subprocess.run([sys.executable, "-m", "mljobs.runtime.supervisor", str(run)], timeout=60, check=True)
+        # a symlinked interpreter outside the venv does not see the venv's packages: name them
+        path = os.pathsep.join([str(Path(mljobs.__file__).parents[1]), sysconfig.get_paths()["purelib"]])
+        subprocess.run([sys.executable, "-m", "mljobs.runtime.supervisor", str(run)], timeout=60, check=True,
+                       env=dict(os.environ, PYTHONPATH=path))
     finally:
         for d in (plan.kill_dir, plan.memory_dir):
             if d:

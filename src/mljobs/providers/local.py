@@ -37,6 +37,8 @@ from mljobs.runtime import containment
 from mljobs.providers.base import ExitCallback, InstanceExit, InstanceHandle, InstanceLaunch, Provider
 from mljobs.spec import PoolSpec
 
+log = logging.getLogger("mljobs.server")
+
 __all__ = ["LocalProvider", "detect_gpus", "read_log_tail", "free_ports", "ray_temp_dir"]
 
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
