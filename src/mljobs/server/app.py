@@ -203,7 +203,7 @@ def create_app(cp: ControlPlane, on_shutdown: Any = None) -> FastAPI:
             return _error(404, errors.NotFoundError(f"instance {instance_id} of job {ref} left no result"))
         return StreamingResponse(chunks, media_type=_OCTETS)
 
-    @app.get(api + "/jobs/{ref}/metrics", response_model=list[S.MetricRow])
+    @app.get(api + "/jobs/{ref}/metrics", response_model=list[S.MetricRow], response_model_exclude_unset=True)
     def job_metrics(ref: str, who: Who) -> list[dict[str, Any]]:
         """Resource samples of every instance; [] if it never ran."""
         return cp.job_metrics(ref, who)
