@@ -95,7 +95,7 @@ def create_app(cp: ControlPlane, on_shutdown: Any = None) -> FastAPI:
     @app.exception_handler(sa.exc.OperationalError)
     async def _store_busy(_: Request, exc: sa.exc.OperationalError) -> JSONResponse:
         return _error(503, errors.StoreBusyError(
-            f"the server's database did not answer in time ({exc.orig}); nothing was changed, try again"))
+            f"the server's store is unavailable ({exc.orig}); nothing was changed, try again shortly"))
 
     @app.middleware("http")
     async def _cap_uploads(request: Request, call_next: Any) -> Any:
