@@ -113,11 +113,23 @@ POOL_COLUMNS = ["name", "state", "instance_family", "family", "min_nodes", "max_
 @pool_app.command("create")
 def pool_create(name: str, family: str = typer.Option(..., "--family", help="instance family, e.g. CPU_X64_S"),
                 min_nodes: int = 1, max_nodes: int = 1, provider: str = "local",
+                option: list[str] = typer.Option([], "--option", "-o",
+                                                 help="a provider option KEY=VALUE, e.g. partition=debug "
+                                                      "(a JSON value is parsed: -o 'sbatch_args=[\"--exclusive\"]')"),
                 if_not_exists: bool = False) -> None:
     from mljobs.client.pools import create_compute_pool
 
+    options: dict[str, Any] = {}
+    for item in option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"--option {item!r}: write KEY=VALUE, e.g. partition=debug")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
     p = create_compute_pool(name, instance_family=family, min_nodes=min_nodes, max_nodes=max_nodes,
-                            provider=provider, if_not_exists=if_not_exists)
+                            provider=provider, provider_options=options, if_not_exists=if_not_exists)
     _table([p], POOL_COLUMNS, "compute pool")
 
 

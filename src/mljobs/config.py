@@ -51,6 +51,12 @@ class Settings:
     # "cgroup2", "cgroup1" or "fallback" (parent-death signal and a sweep by the job's marker).
     containment: str = "auto"
     metrics: bool = True  # sample each instance's CPU, memory and GPU use while it runs
+    # Remote instances (Slurm, Ray): how often they report, and how long one may stay silent
+    # before its node counts as lost.
+    heartbeat_s: float = 5.0
+    heartbeat_timeout_s: float = 30.0
+    # The control plane's address as remote nodes reach it (default: the address it listens on).
+    advertise_url: str | None = None
 
 
 def _read_file(home: Path) -> dict[str, Any]:
@@ -92,4 +98,7 @@ def load_settings(home: str | os.PathLike[str] | None = None) -> Settings:
         store_busy_timeout_s=float(env.get("MLJOBS_STORE_BUSY_TIMEOUT_S") or server.get("store_busy_timeout_s", 30.0)),
         containment=(env.get("MLJOBS_CONTAINMENT") or server.get("containment") or "auto").lower(),
         metrics=_flag(env.get("MLJOBS_METRICS", server.get("metrics", "1"))),
+        heartbeat_s=float(env.get("MLJOBS_HEARTBEAT_S") or server.get("heartbeat_s", 5.0)),
+        heartbeat_timeout_s=float(env.get("MLJOBS_HEARTBEAT_TIMEOUT_S") or server.get("heartbeat_timeout_s", 30.0)),
+        advertise_url=env.get("MLJOBS_ADVERTISE_URL") or server.get("advertise_url"),
     )

@@ -31,8 +31,14 @@ class StagePaths:
         return f"{self.job_id}/result"
 
     def instance_result(self, instance_id: int) -> str:
-        """Each instance's own result envelope (parallel multi-node jobs)."""
+        """Each instance's own result envelope (parallel multi-node jobs; remote instances
+        upload theirs here before they report their exit)."""
         return f"{self.job_id}/results/{instance_id}"
+
+    @property
+    def launch(self) -> str:
+        """What a remote instance's agent reads to start (mljobs.runtime.agent)."""
+        return f"{self.job_id}/run/launch.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +72,16 @@ class InstancePaths:
     @property
     def supervisor_log(self) -> Path:
         return self.run_dir / "supervisor.err"
+
+    @property
+    def node_file(self) -> Path:
+        """Where a remote instance runs: its address and host name, as its agent reported them."""
+        return self.run_dir / "node.json"
+
+    @property
+    def ray_file(self) -> Path:
+        """A multi-node head's Ray addresses (GCS, dashboard), once its node is up."""
+        return self.run_dir / "ray.json"
 
     @property
     def metrics_file(self) -> Path:

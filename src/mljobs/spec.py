@@ -114,9 +114,11 @@ class PoolSpec:
     min_nodes: int = 1
     max_nodes: int = 1
     provider: str = "local"
+    provider_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.name = check_identifier("compute pool", self.name)
+        self.provider_options = dict(self.provider_options or {})
         self.instance_family = instance_family(self.instance_family).name
         if self.min_nodes < 0 or self.max_nodes < 1 or self.min_nodes > self.max_nodes:
             raise InvalidArgumentError(
@@ -133,7 +135,7 @@ class PoolSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PoolSpec:
-        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d and d[f.name] is not None})
 
 
 @dataclasses.dataclass

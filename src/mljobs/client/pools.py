@@ -19,13 +19,18 @@ __all__ = ["create_compute_pool", "alter_compute_pool", "drop_compute_pool", "li
 
 
 def create_compute_pool(name: str, *, instance_family: str, min_nodes: int = 1, max_nodes: int = 1,
-                        provider: str = "local", if_not_exists: bool = False,
-                        session: Session | None = None) -> dict[str, Any]:
-    """Create a pool of ``max_nodes`` nodes of ``instance_family`` (see ``mljobs.INSTANCE_FAMILIES``)."""
+                        provider: str = "local", provider_options: dict[str, Any] | None = None,
+                        if_not_exists: bool = False, session: Session | None = None) -> dict[str, Any]:
+    """Create a pool of ``max_nodes`` nodes of ``instance_family`` (see ``mljobs.INSTANCE_FAMILIES``).
+
+    ``provider`` says where the nodes come from: ``"local"`` (this machine), ``"slurm"`` (a Slurm
+    partition: ``provider_options={"partition": "debug"}``) or ``"ray"`` (an existing Ray cluster:
+    ``provider_options={"address": "http://HEAD:8265"}``); see ``docs/providers.md``.
+    """
     session = session or get_active_session()
     return session.request("POST", "/pools", json={
         "name": name, "instance_family": instance_family, "min_nodes": min_nodes, "max_nodes": max_nodes,
-        "provider": provider, "if_not_exists": if_not_exists}).json()
+        "provider": provider, "provider_options": provider_options or {}, "if_not_exists": if_not_exists}).json()
 
 
 def alter_compute_pool(name: str, *, suspend: bool | None = None, resume: bool | None = None,

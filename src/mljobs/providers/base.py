@@ -14,7 +14,8 @@ from typing import Any, ClassVar
 from mljobs.errors import MLJobsError
 from mljobs.spec import InstanceFamily, JobSpec, PoolSpec
 
-__all__ = ["Provider", "InstanceLaunch", "InstanceHandle", "InstanceExit", "UnsupportedError", "get_provider_class"]
+__all__ = ["Provider", "InstanceLaunch", "InstanceHandle", "InstanceExit", "InstanceReport", "UnsupportedError",
+           "get_provider_class", "launch_document", "check_options"]
 
 
 class UnsupportedError(MLJobsError):
@@ -37,6 +38,45 @@ class InstanceLaunch:
     # When the job needs its own environment: {"request": EnvRequest as a dict, "cache_dir",
     # "max_bytes", "timeout_s"}; the instance builds or reuses it before the payload starts.
     environment: dict[str, Any] | None = None
+    pool: PoolSpec | None = None  # the pool, with its provider_options
+
+
+def launch_document(launch: InstanceLaunch, env: dict[str, str], **node: Any) -> dict[str, Any]:
+    """The supervisor's ``launch.json`` (see :mod:`mljobs.runtime.supervisor`): the job's part from
+    ``launch``, the node's part (paths, CPUs, GPUs, network, containment) from ``node``."""
+    spec = launch.spec
+    env = {**env, **launch.env, **spec.env_vars, "PYTHONUNBUFFERED": "1"}  # the user's own variables win
+    return {
+        "job_id": launch.job_id, "instance_id": launch.instance_id, "instance_count": launch.instance_count,
+        "payload_kind": spec.payload_kind.value, "entrypoint": spec.entrypoint, "args": spec.args,
+        "session_param": spec.session_param, "client_python": spec.client_python,
+        "client_cloudpickle": spec.client_cloudpickle, "env": env, "memory_bytes": launch.family.memory_bytes,
+        "environment": launch.environment, "grace_period_s": launch.grace_period_s, **node,
+    }
+
+
+def check_options(provider: str, pool: PoolSpec, known: dict[str, str]) -> None:
+    """Refuse options the provider does not know, naming the ones it does (``known``: name -> what)."""
+    from mljobs.errors import InvalidArgumentError
+
+    unknown = sorted(set(pool.provider_options) - set(known))
+    if unknown:
+        valid = "; ".join(f"{k}: {v}" for k, v in known.items()) or "none"
+        raise InvalidArgumentError(f"compute pool {pool.name}: unknown {provider} provider option(s) {unknown}; "
+                                   f"valid options are {valid}")
+
+
+@dataclasses.dataclass
+class InstanceReport:
+    """What a remote instance's agent (:mod:`mljobs.runtime.agent`) sends the control plane: its
+    new log records and resource samples, where it runs, and once it has ended its exit record."""
+
+    lines: list[str] = dataclasses.field(default_factory=list)  # mljobs.logformat records
+    metrics: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    address: str | None = None  # the node's address as the control plane sees it
+    hostname: str | None = None
+    ray: dict[str, Any] | None = None  # a head's Ray addresses
+    exit: dict[str, Any] | None = None  # the supervisor's exit.json, plus "error" when the payload raised
 
 
 @dataclasses.dataclass
@@ -48,6 +88,11 @@ class InstanceHandle:
     pid: int | None = None
     pid_start: float | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def known(self) -> bool:
+        """Whether the provider made this handle (a bare one stands for an instance never found)."""
+        return self.pid is not None or bool(self.extra)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -81,6 +126,9 @@ class Provider(abc.ABC):
     name: ClassVar[str]
     supports_gpus: ClassVar[bool] = False
     supports_multinode: ClassVar[bool] = False
+    # Instances run elsewhere and report over HTTP; payload and result travel through the stage,
+    # so the job's stage must be one the nodes can read (s3://, or a shared folder).
+    remote: ClassVar[bool] = False
 
     @abc.abstractmethod
     def validate_pool(self, pool: PoolSpec) -> None:
@@ -105,6 +153,13 @@ class Provider(abc.ABC):
     @abc.abstractmethod
     def cleanup(self, handle: InstanceHandle) -> None:
         """Remove the instance's local working files (not its log)."""
+
+    def check_job(self, spec: JobSpec, pool: PoolSpec, stage_url: str) -> None:
+        """Raise InvalidArgumentError if this provider cannot run ``spec`` on ``pool`` (at submit)."""
+
+    def report(self, handle: InstanceHandle, report: InstanceReport) -> dict[str, Any]:
+        """Take a remote instance's report; the reply tells its agent what the server wants."""
+        raise UnsupportedError(f"instances of the {self.name} provider do not report over HTTP")
 
     def find(self, job_id: str, instance_id: int) -> InstanceHandle | None:
         """The handle of an instance this provider started but whose handle the server never
@@ -139,7 +194,9 @@ class Provider(abc.ABC):
         """Stop watching; running instances keep running."""
 
 
-_PROVIDERS: dict[str, str] = {"local": "mljobs.providers.local:LocalProvider"}
+_PROVIDERS: dict[str, str] = {"local": "mljobs.providers.local:LocalProvider",
+                               "slurm": "mljobs.providers.slurm:SlurmProvider",
+                               "ray": "mljobs.providers.ray:RayProvider"}
 
 
 def get_provider_class(name: str) -> type[Provider]:
@@ -147,9 +204,7 @@ def get_provider_class(name: str) -> type[Provider]:
 
     target = _PROVIDERS.get(name)
     if target is None:
-        raise UnsupportedError(
-            f"unknown provider {name!r}; available: {', '.join(_PROVIDERS)} "
-            "(ray and slurm are on the roadmap)"
-        )
+        raise UnsupportedError(f"unknown provider {name!r}; available: {', '.join(_PROVIDERS)} "
+                               "(Kubernetes is on paper: docs/kubernetes.md)")
     module, _, cls = target.partition(":")
     return getattr(importlib.import_module(module), cls)

@@ -33,8 +33,9 @@ from mljobs.config import Settings
 from mljobs.errors import InvalidArgumentError
 from mljobs.paths import HomePaths, InstancePaths
 from mljobs.providers import netns
-from mljobs.runtime import containment
-from mljobs.providers.base import ExitCallback, InstanceExit, InstanceHandle, InstanceLaunch, Provider
+from mljobs.runtime import containment, multinode
+from mljobs.providers.base import (ExitCallback, InstanceExit, InstanceHandle, InstanceLaunch, Provider,
+                                   launch_document)
 from mljobs.spec import PoolSpec
 
 log = logging.getLogger("mljobs.server")
@@ -268,7 +269,7 @@ class LocalProvider(Provider):
             if net is None:
                 net = {"netns": self.use_netns, "addresses": [], "node_ports": [], "started_at": time.time()}
                 if self.use_netns:  # every node its own host: Ray's default ports on every address
-                    net.update(gcs_port=6379, dashboard_port=8265, client_port=10001, rendezvous_port=29500)
+                    net.update(multinode.DEFAULT_PORTS)
                 else:  # shared loopback: every listening port distinct
                     net.update(zip(("gcs_port", "dashboard_port", "client_port", "rendezvous_port"), free_ports(4)))
             have, want = len(net["addresses"]), max(launch.instance_count, launch.instance_id + 1)
@@ -292,20 +293,13 @@ class LocalProvider(Provider):
         environment variables (ranks and addresses) and its network namespace."""
         net = self._network(launch)
         spec, i, k = launch.spec, launch.instance_id, launch.instance_count
-        head = net["addresses"][0]
         mn = {"count": k, "min_instances": min(spec.effective_min_instances, k), "parallel": spec.parallel,
               "join_timeout_s": spec.join_timeout_s, "started_at": net["started_at"],
               "addresses": net["addresses"], "gcs_port": net["gcs_port"], "dashboard_port": net["dashboard_port"],
-              "client_port": net["client_port"], "ports": net["node_ports"][i],
+              "client_port": net["client_port"], "rendezvous_port": net["rendezvous_port"], "ports": net["node_ports"][i],
               "temp_dir": ray_temp_dir(p.run_dir), "cpus": launch.family.cpus, "gpus": launch.family.gpus,
               "memory_bytes": launch.family.memory_bytes}
-        env = {"MLJOBS_HEAD_ADDRESS": head, "MLJOBS_NODE_ADDRESSES": ",".join(net["addresses"]),
-               "MLJOBS_RENDEZVOUS_PORT": str(net["rendezvous_port"])}
-        if spec.parallel:  # what torch.distributed's env:// method reads
-            env.update(MASTER_ADDR=head, MASTER_PORT=str(net["rendezvous_port"]), WORLD_SIZE=str(k),
-                       RANK=str(i), NODE_RANK=str(i), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-        else:
-            env["RAY_ADDRESS"] = f"{head}:{net['gcs_port']}"
+        env = multinode.node_env(mn, i)
         return mn, env, netns.namespace(launch.job_id, i) if net["netns"] else None
 
     def start(self, launch: InstanceLaunch) -> InstanceHandle:
@@ -321,38 +315,11 @@ class LocalProvider(Provider):
         if launch.spec.target_instances > 1:
             multinode, mn_env, ns = self._multinode(launch, p)
             env.update(mn_env)
-        env.update(launch.env)
-        env.update(launch.spec.env_vars)  # the user's own variables win
-        env["PYTHONUNBUFFERED"] = "1"
-        spec = launch.spec
-        doc = {
-            "job_id": launch.job_id,
-            "instance_id": launch.instance_id,
-            "instance_count": launch.instance_count,
-            "run_dir": str(p.run_dir),
-            "work_dir": str(p.work_dir),
-            "app_dir": str(p.work_dir),
-            "log_file": str(p.log_file),
-            "result_file": str(p.result),
-            "payload_kind": spec.payload_kind.value,
-            "entrypoint": spec.entrypoint,
-            "args": spec.args,
-            "session_param": spec.session_param,
-            "client_python": spec.client_python,
-            "client_cloudpickle": spec.client_cloudpickle,
-            "env": env,
-            "cpus": cpus,
-            "memory_bytes": launch.family.memory_bytes,
-            "python": spec.runtime_python or sys.executable,
-            "environment": launch.environment,
-            "grace_period_s": launch.grace_period_s,
-            "multinode": multinode,
-            "netns": ns,
-            "containment": self.plan.to_dict(),
-            "metrics_file": str(p.metrics_file),
-            "metrics": self._metrics,
-            "gpus": gpus,
-        }
+        doc = launch_document(
+            launch, env, run_dir=str(p.run_dir), work_dir=str(p.work_dir), app_dir=str(p.work_dir),
+            log_file=str(p.log_file), result_file=str(p.result), cpus=cpus,
+            python=launch.spec.runtime_python or sys.executable, multinode=multinode, netns=ns,
+            containment=self.plan.to_dict(), metrics_file=str(p.metrics_file), metrics=self._metrics, gpus=gpus)
         p.launch.write_text(json.dumps(doc))
         pid = self._spawner.spawn(str(p.run_dir), str(p.supervisor_log))
         try:
@@ -421,7 +388,7 @@ class LocalProvider(Provider):
 
     def ray_info(self, handle: InstanceHandle) -> dict[str, Any] | None:
         try:
-            return json.loads((self.paths(handle).run_dir / "ray.json").read_text())
+            return json.loads(self.paths(handle).ray_file.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 

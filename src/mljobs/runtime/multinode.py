@@ -40,11 +40,29 @@ from mljobs import logformat
 from mljobs.errors import InstancesUnavailableError
 from mljobs.runtime import launcher
 
-__all__ = ["main", "enter_netns", "ray_env", "start_head", "wait_for_nodes", "run_worker"]
+__all__ = ["main", "enter_netns", "ray_env", "start_head", "wait_for_nodes", "run_worker", "node_env", "DEFAULT_PORTS"]
 
 CLONE_NEWNET = 0x40000000
 _WORKER_GCS_GRACE_S = 15  # a raylet exits this long after its head's GCS went away (Ray's default: 60)
 _PROGRESS_EVERY_S = 10.0
+
+
+# Ray's and the rendezvous' ports where every node is a host of its own
+DEFAULT_PORTS = {"gcs_port": 6379, "dashboard_port": 8265, "client_port": 10001, "rendezvous_port": 29500}
+
+
+def node_env(mn: dict[str, Any], instance_id: int) -> dict[str, str]:
+    """The variables a multi-node instance's payload sees: the addresses and, for ``parallel``
+    jobs, the ranks torch.distributed's ``env://`` method reads; else ``RAY_ADDRESS``."""
+    head, k = mn["addresses"][0], mn["count"]
+    env = {"MLJOBS_HEAD_ADDRESS": head, "MLJOBS_NODE_ADDRESSES": ",".join(mn["addresses"]),
+           "MLJOBS_RENDEZVOUS_PORT": str(mn["rendezvous_port"])}
+    if mn["parallel"]:
+        env.update(MASTER_ADDR=head, MASTER_PORT=str(mn["rendezvous_port"]), WORLD_SIZE=str(k),
+                   RANK=str(instance_id), NODE_RANK=str(instance_id), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    else:
+        env["RAY_ADDRESS"] = f"{head}:{mn['gcs_port']}"
+    return env
 
 
 def _setns(fd: int, what: str) -> None:

@@ -22,7 +22,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import TypeAdapter, ValidationError
 
 from mljobs import __version__, errors, logformat
-from mljobs.providers.base import UnsupportedError
+from mljobs.providers.base import InstanceReport, UnsupportedError
 from mljobs.server import schemas as S
 from mljobs.server.auth import Principal
 from mljobs.server.logs import follow_lines, iter_lines
@@ -208,6 +208,12 @@ def create_app(cp: ControlPlane, on_shutdown: Any = None) -> FastAPI:
         """Resource samples of every instance; [] if it never ran."""
         return cp.job_metrics(ref, who)
 
+    @app.post(api + "/jobs/{job_id}/instances/{instance_id}/report", response_model=S.ReportReply)
+    def instance_report(job_id: str, instance_id: Annotated[int, Path(ge=0, le=100_000)], body: S.InstanceReportIn,
+                        who: Who) -> dict[str, Any]:
+        """A remote instance's log records, samples, heartbeat or exit (its job's own token)."""
+        return cp.instance_report(job_id, instance_id, InstanceReport(**body.model_dump()), who)
+
     @app.get(api + "/jobs/{ref}/ray", response_model=S.RayInfoOut)
     def ray_info(ref: str, who: Who) -> dict[str, Any]:
         return cp.ray_info(ref, who)
@@ -244,8 +250,8 @@ def create_app(cp: ControlPlane, on_shutdown: Any = None) -> FastAPI:
     @app.post(api + "/pools", response_model=S.PoolOut)
     def create_pool(body: S.PoolIn, who: Who) -> dict[str, Any]:
         return cp.create_pool(body.name, instance_family=body.instance_family, min_nodes=body.min_nodes,
-                              max_nodes=body.max_nodes, provider=body.provider, if_not_exists=body.if_not_exists,
-                              who=who)
+                              max_nodes=body.max_nodes, provider=body.provider,
+                              provider_options=body.provider_options, if_not_exists=body.if_not_exists, who=who)
 
     @app.get(api + "/pools", response_model=list[S.PoolOut])
     def list_pools(who: Who) -> list[dict[str, Any]]:

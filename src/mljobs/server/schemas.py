@@ -34,6 +34,8 @@ class PoolIn(_In):
     min_nodes: Annotated[int, _NODES] = 1
     max_nodes: Annotated[int, Field(ge=1, le=100_000)] = 1
     provider: Annotated[str, StringConstraints(min_length=1, max_length=64)] = "local"
+    # checked by the provider, which names the options it knows
+    provider_options: Annotated[dict[str, Any], Field(max_length=64)] = {}
     if_not_exists: bool = False
 
 
@@ -116,6 +118,7 @@ class PoolOut(BaseModel):
     min_nodes: int
     max_nodes: int
     provider: str
+    provider_options: dict[str, Any] = {}
     suspended: bool
     created_time: dt.datetime
     owner: str | None = None
@@ -207,6 +210,22 @@ class MetricRow(BaseModel):
     peak_rss_bytes: int
     gpu_util: float | None = None
     gpu_memory_bytes: int | None = None
+
+
+class InstanceReportIn(_In):
+    """What a remote instance's agent sends (mljobs.runtime.agent); see InstanceReport."""
+
+    lines: Annotated[list[Annotated[str, StringConstraints(max_length=1 << 20)]], Field(max_length=100_000)] = []
+    metrics: Annotated[list[dict[str, Any]], Field(max_length=10_000)] = []
+    address: Annotated[str, StringConstraints(max_length=255)] | None = None
+    hostname: Annotated[str, StringConstraints(max_length=255)] | None = None
+    ray: dict[str, Any] | None = None
+    exit: dict[str, Any] | None = None
+
+
+class ReportReply(BaseModel):
+    action: str | None = None  # cancel | release | stop
+    addresses: list[str] | None = None  # a multi-node job's nodes, once all have reported
 
 
 class WhoAmI(BaseModel):

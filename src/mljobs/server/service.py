@@ -7,6 +7,7 @@ transitions keep state right even across processes.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import fnmatch
 import importlib.util
@@ -28,7 +29,8 @@ from mljobs.config import Settings
 from mljobs.errors import (ConflictError, InvalidArgumentError, InvalidTransitionError, NotFoundError,
                            PermissionDeniedError, VersionMismatchError)
 from mljobs.paths import HomePaths, StagePaths
-from mljobs.providers.base import InstanceExit, InstanceHandle, InstanceLaunch, Provider, UnsupportedError, get_provider_class
+from mljobs.providers.base import (InstanceExit, InstanceHandle, InstanceLaunch, InstanceReport, Provider,
+                                   UnsupportedError, get_provider_class)
 from mljobs.runtime import environment as envs
 from mljobs.runtime.launcher import check_versions
 from mljobs.server import metrics
@@ -53,7 +55,8 @@ _SIGNALS = {9: "SIGKILL: out of memory, or killed", 15: "SIGTERM", 11: "SIGSEGV:
 
 class ControlPlane:
     def __init__(self, settings: Settings, store: Store, url: str = "", *, loopback: bool = True) -> None:
-        self.settings = settings
+        # remote nodes reach the control plane here (the address it listens on unless configured)
+        self.settings = settings if settings.advertise_url else dataclasses.replace(settings, advertise_url=url)
         self.loopback = loopback
         self.auth: Authenticator  # made by start(), once the store has its tables
         self.home = HomePaths(settings.home)
@@ -168,10 +171,12 @@ class ControlPlane:
 
     # -- pools --------------------------------------------------------------------------------
     def create_pool(self, name: str, *, instance_family: str, min_nodes: int = 1, max_nodes: int = 1,
-                    provider: str = "local", if_not_exists: bool = False,
-                    who: Principal | None = None) -> dict[str, Any]:
-        """Make a pool; ``who`` becomes its owner (None: the server's own, managed by admins)."""
-        spec = PoolSpec(name, instance_family, min_nodes, max_nodes, provider)
+                    provider: str = "local", provider_options: dict[str, Any] | None = None,
+                    if_not_exists: bool = False, who: Principal | None = None) -> dict[str, Any]:
+        """Make a pool; ``who`` becomes its owner (None: the server's own, managed by admins).
+        The provider checks the pool (its options, that its engine answers and its nodes fit the
+        family) before anything is recorded."""
+        spec = PoolSpec(name, instance_family, min_nodes, max_nodes, provider, provider_options or {})
         cls = get_provider_class(spec.provider)
         if spec.provider not in self._providers:
             self._providers[spec.provider] = cls(self.home, self.settings)
@@ -213,7 +218,7 @@ class ControlPlane:
         if max_nodes is not None:
             pool = self.store.get_pool(name)
             spec = PoolSpec(name, pool["instance_family"], min(pool["min_nodes"], max_nodes), max_nodes,
-                            pool["provider"])
+                            pool["provider"], pool["provider_options"])
             self.provider(name).validate_pool(spec)
             values.update(max_nodes=max_nodes, min_nodes=spec.min_nodes)
         if values:
@@ -381,6 +386,9 @@ class ControlPlane:
             )
         if spec.target_instances > 1 and not spec.parallel:
             self._check_ray(spec)
+        stage = self.store.get_stage(check_stage_name(spec.stage_name))
+        provider.check_job(spec, PoolSpec.from_dict(pool), stage["url"] if stage else str(
+            self.home.stage_root(spec.stage_name)))
         if not all(isinstance(r, str) and r.strip() for r in spec.pip_requirements):
             raise InvalidArgumentError(f"pip_requirements must be requirement strings like 'humanize==4.9.0', "
                                        f"got {spec.pip_requirements!r}")
@@ -517,12 +525,13 @@ class ControlPlane:
         environment = self._environment_for(spec)
         count = first_id + len(slots)
         for i, slot in enumerate(slots, start=first_id):
-            env = {"MLJOBS_URL": self.url, "MLJOBS_JOB_ID": job["id"], "MLJOBS_INSTANCE_ID": str(i),
+            env = {"MLJOBS_URL": self.settings.advertise_url if provider.remote else self.url,
+                   "MLJOBS_JOB_ID": job["id"], "MLJOBS_INSTANCE_ID": str(i),
                    "MLJOBS_INSTANCE_COUNT": str(count), "MLJOBS_DATABASE": job["database_name"],
                    "MLJOBS_SCHEMA": job["schema_name"], "MLJOBS_COMPUTE_POOL": pool["name"]}
             env["MLJOBS_TOKEN"] = self.auth.job_token(job["id"])  # acts for the owner, never as an admin
             launch = InstanceLaunch(job["id"], i, count, spec, family, slot, stage, env,
-                                    self.settings.grace_period_s, environment)
+                                    self.settings.grace_period_s, environment, PoolSpec.from_dict(pool))
             try:
                 handle = provider.start(launch)
             except Exception as e:  # noqa: BLE001
@@ -546,6 +555,24 @@ class ControlPlane:
             if not provider.watch(handle, self.instance_exited):
                 self.instance_exited(handle)
 
+    def instance_report(self, job_id: str, instance_id: int, report: InstanceReport,
+                        who: Principal) -> dict[str, Any]:
+        """A remote instance's report (its agent, with the job's own token); the reply says what
+        the server wants of it. An instance whose job or own run is over is told to stop."""
+        if who.job_id != job_id and not who.admin:
+            raise PermissionDeniedError(f"only job {job_id}'s own token reports for its instances")
+        job = self.store.get_job(job_id)
+        inst = next((i for i in self.store.instances_of(job_id) if i["instance_id"] == instance_id), None)
+        if inst is None:
+            raise NotFoundError(f"job {job_id} has no instance {instance_id}")
+        if job["status"] in {s.value for s in TERMINAL} or inst["status"] == "EXITED":
+            return {"action": "stop"}
+        provider = self.provider(job["compute_pool"])
+        # the agent may report before the server stored the handle its start returned
+        handle = InstanceHandle.from_dict(inst["handle"]) if inst["handle"] else InstanceHandle(
+            job_id, instance_id, extra={"count": job["target_instances"]})
+        return provider.report(handle, report)
+
     def instance_exited(self, handle: InstanceHandle) -> None:
         """Record an instance's end; when it was the job's last, finish the job."""
         with self._lock:
@@ -555,7 +582,7 @@ class ControlPlane:
                 return
             pool = job["compute_pool"]
             provider = self.provider(pool)
-            exit_ = provider.poll(handle) if handle.pid is not None else InstanceExit(None, lost=True)
+            exit_ = provider.poll(handle) if handle.known else InstanceExit(None, lost=True)
             if exit_ is None:  # still running after all (spurious wake-up)
                 return
             now = utcnow()
@@ -580,7 +607,7 @@ class ControlPlane:
         if job["target_instances"] > 1:
             exit_ = self._multinode_outcome(job)
         elif exit_ is None:
-            head = next((h for h in handles if h.instance_id == 0 and h.pid is not None), None)
+            head = next((h for h in handles if h.instance_id == 0 and h.known), None)
             exit_ = (provider.poll(head) if head else None) or InstanceExit(None, lost=True)
         # Processes and namespaces go first, so that a job seen ended runs nothing any more;
         # its local files after, off the path to the user's result.
@@ -632,7 +659,7 @@ class ControlPlane:
         exits: dict[int, InstanceExit] = {}
         for inst in self.store.instances_of(job["id"]):
             h = InstanceHandle.from_dict(inst["handle"]) if inst["handle"] else None
-            exits[inst["instance_id"]] = (provider.poll(h) if h and h.pid is not None else None) or InstanceExit(
+            exits[inst["instance_id"]] = (provider.poll(h) if h and h.known else None) or InstanceExit(
                 None, lost=True)
         if not job["spec"].get("parallel"):
             return exits.get(0) or InstanceExit(None, lost=True)

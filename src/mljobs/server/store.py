@@ -45,6 +45,12 @@ def normalize_url(url: str) -> str:
     return url
 
 
+def _pool_row(r: Any) -> dict[str, Any]:
+    row = _row(r)
+    row["provider_options"] = row.get("provider_options") or {}
+    return row
+
+
 def _row(r: Any) -> dict[str, Any]:
     d = dict(r._mapping)
     for k, v in d.items():
@@ -113,11 +119,11 @@ class Store:
                 f"compute pool {name!r} does not exist; `mljobs pool list` shows the pools, "
                 f"create_compute_pool({name!r}, instance_family=...) makes one"
             )
-        return _row(r)
+        return _pool_row(r)
 
     def list_pools(self) -> list[dict[str, Any]]:
         with self.engine.connect() as c:
-            return [_row(r) for r in c.execute(sa.select(pools).order_by(pools.c.name))]
+            return [_pool_row(r) for r in c.execute(sa.select(pools).order_by(pools.c.name))]
 
     def update_pool(self, name: str, **values: Any) -> None:
         with self.engine.begin() as c:

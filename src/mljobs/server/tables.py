@@ -18,6 +18,7 @@ pools = sa.Table(
     sa.Column("suspended", sa.Boolean, nullable=False, default=False),
     sa.Column("created_time", sa.DateTime(timezone=True), nullable=False),
     sa.Column("owner", sa.String(255)),  # None: made before owners were recorded
+    sa.Column("provider_options", sa.JSON),  # what the provider needs: a partition, a cluster address
 )
 
 jobs = sa.Table(

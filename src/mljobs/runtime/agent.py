@@ -1,0 +1,279 @@
+"""The node side of a remote instance: fetch, supervise, report.
+
+A remote provider (Slurm, Ray) starts, on each node, ::
+
+    python -m mljobs.runtime.agent --stage NAME --stage-url URL --job JOB_ID [--instance I]
+
+The agent reads the job's launch document from the stage (``<job>/run/launch.json``, written by
+:class:`mljobs.providers.remote.RemoteProvider`), downloads the payload into a folder of the
+node's own (``MLJOBS_NODE_DIR``, default ``$TMPDIR/mljobs-node``), fills in the node's part of the
+launch (paths, CPUs, GPUs, a multi-node job's addresses) and runs the same supervisor as a local
+instance, in its own session. While it runs, the agent tails the supervisor's log and samples
+and POSTs them to the control plane with the job's own token (``/jobs/{id}/instances/{i}/report``):
+every 0.5 s while there is output, else a heartbeat every ``heartbeat_s``. Once the supervisor
+has ended it uploads the result envelope to the stage and reports the exit record, retrying
+until the control plane has it. The reply to a report says what the server wants: ``cancel``
+(SIGTERM to the supervisor, which stops the whole tree after the grace period), ``release`` (a
+worker whose head has finished) or ``stop`` (the job is over for the server: stop, report
+nothing more). SIGTERM to the agent (``scancel``, Ray's stop) is a cancel too.
+
+The instance id comes from ``--instance``, else ``MLJOBS_INSTANCE_ID``, else ``SLURM_PROCID``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from mljobs import logformat
+from mljobs.paths import StagePaths
+from mljobs.runtime import containment, multinode
+from mljobs.stages import Stage
+
+__all__ = ["main", "own_address", "instance_id_from_env"]
+
+_FLUSH_S = 0.5  # output goes out this often while there is some
+_EXIT_RETRY_S = 600.0  # how long the exit record is retried while the control plane is away
+_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+class Stop(Exception):
+    """The control plane no longer wants this instance (its job ended, or its token is refused)."""
+
+
+def own_address(url: str) -> str:
+    """This node's address on the route to the control plane (no packet is sent)."""
+    parts = urlsplit(url)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((parts.hostname or "127.0.0.1", parts.port or 80))
+            return s.getsockname()[0]
+        except OSError:
+            return socket.gethostbyname(socket.gethostname())
+
+
+def instance_id_from_env(env: dict[str, str] | None = None) -> int:
+    env = os.environ if env is None else env
+    for var in ("MLJOBS_INSTANCE_ID", "SLURM_PROCID"):
+        if env.get(var, "").isdigit():
+            return int(env[var])
+    return 0
+
+
+class Reporter:
+    """Posts reports for one instance; keeps what it has not managed to send."""
+
+    def __init__(self, url: str, token: str, job_id: str, instance_id: int) -> None:
+        self.client = httpx.Client(base_url=url.rstrip("/") + "/api/v1", timeout=30.0,
+                                   headers={"Authorization": f"Bearer {token}"})
+        self.path = f"/jobs/{job_id}/instances/{instance_id}/report"
+        self.pending_lines: list[str] = []
+        self.pending_metrics: list[dict[str, Any]] = []
+        self.last_sent = 0.0
+
+    def send(self, **fields: Any) -> dict[str, Any]:
+        """Send the pending output with ``fields``; returns the reply. Raises Stop when the job
+        is over for the server, httpx.HTTPError when the server cannot be reached."""
+        body = {"lines": self.pending_lines, "metrics": self.pending_metrics, **fields}
+        r = self.client.post(self.path, json=body)
+        if r.status_code in (401, 403, 404, 409):
+            raise Stop(f"the control plane answered {r.status_code}: {r.text[:300]}")
+        r.raise_for_status()
+        self.pending_lines, self.pending_metrics = [], []
+        self.last_sent = time.monotonic()
+        reply = r.json()
+        if reply.get("action") == "stop":
+            raise Stop("the control plane says the job is over")
+        return reply
+
+    def system(self, text: str) -> None:
+        self.pending_lines.append(logformat.format_record(logformat.SYS, f"mljobs agent: {text}"))
+
+
+class _Tail:
+    """The complete lines appended to a file since the last read."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset, self.rest = path, 0, b""
+
+    def read(self) -> list[str]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        self.offset += len(data)
+        *lines, self.rest = (self.rest + data).split(b"\n")
+        return [ln.decode("utf-8", "backslashreplace") + "\n" for ln in lines]
+
+
+def _node_launch(tpl: dict[str, Any], instance_id: int, node_dir: Path) -> dict[str, Any]:
+    """The template with this node's part filled in (what the local provider decides for itself)."""
+    run_dir, work_dir = node_dir / "run", node_dir / "work"
+    for d in (run_dir, work_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    gpus = int(tpl.get("gpus_per_node") or 0)
+    env = {**tpl["env"], "MLJOBS_INSTANCE_ID": str(instance_id)}
+    env.update({var: str(min(len(cpus), int(tpl.get("cpus_per_node") or len(cpus)))) for var in _THREAD_VARS})
+    environment = tpl.get("environment")
+    if environment:  # the node builds job environments in a cache of its own
+        environment = {**environment, "cache_dir": str(node_dir.parent.parent / "envs")}
+    return {**tpl, "instance_id": instance_id, "run_dir": str(run_dir), "work_dir": str(work_dir),
+            "app_dir": str(work_dir), "log_file": str(run_dir / "instance.log"), "result_file": str(run_dir / "result.pkl"),
+            "metrics_file": str(run_dir / "metrics.jsonl"), "cpus": cpus, "netns": None, "env": env,
+            "python": tpl.get("python") or sys.executable, "environment": environment,
+            "gpus": list(range(gpus)) if gpus else [],
+            # the engine contains the job (Slurm's cgroups, Ray's worker); the supervisor adds the
+            # parent-death signal and watches resident memory against the family's limit
+            "containment": containment.Plan("fallback", None, "rss", None, "a remote node: its engine contains the job")
+            .to_dict()}
+
+
+def _wait_for_addresses(rep: Reporter, mn: dict[str, Any], address: str, hostname: str) -> list[str]:
+    """A multi-node job's node addresses, once every instance has reported its own."""
+    deadline = time.monotonic() + float(mn["join_timeout_s"])
+    while True:
+        reply = rep.send(address=address, hostname=hostname)
+        if reply.get("addresses"):
+            return list(reply["addresses"])
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the job's other nodes did not report within join_timeout_s={mn['join_timeout_s']:g}")
+        time.sleep(0.5)
+
+
+def run(stage: Stage, job_id: str, instance_id: int) -> int:
+    tpl = json.loads(stage.get_bytes(StagePaths(job_id).launch))
+    url, token = tpl["env"]["MLJOBS_URL"], tpl["env"]["MLJOBS_TOKEN"]
+    rep = Reporter(url, token, job_id, instance_id)
+    address, hostname = own_address(url), socket.gethostname()
+    base = Path(os.environ.get("MLJOBS_NODE_DIR") or Path(tempfile.gettempdir()) / "mljobs-node")
+    node_dir = base / "jobs" / f"{job_id}-{instance_id}"
+    rep.system(f"instance {instance_id} on {hostname} ({address}), pid {os.getpid()}")
+    try:
+        rep.send(address=address, hostname=hostname)
+        launch = _node_launch(tpl, instance_id, node_dir)
+        stage.download_dir(StagePaths(job_id).app, launch["work_dir"])
+        mn = launch.get("multinode")
+        if mn:
+            mn = {**mn, "addresses": _wait_for_addresses(rep, mn, address, hostname),
+                  "temp_dir": os.path.join(tempfile.gettempdir(), f"mljr-{job_id[-12:].lower()}-{instance_id}")}
+            launch["multinode"] = mn
+            launch["env"].update(multinode.node_env(mn, instance_id))
+        return _supervise(rep, stage, launch, node_dir)
+    except Stop as e:
+        print(f"mljobs agent: {e}; stopping", file=sys.stderr)
+        return 0
+    finally:
+        shutil.rmtree(node_dir, ignore_errors=True)
+
+
+def _supervise(rep: Reporter, stage: Stage, launch: dict[str, Any], node_dir: Path) -> int:
+    run_dir = Path(launch["run_dir"])
+    (run_dir / "launch.json").write_text(json.dumps(launch))
+    cancel = {"requested": False}
+    with open(run_dir / "supervisor.err", "ab") as err:
+        sup = subprocess.Popen([sys.executable, "-m", "mljobs.runtime.supervisor", str(run_dir)],
+                               stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True)
+
+    def forward(sig: int, _: Any) -> None:  # scancel / Ray's stop: the supervisor stops the tree
+        cancel["requested"] = True
+        try:
+            os.kill(sup.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    logs, samples = _Tail(Path(launch["log_file"])), _Tail(Path(launch["metrics_file"]))
+    ray_file, ray_sent = run_dir / "ray.json", False
+    heartbeat = float(launch.get("heartbeat_s") or 5.0)
+    try:
+        while True:
+            try:
+                code = sup.wait(timeout=0.1)
+                break
+            except subprocess.TimeoutExpired:
+                code = None
+            rep.pending_lines += logs.read()
+            rep.pending_metrics += [json.loads(s) for s in samples.read()]
+            ray = None
+            if not ray_sent and ray_file.exists():
+                ray = json.loads(ray_file.read_text())
+            since = time.monotonic() - rep.last_sent
+            if ray is not None or (since >= _FLUSH_S and (rep.pending_lines or rep.pending_metrics)) or since >= heartbeat:
+                try:
+                    reply = rep.send(ray=ray)
+                except httpx.HTTPError:
+                    continue  # the control plane is away: keep running, keep the output, try again
+                ray_sent = ray_sent or ray is not None
+                action = reply.get("action")
+                if action == "cancel" and not cancel["requested"]:
+                    forward(signal.SIGTERM, None)
+                elif action == "release":
+                    os.kill(sup.pid, signal.SIGUSR1)
+    except Stop:
+        forward(signal.SIGTERM, None)
+        sup.wait()
+        raise
+    rep.pending_lines += logs.read()
+    rep.pending_metrics += [json.loads(s) for s in samples.read()]
+    return _report_exit(rep, stage, launch, code)
+
+
+def _report_exit(rep: Reporter, stage: Stage, launch: dict[str, Any], code: int) -> int:
+    run_dir = Path(launch["run_dir"])
+    try:
+        record = json.loads((run_dir / "exit.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        rep.system(f"the supervisor ended with code {code} without an exit record; see supervisor.err on the node")
+        record = {"exit_code": None, "cancelled": False, "has_result": False}
+    result = Path(launch["result_file"])
+    if record.get("has_result") and result.exists():
+        stage.put_local(StagePaths(launch["job_id"]).instance_result(launch["instance_id"]), result)
+    error_file = run_dir / "error.json"
+    if error_file.exists():
+        record["error"] = json.loads(error_file.read_text())
+    deadline = time.monotonic() + _EXIT_RETRY_S
+    delay = 0.2
+    while True:
+        try:
+            rep.send(exit=record)
+            return 0
+        except Stop:
+            return 0
+        except httpx.HTTPError as e:
+            if time.monotonic() > deadline:
+                print(f"mljobs agent: could not report the exit to the control plane: {e}", file=sys.stderr)
+                return 1
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mljobs.runtime.agent", description=__doc__.split("\n")[0])
+    ap.add_argument("--stage", required=True, help="the job's stage name")
+    ap.add_argument("--stage-url", required=True, help="the stage's fsspec URL, readable from this node")
+    ap.add_argument("--job", required=True)
+    ap.add_argument("--instance", type=int, default=None)
+    args = ap.parse_args(argv)
+    instance = args.instance if args.instance is not None else instance_id_from_env()
+    return run(Stage(args.stage, args.stage_url), args.job, instance)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
