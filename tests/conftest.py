@@ -34,8 +34,11 @@ def pg_available() -> str | None:
 class ServerProc:
     """A real `mljobs server start` process with its own MLJOBS_HOME."""
 
-    def __init__(self, home: Path, database_url: str | None = None, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(self, home: Path, database_url: str | None = None, extra_env: dict[str, str] | None = None,
+                 args: list[str] | None = None) -> None:
         self.home, self.database_url, self.extra_env = home, database_url, dict(extra_env or {})
+        self.args = list(args or [])  # more `mljobs server start` options, e.g. ["--host", ADDRESS]
+        self.token: str | None = None  # an admin's, for a server with users
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
 
@@ -54,7 +57,7 @@ class ServerProc:
         info = self.home / "server.json"
         info.unlink(missing_ok=True)
         log = open(self.home / "server.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, "-m", "mljobs", "server", "start"], env=self.env(),
+        self.proc = subprocess.Popen([sys.executable, "-m", "mljobs", "server", "start", *self.args], env=self.env(),
                                      stdout=log, stderr=log, start_new_session=True)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -84,7 +87,8 @@ class ServerProc:
         import httpx
 
         try:
-            httpx.post(self.url + "/api/v1/server/shutdown", timeout=30)
+            httpx.post(self.url + "/api/v1/server/shutdown", timeout=30,
+                       headers={"Authorization": f"Bearer {self.token}"} if self.token else None)
         except httpx.HTTPError:
             pass
         try:

@@ -1,0 +1,283 @@
+"""The Slurm provider on a real Slurm cluster (scripts/slurm-cluster: slurmctld and three slurmd,
+each node its own network namespace and host name).
+
+The control plane and the client run inside the controller's namespace (this test's main thread
+enters it for the module), bound to the controller's address, which the nodes reach over the
+cluster's bridge; nothing gets an address in the machine's own namespace. The agents on the nodes
+report over HTTP with their job's token. Skipped, with the reason printed, where the cluster
+cannot be made (no root, no namespaces, no apt); never otherwise.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+import mljobs
+from mljobs import JOB_STATUS, Session
+from mljobs.errors import InvalidArgumentError
+from tests.conftest import ServerProc, assert_no_leftovers, wait_status
+
+pytestmark = [pytest.mark.slurm]
+CLONE_NEWNET = 0x40000000
+
+
+def _setns(fd: int) -> None:
+    """Move this thread (the test's main thread) into the network namespace ``fd`` refers to;
+    processes and threads it starts from then on are there too."""
+    if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
+        raise OSError(ctypes.get_errno(), "setns")
+
+
+def _payload_processes(marker: str) -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if marker in " ".join(p.info["cmdline"] or []) and p.pid != os.getpid():
+                out.append(p)
+        except psutil.NoSuchProcess:
+            continue
+    return out
+
+
+class SlurmEnv:
+    def __init__(self, cluster: Any, server: ServerProc, token: str) -> None:
+        self.cluster, self.server, self.token = cluster, server, token
+        self.session = Session(url=server.url, token=token)
+        self.options = {"partition": cluster.partition, "shared_paths": [str(server.home)],
+                        "output": str(server.home / "slurm-%j.out")}
+
+
+def _start(cluster: Any, home: Path, extra_env: dict[str, str] | None = None) -> tuple[ServerProc, str]:
+    env = dict(os.environ, MLJOBS_HOME=str(home))
+    made = subprocess.run([sys.executable, "-m", "mljobs", "user", "create", "admin", "--admin"], env=env,
+                          capture_output=True, text=True, check=True)
+    token = made.stdout.strip().splitlines()[-1]
+    srv = ServerProc(home, extra_env={"MLJOBS_DEFAULT_POOL": "0", "MLJOBS_HEARTBEAT_TIMEOUT_S": "8",
+                                      "MLJOBS_TOKEN": "", **(extra_env or {})},
+                     args=["--host", cluster.controller_address, "--port", "0"])
+    srv.token = token
+    srv.start()
+    return srv, token
+
+
+@pytest.fixture(scope="module")
+def slurm(slurm_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmEnv]:
+    own = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    ctl = os.open(f"/run/netns/{slurm_cluster.controller_namespace}", os.O_RDONLY | os.O_CLOEXEC)
+    _setns(ctl)
+    os.close(ctl)
+    home = tmp_path_factory.mktemp("slurm-home")
+    srv, token = _start(slurm_cluster, home)
+    env = SlurmEnv(slurm_cluster, srv, token)
+    try:
+        mljobs.create_compute_pool("HPC", instance_family="CPU_X64_XS", max_nodes=3, provider="slurm",
+                                   provider_options=env.options, session=env.session)
+        yield env
+    finally:
+        srv.stop()
+        _setns(own)
+        os.close(own)
+        assert_no_leftovers(home)
+
+
+def test_function_job_returns_its_value_and_log(slurm: SlurmEnv) -> None:
+    @mljobs.remote("HPC", stage_name="payload_stage", session=slurm.session)
+    def where(n: int) -> tuple[int, str]:
+        import socket
+
+        print("hello from", socket.gethostname())
+        return n * 2, socket.gethostname()
+
+    job = where(21)
+    assert job.wait(timeout=120) == JOB_STATUS.DONE, (job.message, job.get_logs(verbose=True))
+    value, host = job.result()
+    assert value == 42 and host in slurm.cluster.nodes
+    assert f"hello from {host}" in job.get_logs()
+
+
+def test_file_job_returns_dunder_return(slurm: SlurmEnv, tmp_path: Path) -> None:
+    script = tmp_path / "train.py"
+    script.write_text("import sys\nprint('args', sys.argv[1:])\n__return__ = {'epochs': int(sys.argv[2])}\n")
+    job = mljobs.submit_file(str(script), "HPC", stage_name="payload_stage", args=["--epochs", "3"],
+                             session=slurm.session)
+    assert job.wait(timeout=120) == JOB_STATUS.DONE, (job.message, job.get_logs(verbose=True))
+    assert job.result() == {"epochs": 3}
+    assert "args ['--epochs', '3']" in job.get_logs()
+
+
+def test_parallel_job_rendezvous_across_nodes(slurm: SlurmEnv, tmp_path: Path) -> None:
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "rdv.py").write_text(textwrap.dedent("""
+        import os, socket, time
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        head, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        if rank == 0:
+            srv = socket.create_server((head, port))
+            peers = []
+            for _ in range(world - 1):
+                conn, _ = srv.accept()
+                peers.append(conn.recv(100).decode())
+            __return__ = sorted(peers + [socket.gethostname()])
+        else:
+            for _ in range(300):
+                try:
+                    s = socket.create_connection((head, port), timeout=2)
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            s.sendall(socket.gethostname().encode())
+            __return__ = socket.gethostname()
+    """))
+    job = mljobs.submit_directory(str(tmp_path / "app"), "HPC", entrypoint="rdv.py", stage_name="payload_stage",
+                                  target_instances=3, parallel=True, session=slurm.session)
+    assert job.wait(timeout=180) == JOB_STATUS.DONE, (job.message, job.get_logs(verbose=True))
+    assert job.result() == sorted(slurm.cluster.nodes)
+
+
+def test_ray_job_spans_three_slurm_nodes(slurm: SlurmEnv, tmp_path: Path) -> None:
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "spread.py").write_text(textwrap.dedent("""
+        import socket, ray
+        ray.init(address="auto")
+        @ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
+        def host():
+            import socket, time
+            time.sleep(0.5)
+            return socket.gethostname()
+        __return__ = sorted(set(ray.get([host.remote() for _ in range(9)])))
+    """))
+    job = mljobs.submit_directory(str(tmp_path / "app"), "HPC", entrypoint="spread.py", stage_name="payload_stage",
+                                  target_instances=3, session=slurm.session)
+    assert job.wait(timeout=240) == JOB_STATUS.DONE, (job.message, job.get_logs(verbose=True))
+    assert job.result() == sorted(slurm.cluster.nodes)
+
+
+def test_cancel_leaves_nothing_on_any_node(slurm: SlurmEnv, tmp_path: Path) -> None:
+    marker = "mljobs-slurm-cancel-" + uuid.uuid4().hex[:8]
+    script = tmp_path / "sleepy.py"
+    script.write_text(textwrap.dedent(f"""
+        import subprocess, time
+        subprocess.Popen(["sleep", "300", "{marker}"], start_new_session=True)  # escapes the process group
+        print("ready", flush=True)
+        time.sleep(300)
+    """))
+    job = mljobs.submit_file(str(script), "HPC", stage_name="payload_stage", session=slurm.session)
+    deadline = time.monotonic() + 90
+    while "ready" not in job.get_logs() and time.monotonic() < deadline:
+        assert job.status in (JOB_STATUS.PENDING, JOB_STATUS.RUNNING), job.message
+        time.sleep(0.2)
+    assert _payload_processes(marker), "the payload's grandchild never started"
+    job.cancel()
+    assert job.wait(timeout=60) == JOB_STATUS.CANCELLED, job.message
+    deadline = time.monotonic() + 20
+    while _payload_processes(marker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _payload_processes(marker)
+    squeue = slurm.cluster.exec(["squeue", "-h", "-n", f"mljobs-{job.id}"])
+    assert squeue.stdout.strip() == ""
+
+
+def test_server_kill9_mid_job_finds_it_again(slurm: SlurmEnv, tmp_path: Path) -> None:
+    script = tmp_path / "slow.py"
+    script.write_text("import time\nprint('started', flush=True)\ntime.sleep(4)\n__return__ = 'survived'\n")
+    job = mljobs.submit_file(str(script), "HPC", stage_name="payload_stage", session=slurm.session)
+    deadline = time.monotonic() + 60
+    while "started" not in job.get_logs() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    slurm.server.kill(signal.SIGKILL)
+    time.sleep(1)
+    slurm.server.start()
+    job = mljobs.get_job(job.id, session=Session(url=slurm.server.url, token=slurm.token))
+    slurm.session = Session(url=slurm.server.url, token=slurm.token)
+    assert job.wait(timeout=90) == JOB_STATUS.DONE, (job.message, job.get_logs(verbose=True))
+    assert job.result() == "survived"
+
+
+def test_lost_node_is_detected_within_the_heartbeat_timeout(slurm: SlurmEnv, tmp_path: Path) -> None:
+    marker = "mljobs-slurm-lost-" + uuid.uuid4().hex[:8]
+    script = tmp_path / "doomed.py"
+    script.write_text(f"import time\nprint('up {marker}', flush=True)\ntime.sleep(300)\n")
+    job = mljobs.submit_file(str(script), "HPC", stage_name="payload_stage", session=slurm.session)
+    deadline = time.monotonic() + 60
+    while "up" not in job.get_logs() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    node = job.get_logs(verbose=True)
+    host = next(h for h in slurm.cluster.nodes if f"on {h} (" in node)
+    # the node dies: its slurmd and every process of the job on it (the agent included)
+    slurm.cluster.kill_node(host)
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if job.id in cmd or marker in cmd:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+    killed = time.monotonic()
+    assert job.wait(timeout=60) == JOB_STATUS.INTERNAL_ERROR, job.message
+    took = time.monotonic() - killed
+    assert "lost" in job.message, job.message
+    assert took < 8 + 5 + 5, f"detected after {took:.1f} s"  # the timeout, one monitor tick, slack
+    slurm.cluster.restart_node(host)
+
+
+def test_bad_input_is_refused_and_records_nothing(slurm: SlurmEnv, tmp_path: Path) -> None:
+    s = slurm.session
+    before = {p for p in mljobs.list_compute_pools(session=s)["name"]}
+    with pytest.raises(InvalidArgumentError, match=r"unknown slurm provider option\(s\) \['partiton'\].*partition"):
+        mljobs.create_compute_pool("BAD1", instance_family="CPU_X64_XS", provider="slurm",
+                                   provider_options={"partiton": "debug"}, session=s)
+    with pytest.raises(InvalidArgumentError, match=r"partition 'nope' does not exist.*debug"):
+        mljobs.create_compute_pool("BAD2", instance_family="CPU_X64_XS", provider="slurm",
+                                   provider_options={"partition": "nope"}, session=s)
+    with pytest.raises(InvalidArgumentError, match=r"CPU_X64_S needs 2 CPUs, 8 GiB.*no node of Slurm partition"):
+        mljobs.create_compute_pool("BAD3", instance_family="CPU_X64_S", provider="slurm",
+                                   provider_options={"partition": "debug"}, session=s)
+    assert {p for p in mljobs.list_compute_pools(session=s)["name"]} == before
+    mljobs.create_compute_pool("LOCALSTAGE", instance_family="CPU_X64_XS", max_nodes=4, provider="slurm",
+                               provider_options={"partition": "debug"}, session=s)
+    script = tmp_path / "x.py"
+    script.write_text("print(1)\n")
+    n_jobs = len(mljobs.list_jobs(limit=0, session=s))
+    with pytest.raises(InvalidArgumentError, match=r"cannot read.*shared_paths"):
+        mljobs.submit_file(str(script), "LOCALSTAGE", stage_name="payload_stage", session=s)
+    with pytest.raises(InvalidArgumentError, match=r"target_instances=4, but Slurm partition 'debug' has 3 node"):
+        mljobs.submit_file(str(script), "HPC", stage_name="payload_stage", target_instances=4, parallel=True,
+                           session=s)
+    assert len(mljobs.list_jobs(limit=0, session=s)) == n_jobs
+    mljobs.drop_compute_pool("LOCALSTAGE", session=s)
+
+
+def test_unreachable_engine_is_quoted(slurm: SlurmEnv, tmp_path: Path) -> None:
+    """A server whose Slurm commands cannot reach a controller says which command failed and why."""
+    from mljobs.config import Settings
+    from mljobs.paths import HomePaths
+    from mljobs.providers.slurm import SlurmProvider
+    from mljobs.spec import PoolSpec
+
+    bogus = tmp_path / "slurm.conf"
+    bogus.write_text("ClusterName=nowhere\nSlurmctldHost=nowhere(10.213.0.250)\nSlurmctldPort=6999\n"
+                     "NodeName=x CPUs=1 State=UNKNOWN\nPartitionName=debug Nodes=x Default=YES\n")
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(bogus)
+    try:
+        provider = SlurmProvider(HomePaths(tmp_path), Settings(home=tmp_path, advertise_url="http://10.213.0.1:1"))
+        with pytest.raises(InvalidArgumentError, match=r"`sinfo -h -o .*` (failed|did not answer)"):
+            provider.validate_pool(PoolSpec("P", "CPU_X64_XS", provider="slurm"))
+    finally:
+        if old is None:
+            os.environ.pop("SLURM_CONF")
+        else:
+            os.environ["SLURM_CONF"] = old
