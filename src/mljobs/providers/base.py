@@ -96,7 +96,8 @@ class Provider(abc.ABC):
 
     @abc.abstractmethod
     def poll(self, handle: InstanceHandle) -> InstanceExit | None:
-        """The instance's exit, or None while it still runs."""
+        """The instance's exit, or None while it still runs. A handle without a pid (the instance
+        was never seen running) gets the exit record the instance left, if any, else ``lost``."""
 
     @abc.abstractmethod
     def cancel(self, handle: InstanceHandle, grace_period_s: float) -> None:

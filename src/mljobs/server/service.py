@@ -555,7 +555,7 @@ class ControlPlane:
                 return
             pool = job["compute_pool"]
             provider = self.provider(pool)
-            exit_ = provider.poll(handle) if handle.pid is not None else InstanceExit(None, lost=True)
+            exit_ = provider.poll(handle)  # without a pid too: the provider reads any exit record first
             if exit_ is None:  # still running after all (spurious wake-up)
                 return
             now = utcnow()
@@ -580,8 +580,8 @@ class ControlPlane:
         if job["target_instances"] > 1:
             exit_ = self._multinode_outcome(job)
         elif exit_ is None:
-            head = next((h for h in handles if h.instance_id == 0 and h.pid is not None), None)
-            exit_ = (provider.poll(head) if head else None) or InstanceExit(None, lost=True)
+            head = next((h for h in handles if h.instance_id == 0), InstanceHandle(job["id"], 0))
+            exit_ = provider.poll(head) or InstanceExit(None, lost=True)
         # Processes and namespaces go first, so that a job seen ended runs nothing any more;
         # its local files after, off the path to the user's result.
         provider.finish_job(job["id"])
@@ -632,7 +632,7 @@ class ControlPlane:
         exits: dict[int, InstanceExit] = {}
         for inst in self.store.instances_of(job["id"]):
             h = InstanceHandle.from_dict(inst["handle"]) if inst["handle"] else None
-            exits[inst["instance_id"]] = (provider.poll(h) if h and h.pid is not None else None) or InstanceExit(
+            exits[inst["instance_id"]] = provider.poll(h or InstanceHandle(job["id"], inst["instance_id"])) or InstanceExit(
                 None, lost=True)
         if not job["spec"].get("parallel"):
             return exits.get(0) or InstanceExit(None, lost=True)
