@@ -71,6 +71,18 @@ class InstanceExit:
     oom: dict[str, int] | None = None  # {"used_bytes", "limit_bytes"} when it ended over its memory
     usage: dict[str, Any] | None = None  # {"cpu_seconds", "peak_rss_bytes"} over its whole run
 
+    def to_record(self) -> dict[str, Any]:
+        """What the store keeps (JSON): everything but the result envelope, which goes to the stage."""
+        record = dataclasses.asdict(self)
+        record["has_result"] = record.pop("result") is not None
+        return record
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> InstanceExit:
+        """An exit as the store kept it (``result`` None: it is on the stage when ``has_result``)."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"result"}
+        return cls(**{k: v for k, v in record.items() if k in names})
+
 
 ExitCallback = Callable[[InstanceHandle], None]
 
