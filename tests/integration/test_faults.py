@@ -70,8 +70,6 @@ def test_server_kill9_mid_run_then_restart(sqlite_server):
         assert again.message == ""
 
 
-@pytest.mark.xfail(strict=False, reason="open defect since merging containment (issue 16) with the completion "
-                   "fixes: a job killed mid-completion can still end INTERNAL_ERROR 'node lost'; see the closing note")
 def test_server_kill9_during_completion_loop(sqlite_server):
     """Short jobs finish while the server is killed at random moments, over and over."""
     rnd = random.Random(int(os.environ.get("MLJOBS_FAULT_SEED", "10")))
