@@ -6,10 +6,11 @@ import dataclasses
 import os
 from pathlib import Path
 
-__all__ = ["StagePaths", "HomePaths", "InstancePaths", "FUNCTION_PAYLOAD", "IMPORTS_DIR"]
+__all__ = ["StagePaths", "HomePaths", "InstancePaths", "FUNCTION_PAYLOAD", "IMPORTS_DIR", "PID_FILE"]
 
 FUNCTION_PAYLOAD = "function.pkl"  # inside app/ for function payloads
 IMPORTS_DIR = ".imports"  # inside app/: roots added to sys.path for `imports=`
+PID_FILE = "supervisor.pid"  # inside an instance's run dir: "<pid> <start time>", written by the spawner
 
 
 class StagePaths:
@@ -55,7 +56,7 @@ class InstancePaths:
 
     @property
     def pid_file(self) -> Path:
-        return self.run_dir / "supervisor.pid"
+        return self.run_dir / PID_FILE
 
     @property
     def exit_file(self) -> Path:

@@ -3,6 +3,7 @@ locked, a long queue. Each asserts that no job is lost or mislabelled."""
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import random
 import signal
@@ -69,8 +70,6 @@ def test_server_kill9_mid_run_then_restart(sqlite_server):
         assert again.message == ""
 
 
-@pytest.mark.xfail(strict=False, reason="open defect since merging containment (issue 16) with the completion "
-                   "fixes: a job killed mid-completion can still end INTERNAL_ERROR 'node lost'; see the closing note")
 def test_server_kill9_during_completion_loop(sqlite_server):
     """Short jobs finish while the server is killed at random moments, over and over."""
     rnd = random.Random(int(os.environ.get("MLJOBS_FAULT_SEED", "10")))
@@ -137,6 +136,28 @@ def test_restart_after_crash_between_spawn_and_recording_the_handle(sqlite_serve
     assert _final(again) == "DONE", again.message
     assert again.result() == {"i": 7, "pid_seen": True}
     assert time.monotonic() - t < 20  # not after the 60 s grace for instances that never started
+
+
+def test_restart_after_crash_between_spawn_and_the_pid_file(sqlite_server):
+    """The server died after a supervisor was forked but before its pid was written anywhere (the
+    failure of the kill -9 loop): the instance ran to its end unseen. Long after the start grace,
+    the restarted server still reads the exit record it left instead of calling the node lost."""
+    from mljobs.server.store import utcnow
+    from mljobs.server.tables import instances
+
+    job, job_id = _finished_while_server_down(sqlite_server, mljobs.Session(url=sqlite_server.url))
+    (sqlite_server.home / "run" / job_id / "0" / "supervisor.pid").unlink()
+    eng = _db(sqlite_server)
+    with eng.begin() as c:  # what start_job left: the instance STARTING, no handle, minutes ago
+        c.execute(instances.update().where(instances.c.job_id == job_id).values(
+            status="STARTING", handle=None, started_time=utcnow() - dt.timedelta(minutes=5)))
+    eng.dispose()
+    t = time.monotonic()
+    sqlite_server.start()
+    again = mljobs.get_job(job_id, session=mljobs.Session(url=sqlite_server.url))
+    assert _final(again, timeout=20) == "DONE", again.message
+    assert again.result() == {"i": 7, "pid_seen": True}
+    assert time.monotonic() - t < 20
 
 
 def test_payload_kill9_fails_with_the_signal_and_leaves_nothing(lite, sqlite_server):

@@ -28,7 +28,7 @@ import pytest
 import mljobs
 from mljobs import JOB_STATUS, Session
 from mljobs.errors import InvalidArgumentError
-from tests.conftest import ServerProc, assert_no_leftovers, wait_status
+from tests.conftest import ServerProc, assert_no_leftovers
 
 pytestmark = [pytest.mark.slurm]
 CLONE_NEWNET = 0x40000000

@@ -89,11 +89,6 @@ class InstanceHandle:
     pid_start: float | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-    @property
-    def known(self) -> bool:
-        """Whether the provider made this handle (a bare one stands for an instance never found)."""
-        return self.pid is not None or bool(self.extra)
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -115,6 +110,18 @@ class InstanceExit:
     released: bool = False  # a multi-node worker stopped because its head had finished
     oom: dict[str, int] | None = None  # {"used_bytes", "limit_bytes"} when it ended over its memory
     usage: dict[str, Any] | None = None  # {"cpu_seconds", "peak_rss_bytes"} over its whole run
+
+    def to_record(self) -> dict[str, Any]:
+        """What the store keeps (JSON): everything but the result envelope, which goes to the stage."""
+        record = dataclasses.asdict(self)
+        record["has_result"] = record.pop("result") is not None
+        return record
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> InstanceExit:
+        """An exit as the store kept it (``result`` None: it is on the stage when ``has_result``)."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"result"}
+        return cls(**{k: v for k, v in record.items() if k in names})
 
 
 ExitCallback = Callable[[InstanceHandle], None]
@@ -144,7 +151,8 @@ class Provider(abc.ABC):
 
     @abc.abstractmethod
     def poll(self, handle: InstanceHandle) -> InstanceExit | None:
-        """The instance's exit, or None while it still runs."""
+        """The instance's exit, or None while it still runs. A handle without a pid (the instance
+        was never seen running) gets the exit record the instance left, if any, else ``lost``."""
 
     @abc.abstractmethod
     def cancel(self, handle: InstanceHandle, grace_period_s: float) -> None:

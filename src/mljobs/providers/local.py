@@ -322,23 +322,28 @@ class LocalProvider(Provider):
             containment=self.plan.to_dict(), metrics_file=str(p.metrics_file), metrics=self._metrics, gpus=gpus)
         p.launch.write_text(json.dumps(doc))
         pid = self._spawner.spawn(str(p.run_dir), str(p.supervisor_log))
-        try:
-            started: float | None = psutil.Process(pid).create_time()
-        except psutil.NoSuchProcess:
-            started = None
-        p.pid_file.write_text(f"{pid} {started}")
+        found = self.find(launch.job_id, launch.instance_id)  # the spawner wrote the pid file before answering
+        started = found.pid_start if found is not None and found.pid == pid else None
         return InstanceHandle(launch.job_id, launch.instance_id, pid, started, {"cpus": cpus, "gpus": gpus})
 
     def find(self, job_id: str, instance_id: int) -> InstanceHandle | None:
+        """From the pid file, which the spawner writes before it answers; without one, an exit
+        record still makes the instance found (pid None: :meth:`poll` reads how it ended)."""
         p = self.home.instance(job_id, instance_id)
         try:
-            pid_text, started_text = p.pid_file.read_text().split()
             launch = json.loads(p.launch.read_text())
         except (FileNotFoundError, ValueError):
-            return None  # not started: the pid file is written once the supervisor runs
-        started = None if started_text == "None" else float(started_text)
+            return None
+        try:
+            pid_text, started_text = p.pid_file.read_text().split()
+            pid: int | None = int(pid_text)
+            started = None if started_text == "None" else float(started_text)
+        except (FileNotFoundError, ValueError):
+            if not p.exit_file.exists():
+                return None  # never started
+            pid = started = None
         gpus = [int(g) for g in launch["env"].get("CUDA_VISIBLE_DEVICES", "").split(",") if g]
-        return InstanceHandle(job_id, instance_id, int(pid_text), started, {"cpus": launch["cpus"], "gpus": gpus})
+        return InstanceHandle(job_id, instance_id, pid, started, {"cpus": launch["cpus"], "gpus": gpus})
 
     def _running(self, handle: InstanceHandle) -> bool:
         if handle.pid is None:

@@ -3,8 +3,10 @@
 The local provider starts one spawner per server (``python -m mljobs.runtime.spawner``) and
 talks to it over its stdin/stdout: it writes one JSON line per instance,
 ``{"run_dir": ..., "stderr": ...}``, and reads back one line, the new supervisor's pid (or
-``error <text>``). The spawner has already imported the supervisor, the launcher and cloudpickle;
-each fork runs :func:`mljobs.runtime.supervisor.main` in a new process session, exactly as
+``error <text>``). Before it answers, it writes the supervisor's pid and start time to the run
+dir's pid file, so a server killed once its request is sent (the spawner still forks) leaves a
+supervisor that the next server finds there. The spawner has already imported the supervisor, the
+launcher and cloudpickle; each fork runs :func:`mljobs.runtime.supervisor.main` in a new process session, exactly as
 ``python -m mljobs.runtime.supervisor RUN_DIR`` would, so supervisors outlive both the spawner
 and the server. The spawner ignores SIGCHLD so the kernel reaps finished supervisors; the
 server notices their ends through pidfds. It exits when the server closes its stdin.
@@ -21,8 +23,10 @@ import signal
 import sys
 
 import cloudpickle  # noqa: F401 - imported here so every job's fork has it already
+import psutil
 import setproctitle
 
+from mljobs.paths import PID_FILE
 from mljobs.runtime import launcher, supervisor  # noqa: F401 - the same: warm imports
 
 __all__ = ["serve"]
@@ -57,6 +61,18 @@ def _run_supervisor(run_dir: str, stderr_path: str) -> None:
             os._exit(code)
 
 
+def _record_pid(run_dir: str, pid: int) -> None:
+    """Write ``<pid> <start time>`` (psutil's create_time, as the server compares it) atomically."""
+    try:
+        started: float | None = psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:  # ended already (the kernel reaps our children): its exit record tells
+        started = None
+    path = os.path.join(run_dir, PID_FILE)
+    with open(path + ".tmp", "w") as f:
+        f.write(f"{pid} {started}")
+    os.replace(path + ".tmp", path)
+
+
 def serve(label: str = "", requests: int = 0, replies: int = 1) -> None:
     setproctitle.setproctitle(f"mljobs-spawner {label}".rstrip())
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps our children
@@ -72,6 +88,12 @@ def serve(label: str = "", requests: int = 0, replies: int = 1) -> None:
                 continue
             if pid == 0:
                 _run_supervisor(req["run_dir"], req["stderr"])
+            try:
+                _record_pid(req["run_dir"], pid)
+            except Exception as e:  # noqa: BLE001 - an instance nobody could find again must not run
+                os.kill(pid, signal.SIGKILL)
+                wr.write(f"error recording the supervisor's pid: {e!r}\n".encode())
+                continue
             wr.write(f"{pid}\n".encode())
 
 

@@ -45,6 +45,8 @@ from mljobs.status import ACTIVE, JOB_STATUS, TERMINAL
 
 __all__ = ["ControlPlane"]
 
+LIVE = ("STARTING", "RUNNING")  # an instance's statuses before it is recorded EXITED
+
 log = logging.getLogger("mljobs.server")
 # Built in: the public package index (the simple API and the file host).
 PYPI_ACCESS = ("PYPI_ACCESS", ["pypi.org", "files.pythonhosted.org"])
@@ -574,47 +576,92 @@ class ControlPlane:
         return provider.report(handle, report)
 
     def instance_exited(self, handle: InstanceHandle) -> None:
-        """Record an instance's end; when it was the job's last, finish the job."""
+        """Record an instance's end (once: the exit watcher and the monitor may both report it);
+        when it was the job's last, finish the job in the same store transaction."""
         with self._lock:
             try:
                 job = self.store.get_job(handle.job_id)
             except NotFoundError:
                 return
+            insts = self.store.instances_of(job["id"])
+            if not any(i["instance_id"] == handle.instance_id and i["status"] in LIVE for i in insts):
+                return  # recorded already
             pool = job["compute_pool"]
             provider = self.provider(pool)
-            exit_ = provider.poll(handle) if handle.known else InstanceExit(None, lost=True)
+            exit_ = provider.poll(handle)  # without a pid too: the provider reads any exit record first
             if exit_ is None:  # still running after all (spurious wake-up)
                 return
+            self._keep_result(job, handle.instance_id, exit_)  # on the stage before the row says EXITED
             now = utcnow()
-            self.store.update_instance(handle.job_id, handle.instance_id, status="EXITED",
-                                       exit_code=exit_.exit_code, ended_time=now, **metrics.instance_values(
-                                           provider.metrics(handle), exit_.usage, now.timestamp()))
-            insts = self.store.instances_of(job["id"])
-            live = [i for i in insts if i["status"] in ("STARTING", "RUNNING")]
+            values = {"exit_code": exit_.exit_code, "ended_time": now, "exit_record": exit_.to_record(),
+                      **metrics.instance_values(provider.metrics(handle), exit_.usage, now.timestamp())}
+            live = [i for i in insts if i["status"] in LIVE and i["instance_id"] != handle.instance_id]
             if live:
-                if job["target_instances"] > 1 and job["status"] == JOB_STATUS.RUNNING.value:
+                if self.store.record_exit(job["id"], handle.instance_id, values) and (
+                        job["target_instances"] > 1 and job["status"] == JOB_STATUS.RUNNING.value):
                     self._multinode_exit(job, handle.instance_id, exit_, live)
                 return
-            self._complete(job, insts, exit_)
+            self._complete(job, insts, (handle.instance_id, values, exit_))
         self.schedule(pool)
 
-    def _complete(self, job: dict[str, Any], insts: list[dict[str, Any]], exit_: InstanceExit | None) -> None:
-        """Every instance of the active ``job`` has ended: finish it and clean up. ``exit_`` None:
-        derive it again from the provider, whose files stay until the job's status is terminal,
-        so a server that dies anywhere in here finishes the job the same way after a restart."""
+    def _complete(self, job: dict[str, Any], insts: list[dict[str, Any]],
+                  last: tuple[int, dict[str, Any], InstanceExit] | None) -> None:
+        """Every instance of ``job`` has ended: decide its status from their exits and finish it.
+        ``last`` (instance id, row values, exit): the instance that just ended, recorded EXITED
+        in the transaction that moves the job, so an active job whose instances all ended is
+        never seen. Without it (an older server, or a job whose start failed) the exits come from
+        the rows' exit records, else from the provider, whose files stay until the job is terminal."""
         provider = self.provider(job["compute_pool"])
-        handles = [InstanceHandle.from_dict(i["handle"]) for i in insts if i["handle"]]
-        if job["target_instances"] > 1:
-            exit_ = self._multinode_outcome(job)
-        elif exit_ is None:
-            head = next((h for h in handles if h.instance_id == 0 and h.known), None)
-            exit_ = (provider.poll(head) if head else None) or InstanceExit(None, lost=True)
+        exit_ = self._outcome(job, self._exits(job, insts, last))
         # Processes and namespaces go first, so that a job seen ended runs nothing any more;
         # its local files after, off the path to the user's result.
         provider.finish_job(job["id"])
-        self._finish(job, exit_, None)
+        new, msg = self._status_for(job, exit_, None)
+        active = [JOB_STATUS(job["status"])] if job["status"] in (
+            JOB_STATUS.RUNNING.value, JOB_STATUS.CANCELLING.value) else []
+        if last is not None:
+            self.store.record_exit(job["id"], last[0], last[1], new, expected=active, message=msg)
+        elif active:
+            try:
+                self.store.transition(job["id"], new, expected=active, message=msg)
+            except InvalidTransitionError:
+                pass  # already finished by another path
+        self.notifier.notify(job["id"])
+        handles = [InstanceHandle.from_dict(i["handle"]) for i in insts if i["handle"]]
         for h in handles or [InstanceHandle(job["id"], 0)]:
             provider.cleanup(h)
+
+    def _exits(self, job: dict[str, Any], insts: list[dict[str, Any]],
+               last: tuple[int, dict[str, Any], InstanceExit] | None) -> dict[int, tuple[InstanceExit, bool]]:
+        """Every instance's exit and whether its result is kept: the one that just ended, the
+        stored exit records, and for rows without one what the provider still has."""
+        provider = self.provider(job["compute_pool"])
+        out: dict[int, tuple[InstanceExit, bool]] = {}
+        for inst in insts:
+            i, record = inst["instance_id"], inst["exit_record"]
+            if last is not None and i == last[0]:
+                out[i] = (last[2], last[2].result is not None)
+            elif record:
+                out[i] = (InstanceExit.from_record(record), bool(record.get("has_result")))
+            else:
+                h = InstanceHandle.from_dict(inst["handle"]) if inst["handle"] else None
+                e = provider.poll(h or InstanceHandle(job["id"], i)) or InstanceExit(None, lost=True)
+                self._keep_result(job, i, e)
+                out[i] = (e, e.result is not None)
+        return out
+
+    def _result_path(self, job: dict[str, Any], instance_id: int) -> str | None:
+        """Where an instance's result envelope is kept: each instance's own for a parallel
+        multi-node job, the job's for instance 0 of any other (a Ray worker's is not kept)."""
+        paths = StagePaths(job["id"])
+        if job["target_instances"] > 1 and job["spec"].get("parallel"):
+            return paths.instance_result(instance_id)
+        return paths.result if instance_id == 0 else None
+
+    def _keep_result(self, job: dict[str, Any], instance_id: int, exit_: InstanceExit) -> None:
+        path = self._result_path(job, instance_id)
+        if exit_.result is not None and path is not None:
+            self.stage(job["stage_name"]).put_bytes(path, exit_.result)
 
     # -- multi-node ---------------------------------------------------------------------------
     def _multinode_exit(self, job: dict[str, Any], instance_id: int, exit_: InstanceExit,
@@ -652,30 +699,36 @@ class ControlPlane:
                 f.write(logformat.format_record(logformat.SYS, f"mljobs: {note}"))
         self.notifier.notify(job["id"])
 
-    def _multinode_outcome(self, job: dict[str, Any]) -> InstanceExit:
-        """The exit that decides a finished multi-node job: the head's; for a parallel job the
-        first failed instance's (else instance 0's). Parallel jobs keep every instance's result."""
-        provider = self.provider(job["compute_pool"])
-        exits: dict[int, InstanceExit] = {}
-        for inst in self.store.instances_of(job["id"]):
-            h = InstanceHandle.from_dict(inst["handle"]) if inst["handle"] else None
-            exits[inst["instance_id"]] = (provider.poll(h) if h and h.known else None) or InstanceExit(
-                None, lost=True)
-        if not job["spec"].get("parallel"):
-            return exits.get(0) or InstanceExit(None, lost=True)
-        stage = self.stage(job["stage_name"])
-        for i, e in exits.items():
-            if e.result is not None:
-                stage.put_bytes(StagePaths(job["id"]).instance_result(i), e.result)
-        failed = [e for i, e in sorted(exits.items()) if not e.cancelled and (
+    def _outcome(self, job: dict[str, Any], exits: dict[int, tuple[InstanceExit, bool]]) -> InstanceExit:
+        """The exit that decides a finished job: the head's (instance 0); for a parallel multi-node
+        job the first failed instance's (else instance 0's), whose result becomes the job's."""
+        lost = InstanceExit(None, lost=True)
+        if not (job["target_instances"] > 1 and job["spec"].get("parallel")):
+            return exits[0][0] if 0 in exits else lost
+        failed = [i for i, (e, _) in sorted(exits.items()) if not e.cancelled and (
             e.lost or e.error is not None or e.exit_code != 0)]
-        return failed[0] if failed else exits[0]
+        first = failed[0] if failed else 0
+        if first not in exits:
+            return lost
+        if exits[first][1]:
+            stage, paths = self.stage(job["stage_name"]), StagePaths(job["id"])
+            stage.put_bytes(paths.result, stage.get_bytes(paths.instance_result(first)))
+        return exits[first][0]
 
     def _finish(self, job: dict[str, Any], exit_: InstanceExit | None, platform_error: str | None) -> None:
+        """Move ``job`` to the status ``exit_`` or ``platform_error`` gives it."""
+        new, msg = self._status_for(job, exit_, platform_error)
+        try:
+            self.store.transition(job["id"], new, expected=[JOB_STATUS(job["status"])] if job["status"] in (
+                JOB_STATUS.RUNNING.value, JOB_STATUS.CANCELLING.value) else None, message=msg)
+        except InvalidTransitionError:
+            pass  # already finished by another path
+        self.notifier.notify(job["id"])
+
+    def _status_for(self, job: dict[str, Any], exit_: InstanceExit | None,
+                    platform_error: str | None) -> tuple[JOB_STATUS, str]:
         job_id = job["id"]
         logs_hint = f"`mljobs logs {job_id}` or job.get_logs() shows the full log"
-        if exit_ is not None and exit_.result is not None:
-            self.stage(job["stage_name"]).put_bytes(StagePaths(job_id).result, exit_.result)
         if job["status"] == JOB_STATUS.CANCELLING.value:
             new, msg = JOB_STATUS.CANCELLED, "cancelled by request"
         elif platform_error is not None:
@@ -706,12 +759,7 @@ class ControlPlane:
         notes = job["message"] if job["target_instances"] > 1 and job["status"] == JOB_STATUS.RUNNING.value else ""
         if notes and new != JOB_STATUS.DONE:
             msg = f"{msg}\n{notes}"
-        try:
-            self.store.transition(job_id, new, expected=[JOB_STATUS(job["status"])] if job["status"] in (
-                JOB_STATUS.RUNNING.value, JOB_STATUS.CANCELLING.value) else None, message=msg)
-        except InvalidTransitionError:
-            pass  # already finished by another path
-        self.notifier.notify(job_id)
+        return new, msg
 
     def _memory_message(self, job: dict[str, Any], oom: dict[str, int] | None) -> str:
         try:

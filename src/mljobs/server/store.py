@@ -359,6 +359,25 @@ class Store:
             c.execute(instances.update().where(
                 instances.c.job_id == job_id, instances.c.instance_id == instance_id).values(**values))
 
+    def record_exit(self, job_id: str, instance_id: int, values: dict[str, Any],
+                    job_status: JOB_STATUS | None = None, *, expected: Iterable[JOB_STATUS] = (),
+                    message: str = "") -> bool:
+        """Mark a live instance EXITED with ``values`` and, when ``job_status`` is given (it was the
+        job's last), move the job from one of ``expected`` to it in the same transaction, so that
+        nobody ever sees an active job whose instances all ended. False (nothing written) if the
+        instance had ended already."""
+        with self.engine.begin() as c:
+            res = c.execute(instances.update().where(
+                instances.c.job_id == job_id, instances.c.instance_id == instance_id,
+                instances.c.status.in_(LIVE_INSTANCE)).values(status="EXITED", **values))
+            if res.rowcount == 0:
+                return False
+            if job_status is not None:
+                sources = [s.value for s in expected if can_transition(s, job_status)]
+                c.execute(jobs.update().where(jobs.c.id == job_id, jobs.c.status.in_(sources)).values(
+                    status=job_status.value, message=message, completed_time=utcnow()))
+        return True
+
     def instances_of(self, job_id: str) -> list[dict[str, Any]]:
         with self.engine.connect() as c:
             q = sa.select(instances).where(instances.c.job_id == job_id).order_by(instances.c.instance_id)

@@ -62,6 +62,9 @@ instances = sa.Table(
     sa.Column("cpu_seconds", sa.Float),
     sa.Column("peak_rss_bytes", sa.BigInteger),
     sa.Column("metrics", sa.JSON),
+    # How it ended (InstanceExit.to_record: exit code, cancelled, lost, error, oom, usage, log tail,
+    # has_result), written by the UPDATE that marks it EXITED: completion never needs its files again.
+    sa.Column("exit_record", sa.JSON),
 )
 
 stages = sa.Table(
