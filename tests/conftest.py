@@ -10,6 +10,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import psutil
@@ -192,3 +193,32 @@ def wait_status(job, statuses: set[str], timeout: float = 30.0, allowed: set[str
             return s
         time.sleep(0.05)
     raise AssertionError(f"job {job.id} still {job.status} after {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[Any]:
+    """A real Slurm cluster (scripts/slurm_cluster.py: slurmctld and three slurmd, each node its
+    own network namespace and host name), up for the session; skipped, with the reason printed,
+    where it cannot be made; a failing start on a capable machine fails."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import slurm_cluster as sc
+
+    reason = sc.unavailable_reason()
+    if reason:
+        print(f"SKIP Slurm tests: {reason}")
+        pytest.skip(f"the Slurm tests need a Slurm cluster here: {reason}")
+    cluster = sc.Cluster(os.environ.get("MLJOBS_TEST_SLURM_DIR", "/tmp/mljobs-test-slurm"))
+    cluster.up()
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(cluster.conf)
+    try:
+        yield cluster
+    finally:
+        cluster.down(quiet=True)
+        left = [p.info["cmdline"] for p in psutil.process_iter(["cmdline"])
+                if any(d in " ".join(p.info["cmdline"] or []) for d in ("slurmctld", "slurmd", "slurmstepd", "munged"))]
+        assert not left and not cluster.namespaces(), f"the Slurm cluster left {left} {cluster.namespaces()}"
+        if old is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old

@@ -60,6 +60,14 @@ class SlurmEnv:
                         "output": str(server.home / "slurm-%j.out")}
 
 
+def _free_port(address: str) -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((address, 0))
+        return s.getsockname()[1]
+
+
 def _start(cluster: Any, home: Path, extra_env: dict[str, str] | None = None) -> tuple[ServerProc, str]:
     env = dict(os.environ, MLJOBS_HOME=str(home))
     made = subprocess.run([sys.executable, "-m", "mljobs", "user", "create", "admin", "--admin"], env=env,
@@ -67,7 +75,8 @@ def _start(cluster: Any, home: Path, extra_env: dict[str, str] | None = None) ->
     token = made.stdout.strip().splitlines()[-1]
     srv = ServerProc(home, extra_env={"MLJOBS_DEFAULT_POOL": "0", "MLJOBS_HEARTBEAT_TIMEOUT_S": "8",
                                       "MLJOBS_TOKEN": "", **(extra_env or {})},
-                     args=["--host", cluster.controller_address, "--port", "0"])
+                     # a fixed port: the nodes' agents keep reporting to it across a server restart
+                     args=["--host", cluster.controller_address, "--port", str(_free_port(cluster.controller_address))])
     srv.token = token
     srv.start()
     return srv, token
@@ -169,8 +178,9 @@ def test_cancel_leaves_nothing_on_any_node(slurm: SlurmEnv, tmp_path: Path) -> N
     marker = "mljobs-slurm-cancel-" + uuid.uuid4().hex[:8]
     script = tmp_path / "sleepy.py"
     script.write_text(textwrap.dedent(f"""
-        import subprocess, time
-        subprocess.Popen(["sleep", "300", "{marker}"], start_new_session=True)  # escapes the process group
+        import subprocess, sys, time
+        # a grandchild that escapes the process group and the session
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", "{marker}"], start_new_session=True)
         print("ready", flush=True)
         time.sleep(300)
     """))
@@ -186,8 +196,11 @@ def test_cancel_leaves_nothing_on_any_node(slurm: SlurmEnv, tmp_path: Path) -> N
     while _payload_processes(marker) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _payload_processes(marker)
-    squeue = slurm.cluster.exec(["squeue", "-h", "-n", f"mljobs-{job.id}"])
-    assert squeue.stdout.strip() == ""
+    deadline = time.monotonic() + 30  # the allocation completes (CG) a moment after the job ended
+    while (queued := slurm.cluster.exec(["squeue", "-h", "-n", f"mljobs-{job.id}"]).stdout.strip()) and (
+            time.monotonic() < deadline):
+        time.sleep(0.2)
+    assert queued == ""
 
 
 def test_server_kill9_mid_job_finds_it_again(slurm: SlurmEnv, tmp_path: Path) -> None:
@@ -253,11 +266,14 @@ def test_bad_input_is_refused_and_records_nothing(slurm: SlurmEnv, tmp_path: Pat
     n_jobs = len(mljobs.list_jobs(limit=0, session=s))
     with pytest.raises(InvalidArgumentError, match=r"cannot read.*shared_paths"):
         mljobs.submit_file(str(script), "LOCALSTAGE", stage_name="payload_stage", session=s)
+    mljobs.create_compute_pool("WIDE", instance_family="CPU_X64_XS", max_nodes=4, provider="slurm",
+                               provider_options=slurm.options, session=s)
     with pytest.raises(InvalidArgumentError, match=r"target_instances=4, but Slurm partition 'debug' has 3 node"):
-        mljobs.submit_file(str(script), "HPC", stage_name="payload_stage", target_instances=4, parallel=True,
+        mljobs.submit_file(str(script), "WIDE", stage_name="payload_stage", target_instances=4, parallel=True,
                            session=s)
     assert len(mljobs.list_jobs(limit=0, session=s)) == n_jobs
     mljobs.drop_compute_pool("LOCALSTAGE", session=s)
+    mljobs.drop_compute_pool("WIDE", session=s)
 
 
 def test_unreachable_engine_is_quoted(slurm: SlurmEnv, tmp_path: Path) -> None:
@@ -269,7 +285,7 @@ def test_unreachable_engine_is_quoted(slurm: SlurmEnv, tmp_path: Path) -> None:
 
     bogus = tmp_path / "slurm.conf"
     bogus.write_text("ClusterName=nowhere\nSlurmctldHost=nowhere(10.213.0.250)\nSlurmctldPort=6999\n"
-                     "NodeName=x CPUs=1 State=UNKNOWN\nPartitionName=debug Nodes=x Default=YES\n")
+                     "MessageTimeout=2\nNodeName=x CPUs=1 State=UNKNOWN\nPartitionName=debug Nodes=x Default=YES\n")
     old = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = str(bogus)
     try:

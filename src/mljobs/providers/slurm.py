@@ -9,9 +9,9 @@ that number, 0 the head. The agents report over HTTP (:mod:`mljobs.providers.rem
 the engine's view: ``squeue`` says whether an allocation waits, runs or is gone; ``sacct``, where
 accounting is enabled, says why it ended.
 
-Cancel asks the agents, then ``scancel --signal=TERM --full`` (every process of every step gets
-SIGTERM; the supervisors stop their trees), and after the grace period a plain ``scancel``, which
-kills what is left (with ``proctrack/cgroup``, the whole tree). After a server restart,
+Cancel asks the agents, then ``scancel --signal=TERM`` (every process of the agents' step gets
+SIGTERM; the supervisors stop their trees and the agents report the exit), and after the grace
+period a plain ``scancel``, which kills what is left (with ``proctrack/cgroup``, the whole tree). After a server restart,
 allocations are found again by name. The server runs ``sinfo``, ``sbatch``, ``squeue``,
 ``scancel`` (and ``sacct``) itself, so it must run where those reach the cluster's controller.
 """
@@ -268,7 +268,8 @@ class SlurmProvider(RemoteProvider):
         if handle.instance_id != 0:  # one signal per allocation: instance 0's cancel sends it
             return
         try:
-            self._run(["scancel", "--signal=TERM", "--full", sid], timeout=30)
+            # the steps' processes only: srun (the batch step) would end the step at once on SIGTERM
+            self._run(["scancel", "--signal=TERM", sid], timeout=30)
         except InvalidArgumentError as e:
             log.warning("slurm: %s", e)
 
