@@ -12,8 +12,11 @@ the nodes reach the control plane this script starts (bound to the namespace's a
 - three nodes: submit -> payload start of a 3-instance Ray job (the payload starts once the head
   sees 3 Ray nodes), against a bare allocation that ``srun``s ``ray start`` on the same 3 nodes and
   waits until the head sees 3 nodes.
-Lost-node detection (heartbeat timeout plus at most one 5 s monitor tick) is checked by
-tests/integration/test_slurm.py.
+- --instances N (with nodes advertised big enough, e.g. MLJOBS_SLURM_NODE_CPUS=34
+  MLJOBS_SLURM_NODE_MEMORY_MB=70000 scripts/slurm-cluster up): the control plane's resident memory
+  while N one-node jobs run and report (every agent a heartbeat each 5 s).
+- --lost: the time from a node's death (its slurmd and the job's processes SIGKILLed) to the job
+  ending INTERNAL_ERROR, with MLJOBS_HEARTBEAT_TIMEOUT_S=--heartbeat-timeout.
 """
 
 from __future__ import annotations
@@ -112,26 +115,93 @@ def bench_ray_bare(runs: int, tmp: Path) -> list[float]:
     return out
 
 
-def bench_mljobs(runs: int, tmp: Path, address: str) -> tuple[list[float], list[float]]:
+def _server(address: str, max_nodes: int, tmp: Path, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    """A control plane bound to ``address`` with an admin, and a Slurm pool HPC."""
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import ServerProc  # the tests' real-server helper
 
     import mljobs
 
     home = Path(tempfile.mkdtemp(prefix="mljobs-bench-slurm-"))
-    env = dict(os.environ, MLJOBS_HOME=str(home))
-    made = subprocess.run([sys.executable, "-m", "mljobs", "user", "create", "bench", "--admin"], env=env,
-                          capture_output=True, text=True, check=True)
+    made = subprocess.run([sys.executable, "-m", "mljobs", "user", "create", "bench", "--admin"],
+                          env=dict(os.environ, MLJOBS_HOME=str(home)), capture_output=True, text=True, check=True)
     token = made.stdout.strip().splitlines()[-1]
-    srv = ServerProc(home, extra_env={"MLJOBS_DEFAULT_POOL": "0", "MLJOBS_TOKEN": ""},
+    srv = ServerProc(home, extra_env={"MLJOBS_DEFAULT_POOL": "0", "MLJOBS_TOKEN": "", **(env or {})},
                      args=["--host", address, "--port", "0"])
     srv.token = token
     srv.start()
+    s = mljobs.Session(url=srv.url, token=token)
+    mljobs.create_compute_pool("HPC", instance_family="CPU_X64_XS", max_nodes=max_nodes, provider="slurm",
+                               provider_options={"shared_paths": [str(home), str(tmp)]}, session=s)
+    return srv, s
+
+
+def bench_memory(n: int, tmp: Path, address: str) -> dict[str, float]:
+    import psutil
+
+    import mljobs
+
+    srv, s = _server(address, n, tmp)
+    try:
+        script = tmp / "idle.py"
+        script.write_text("import time\nprint('up', flush=True)\ntime.sleep(600)\n")
+        proc = psutil.Process(srv.proc.pid)
+        idle = proc.memory_info().rss
+        jobs = [mljobs.submit_file(str(script), "HPC", stage_name="bench", session=s) for _ in range(n)]
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            up = sum("up" in j.get_logs() for j in jobs)
+            print(f"{up}/{n} instances up, server rss {proc.memory_info().rss / 2**20:.0f} MiB", flush=True)
+            if up == n:
+                break
+            time.sleep(2)
+        samples = []
+        for _ in range(15):  # three heartbeat rounds
+            samples.append(proc.memory_info().rss)
+            time.sleep(1)
+        for j in jobs:
+            j.cancel()
+        for j in jobs:
+            j.wait(120)
+        return {"instances_running": up, "server_rss_idle_mib": idle / 2**20,
+                "server_rss_with_instances_mib": max(samples) / 2**20}
+    finally:
+        srv.stop()
+
+
+def bench_lost(tmp: Path, address: str, timeout_s: float) -> float:
+    import psutil
+
+    import mljobs
+    from slurm_cluster import Cluster
+
+    srv, s = _server(address, 1, tmp, {"MLJOBS_HEARTBEAT_TIMEOUT_S": str(timeout_s)})
+    try:
+        script = tmp / "doomed.py"
+        script.write_text("import time\nprint('up', flush=True)\ntime.sleep(600)\n")
+        job = mljobs.submit_file(str(script), "HPC", stage_name="bench", session=s)
+        while "up" not in job.get_logs():
+            time.sleep(0.2)
+        host = next(n for n in Cluster().nodes if f"on {n} (" in job.get_logs(verbose=True))
+        Cluster().kill_node(host)
+        for p in psutil.process_iter(["cmdline"]):
+            if job.id in " ".join(p.info["cmdline"] or []):
+                p.kill()
+        t0 = time.monotonic()
+        job.wait(timeout_s + 60)
+        took = time.monotonic() - t0
+        Cluster().restart_node(host)
+        return took
+    finally:
+        srv.stop()
+
+
+def bench_mljobs(runs: int, tmp: Path, address: str) -> tuple[list[float], list[float]]:
+    import mljobs
+
+    srv, s = _server(address, 3, tmp)
     one, three = [], []
     try:
-        s = mljobs.Session(url=srv.url, token=token)
-        mljobs.create_compute_pool("HPC", instance_family="CPU_X64_XS", max_nodes=3, provider="slurm",
-                                   provider_options={"shared_paths": [str(home), str(tmp)]}, session=s)
         for r in range(runs):
             f = tmp / f"mljobs-{r}"
             script = tmp / f"stamp{r}.py"
@@ -157,8 +227,20 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--address", default="10.213.0.1", help="the controller namespace's address")
+    ap.add_argument("--instances", type=int, default=0, help="only: control-plane memory with N running instances")
+    ap.add_argument("--lost", action="store_true", help="only: lost-node detection time")
+    ap.add_argument("--heartbeat-timeout", type=float, default=30.0)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="mljobs-bench-stamps-"))
+    sys.path.insert(0, str(ROOT / "scripts"))
+    if args.instances:
+        print(json.dumps(bench_memory(args.instances, tmp, args.address), indent=1))
+        return
+    if args.lost:
+        took = bench_lost(tmp, args.address, args.heartbeat_timeout)
+        print(f"lost node detected after {took:.1f} s (MLJOBS_HEARTBEAT_TIMEOUT_S={args.heartbeat_timeout:g}, "
+              "the monitor looks every 5 s)")
+        return
     ml1, ml3 = bench_mljobs(args.runs, tmp, args.address)
     sb = bench_sbatch(args.runs, tmp)
     rb = bench_ray_bare(max(1, args.runs // 3), tmp)

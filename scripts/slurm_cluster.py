@@ -34,7 +34,10 @@ PREFIX = "mljslurm-"
 SUBNET = "10.213.0"
 NODES = ("n1", "n2", "n3")
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
-CPUS, MEMORY_MB = 2, 4000
+# each node's size as slurmd advertises it (config_overrides: more than the machine has is accepted,
+# e.g. to run many small instances in a benchmark)
+CPUS = int(os.environ.get("MLJOBS_SLURM_NODE_CPUS", "2"))
+MEMORY_MB = int(os.environ.get("MLJOBS_SLURM_NODE_MEMORY_MB", "4000"))
 
 
 def unavailable_reason() -> str | None:
