@@ -47,7 +47,6 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any, ClassVar
-from urllib.parse import urlsplit
 
 import httpx
 
@@ -376,6 +375,8 @@ class RayProvider(RemoteProvider):
         super().cleanup(handle)
         if handle.instance_id == 0:
             (self.home.job_run(handle.job_id) / "allocation.json").unlink(missing_ok=True)
+        with self._cache_lock:
+            self._status.pop(str(handle.extra.get("submission_id")), None)
 
     def containment(self) -> str:
         return ("Ray: one Ray job per job (a STRICT_SPREAD placement group for several instances); stopping it "
