@@ -122,7 +122,7 @@ class Env:
 def cluster() -> Iterator[raycluster.RayCluster]:
     if _REASON:
         pytest.skip(_REASON)
-    c = raycluster.RayCluster(nodes=3, cpus=2, memory=6 << 30)
+    c = raycluster.RayCluster(nodes=3, cpus=2, memory=10 << 30)  # logical memory: CPU_X64_S fits
     c.start()
     yield c
     left = c.stop()
@@ -135,7 +135,7 @@ def cluster() -> Iterator[raycluster.RayCluster]:
 def env(cluster: raycluster.RayCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     ns = raycluster.NsThread(cluster.srv_ns)
     home = tmp_path_factory.mktemp("mlray")
-    server = NsServer(home, cluster, ns, {"MLJOBS_HEARTBEAT_S": "1", "MLJOBS_HEARTBEAT_TIMEOUT_S": "20"})
+    server = NsServer(home, cluster, ns, {"MLJOBS_HEARTBEAT_S": "1", "MLJOBS_HEARTBEAT_TIMEOUT_S": "12"})
     server.start()
     e = Env(cluster, server, ns)
     e.connect()
@@ -392,6 +392,33 @@ def test_bad_input_is_refused_and_nothing_recorded(env, tmp_path):
     assert "target_instances=4" in errors["too_many"] and "3 alive node(s)" in errors["too_many"]
 
 
+def test_gang_that_cannot_be_placed_fails_with_what_the_cluster_has(env, tmp_path):
+    marker = f"mljray-marker-{uuid.uuid4().hex}"
+
+    def body():
+        blocker = _submit_sleeper(env, marker, 1, tmp_path)  # takes 1 of some node's 2 CPUs
+        _wait_log(blocker, "payload started")
+        mljobs.create_compute_pool("RAY_S", instance_family="CPU_X64_S", max_nodes=3, provider="ray",
+                                   provider_options=env.options(), session=env.session)
+        script = tmp_path / "never.py"
+        script.write_text("__return__ = 'placed'\n")
+        job = mljobs.submit_file(str(script), "RAY_S", stage_name="st", target_instances=3, parallel=True,
+                                 join_timeout_s=4, session=env.session)
+        status = job.wait(60).value
+        out = job.distributed_result()
+        blocker.cancel()
+        blocker.wait(60)
+        mljobs.drop_compute_pool("RAY_S", session=env.session)
+        return status, job.message, out.exception, job.get_logs(verbose=True), job.id
+
+    status, message, exc, logs, job_id = env.ns(body)
+    assert status == "FAILED", message
+    assert isinstance(exc, mljobs.errors.InstancesUnavailableError), exc
+    assert "could not reserve 3 nodes" in str(exc) and "3 alive node(s)" in str(exc), exc
+    assert "waiting for the Ray cluster to reserve 3 nodes" in logs
+    assert not _wait_gone(job_id, marker)
+
+
 def test_server_killed_mid_job_finds_it_again(env):
     def start():
         def slow():
@@ -432,7 +459,7 @@ def test_lost_node_is_detected_within_the_heartbeat_timeout(env, tmp_path):
     try:
         assert status in ("FAILED", "INTERNAL_ERROR"), message
         assert "lost" in message or "instance 2" in message, message
-        assert took < 20 + 15, took  # MLJOBS_HEARTBEAT_TIMEOUT_S=20, plus a monitor tick
+        assert took < 12 + 15, took  # MLJOBS_HEARTBEAT_TIMEOUT_S=12, plus a monitor tick
         assert not _wait_gone(marker, job.id)
     finally:
         env.cluster.restart_node(2)

@@ -171,10 +171,26 @@ def run(stage: Stage, job_id: str, python: str, grace_s: float) -> int:
                          "--job", job_id, "--instance", str(i)], env, grace_s)
                 for i in range(k)]
         cancelled_at = None
+        # Until every agent has reported (the reply then carries the nodes' addresses), this
+        # driver heartbeats for those whose task still runs: a Ray worker and an agent take
+        # seconds to start on a busy node, and a task whose worker died is done here at once.
+        covering = True
         while True:
             done, pending = ray.wait(refs, num_returns=k, timeout=0.5)
             if not pending:
                 break
+            now = time.monotonic()
+            if covering and now - beat >= heartbeat and not stopping["signal"]:
+                beat = now
+                covering = time.time() < deadline
+                for ref, rep in zip(refs, reporters):
+                    if ref in pending and covering:
+                        try:
+                            covering = not rep.send().get("addresses")
+                        except Stop:
+                            covering = False
+                        except Exception as e:  # noqa: BLE001
+                            print(f"mljobs raygang: heartbeat: {e}", file=sys.stderr)
             if stopping["signal"] and cancelled_at is None:
                 cancelled_at = time.monotonic()
                 for ref in pending:
