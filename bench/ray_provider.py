@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import shutil
 import statistics
 import sys
 import tempfile
@@ -93,6 +94,7 @@ def main() -> None:
         server.stop()
         ns.close()
         left = cluster.stop()
+        shutil.rmtree(home, ignore_errors=True)
         if left:
             print(f"warning: left running: {left}")
 
