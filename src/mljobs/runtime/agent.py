@@ -172,6 +172,8 @@ def run(stage: Stage, job_id: str, instance_id: int) -> int:
         if mn:
             mn = {**mn, "addresses": _wait_for_addresses(rep, mn, address, hostname),
                   "temp_dir": os.path.join(tempfile.gettempdir(), f"mljr-{job_id[-12:].lower()}-{instance_id}")}
+            if mn.get("host_cluster"):  # the Ray provider: the payload joins the nodes' own Ray cluster
+                mn["ray_address"] = os.environ.get("MLJOBS_RAY_ADDRESS") or os.environ.get("RAY_ADDRESS")
             launch["multinode"] = mn
             launch["env"].update(multinode.node_env(mn, instance_id))
         return _supervise(rep, stage, launch, node_dir)

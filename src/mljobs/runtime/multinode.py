@@ -18,6 +18,10 @@ another interpreter) when ``launch["multinode"]`` is set. The provider fills tha
   ``_WORKER_GCS_GRACE_S``, so a worker never outlives its head by long, even with no server.
 - ``parallel=True``: every instance runs the payload itself, with ranks and a rendezvous
   address in its environment (set by the provider); no Ray node is started.
+- ``ray_address`` set (the Ray provider: the nodes already belong to a Ray cluster, whose ports
+  a cluster of the job's own would collide with): no Ray node is started either. Instance 0 runs
+  the payload with ``RAY_ADDRESS`` pointing at that cluster; the others hold their nodes until
+  released (:func:`run_on_host_cluster`).
 """
 
 from __future__ import annotations
@@ -60,8 +64,8 @@ def node_env(mn: dict[str, Any], instance_id: int) -> dict[str, str]:
     if mn["parallel"]:
         env.update(MASTER_ADDR=head, MASTER_PORT=str(mn["rendezvous_port"]), WORLD_SIZE=str(k),
                    RANK=str(instance_id), NODE_RANK=str(instance_id), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-    else:
-        env["RAY_ADDRESS"] = f"{head}:{mn['gcs_port']}"
+    else:  # the job's own cluster, or the cluster its nodes belong to (the Ray provider)
+        env["RAY_ADDRESS"] = mn.get("ray_address") or f"{head}:{mn['gcs_port']}"
     return env
 
 
@@ -265,6 +269,21 @@ def run_worker(mn: dict[str, Any], instance_id: int, log: _SysLog) -> int:
     return code
 
 
+def run_on_host_cluster(launch: dict[str, Any], mn: dict[str, Any], instance_id: int, log: _SysLog) -> int:
+    """The job's nodes belong to a Ray cluster already: the head runs the payload on it; the
+    others wait (their node's reservation held) until the server releases them."""
+    if instance_id == 0:
+        info = {"gcs_address": mn["ray_address"], "dashboard_url": None}
+        tmp = Path(launch["run_dir"]) / "ray.json.tmp"
+        tmp.write_text(json.dumps(info))
+        os.replace(tmp, Path(launch["run_dir"]) / "ray.json")
+        log(f"running the payload on the Ray cluster at {mn['ray_address']} with {mn['count']} node(s) reserved")
+        return launcher.main(launch)
+    log("holding this node for the job until its head has finished")
+    while True:
+        time.sleep(3600)
+
+
 def main(launch: dict[str, Any]) -> int:
     """Run one instance of a multi-node job; 0 on success (the envelope says the rest)."""
     mn = launch["multinode"]
@@ -272,6 +291,8 @@ def main(launch: dict[str, Any]) -> int:
     log = _SysLog(launch["log_file"])
     if mn["parallel"]:
         return launcher.main(launch)
+    if mn.get("ray_address"):
+        return run_on_host_cluster(launch, mn, instance_id, log)
     if instance_id != 0:
         return run_worker(mn, instance_id, log)
     try:
