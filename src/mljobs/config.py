@@ -55,6 +55,9 @@ class Settings:
     # before its node counts as lost.
     heartbeat_s: float = 5.0
     heartbeat_timeout_s: float = 30.0
+    # ... and how long one that its engine runs may take to send its first report (its node
+    # starts Python and the agent; a node that dies meanwhile is lost when its engine says so)
+    start_timeout_s: float = 120.0
     # The control plane's address as remote nodes reach it (default: the address it listens on).
     advertise_url: str | None = None
 
@@ -100,5 +103,6 @@ def load_settings(home: str | os.PathLike[str] | None = None) -> Settings:
         metrics=_flag(env.get("MLJOBS_METRICS", server.get("metrics", "1"))),
         heartbeat_s=float(env.get("MLJOBS_HEARTBEAT_S") or server.get("heartbeat_s", 5.0)),
         heartbeat_timeout_s=float(env.get("MLJOBS_HEARTBEAT_TIMEOUT_S") or server.get("heartbeat_timeout_s", 30.0)),
+        start_timeout_s=float(env.get("MLJOBS_START_TIMEOUT_S") or server.get("start_timeout_s", 120.0)),
         advertise_url=env.get("MLJOBS_ADVERTISE_URL") or server.get("advertise_url"),
     )

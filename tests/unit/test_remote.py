@@ -40,7 +40,8 @@ class Engine(RemoteProvider):
 
 @pytest.fixture
 def provider(tmp_path: Path) -> Engine:
-    return Engine(HomePaths(tmp_path / "home"), Settings(home=tmp_path / "home", heartbeat_timeout_s=0.3))
+    return Engine(HomePaths(tmp_path / "home"), Settings(home=tmp_path / "home", heartbeat_timeout_s=0.3,
+                                                         start_timeout_s=0.8))
 
 
 def _handle(tmp_path: Path, i: int = 0, count: int = 1) -> InstanceHandle:
@@ -82,6 +83,16 @@ def test_a_silent_instance_is_lost_once_and_for_good(provider: Engine, tmp_path:
     again = provider.poll(h)  # the service polls again when it records the exit: same answer
     assert again is not None and again.lost
     assert provider.report(h, InstanceReport(lines=["late\n"])) == {"action": "stop"}
+
+
+def test_a_node_still_starting_gets_the_start_timeout(provider: Engine, tmp_path: Path) -> None:
+    h = _handle(tmp_path)
+    assert provider.poll(h) is None  # the engine runs it; no report yet
+    time.sleep(0.4)
+    assert provider.poll(h) is None  # past the heartbeat timeout, inside the start timeout
+    time.sleep(0.5)
+    ex = provider.poll(h)
+    assert ex is not None and ex.lost and "MLJOBS_START_TIMEOUT_S" in ex.log_tail[0]
 
 
 def test_queued_by_the_engine_is_not_lost(provider: Engine, tmp_path: Path) -> None:

@@ -225,12 +225,16 @@ class RemoteProvider(Provider):
             else:
                 self._gone_since.pop(key, None)
                 gone = None
+        # before its first report (node.json says it made one, also across a server restart) the
+        # node may still be starting Python: the longer start timeout applies
+        started = key in self._beats or p.node_file.exists()
+        limit, name = ((self.settings.heartbeat_timeout_s, "MLJOBS_HEARTBEAT_TIMEOUT_S") if started else
+                       (max(self.settings.heartbeat_timeout_s, self.settings.start_timeout_s), "MLJOBS_START_TIMEOUT_S"))
         if gone is not None and now - gone >= _GONE_GRACE_S:
             detail = self.engine_detail(handle)
             why = f"its {self.name} allocation ended and it sent no exit record" + (f" ({detail})" if detail else "")
-        elif silent > self.settings.heartbeat_timeout_s:
-            why = (f"it sent nothing for {silent:.0f} s (the limit is MLJOBS_HEARTBEAT_TIMEOUT_S="
-                   f"{self.settings.heartbeat_timeout_s:g})")
+        elif silent > limit:
+            why = f"it sent nothing for {silent:.0f} s (the limit is {name}={limit:g})"
         else:
             return None
         log.warning("job %s instance %d lost: %s", handle.job_id, handle.instance_id, why)

@@ -40,7 +40,7 @@ import httpx
 
 from mljobs import logformat
 from mljobs.paths import StagePaths
-from mljobs.runtime import containment, multinode
+from mljobs.runtime import containment, multinode, supervisor
 from mljobs.stages import Stage
 
 __all__ = ["main", "own_address", "instance_id_from_env"]
@@ -184,13 +184,48 @@ def run(stage: Stage, job_id: str, instance_id: int) -> int:
         shutil.rmtree(node_dir, ignore_errors=True)
 
 
+class _Supervisor:
+    """The instance's supervisor, forked from this agent (its imports are warm, so no interpreter
+    start) into a session of its own, exactly as ``python -m mljobs.runtime.supervisor RUN_DIR``."""
+
+    def __init__(self, run_dir: Path) -> None:
+        err = os.open(run_dir / "supervisor.err", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self.pid = os.fork()
+        if self.pid == 0:  # pragma: no cover - the child
+            code = 70
+            try:
+                os.setsid()
+                devnull = os.open(os.devnull, os.O_RDONLY)
+                os.dup2(devnull, 0)
+                os.dup2(err, 1)
+                os.dup2(err, 2)
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    signal.signal(sig, signal.SIG_DFL)
+                code = supervisor.main([str(run_dir)])
+            finally:
+                os._exit(code)
+        os.close(err)
+        self.returncode: int | None = None
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Its exit code; subprocess.TimeoutExpired if it still runs after ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.returncode is None:
+            pid, status = os.waitpid(self.pid, 0 if deadline is None else os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+            elif time.monotonic() >= deadline:  # type: ignore[operator]
+                raise subprocess.TimeoutExpired("supervisor", timeout or 0.0)
+            else:
+                time.sleep(0.01)
+        return self.returncode
+
+
 def _supervise(rep: Reporter, stage: Stage, launch: dict[str, Any], node_dir: Path) -> int:
     run_dir = Path(launch["run_dir"])
     (run_dir / "launch.json").write_text(json.dumps(launch))
     cancel = {"requested": False}
-    with open(run_dir / "supervisor.err", "ab") as err:
-        sup = subprocess.Popen([sys.executable, "-m", "mljobs.runtime.supervisor", str(run_dir)],
-                               stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True)
+    sup = _Supervisor(run_dir)
 
     def forward(sig: int, _: Any) -> None:  # scancel / Ray's stop: the supervisor stops the tree
         cancel["requested"] = True
