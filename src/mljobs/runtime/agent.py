@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -208,16 +209,18 @@ class _Supervisor:
         self.returncode: int | None = None
 
     def wait(self, timeout: float | None = None) -> int:
-        """Its exit code; subprocess.TimeoutExpired if it still runs after ``timeout``."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.returncode is None:
-            pid, status = os.waitpid(self.pid, 0 if deadline is None else os.WNOHANG)
-            if pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
-            elif time.monotonic() >= deadline:  # type: ignore[operator]
-                raise subprocess.TimeoutExpired("supervisor", timeout or 0.0)
-            else:
-                time.sleep(0.01)
+        """Its exit code; subprocess.TimeoutExpired if it still runs after ``timeout`` (a pidfd
+        wakes the wait the moment it ends, so a long timeout costs no exit latency)."""
+        if self.returncode is None:
+            if timeout is not None:
+                fd = os.pidfd_open(self.pid)
+                try:
+                    ready, _, _ = select.select([fd], [], [], timeout)
+                finally:
+                    os.close(fd)
+                if not ready:
+                    raise subprocess.TimeoutExpired("supervisor", timeout)
+            self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
         return self.returncode
 
 
@@ -242,7 +245,7 @@ def _supervise(rep: Reporter, stage: Stage, launch: dict[str, Any], node_dir: Pa
     try:
         while True:
             try:
-                code = sup.wait(timeout=0.1)
+                code = sup.wait(timeout=_FLUSH_S / 2)
                 break
             except subprocess.TimeoutExpired:
                 code = None
