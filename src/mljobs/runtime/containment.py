@@ -327,8 +327,39 @@ def _write_quiet(path: str, text: str) -> None:
         pass
 
 
+_CHILDREN_FILES = os.path.exists(f"/proc/self/task/{os.getpid()}/children")  # CONFIG_PROC_CHILDREN
+
+
 def descendants(root: int) -> list[int]:
-    """Every live descendant of ``root`` (from /proc; children first-level last)."""
+    """Every live descendant of ``root``, parents before their children. Walks the tree itself
+    (/proc/PID/task/TID/children), so the cost follows the tree's size, not the machine's process
+    count: a node running many instances samples each one's tree several times a second."""
+    if not _CHILDREN_FILES:
+        return _descendants_by_scan(root)
+    out: list[int] = []
+    seen, stack = {root}, [root]
+    while stack:
+        pid = stack.pop()
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                    kids = f.read().split()
+            except OSError:
+                continue
+            for k in map(int, kids):
+                if k not in seen:
+                    seen.add(k)
+                    out.append(k)
+                    stack.append(k)
+    return out
+
+
+def _descendants_by_scan(root: int) -> list[int]:
+    """The same from every process's parent id (kernels without the children files)."""
     children: dict[int, list[int]] = {}
     try:
         entries = os.listdir("/proc")
