@@ -23,6 +23,7 @@ The instance id comes from ``--instance``, else ``MLJOBS_INSTANCE_ID``, else ``S
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import select
@@ -37,8 +38,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
-
 from mljobs import logformat
 from mljobs.paths import StagePaths
 from mljobs.runtime import containment, multinode, supervisor
@@ -49,6 +48,10 @@ __all__ = ["main", "own_address", "instance_id_from_env"]
 _FLUSH_S = 0.5  # output goes out this often while there is some
 _EXIT_RETRY_S = 600.0  # how long the exit record is retried while the control plane is away
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+class Unreachable(Exception):
+    """The control plane did not answer (or failed): keep going, keep the output, try again."""
 
 
 class Stop(Exception):
@@ -78,24 +81,49 @@ class Reporter:
     """Posts reports for one instance; keeps what it has not managed to send."""
 
     def __init__(self, url: str, token: str, job_id: str, instance_id: int) -> None:
-        self.client = httpx.Client(base_url=url.rstrip("/") + "/api/v1", timeout=30.0,
-                                   headers={"Authorization": f"Bearer {token}"})
-        self.path = f"/jobs/{job_id}/instances/{instance_id}/report"
+        parts = urlsplit(url)
+        self._https = parts.scheme == "https"
+        self._host, self._port = parts.hostname or "127.0.0.1", parts.port or (443 if self._https else 80)
+        self.path = f"{parts.path.rstrip('/')}/api/v1/jobs/{job_id}/instances/{instance_id}/report"
+        self._headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        self._conn: http.client.HTTPConnection | None = None
         self.pending_lines: list[str] = []
         self.pending_metrics: list[dict[str, Any]] = []
         self.last_sent = 0.0
 
+    def _post(self, body: bytes) -> tuple[int, bytes]:
+        """One POST on a kept-alive connection (http.client: the agent starts in a third of
+        httpx's import time); a connection the server dropped is made again once."""
+        for attempt in (1, 2):
+            if self._conn is None:
+                cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+                self._conn = cls(self._host, self._port, timeout=30)
+            try:
+                self._conn.request("POST", self.path, body=body, headers=self._headers)
+                r = self._conn.getresponse()
+                return r.status, r.read()
+            except (OSError, http.client.HTTPException):
+                self._conn.close()
+                self._conn = None
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
     def send(self, **fields: Any) -> dict[str, Any]:
         """Send the pending output with ``fields``; returns the reply. Raises Stop when the job
-        is over for the server, httpx.HTTPError when the server cannot be reached."""
+        is over for the server, Unreachable when the server cannot be reached or fails."""
         body = {"lines": self.pending_lines, "metrics": self.pending_metrics, **fields}
-        r = self.client.post(self.path, json=body)
-        if r.status_code in (401, 403, 404, 409):
-            raise Stop(f"the control plane answered {r.status_code}: {r.text[:300]}")
-        r.raise_for_status()
+        try:
+            status, data = self._post(json.dumps(body).encode())
+        except (OSError, http.client.HTTPException) as e:
+            raise Unreachable(f"{type(e).__name__}: {e}") from None
+        if status in (401, 403, 404, 409):
+            raise Stop(f"the control plane answered {status}: {data[:300].decode(errors='replace')}")
+        if status >= 300:
+            raise Unreachable(f"the control plane answered {status}: {data[:300].decode(errors='replace')}")
         self.pending_lines, self.pending_metrics = [], []
         self.last_sent = time.monotonic()
-        reply = r.json()
+        reply = json.loads(data)
         if reply.get("action") == "stop":
             raise Stop("the control plane says the job is over")
         return reply
@@ -145,11 +173,25 @@ def _node_launch(tpl: dict[str, Any], instance_id: int, node_dir: Path) -> dict[
             .to_dict()}
 
 
+def _send_retrying(rep: Reporter, limit_s: float = 120.0, **fields: Any) -> dict[str, Any]:
+    """A report that must arrive (the first, the address exchange): retried while the control
+    plane is away, up to ``limit_s``."""
+    deadline, delay = time.monotonic() + limit_s, 0.2
+    while True:
+        try:
+            return rep.send(**fields)
+        except Unreachable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
 def _wait_for_addresses(rep: Reporter, mn: dict[str, Any], address: str, hostname: str) -> list[str]:
     """A multi-node job's node addresses, once every instance has reported its own."""
     deadline = time.monotonic() + float(mn["join_timeout_s"])
     while True:
-        reply = rep.send(address=address, hostname=hostname)
+        reply = _send_retrying(rep, address=address, hostname=hostname)
         if reply.get("addresses"):
             return list(reply["addresses"])
         if time.monotonic() > deadline:
@@ -166,7 +208,7 @@ def run(stage: Stage, job_id: str, instance_id: int) -> int:
     node_dir = base / "jobs" / f"{job_id}-{instance_id}"
     rep.system(f"instance {instance_id} on {hostname} ({address}), pid {os.getpid()}")
     try:
-        rep.send(address=address, hostname=hostname)
+        _send_retrying(rep, address=address, hostname=hostname)
         launch = _node_launch(tpl, instance_id, node_dir)
         stage.download_dir(StagePaths(job_id).app, launch["work_dir"])
         mn = launch.get("multinode")
@@ -258,7 +300,7 @@ def _supervise(rep: Reporter, stage: Stage, launch: dict[str, Any], node_dir: Pa
             if ray is not None or (since >= _FLUSH_S and (rep.pending_lines or rep.pending_metrics)) or since >= heartbeat:
                 try:
                     reply = rep.send(ray=ray)
-                except httpx.HTTPError:
+                except Unreachable:
                     continue  # the control plane is away: keep running, keep the output, try again
                 ray_sent = ray_sent or ray is not None
                 action = reply.get("action")
@@ -296,7 +338,7 @@ def _report_exit(rep: Reporter, stage: Stage, launch: dict[str, Any], code: int)
             return 0
         except Stop:
             return 0
-        except httpx.HTTPError as e:
+        except Unreachable as e:
             if time.monotonic() > deadline:
                 print(f"mljobs agent: could not report the exit to the control plane: {e}", file=sys.stderr)
                 return 1
