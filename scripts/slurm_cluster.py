@@ -29,7 +29,11 @@ process tree, grandchildren that left the process group or session included. Whe
 /sys/fs/cgroup is a pure cgroup v2 mount, cgroup/v2 with ``IgnoreSystemd=yes`` is written instead
 (not tried here: this machine has no such layout). No task/cgroup: --mem is scheduled
 (``select/cons_tres`` with ``CR_Core_Memory``; each node has CPUs=2, RealMemory=4000, accepted on
-a small box by ``SlurmdParameters=config_overrides``) but not enforced.
+a small box by ``SlurmdParameters=config_overrides``; a job without --mem gets DefMemPerCPU=1000 MB
+per CPU, not the whole node) but not enforced: mljobs' own supervisor watches memory. With
+``MLJOBS_SLURM_CONSTRAIN_RAM=1`` at ``up``, ``TaskPlugin=task/cgroup`` and ``ConstrainRAMSpace=yes``
+enforce it too (cgroup v1 memory controller; works here: a step over its --mem is OOM-killed and
+srun says "Out Of Memory"), as on most production clusters.
 
 Accounting is off (``AccountingStorageType=accounting_storage/none``, ``JobCompType=jobcomp/none``),
 as on clusters without slurmdbd: ``sacct`` exits non-zero with "Slurm accounting storage is
@@ -203,12 +207,17 @@ class Cluster:
             raise InstallError(f"after apt-get install, still missing: "
                                f"{[b for b in BINARIES if not shutil.which(b)]}")
 
+    @staticmethod
+    def _constrain_ram() -> bool:
+        return os.environ.get("MLJOBS_SLURM_CONSTRAIN_RAM", "") not in ("", "0", "no", "false")
+
     def _cgroup_conf(self) -> str:
+        ram = "yes" if self._constrain_ram() else "no"
         fstype = _run("stat", "-f", "-c", "%T", str(CGROOT), check=False).stdout.strip()
         if fstype == "cgroup2fs":
-            return "CgroupPlugin=cgroup/v2\nIgnoreSystemd=yes\nConstrainCores=no\nConstrainRAMSpace=no\n"
+            return f"CgroupPlugin=cgroup/v2\nIgnoreSystemd=yes\nConstrainCores=no\nConstrainRAMSpace={ram}\n"
         return (f"CgroupPlugin=cgroup/v1\nCgroupMountpoint={CGROOT}\nCgroupAutomount=no\n"
-                "ConstrainCores=no\nConstrainRAMSpace=no\nConstrainDevices=no\n")
+                f"ConstrainCores=no\nConstrainRAMSpace={ram}\nConstrainDevices=no\n")
 
     def _write_config(self) -> None:
         d = self.dir
@@ -236,9 +245,10 @@ SlurmdLogFile={d}/slurmd-%n.log
 SlurmctldPort=6817
 SlurmdPort=6818
 ProctrackType=proctrack/cgroup
-TaskPlugin=task/none
+TaskPlugin={"task/cgroup" if self._constrain_ram() else "task/none"}
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
+DefMemPerCPU=1000
 SchedulerType=sched/backfill
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
@@ -486,10 +496,13 @@ PartitionName={self.partition} Nodes={",".join(NODES)} Default=YES MaxTime=INFIN
         say(f"Slurm cluster down ({'state kept in ' + str(self.dir) if keep else 'state dir removed'})")
 
     def _down(self, timeout: float = 30.0) -> list[str]:
+        jobs: list[str] = []
         if self.running():
-            jobs = self.exec(["squeue", "-h", "-o", "%A"], timeout=15).stdout.split()
+            with contextlib.suppress(subprocess.TimeoutExpired):  # a hung slurmctld is killed below
+                jobs = self.exec(["squeue", "-h", "-o", "%A"], timeout=15).stdout.split()
+                if jobs:
+                    self.exec(["scancel", *jobs], timeout=15)
             if jobs:
-                self.exec(["scancel", *jobs], timeout=15)
                 deadline = time.monotonic() + timeout
                 while time.monotonic() < deadline:
                     with contextlib.suppress(subprocess.TimeoutExpired):
@@ -549,7 +562,8 @@ def main(argv: list[str]) -> int:
             c.down(keep="--keep" in argv[1:])
         elif cmd == "status":
             print(c.status())
-            print(f"(state dir {c.dir}; logs: {', '.join(str(p) for p in c.logs())})")
+            if c.running():
+                print(f"(state dir {c.dir}; logs: {', '.join(str(p) for p in c.logs())})")
         elif cmd == "exec":
             args = argv[1:]
             if args and args[0] == "--":

@@ -48,6 +48,9 @@ def test_nodes_are_three_hosts(slurm_cluster: Any) -> None:
     assert sorted(out.stdout.split()) == sorted(slurm_cluster.nodes)
     info = slurm_cluster.exec(["sinfo", "-h", "-o", "%P %D %c %m"]).stdout.split()
     assert info == [f"{slurm_cluster.partition}*", "3", "2", "4000"]
+    # memory is a schedulable resource: more than a node has is refused at once
+    big = slurm_cluster.exec(["sbatch", "--mem=5000", "--wrap", "true"], timeout=30)
+    assert big.returncode != 0 and "node configuration is not available" in big.stderr, big
     assert slurm_cluster.controller_address == "10.213.0.1"
     if not os.environ.get("MLJOBS_SLURM_INSTANCE"):
         assert slurm_cluster.nodes == ["n1", "n2", "n3"]
