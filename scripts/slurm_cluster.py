@@ -164,10 +164,6 @@ class Cluster:
         return f"{SUBNET}.{11 + NODES.index(node)}"
 
     @property
-    def namespaces_wanted(self) -> list[str]:
-        return [PREFIX + "sw", self.controller_namespace] + [self.node_namespace(n) for n in NODES]
-
-    @property
     def env(self) -> dict[str, str]:
         return {**os.environ, "SLURM_CONF": str(self.conf)}
 
