@@ -132,6 +132,14 @@ class HomePaths:
     def job_run(self, job_id: str) -> Path:
         return self.root / "run" / job_id
 
+    def allocation_file(self, job_id: str) -> Path:
+        """A remote job's allocation on its engine (a Slurm job id, a Ray submission id)."""
+        return self.job_run(job_id) / "allocation.json"
+
+    def allocation_files(self) -> list[Path]:
+        """Every remote job's allocation record still on disk."""
+        return sorted((self.root / "run").glob("*/allocation.json"))
+
     def job_work(self, job_id: str) -> Path:
         return self.root / "work" / job_id
 

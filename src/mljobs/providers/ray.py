@@ -164,7 +164,7 @@ class RayProvider(RemoteProvider):
             out = set(json.loads((self.home.root / "ray-clusters.json").read_text()))
         except (FileNotFoundError, json.JSONDecodeError):
             out = set()
-        for alloc in (self.home.root / "run").glob("*/allocation.json"):
+        for alloc in self.home.allocation_files():
             try:
                 out.add(json.loads(alloc.read_text())["address"])
             except (OSError, json.JSONDecodeError, KeyError):
@@ -220,12 +220,12 @@ class RayProvider(RemoteProvider):
                     raise UnsupportedError("a Ray placement group cannot grow: late instances do not join a running "
                                            "job on the ray provider")
                 alloc = self._submit(launch, pool)
-        return self._handle(launch.job_id, launch.instance_id, alloc)
+        return self.handle_for(launch.job_id, launch.instance_id, alloc)
 
-    def _handle(self, job_id: str, instance_id: int, alloc: dict[str, Any]) -> InstanceHandle:
-        return InstanceHandle(job_id, instance_id, extra={"submission_id": alloc["submission_id"],
-                                                          "address": alloc["address"], "count": alloc["count"],
-                                                          "stage": alloc["stage"]})
+    def handle_for(self, job_id: str, instance_id: int, alloc: dict[str, Any]) -> InstanceHandle:
+        handle = super().handle_for(job_id, instance_id, alloc)
+        handle.extra.update(submission_id=alloc["submission_id"], address=alloc["address"])
+        return handle
 
     def _submit(self, launch: InstanceLaunch, pool: PoolSpec) -> dict[str, Any]:
         """Submit the job's Ray job, unless one of its name exists already (a retry)."""
@@ -257,22 +257,8 @@ class RayProvider(RemoteProvider):
         self._forget_status(sid)
         alloc = {"submission_id": sid, "address": address, "count": k,
                  "stage": {"name": launch.stage.name, "url": launch.stage.url}}
-        path = self.home.job_run(launch.job_id) / "allocation.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(alloc))
-        tmp.replace(path)
+        self.save_allocation(launch.job_id, alloc)
         return alloc
-
-    def allocation(self, job_id: str) -> dict[str, Any] | None:
-        try:
-            return json.loads((self.home.job_run(job_id) / "allocation.json").read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
-
-    def find(self, job_id: str, instance_id: int) -> InstanceHandle | None:
-        alloc = self.allocation(job_id)
-        return None if alloc is None else self._handle(job_id, instance_id, alloc)
 
     # -- the engine's view ----------------------------------------------------------------------
     def _forget_status(self, sid: str) -> None:
@@ -373,8 +359,6 @@ class RayProvider(RemoteProvider):
 
     def cleanup(self, handle: InstanceHandle) -> None:
         super().cleanup(handle)
-        if handle.instance_id == 0:
-            (self.home.job_run(handle.job_id) / "allocation.json").unlink(missing_ok=True)
         with self._cache_lock:
             self._status.pop(str(handle.extra.get("submission_id")), None)
 

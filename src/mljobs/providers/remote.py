@@ -146,6 +146,24 @@ class RemoteProvider(Provider):
             self.paths(InstanceHandle(launch.job_id, i)).run_dir.mkdir(parents=True, exist_ok=True)
         return path
 
+    # -- the job's allocation on the engine (how instances are found again after a restart) -----
+    def handle_for(self, job_id: str, instance_id: int, alloc: dict[str, Any]) -> InstanceHandle:
+        """An instance's handle from its job's allocation record (subclasses add their ids)."""
+        return InstanceHandle(job_id, instance_id, extra={"count": alloc["count"], "stage": alloc["stage"]})
+
+    def save_allocation(self, job_id: str, alloc: dict[str, Any]) -> None:
+        _write_json(self.home.allocation_file(job_id), alloc)
+
+    def allocation(self, job_id: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.home.allocation_file(job_id).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def find(self, job_id: str, instance_id: int) -> InstanceHandle | None:
+        alloc = self.allocation(job_id)
+        return None if alloc is None else self.handle_for(job_id, instance_id, alloc)
+
     # -- reports --------------------------------------------------------------------------------
     def paths(self, handle: InstanceHandle) -> InstancePaths:
         return self.home.instance(handle.job_id, handle.instance_id)
@@ -292,3 +310,5 @@ class RemoteProvider(Provider):
         import shutil
 
         shutil.rmtree(self.paths(handle).run_dir, ignore_errors=True)
+        if handle.instance_id == 0:
+            self.home.allocation_file(handle.job_id).unlink(missing_ok=True)

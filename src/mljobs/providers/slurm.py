@@ -18,7 +18,6 @@ allocations are found again by name. The server runs ``sinfo``, ``sbatch``, ``sq
 
 from __future__ import annotations
 
-import json
 import logging
 import shlex
 import shutil
@@ -167,11 +166,12 @@ class SlurmProvider(RemoteProvider):
                 if launch.instance_id > 0:
                     raise UnsupportedError("a Slurm allocation cannot grow: late instances do not join a running job")
                 alloc = self._submit(launch, opts)
-        return self._handle(launch.job_id, launch.instance_id, alloc)
+        return self.handle_for(launch.job_id, launch.instance_id, alloc)
 
-    def _handle(self, job_id: str, instance_id: int, alloc: dict[str, Any]) -> InstanceHandle:
-        return InstanceHandle(job_id, instance_id, extra={"slurm_job_id": alloc["id"], "count": alloc["count"],
-                                                          "stage": alloc["stage"]})
+    def handle_for(self, job_id: str, instance_id: int, alloc: dict[str, Any]) -> InstanceHandle:
+        handle = super().handle_for(job_id, instance_id, alloc)
+        handle.extra["slurm_job_id"] = alloc["id"]
+        return handle
 
     def _submit(self, launch: InstanceLaunch, opts: dict[str, Any]) -> dict[str, Any]:
         """sbatch the job's allocation, unless one named for it exists already (a retry)."""
@@ -196,9 +196,7 @@ class SlurmProvider(RemoteProvider):
         else:
             slurm_id = found[0]
         alloc = {"id": slurm_id, "count": launch.instance_count, "stage": stage}
-        path = self.home.job_run(launch.job_id) / "allocation.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(alloc))
+        self.save_allocation(launch.job_id, alloc)
         return alloc
 
     def _script(self, launch: InstanceLaunch, opts: dict[str, Any]) -> str:
@@ -209,18 +207,6 @@ class SlurmProvider(RemoteProvider):
                 f"# mljobs job {launch.job_id}: one agent per node; instance = SLURM_PROCID, 0 the head\n"
                 'exec srun --kill-on-bad-exit=0 --ntasks-per-node=1 --nodes="$SLURM_JOB_NUM_NODES" '
                 '--ntasks="$SLURM_JOB_NUM_NODES" ' + " ".join(shlex.quote(a) for a in agent) + "\n")
-
-    def allocation(self, job_id: str) -> dict[str, Any] | None:
-        try:
-            return json.loads((self.home.job_run(job_id) / "allocation.json").read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
-
-    def find(self, job_id: str, instance_id: int) -> InstanceHandle | None:
-        alloc = self.allocation(job_id)
-        if alloc is None:
-            return None
-        return self._handle(job_id, instance_id, alloc)
 
     # -- the engine's view ----------------------------------------------------------------------
     def _invalidate(self) -> None:
@@ -311,11 +297,6 @@ class SlurmProvider(RemoteProvider):
                 self._run(["scancel", sid], timeout=30)
                 done.append(job_id)
         return done
-
-    def cleanup(self, handle: InstanceHandle) -> None:
-        super().cleanup(handle)
-        if handle.instance_id == 0:
-            (self.home.job_run(handle.job_id) / "allocation.json").unlink(missing_ok=True)
 
     def containment(self) -> str:
         return ("Slurm: one allocation per job; its cgroups (proctrack/cgroup) hold every process; scancel ends "
