@@ -172,6 +172,10 @@ def test_ray_job_spans_three_slurm_nodes(slurm: SlurmEnv, tmp_path: Path) -> Non
                                   target_instances=3, session=slurm.session)
     assert job.wait(timeout=240) == JOB_STATUS.DONE, (job.message, job.get_logs(verbose=True))
     assert job.result() == sorted(slurm.cluster.nodes)
+    deadline = time.monotonic() + 15  # each agent removes its node's Ray folder once it has reported
+    while (left := list(Path("/tmp").glob(f"mljr-{job.id[-12:].lower()}-*"))) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"Ray folders left on the nodes: {left}"
 
 
 def test_cancel_leaves_nothing_on_any_node(slurm: SlurmEnv, tmp_path: Path) -> None:

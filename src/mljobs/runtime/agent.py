@@ -207,6 +207,7 @@ def run(stage: Stage, job_id: str, instance_id: int) -> int:
     base = Path(os.environ.get("MLJOBS_NODE_DIR") or Path(tempfile.gettempdir()) / "mljobs-node")
     node_dir = base / "jobs" / f"{job_id}-{instance_id}"
     rep.system(f"instance {instance_id} on {hostname} ({address}), pid {os.getpid()}")
+    mn: dict[str, Any] | None = None
     try:
         _send_retrying(rep, address=address, hostname=hostname)
         launch = _node_launch(tpl, instance_id, node_dir)
@@ -225,6 +226,8 @@ def run(stage: Stage, job_id: str, instance_id: int) -> int:
         return 0
     finally:
         shutil.rmtree(node_dir, ignore_errors=True)
+        if mn and mn.get("temp_dir"):  # the node's Ray folder (sockets, logs); its processes are gone
+            shutil.rmtree(mn["temp_dir"], ignore_errors=True)
 
 
 class _Supervisor:
