@@ -156,6 +156,43 @@ def test_parallel_job_rendezvous_across_nodes(slurm: SlurmEnv, tmp_path: Path) -
     assert job.result() == sorted(slurm.cluster.nodes)
 
 
+def test_min_instances_is_a_node_range(slurm: SlurmEnv, tmp_path: Path) -> None:
+    """With one node busy, a job of 3 instances that needs 2 runs on the 2 Slurm grants."""
+    blocker = slurm.cluster.exec(["sbatch", "--parsable", "-w", slurm.cluster.nodes[2], "--cpus-per-task=2",
+                                  "--mem=4000M", "--output=/dev/null", "--wrap=sleep 300"])
+    sid = blocker.stdout.strip().split(";")[0]
+    try:
+        deadline = time.monotonic() + 30
+        while slurm.cluster.exec(["squeue", "-h", "-j", sid, "-o", "%T"]).stdout.strip() != "RUNNING":
+            assert time.monotonic() < deadline, "the blocker never ran"
+            time.sleep(0.2)
+        (tmp_path / "app").mkdir()
+        (tmp_path / "app" / "rdv.py").write_text(textwrap.dedent("""
+            import os, socket, time
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            head, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+            if rank == 0:
+                srv = socket.create_server((head, port))
+                peers = [srv.accept()[0].recv(100).decode() for _ in range(world - 1)]
+                __return__ = (world, sorted(peers + [socket.gethostname()]))
+            else:
+                for _ in range(300):
+                    try:
+                        s = socket.create_connection((head, port), timeout=2)
+                        break
+                    except OSError:
+                        time.sleep(0.1)
+                s.sendall(socket.gethostname().encode())
+        """))
+        job = mljobs.submit_directory(str(tmp_path / "app"), "HPC", entrypoint="rdv.py", stage_name="payload_stage",
+                                      target_instances=3, min_instances=2, parallel=True, session=slurm.session)
+        assert job.wait(timeout=120) == JOB_STATUS.DONE, (job.message, job.get_logs(verbose=True))
+        assert job.result() == (2, sorted(slurm.cluster.nodes[:2]))
+        assert "granted 2 node(s); instance 2 does not run" in job.get_logs(instance_id=2, verbose=True)
+    finally:
+        slurm.cluster.exec(["scancel", sid])
+
+
 def test_ray_job_spans_three_slurm_nodes(slurm: SlurmEnv, tmp_path: Path) -> None:
     (tmp_path / "app").mkdir()
     (tmp_path / "app" / "spread.py").write_text(textwrap.dedent("""

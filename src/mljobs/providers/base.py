@@ -77,6 +77,7 @@ class InstanceReport:
     hostname: str | None = None
     ray: dict[str, Any] | None = None  # a head's Ray addresses
     exit: dict[str, Any] | None = None  # the supervisor's exit.json, plus "error" when the payload raised
+    granted: int | None = None  # how many nodes the engine gave a job that asked for a range
 
 
 @dataclasses.dataclass

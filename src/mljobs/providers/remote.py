@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
+from mljobs import logformat
 from mljobs.config import Settings
 from mljobs.errors import InvalidArgumentError
 from mljobs.paths import HomePaths, InstancePaths, StagePaths
@@ -185,6 +186,8 @@ class RemoteProvider(Provider):
             _write_json(p.node_file, {"address": report.address, "hostname": report.hostname})
         if report.ray:
             _write_json(p.ray_file, report.ray)
+        if report.granted is not None:
+            self._not_granted(handle, report.granted)
         callback = None
         with self._lock:
             self._beats[key] = time.monotonic()
@@ -201,9 +204,32 @@ class RemoteProvider(Provider):
             return {"action": None}
         return {"action": action, "addresses": self._addresses(handle)}
 
+    def _not_granted(self, handle: InstanceHandle, granted: int) -> None:
+        """The engine gave the job ``granted`` of the nodes it asked for (a node range, as
+        ``min_instances`` asks): the instances past them end at once, released, never started."""
+        alloc = self.allocation(handle.job_id)
+        if alloc is not None and alloc.get("granted") != granted:
+            self.save_allocation(handle.job_id, {**alloc, "granted": granted})
+        for i in range(granted, int(handle.extra.get("count", 1))):
+            other = InstanceHandle(handle.job_id, i, extra=dict(handle.extra))
+            p = self.paths(other)
+            if p.exit_file.exists():
+                continue
+            p.log_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(p.log_file, "a", encoding="utf-8") as f:
+                f.write(logformat.format_record(logformat.SYS, f"mljobs: the {self.name} engine granted {granted} "
+                                                               f"node(s); instance {i} does not run"))
+            _write_json(p.exit_file, {"exit_code": 0, "cancelled": False, "released": True, "has_result": False})
+            with self._lock:
+                callback = self._callbacks.pop((handle.job_id, i), None)
+            if callback is not None:
+                callback(other)
+
     def _addresses(self, handle: InstanceHandle) -> list[str] | None:
-        """Every node's address once all of a multi-node job's instances have reported theirs."""
+        """Every node's address once all of a multi-node job's (granted) instances reported theirs."""
         count = int(handle.extra.get("count", 1))
+        alloc = self.allocation(handle.job_id) or {}
+        count = min(count, int(alloc.get("granted") or count))
         if count < 2:
             return None
         out = []

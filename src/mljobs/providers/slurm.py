@@ -181,7 +181,9 @@ class SlurmProvider(RemoteProvider):
         if found is None:
             self.write_launch(launch, opts)
             fam, k = launch.family, launch.instance_count
-            args = ["sbatch", "--parsable", f"--job-name={name}", f"--nodes={k}", "--ntasks-per-node=1",
+            low = min(launch.spec.effective_min_instances, k)  # min_instances: Slurm's node range
+            args = ["sbatch", "--parsable", f"--job-name={name}", f"--nodes={low}-{k}" if low < k else f"--nodes={k}",
+                    "--ntasks-per-node=1",
                     f"--cpus-per-task={fam.cpus}", f"--mem={fam.memory_bytes >> 20}M",
                     f"--output={opts.get('output') or '/dev/null'}", "--export=" + ",".join(_EXPORT)]
             if fam.gpus:

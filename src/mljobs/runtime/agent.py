@@ -213,6 +213,13 @@ def run(stage: Stage, job_id: str, instance_id: int) -> int:
         launch = _node_launch(tpl, instance_id, node_dir)
         stage.download_dir(StagePaths(job_id).app, launch["work_dir"])
         mn = launch.get("multinode")
+        granted = int(os.environ.get("SLURM_JOB_NUM_NODES") or 0)
+        if mn and 0 < granted < mn["count"]:  # the engine gave fewer nodes than asked (a node range)
+            mn = {**mn, "count": granted, "min_instances": min(mn["min_instances"], granted)}
+            rep.system(f"the allocation has {granted} of the {tpl['multinode']['count']} node(s) asked for")
+            _send_retrying(rep, granted=granted)
+            launch["instance_count"] = granted
+            launch["env"]["MLJOBS_INSTANCE_COUNT"] = str(granted)
         if mn:
             mn = {**mn, "addresses": _wait_for_addresses(rep, mn, address, hostname),
                   "temp_dir": os.path.join(tempfile.gettempdir(), f"mljr-{job_id[-12:].lower()}-{instance_id}")}

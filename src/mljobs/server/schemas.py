@@ -221,6 +221,7 @@ class InstanceReportIn(_In):
     hostname: Annotated[str, StringConstraints(max_length=255)] | None = None
     ray: dict[str, Any] | None = None
     exit: dict[str, Any] | None = None
+    granted: Annotated[int, Field(ge=1, le=100_000)] | None = None
 
 
 class ReportReply(BaseModel):
