@@ -453,13 +453,21 @@ def test_lost_node_is_detected_within_the_heartbeat_timeout(env, tmp_path):
     job = env.ns(start)
     env.cluster.kill_node(2)  # a worker node dies, with its Ray node and the instance on it
     t = time.monotonic()
-    status = env.ns(job.wait, 60).value
+
+    def detected() -> str:  # the loss is noted on the job (or ends it) the moment it is decided
+        while " lost" not in (message := job.message) and time.monotonic() - t < 60:
+            time.sleep(0.2)
+        return message
+
+    noted = env.ns(detected)
     took = time.monotonic() - t
+    status = env.ns(job.wait, 90).value  # then the other instances are stopped (fail fast)
     message = env.ns(lambda: job.message)
     try:
         assert status in ("FAILED", "INTERNAL_ERROR"), message
-        assert "lost" in message or "instance 2" in message, message
-        assert took < 12 + 15, took  # MLJOBS_HEARTBEAT_TIMEOUT_S=12, plus a monitor tick
+        assert "was lost" in noted, noted  # the instance on the killed node (bundles map to any node)
+        # MLJOBS_HEARTBEAT_TIMEOUT_S=12, plus a 5 s monitor tick, plus slack for a loaded machine
+        assert took < 12 + 5 + 8, took
         assert not _wait_gone(marker, job.id)
     finally:
         env.cluster.restart_node(2)
