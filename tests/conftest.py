@@ -39,6 +39,7 @@ class ServerProc:
                  args: list[str] | None = None) -> None:
         self.home, self.database_url, self.extra_env = home, database_url, dict(extra_env or {})
         self.args = list(args or [])  # more `mljobs server start` options, e.g. ["--host", ADDRESS]
+        self.prefix: list[str] = []  # what the command runs under, e.g. nsenter into a namespace
         self.token: str | None = None  # an admin's, for a server with users
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
@@ -53,13 +54,17 @@ class ServerProc:
         env.update(self.extra_env)
         return env
 
+    def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run a request to the server (a subclass runs it where the server is reachable)."""
+        return fn(*args, **kwargs)
+
     def start(self) -> str:
         self.home.mkdir(parents=True, exist_ok=True)
         info = self.home / "server.json"
         info.unlink(missing_ok=True)
         log = open(self.home / "server.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, "-m", "mljobs", "server", "start", *self.args], env=self.env(),
-                                     stdout=log, stderr=log, start_new_session=True)
+        self.proc = subprocess.Popen([*self.prefix, sys.executable, "-m", "mljobs", "server", "start", *self.args],
+                                     env=self.env(), stdout=log, stderr=log, start_new_session=True)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if info.exists():
@@ -67,7 +72,7 @@ class ServerProc:
                 import httpx
 
                 try:
-                    if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    if self.call(httpx.get, self.url + "/health", timeout=1).status_code == 200:
                         return self.url
                 except httpx.HTTPError:
                     pass
@@ -88,8 +93,8 @@ class ServerProc:
         import httpx
 
         try:
-            httpx.post(self.url + "/api/v1/server/shutdown", timeout=30,
-                       headers={"Authorization": f"Bearer {self.token}"} if self.token else None)
+            self.call(httpx.post, self.url + "/api/v1/server/shutdown", timeout=30,
+                      headers={"Authorization": f"Bearer {self.token}"} if self.token else None)
         except httpx.HTTPError:
             pass
         try:

@@ -44,7 +44,11 @@ class NsServer(ServerProc):
                  extra_env: dict[str, str] | None = None) -> None:
         super().__init__(home, None, extra_env)
         self.cluster, self.ns, self.token = cluster, ns, ""
+        self.prefix = cluster.nsenter(cluster.srv_ns)
         self.port = 0  # after the first start, its port: running jobs' agents report there
+
+    def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        return self.ns(fn, *args, **kwargs)
 
     def start(self) -> str:
         self.home.mkdir(parents=True, exist_ok=True)
@@ -53,43 +57,10 @@ class NsServer(ServerProc):
                                   env=self.env(), capture_output=True, text=True, timeout=60)
             assert made.returncode == 0, made.stderr
             self.token = made.stdout.strip()
-        info = self.home / "server.json"
-        info.unlink(missing_ok=True)
-        log = open(self.home / "server.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [*self.cluster.nsenter(self.cluster.srv_ns), sys.executable, "-m", "mljobs", "server", "start",
-             "--host", self.cluster.server_address, "--port", str(self.port)], env=self.env(), stdout=log, stderr=log, start_new_session=True)
-        deadline = time.monotonic() + 60
-        import httpx
-
-        while time.monotonic() < deadline:
-            if info.exists():
-                self.url = json.loads(info.read_text())["url"]
-                try:
-                    if self.ns(httpx.get, self.url + "/health", timeout=1).status_code == 200:
-                        self.port = json.loads(info.read_text())["port"]
-                        return self.url
-                except httpx.HTTPError:
-                    pass
-            assert self.proc.poll() is None, (self.home / "server.log").read_text()
-            time.sleep(0.05)
-        raise AssertionError("server did not start: " + (self.home / "server.log").read_text())
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        import httpx
-
-        try:
-            self.ns(httpx.post, self.url + "/api/v1/server/shutdown", timeout=30,
-                    headers={"authorization": f"Bearer {self.token}"})
-        except httpx.HTTPError:
-            pass
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        self.args = ["--host", self.cluster.server_address, "--port", str(self.port)]
+        url = super().start()
+        self.port = json.loads((self.home / "server.json").read_text())["port"]
+        return url
 
 
 class Env:

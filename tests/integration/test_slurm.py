@@ -127,19 +127,18 @@ def test_file_job_returns_dunder_return(slurm: SlurmEnv, tmp_path: Path) -> None
     assert "args ['--epochs', '3']" in job.get_logs()
 
 
-def test_parallel_job_rendezvous_across_nodes(slurm: SlurmEnv, tmp_path: Path) -> None:
-    (tmp_path / "app").mkdir()
-    (tmp_path / "app" / "rdv.py").write_text(textwrap.dedent("""
+def _rendezvous_app(app: Path, head_returns: str) -> None:
+    """``rdv.py``: rank 0 listens at MASTER_ADDR:MASTER_PORT and collects every other rank's host
+    name over TCP; its ``__return__`` is ``head_returns`` (of ``world`` and ``peers``)."""
+    app.mkdir(exist_ok=True)
+    (app / "rdv.py").write_text(textwrap.dedent("""
         import os, socket, time
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         head, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
         if rank == 0:
             srv = socket.create_server((head, port))
-            peers = []
-            for _ in range(world - 1):
-                conn, _ = srv.accept()
-                peers.append(conn.recv(100).decode())
-            __return__ = sorted(peers + [socket.gethostname()])
+            peers = [srv.accept()[0].recv(100).decode() for _ in range(world - 1)]
+            __return__ = HEAD_RETURNS
         else:
             for _ in range(300):
                 try:
@@ -149,7 +148,11 @@ def test_parallel_job_rendezvous_across_nodes(slurm: SlurmEnv, tmp_path: Path) -
                     time.sleep(0.1)
             s.sendall(socket.gethostname().encode())
             __return__ = socket.gethostname()
-    """))
+    """).replace("HEAD_RETURNS", head_returns))
+
+
+def test_parallel_job_rendezvous_across_nodes(slurm: SlurmEnv, tmp_path: Path) -> None:
+    _rendezvous_app(tmp_path / "app", "sorted(peers + [socket.gethostname()])")
     job = mljobs.submit_directory(str(tmp_path / "app"), "HPC", entrypoint="rdv.py", stage_name="payload_stage",
                                   target_instances=3, parallel=True, session=slurm.session)
     assert job.wait(timeout=180) == JOB_STATUS.DONE, (job.message, job.get_logs(verbose=True))
@@ -166,24 +169,7 @@ def test_min_instances_is_a_node_range(slurm: SlurmEnv, tmp_path: Path) -> None:
         while slurm.cluster.exec(["squeue", "-h", "-j", sid, "-o", "%T"]).stdout.strip() != "RUNNING":
             assert time.monotonic() < deadline, "the blocker never ran"
             time.sleep(0.2)
-        (tmp_path / "app").mkdir()
-        (tmp_path / "app" / "rdv.py").write_text(textwrap.dedent("""
-            import os, socket, time
-            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-            head, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-            if rank == 0:
-                srv = socket.create_server((head, port))
-                peers = [srv.accept()[0].recv(100).decode() for _ in range(world - 1)]
-                __return__ = (world, sorted(peers + [socket.gethostname()]))
-            else:
-                for _ in range(300):
-                    try:
-                        s = socket.create_connection((head, port), timeout=2)
-                        break
-                    except OSError:
-                        time.sleep(0.1)
-                s.sendall(socket.gethostname().encode())
-        """))
+        _rendezvous_app(tmp_path / "app", "(world, sorted(peers + [socket.gethostname()]))")
         job = mljobs.submit_directory(str(tmp_path / "app"), "HPC", entrypoint="rdv.py", stage_name="payload_stage",
                                       target_instances=3, min_instances=2, parallel=True, session=slurm.session)
         assert job.wait(timeout=120) == JOB_STATUS.DONE, (job.message, job.get_logs(verbose=True))

@@ -34,6 +34,7 @@ from mljobs.errors import InvalidArgumentError
 from mljobs.paths import HomePaths, InstancePaths
 from mljobs.providers import netns
 from mljobs.runtime import containment, multinode
+from mljobs.runtime.metrics import read_samples
 from mljobs.providers.base import (ExitCallback, InstanceExit, InstanceHandle, InstanceLaunch, Provider,
                                    launch_document)
 from mljobs.spec import PoolSpec
@@ -41,9 +42,6 @@ from mljobs.spec import PoolSpec
 log = logging.getLogger("mljobs.server")
 
 __all__ = ["LocalProvider", "detect_gpus", "read_log_tail", "free_ports", "ray_temp_dir"]
-
-THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
-               "VECLIB_MAXIMUM_THREADS")
 
 
 def detect_gpus() -> int:
@@ -308,7 +306,7 @@ class LocalProvider(Provider):
             d.mkdir(parents=True, exist_ok=True)
         launch.stage.download_dir(f"{launch.job_id}/app/", p.work_dir)
         cpus, gpus = self._slice(launch)
-        env = {var: str(len(cpus)) for var in THREAD_VARS}
+        env = {var: str(len(cpus)) for var in containment.THREAD_VARS}
         if launch.family.gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
         multinode, ns = None, None
@@ -378,15 +376,7 @@ class LocalProvider(Provider):
                             bool(record.get("released")), record.get("oom"), record.get("usage"))
 
     def metrics(self, handle: InstanceHandle) -> list[dict[str, Any]]:
-        rows = []
-        try:
-            with open(self.paths(handle).metrics_file, encoding="utf-8") as f:
-                for line in f:
-                    if line.endswith("\n"):  # a line being written is read next time
-                        rows.append(json.loads(line))
-        except FileNotFoundError:
-            pass
-        return rows
+        return read_samples(self.paths(handle).metrics_file)
 
     def containment(self) -> str:
         return self.plan.describe()

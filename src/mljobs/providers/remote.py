@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -40,6 +41,7 @@ from mljobs.providers.base import (ExitCallback, InstanceExit, InstanceHandle, I
                                    launch_document)
 from mljobs.providers.local import read_log_tail
 from mljobs.runtime import multinode
+from mljobs.runtime.metrics import read_samples
 from mljobs.spec import JobSpec, PoolSpec
 from mljobs.stages import Stage
 
@@ -318,13 +320,7 @@ class RemoteProvider(Provider):
         self.ask(handle, "release")
 
     def metrics(self, handle: InstanceHandle) -> list[dict[str, Any]]:
-        rows = []
-        try:
-            with open(self.paths(handle).metrics_file, encoding="utf-8") as f:
-                rows = [json.loads(line) for line in f if line.endswith("\n")]
-        except FileNotFoundError:
-            pass
-        return rows
+        return read_samples(self.paths(handle).metrics_file)
 
     def ray_info(self, handle: InstanceHandle) -> dict[str, Any] | None:
         try:
@@ -333,8 +329,6 @@ class RemoteProvider(Provider):
             return None
 
     def cleanup(self, handle: InstanceHandle) -> None:
-        import shutil
-
         shutil.rmtree(self.paths(handle).run_dir, ignore_errors=True)
         if handle.instance_id == 0:
             self.home.allocation_file(handle.job_id).unlink(missing_ok=True)

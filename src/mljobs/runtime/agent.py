@@ -47,7 +47,6 @@ __all__ = ["main", "own_address", "instance_id_from_env"]
 
 _FLUSH_S = 0.5  # output goes out this often while there is some
 _EXIT_RETRY_S = 600.0  # how long the exit record is retried while the control plane is away
-_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 
 class Unreachable(Exception):
@@ -158,7 +157,7 @@ def _node_launch(tpl: dict[str, Any], instance_id: int, node_dir: Path) -> dict[
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
     gpus = int(tpl.get("gpus_per_node") or 0)
     env = {**tpl["env"], "MLJOBS_INSTANCE_ID": str(instance_id)}
-    env.update({var: str(min(len(cpus), int(tpl.get("cpus_per_node") or len(cpus)))) for var in _THREAD_VARS})
+    env.update({var: str(min(len(cpus), int(tpl.get("cpus_per_node") or len(cpus)))) for var in containment.THREAD_VARS})
     environment = tpl.get("environment")
     if environment:  # the node builds job environments in a cache of its own
         environment = {**environment, "cache_dir": str(node_dir.parent.parent / "envs")}

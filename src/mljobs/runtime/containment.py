@@ -32,7 +32,12 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["Plan", "InstanceCgroup", "detect", "home_tag", "parse_mountinfo", "parse_proc_cgroup",
-           "candidates", "descendants", "marked_processes", "kill_marked", "MECHANISMS"]
+           "candidates", "descendants", "marked_processes", "kill_marked", "MECHANISMS", "THREAD_VARS"]
+
+# Thread-pool sizes of the numeric libraries, set to an instance's CPU count so that a payload
+# does not start a thread per CPU of the whole machine.
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
+               "VECLIB_MAXIMUM_THREADS")
 
 MECHANISMS = ("auto", "cgroup2", "cgroup1", "fallback")
 _PREFIX = "mlj-"

@@ -26,13 +26,22 @@ try:  # optional extra `gpu`: only instances with GPUs ever initialise NVML
 except ImportError:  # no NVML bindings: no GPU metrics
     pynvml = None
 
-__all__ = ["Sampler", "row_interval", "tree_usage", "ROWS_PER_LEVEL", "WATCH_INTERVAL_S"]
+__all__ = ["Sampler", "row_interval", "tree_usage", "read_samples", "ROWS_PER_LEVEL", "WATCH_INTERVAL_S"]
 
 ROWS_PER_LEVEL = 600
 FIRST_INTERVAL_S = 1.0
 WATCH_INTERVAL_S = 0.25
 _TICK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def read_samples(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The samples in a metrics file so far (a line still being written is read next time)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.endswith("\n")]
+    except FileNotFoundError:
+        return []
 
 
 def row_interval(rows_written: int) -> float:

@@ -35,7 +35,7 @@ from typing import Any
 
 from mljobs.paths import StagePaths
 from mljobs.runtime import launcher
-from mljobs.runtime.agent import Reporter, Stop
+from mljobs.runtime.agent import Reporter, Stop, Unreachable
 from mljobs.stages import Stage
 
 __all__ = ["main", "bundles"]
@@ -96,7 +96,7 @@ def _fail_all(stage: Stage, job_id: str, reporters: list[Reporter], exc: BaseExc
                            "error": {"exc_type": envelope["exc_type"], "exc_message": envelope["exc_message"]}})
         except Stop:
             pass
-        except Exception as e:  # noqa: BLE001
+        except Unreachable as e:
             print(f"mljobs raygang: could not report instance {i}'s failure: {e}", file=sys.stderr)
 
 
@@ -159,7 +159,7 @@ def run(stage: Stage, job_id: str, python: str, grace_s: float) -> int:
                         rep.send()
                     except Stop:
                         return 0
-                    except Exception as e:  # noqa: BLE001 - the control plane is away: try again
+                    except Unreachable as e:  # the control plane is away: try again
                         print(f"mljobs raygang: heartbeat: {e}", file=sys.stderr)
                 beat = now
                 said = now if note else said
@@ -189,7 +189,7 @@ def run(stage: Stage, job_id: str, python: str, grace_s: float) -> int:
                             covering = not rep.send().get("addresses")
                         except Stop:
                             covering = False
-                        except Exception as e:  # noqa: BLE001
+                        except Unreachable as e:
                             print(f"mljobs raygang: heartbeat: {e}", file=sys.stderr)
             if stopping["signal"] and cancelled_at is None:
                 cancelled_at = time.monotonic()
@@ -201,15 +201,15 @@ def run(stage: Stage, job_id: str, python: str, grace_s: float) -> int:
         for ref in refs:
             try:
                 codes.append(ray.get(ref, timeout=0))
-            except Exception:  # noqa: BLE001 - cancelled, or its worker died
+            except ray.exceptions.RayError:  # cancelled, or its worker died
                 codes.append(None)
         print(f"mljobs raygang: agents ended with {codes}")
         return 0 if all(c == 0 for c in codes) else 1
     finally:
         try:
             remove_placement_group(pg)
-        except Exception:  # noqa: BLE001
-            pass
+        except ray.exceptions.RayError as e:  # Ray frees it with this driver's job anyway
+            print(f"mljobs raygang: could not remove the placement group: {e}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -388,9 +388,10 @@ class ControlPlane:
             )
         if spec.target_instances > 1 and not spec.parallel:
             self._check_ray(spec)
-        stage = self.store.get_stage(check_stage_name(spec.stage_name))
-        provider.check_job(spec, PoolSpec.from_dict(pool), stage["url"] if stage else str(
-            self.home.stage_root(spec.stage_name)))
+        if provider.remote:  # its nodes read the stage themselves: is it one they can reach?
+            stage = self.store.get_stage(check_stage_name(spec.stage_name))
+            provider.check_job(spec, PoolSpec.from_dict(pool), stage["url"] if stage else str(
+                self.home.stage_root(spec.stage_name)))
         if not all(isinstance(r, str) and r.strip() for r in spec.pip_requirements):
             raise InvalidArgumentError(f"pip_requirements must be requirement strings like 'humanize==4.9.0', "
                                        f"got {spec.pip_requirements!r}")
