@@ -125,11 +125,14 @@ def test_job_survives_server_restart_and_dead_supervisor_is_internal_error(sqlit
     sqlite_server.kill()
     for p in sup:  # the platform loses this node while the server is down
         try:  # `sup` holds the payload too, which killing the supervisor's tree may have ended
-            for c in p.children(recursive=True):
-                c.kill()
-            p.kill()
+            tree = [*p.children(recursive=True), p]
         except psutil.NoSuchProcess:
             continue
+        for c in tree:
+            try:
+                c.kill()
+            except psutil.NoSuchProcess:
+                pass
     sqlite_server.start()
     s2 = mljobs.Session(url=sqlite_server.url)
     assert mljobs.get_job(survivor.id, session=s2).result(timeout=60) == 3
