@@ -5,15 +5,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-
 from mljobs.client.session import Session, get_active_session
-from mljobs.errors import InvalidArgumentError
+from mljobs.errors import InvalidArgumentError, NotFoundError
+from mljobs.spec import check_stage_name
 
 if TYPE_CHECKING:  # pandas costs ~0.3 s to import: only the DataFrame-returning calls load it
     import pandas as pd
 
 __all__ = ["create_compute_pool", "alter_compute_pool", "drop_compute_pool", "list_compute_pools",
-           "describe_compute_pool", "create_stage", "create_external_access_integration",
+           "describe_compute_pool", "create_stage", "stage_url", "create_external_access_integration",
            "list_external_access_integrations", "drop_external_access_integration", "list_environments",
            "prune_environments"]
 
@@ -64,6 +64,18 @@ def list_compute_pools(session: Session | None = None) -> pd.DataFrame:
 def create_stage(name: str, url: str | None = None, session: Session | None = None) -> dict[str, Any]:
     """Create a stage at an fsspec URL (``s3://bucket/prefix``, a folder); default: under MLJOBS_HOME."""
     return (session or get_active_session()).request("POST", "/stages", json={"name": name, "url": url}).json()
+
+
+def stage_url(name: str, session: Session | None = None) -> str:
+    """The storage URL behind stage ``name`` (a folder or an fsspec URL such as ``s3://...``)."""
+    wanted = check_stage_name(name)
+    stages = (session or get_active_session()).request("GET", "/stages").json()
+    for stage in stages:
+        if stage["name"] == wanted:
+            return stage["url"]
+    known = ", ".join(sorted("@" + s["name"] for s in stages)) or "none"
+    raise NotFoundError(f"no stage named @{wanted} (stages you may use: {known}); "
+                        f"create it with mljobs.create_stage({wanted!r})")
 
 
 def create_external_access_integration(name: str, allowed_hosts: list[str], *, replace: bool = False,

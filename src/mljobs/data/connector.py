@@ -1,0 +1,296 @@
+"""DataConnector: one handle on a data set, wherever it lives, that converts to what a trainer reads.
+
+Arrow underneath: a connector is a list of parts (see :mod:`mljobs.data.parts`) read batch by
+batch. Nothing is read when a connector is made from files; ``to_pandas`` and ``to_arrow`` are the
+only conversions that hold the whole data set at once. A connector pickles small (file parts
+travel as URLs), so it can be an argument of a ``@remote`` function, and ``shard(i, n)`` gives
+worker ``i`` of ``n`` its own rows to read on its own node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import fsspec
+import pyarrow as pa
+
+from mljobs.client.pools import stage_url
+from mljobs.data.parts import DEFAULT_BATCH_ROWS, FilePart, Part, RefPart, TablePart, file_format, split_rows
+from mljobs.errors import InvalidArgumentError, NotFoundError
+from mljobs.stages import parse_stage_path
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["DataConnector"]
+
+
+class DataConnector:
+    """A data set to train on: build one with a ``from_*`` constructor, read it with a ``to_*`` method.
+
+    Example:
+        >>> dc = DataConnector.from_sources("@data/train/")          # Parquet or CSV on a stage
+        >>> dc.to_pandas(limit=5)
+        >>> model = XGBEstimator().fit(dc, input_cols=[...], label_col="y")
+    """
+
+    def __init__(self, parts: Sequence[Part], *, shard_of: tuple[int, int] | None = None) -> None:
+        self._parts = list(parts)
+        self._shard_of = shard_of
+        self._schema: pa.Schema | None = None
+        self._rows: int | None = None
+
+    # -- constructors ----------------------------------------------------------------------------
+    @classmethod
+    def from_pandas(cls, df: pd.DataFrame) -> DataConnector:
+        """A connector over a pandas DataFrame (its index is dropped)."""
+        import pandas as pd
+
+        if not isinstance(df, pd.DataFrame):
+            raise InvalidArgumentError(f"from_pandas needs a pandas DataFrame, not {type(df).__name__}; "
+                                       "use from_dataframe for polars or Arrow")
+        return cls([TablePart(table=pa.Table.from_pandas(df, preserve_index=False))])
+
+    @classmethod
+    def from_dataframe(cls, df: Any) -> DataConnector:
+        """A connector over a pandas or polars DataFrame, or a pyarrow Table or RecordBatch."""
+        if isinstance(df, pa.Table):
+            return cls([TablePart(table=df)])
+        if isinstance(df, pa.RecordBatch):
+            return cls([TablePart(table=pa.Table.from_batches([df]))])
+        module = type(df).__module__.split(".")[0]
+        if module == "pandas":
+            return cls.from_pandas(df)
+        if module == "polars":
+            return cls([TablePart(table=df.to_arrow())])
+        raise InvalidArgumentError(f"from_dataframe takes a pandas or polars DataFrame or a pyarrow Table, "
+                                   f"not {type(df).__module__}.{type(df).__name__}")
+
+    @classmethod
+    def from_sql(cls, query: str, connection: Any) -> DataConnector:
+        """The result of ``query`` on ``connection``: a SQLAlchemy URL or Engine, or a DuckDB connection.
+
+        The result is fetched once, here, as Arrow; to read files in place on many nodes, use
+        ``from_sources`` instead (DuckDB can write a query's result to Parquet first).
+        """
+        if type(connection).__module__.split(".")[0] in ("duckdb", "_duckdb"):
+            table = connection.sql(query).to_arrow_table()
+            return cls([TablePart(table=table)])
+        import pandas as pd
+        import sqlalchemy
+
+        if isinstance(connection, str):
+            connection = sqlalchemy.create_engine(connection)
+        if not isinstance(connection, (sqlalchemy.engine.Engine, sqlalchemy.engine.Connection)):
+            raise InvalidArgumentError(f"from_sql takes a SQLAlchemy URL or Engine or a DuckDB connection, "
+                                       f"not {type(connection).__name__}")
+        df = pd.read_sql_query(sqlalchemy.text(query), connection)
+        return cls([TablePart(table=pa.Table.from_pandas(df, preserve_index=False))])
+
+    @classmethod
+    def from_sources(cls, paths: str | Sequence[str], *, format: str | None = None,
+                     storage_options: dict[str, Any] | None = None, session: Any = None) -> DataConnector:
+        """Parquet or CSV files: local paths, fsspec URLs (``s3://...``), or ``@stage/path`` paths.
+
+        A folder means the Parquet and CSV files in it; a glob (``*``) is expanded. Only the
+        Parquet footers are read here; the data are read where the connector (or its shard) is read.
+        """
+        if format not in (None, "parquet", "csv"):
+            raise InvalidArgumentError(f"format={format!r}: use 'parquet', 'csv' or None (from the file names)")
+        options = dict(storage_options or {})
+        parts: list[Part] = []
+        for source in [paths] if isinstance(paths, str) else list(paths):
+            for url, fmt in _expand(source, format, options, session):
+                rows = None
+                if fmt == "parquet":
+                    rows = FilePart(url=url, storage_options=options)._open_parquet().metadata.num_rows
+                parts.append(FilePart(url=url, fmt=fmt, storage_options=options, rows=rows))
+        if not parts:
+            raise InvalidArgumentError("from_sources needs at least one path")
+        return cls(parts)
+
+    from_parquet = from_sources
+
+    @classmethod
+    def from_ray_dataset(cls, ds: Any) -> DataConnector:
+        """A Ray dataset's blocks, left in Ray's object store: each worker fetches only its blocks."""
+        import ray
+
+        refs = ds.to_arrow_refs()
+        count = ray.remote(num_cpus=0)(_count_rows_fn)
+        rows = ray.get([count.remote(r) for r in refs]) if refs else []
+        schema = ds.schema()
+        arrow_schema = getattr(schema, "base_schema", None)
+        if not isinstance(arrow_schema, pa.Schema):
+            arrow_schema = None
+        return cls([RefPart(ref=r, rows=n, block_schema=arrow_schema) for r, n in zip(refs, rows)])
+
+    # -- what it holds ---------------------------------------------------------------------------
+    @property
+    def schema(self) -> pa.Schema:
+        """The Arrow schema of the data (from the first part)."""
+        if self._schema is None:
+            self._schema = self._parts[0].schema() if self._parts else pa.schema([])
+        return self._schema
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.schema.names)
+
+    def count_rows(self) -> int:
+        if self._rows is None:
+            self._rows = sum(p.count_rows() for p in self._parts)
+        return self._rows
+
+    def __len__(self) -> int:
+        return self.count_rows()
+
+    def __repr__(self) -> str:
+        kinds = sorted({type(p).__name__ for p in self._parts})
+        shard = f", shard {self._shard_of[0]} of {self._shard_of[1]}" if self._shard_of else ""
+        return f"DataConnector({len(self._parts)} part(s): {', '.join(kinds)}{shard})"
+
+    def check_columns(self, columns: Iterable[str], what: str = "column") -> None:
+        """Raise an error naming the columns that are missing and the ones there are."""
+        have = self.columns
+        missing = [c for c in columns if c not in have]
+        if missing:
+            raise InvalidArgumentError(f"{what} {', '.join(map(repr, missing))} not in the data; "
+                                       f"the columns are: {', '.join(have)}")
+
+    # -- sharding --------------------------------------------------------------------------------
+    def shard(self, index: int, count: int) -> DataConnector:
+        """Rows ``[index * N / count, (index + 1) * N / count)``: one worker's share, read in place."""
+        return self.shards(count)[index]
+
+    def shards(self, count: int) -> list[DataConnector]:
+        """``count`` connectors with disjoint, contiguous rows whose sizes differ by at most one."""
+        if count < 1:
+            raise InvalidArgumentError(f"shards(count={count}): count must be at least 1")
+        counts = [p.count_rows() for p in self._parts]
+        return [DataConnector(parts, shard_of=(i, count))
+                for i, parts in enumerate(split_rows(self._parts, counts, count))]
+
+    def get_shard(self) -> DataConnector:
+        """This worker's shard inside a distributed ``train_func`` (its dataset_map holds shards);
+        anywhere else, the whole data set."""
+        return self
+
+    # -- conversions -----------------------------------------------------------------------------
+    def iter_batches(self, batch_size: int = DEFAULT_BATCH_ROWS, columns: list[str] | None = None
+                     ) -> Iterator[pa.RecordBatch]:
+        """Arrow record batches of at most ``batch_size`` rows, part after part, streamed."""
+        for part in self._parts:
+            yield from part.batches(batch_size, columns)
+
+    def to_arrow(self, limit: int | None = None, columns: list[str] | None = None) -> pa.Table:
+        """The data as one Arrow table (the first ``limit`` rows only, if given)."""
+        if columns is not None:
+            self.check_columns(columns)
+        schema = self.schema if columns is None else pa.schema([self.schema.field(c) for c in columns])
+        if limit is not None:
+            batches, left = [], limit
+            for batch in self.iter_batches(min(max(limit, 1), DEFAULT_BATCH_ROWS), columns):
+                if left <= 0:
+                    break
+                batches.append(batch.slice(0, left))
+                left -= batches[-1].num_rows
+            return pa.Table.from_batches(batches, schema=schema)
+        tables = [p.read(columns) for p in self._parts]
+        if not tables:
+            return schema.empty_table()
+        return tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="default")
+
+    def to_pandas(self, limit: int | None = None) -> pd.DataFrame:
+        """The data as one pandas DataFrame (the first ``limit`` rows only, if given)."""
+        return self.to_arrow(limit).to_pandas()
+
+    def to_torch_dataset(self, *, batch_size: int | None = None, shuffle: bool = False,
+                         drop_last_batch: bool = True) -> Any:
+        """A ``torch.utils.data.IterableDataset``.
+
+        With ``batch_size`` it yields dicts of tensors of ``batch_size`` rows (use
+        ``DataLoader(ds, batch_size=None)``); without, one dict per row for the DataLoader to batch.
+        Each DataLoader worker reads its own share of the rows. ``shuffle`` shuffles the order of
+        the parts and the rows within a window of batches, not the whole data set.
+        """
+        from mljobs.data.torch_dataset import TorchDataset
+
+        return TorchDataset(self, batch_size=batch_size, shuffle=shuffle, drop_last_batch=drop_last_batch)
+
+    def to_ray_dataset(self) -> Any:
+        """A ``ray.data.Dataset``: files are read by Ray Data where they lie, tables go to the object store."""
+        import ray.data
+
+        files = [p for p in self._parts if isinstance(p, FilePart) and p.whole]
+        if files and len(files) == len(self._parts) and len({(p.fmt, repr(p.storage_options)) for p in files}) == 1:
+            fs, _ = fsspec.core.url_to_fs(files[0].url, **files[0].storage_options)
+            paths = [fsspec.core.url_to_fs(p.url, **p.storage_options)[1] for p in files]
+            reader = ray.data.read_parquet if files[0].fmt == "parquet" else ray.data.read_csv
+            return reader(paths, filesystem=fs)
+        if all(isinstance(p, RefPart) and p.whole for p in self._parts) and self._parts:
+            return ray.data.from_arrow_refs([p.ref for p in self._parts])  # type: ignore[attr-defined]
+        return ray.data.from_arrow([p.read(None) for p in self._parts] or [self.schema.empty_table()])
+
+    def to_huggingface_dataset(self, *, streaming: bool = False) -> Any:
+        """A Hugging Face ``datasets.Dataset`` (``streaming=True``: an ``IterableDataset`` read batch by batch).
+
+        Needs the ``datasets`` package (``pip install datasets``).
+        """
+        try:
+            import datasets
+        except ImportError:
+            raise InvalidArgumentError("to_huggingface_dataset needs the 'datasets' package: "
+                                       "pip install datasets (or add it to the job's pip_requirements)") from None
+        if streaming:
+            return datasets.IterableDataset.from_generator(_rows, gen_kwargs={"connector": self})
+        return datasets.Dataset(datasets.table.InMemoryTable(self.to_arrow()))
+
+
+def _rows(connector: DataConnector) -> Iterator[dict[str, Any]]:
+    for batch in connector.iter_batches():
+        yield from batch.to_pylist()
+
+
+def _expand(source: str, fmt: str | None, options: dict[str, Any], session: Any) -> list[tuple[str, str]]:
+    """(url, format) for each file a source names, in name order; errors name the source."""
+    if not isinstance(source, str) or not source:
+        raise InvalidArgumentError(f"a source path must be a non-empty string, not {source!r}")
+    url = source
+    if source.startswith("@"):
+        stage, rel = parse_stage_path(source)
+        url = stage_url(stage, session).rstrip("/") + ("/" + rel if rel else "")
+    fs, path = fsspec.core.url_to_fs(url, **options)
+    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    unstrip = (lambda p: p) if protocol in ("file", "local") else (lambda p: f"{protocol}://{p}")
+    where = f" (stage storage: {url})" if source.startswith("@") else ""
+    try:
+        if any(ch in path for ch in "*?["):
+            found = sorted(fs.glob(path))
+            if not found:
+                raise NotFoundError(f"the source {source!r}{where} matches no file")
+        elif fs.isdir(path):
+            found = sorted(p for p in fs.find(path) if file_format(p) is not None)
+            if not found:
+                raise NotFoundError(f"the folder {source!r}{where} holds no Parquet or CSV file "
+                                    "(*.parquet, *.pq, *.csv, *.csv.gz, *.tsv)")
+        elif fs.exists(path):
+            found = [path]
+        else:
+            hint = "list a stage with session.file.list('@stage/')" if source.startswith("@") else "check the path"
+            raise NotFoundError(f"the source {source!r}{where} does not exist: {hint}")
+    except (OSError, PermissionError) as e:
+        raise NotFoundError(f"cannot read the source {source!r}{where}: {e}") from None
+    out = []
+    for p in found:
+        kind = fmt or file_format(p)
+        if kind is None:
+            raise InvalidArgumentError(f"{unstrip(p)}: not a Parquet or CSV file name; pass format='parquet' "
+                                       "or format='csv' to read it anyway")
+        out.append((unstrip(p), kind))
+    return out
+
+
+def _count_rows_fn(table: pa.Table) -> int:
+    return table.num_rows

@@ -1,0 +1,107 @@
+"""A DataConnector as a ``torch.utils.data.IterableDataset`` (needs torch)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+if TYPE_CHECKING:
+    from mljobs.data.connector import DataConnector
+
+__all__ = ["TorchDataset", "column_to_numpy"]
+
+_SHUFFLE_WINDOW_BATCHES = 8
+
+
+def column_to_numpy(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A column as numpy: nulls in numbers become NaN, a dictionary (categorical) column its codes."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    if pa.types.is_dictionary(col.type):
+        codes = col.indices.to_numpy(zero_copy_only=False)
+        return np.where(col.is_null().to_numpy(zero_copy_only=False), -1, codes) if col.null_count else codes
+    if col.null_count and (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
+        return col.cast(pa.float64() if col.type.bit_width > 32 else pa.float32()).to_numpy(zero_copy_only=False)
+    return col.to_numpy(zero_copy_only=False)
+
+
+def _tensor(values: np.ndarray) -> Any:
+    if values.dtype.kind in "biuf":
+        # Arrow's buffers are read-only; torch wants memory it may write.
+        return torch.from_numpy(values if values.flags.writeable and values.flags.c_contiguous else values.copy())
+    return values.tolist()  # strings and other objects stay Python values
+
+
+class TorchDataset(IterableDataset):
+    """Streams a connector batch by batch; each DataLoader worker reads its own shard."""
+
+    def __init__(self, connector: DataConnector, *, batch_size: int | None, shuffle: bool,
+                 drop_last_batch: bool) -> None:
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: use a positive number, or None for single rows")
+        self.connector, self.batch_size = connector, batch_size
+        self.shuffle, self.drop_last_batch = shuffle, drop_last_batch
+        self.epoch = 0
+
+    def _source(self) -> DataConnector:
+        info = get_worker_info()
+        if info is None or info.num_workers == 1:
+            return self.connector
+        return self.connector.shard(info.id, info.num_workers)
+
+    def _record_batches(self) -> Iterator[pa.RecordBatch]:
+        connector = self._source()
+        rows = self.batch_size or 8192
+        if not self.shuffle:
+            yield from connector.iter_batches(rows)
+            return
+        # A window shuffle: the order of the parts, then the rows within a window of batches.
+        rng = np.random.default_rng(None if get_worker_info() is None else get_worker_info().seed)
+        parts = list(connector._parts)
+        rng.shuffle(parts)  # type: ignore[arg-type]
+        window: list[pa.RecordBatch] = []
+        for part in parts:
+            for batch in part.batches(rows, None):
+                window.append(batch)
+                if len(window) == _SHUFFLE_WINDOW_BATCHES:
+                    yield from _shuffled(window, rng, rows)
+                    window = []
+        if window:
+            yield from _shuffled(window, rng, rows)
+
+    def _batches(self) -> Iterator[pa.RecordBatch]:
+        """Batches of exactly ``batch_size`` rows (the last one shorter, or dropped)."""
+        size = self.batch_size
+        assert size is not None
+        pending: list[pa.RecordBatch] = []
+        have = 0
+        for batch in self._record_batches():
+            pending.append(batch)
+            have += batch.num_rows
+            while have >= size:
+                table = pa.Table.from_batches(pending).combine_chunks()
+                yield table.slice(0, size).to_batches()[0]
+                rest = table.slice(size)
+                pending, have = rest.to_batches(), rest.num_rows
+        if have and not self.drop_last_batch:
+            yield pa.Table.from_batches(pending).combine_chunks().to_batches()[0]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.batch_size is None:
+            for batch in self._record_batches():
+                arrays = {name: column_to_numpy(batch.column(i)) for i, name in enumerate(batch.schema.names)}
+                for r in range(batch.num_rows):
+                    yield {name: values[r] for name, values in arrays.items()}
+            return
+        for batch in self._batches():
+            yield {name: _tensor(column_to_numpy(batch.column(i))) for i, name in enumerate(batch.schema.names)}
+
+
+def _shuffled(window: list[pa.RecordBatch], rng: np.random.Generator, rows: int) -> Iterator[pa.RecordBatch]:
+    table = pa.Table.from_batches(window)
+    yield from table.take(rng.permutation(table.num_rows)).to_batches(max_chunksize=rows)
