@@ -66,6 +66,8 @@ def node_env(mn: dict[str, Any], instance_id: int) -> dict[str, str]:
                    RANK=str(instance_id), NODE_RANK=str(instance_id), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
     else:  # the job's own cluster, or the cluster its nodes belong to (the Ray provider)
         env["RAY_ADDRESS"] = mn.get("ray_address") or f"{head}:{mn['gcs_port']}"
+        if not mn.get("ray_address"):
+            env.update(RAY_AUTH_ENV)
     return env
 
 
@@ -140,9 +142,15 @@ class _SysLog:
             f.write(logformat.format_record(logformat.SYS, text))
 
 
+# The job's own cluster says its authentication mode rather than letting Ray guess it: Ray 2.5x
+# turns token authentication on for `ray start` whenever ~/.ray/auth_token exists (a local
+# ray.init writes one), and the job's own clients, which have no token, were then refused.
+RAY_AUTH_ENV = {"RAY_AUTH_MODE": "disabled"}
+
+
 def ray_env() -> dict[str, str]:
     """The environment for ``ray start``: no usage reports, quick failure detection."""
-    return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
+    return {**os.environ, **RAY_AUTH_ENV, "RAY_USAGE_STATS_ENABLED": "0",
             # a dead node is noticed in about 5 s rather than 15-30 s
             "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "5",
             "RAY_gcs_rpc_server_reconnect_timeout_s": str(_WORKER_GCS_GRACE_S)}
@@ -203,6 +211,7 @@ def wait_for_nodes(mn: dict[str, Any], log: _SysLog) -> int:
 
     want, count = mn["min_instances"], mn["count"]
     deadline = mn["started_at"] + mn["join_timeout_s"]
+    os.environ.update(RAY_AUTH_ENV)
     ray.init(address=gcs_address(mn), logging_level=logging.WARNING, log_to_driver=False)
     try:
         said = time.monotonic()
