@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from mljobs.providers import netns
+
 ROOT = Path(__file__).resolve().parents[2]
 MLJOBS = str(Path(sys.executable).with_name("mljobs"))  # the console script beside this interpreter
 
@@ -26,6 +28,9 @@ def _run(args, srv, **kw):
     ("examples/file_job/submit.py", "Hello world arg1 --arg2_key arg2_value"),
     ("examples/directory_job/submit.py", "8330833.5"),
     ("examples/xgb_classifier.py", "accuracy 0.9"),
+    pytest.param("examples/distributed_xgb_classifier.py", "test accuracy 0.9",
+                 marks=[pytest.mark.multinode, pytest.mark.skipif(netns.unavailable_reason() is not None,
+                                                                  reason=f"{netns.unavailable_reason()}")]),
 ])
 def test_examples(sqlite_server, example, expect):
     out = _run([sys.executable, str(ROOT / example)], sqlite_server)
