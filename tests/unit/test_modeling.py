@@ -123,3 +123,25 @@ def test_cluster_view_fits_counts_bundles_per_node():
     assert view.fits(1, 1, 1) and not view.fits(2, 1, 1)
     assert view.fits(2, 1, 0, per_node=2) and not view.fits(4, 1, 0, per_node=2)
     assert "2 node(s), 3 CPU and 1 GPU in all (10.0.0.1: 2 CPU; 10.0.0.2: 1 CPU, 1 GPU)" == view.describe()
+
+
+def test_categorical_codes_agree_across_files_with_their_own_dictionaries(tmp_path):
+    """Two Parquet files whose dictionaries differ: every shard maps a level to the same code."""
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"k": pa.array(["b", "a", "b"]).dictionary_encode(), "y": [1, 0, 1]}), tmp_path / "1.parquet")
+    pq.write_table(pa.table({"k": pa.array(["c", "a", "c"]).dictionary_encode(), "y": [0, 0, 1]}), tmp_path / "2.parquet")
+    data = DataConnector.from_sources(str(tmp_path))
+    levels = tabular.category_levels(data, ["k"])
+    assert levels == {"k": ["a", "b", "c"]}
+    first, second = (tabular.features(s, ["k"], "y", levels)[0] for s in data.shards(2))
+    assert list(first["k"].cat.categories) == list(second["k"].cat.categories) == ["a", "b", "c"]
+    assert list(first["k"].cat.codes) == [1, 0, 1] and list(second["k"].cat.codes) == [2, 0, 2]
+
+
+def test_xgboost_in_process_takes_a_categorical_column(frame):
+    import xgboost as xgb
+
+    frame["kind"] = pd.Categorical(np.where(frame["c"] > 0, "hi", "lo"))
+    booster = XGBEstimator(n_estimators=5, objective="binary:logistic").fit(frame, label_col="y")
+    assert isinstance(booster, xgb.Booster) and booster.feature_types[-1] == "c"

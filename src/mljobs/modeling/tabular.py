@@ -16,7 +16,7 @@ from mljobs.data import DataConnector
 from mljobs.errors import InvalidArgumentError
 from mljobs.modeling import cluster
 
-__all__ = ["require", "ScalingConfig", "Plan", "as_connector", "check_inputs", "features", "plan_workers", "fit_on_workers"]
+__all__ = ["require", "ScalingConfig", "Plan", "as_connector", "check_inputs", "category_levels", "features", "plan_workers", "fit_on_workers"]
 
 
 @dataclass
@@ -96,14 +96,42 @@ def check_inputs(data: DataConnector, input_cols: list[str] | None, label_col: s
     return input_cols
 
 
-def features(data: DataConnector, input_cols: list[str], label_col: str) -> tuple[Any, np.ndarray, list[str]]:
-    """(X, y, categorical columns): a float32 matrix, or a pandas frame when there are categorical columns."""
+def category_levels(data: DataConnector, input_cols: list[str]) -> dict[str, list[Any]]:
+    """Every level of each categorical input column, over the whole data set.
+
+    Each file, or each worker's shard, may hold its own Arrow dictionary; the workers must map a
+    level to the same code, so the driver reads these columns (only these) once and sends the
+    union to every worker."""
+    cols = [c for c in input_cols if pa.types.is_dictionary(data.schema.field(c).type)]
+    levels: dict[str, dict[Any, None]] = {c: {} for c in cols}
+    if cols:
+        for batch in data.iter_batches(columns=cols):
+            for c in cols:
+                levels[c].update(dict.fromkeys(batch.column(c).dictionary.to_pylist()))
+    out = {}
+    for c, seen in levels.items():
+        values = [v for v in seen if v is not None]
+        try:
+            out[c] = sorted(values)
+        except TypeError:  # mixed types: keep the order they were met in
+            out[c] = values
+    return out
+
+
+def features(data: DataConnector, input_cols: list[str], label_col: str,
+             levels: dict[str, list[Any]] | None = None) -> tuple[Any, np.ndarray, list[str]]:
+    """(X, y, categorical columns): a float32 matrix, or a pandas frame when there are categorical
+    columns, whose categories are ``levels`` (the same on every worker)."""
     table = data.to_arrow(columns=[*input_cols, label_col])
     label = table.column(label_col)
     y = label.to_numpy() if label.null_count == 0 else label.cast(pa.float64()).to_numpy(zero_copy_only=False)
     categorical = [c for c in input_cols if pa.types.is_dictionary(table.schema.field(c).type)]
     if categorical:
-        return table.select(input_cols).to_pandas(), y, categorical
+        frame = table.select(input_cols).to_pandas()
+        for c in categorical:
+            if levels and c in levels:
+                frame[c] = frame[c].cat.set_categories(levels[c])
+        return frame, y, categorical
     if table.num_rows == 0:
         return np.empty((0, len(input_cols)), dtype=np.float32), y, []
     columns = []

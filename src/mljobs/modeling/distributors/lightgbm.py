@@ -56,7 +56,8 @@ class LightGBMEstimator:
             evals.check_columns([*cols, label_col], "eval_set column")
         plan = tabular.plan_workers(self.scaling_config)
         shared = dict(input_cols=cols, label_col=label_col, params=self.params, rounds=self.n_estimators,
-                      callbacks=self.callbacks, cpus=plan.cpus, gpu=bool(plan.gpus))
+                      callbacks=self.callbacks, cpus=plan.cpus, gpu=bool(plan.gpus),
+                      levels=tabular.category_levels(data, cols))
         out = tabular.fit_on_workers(plan, _train, shared, data, evals, setup=_network, what="LightGBM")
         self.workers_ = [{k: v for k, v in o.items() if k not in ("booster", "evals_result")} for o in out]
         self.evals_result_ = out[0]["evals_result"]
@@ -71,10 +72,11 @@ def _network(infos: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _train(*, rank: int, world: int, shard: Any, eval_shard: Any, input_cols: list[str], label_col: str,
            params: dict[str, Any], rounds: int, callbacks: list[Any], cpus: int, gpu: bool,
+           levels: dict[str, list[Any]],
            machines: str | None = None, port: int | None = None, node_id: str | None = None) -> dict[str, Any]:
     import lightgbm as lgb
 
-    X, y, categorical = tabular.features(shard, input_cols, label_col)
+    X, y, categorical = tabular.features(shard, input_cols, label_col, levels)
     params = {**params, "num_threads": cpus, **({"device_type": "gpu"} if gpu else {})}
     if world > 1:
         params.update(tree_learner=params.get("tree_learner", "data"), num_machines=world, machines=machines,
@@ -83,7 +85,7 @@ def _train(*, rank: int, world: int, shard: Any, eval_shard: Any, input_cols: li
                             free_raw_data=True)
     valid_sets, names = [], []
     if eval_shard is not None:
-        Xe, ye, _ = tabular.features(eval_shard, input_cols, label_col)
+        Xe, ye, _ = tabular.features(eval_shard, input_cols, label_col, levels)
         valid_sets, names = [lgb.Dataset(Xe, ye, reference=train_set)], ["eval"]
     result: dict[str, Any] = {}
     booster = lgb.train(params, train_set, num_boost_round=rounds, valid_sets=valid_sets or None,

@@ -61,7 +61,8 @@ class XGBEstimator:
             evals.check_columns([*cols, label_col], "eval_set column")
         plan = tabular.plan_workers(self.scaling_config)
         shared = dict(input_cols=cols, label_col=label_col, params=self.params, rounds=self.n_estimators,
-                      callbacks=self.callbacks, cpus=plan.cpus, gpu=bool(plan.gpus))
+                      callbacks=self.callbacks, cpus=plan.cpus, gpu=bool(plan.gpus),
+                      levels=tabular.category_levels(data, cols))
         trackers: list[Any] = []
 
         def start_tracker(infos: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -92,10 +93,11 @@ class XGBEstimator:
 
 def _train(*, rank: int, world: int, shard: Any, eval_shard: Any, input_cols: list[str], label_col: str,
            params: dict[str, Any], rounds: int, callbacks: list[Any], cpus: int, gpu: bool,
+           levels: dict[str, list[Any]],
            tracker_args: dict[str, Any] | None = None, node_id: str | None = None) -> dict[str, Any]:
     import xgboost as xgb
 
-    X, y, categorical = tabular.features(shard, input_cols, label_col)
+    X, y, categorical = tabular.features(shard, input_cols, label_col, levels)
     params = {**params, "nthread": cpus, **({"device": "cuda"} if gpu else {})}
     comm = (xgb.collective.CommunicatorContext(**tracker_args, dmlc_task_id=f"{rank:06d}")
             if tracker_args else contextlib.nullcontext())
@@ -104,7 +106,7 @@ def _train(*, rank: int, world: int, shard: Any, eval_shard: Any, input_cols: li
                                      feature_names=input_cols)
         evals = [(dtrain, "train")]
         if eval_shard is not None:
-            Xe, ye, _ = tabular.features(eval_shard, input_cols, label_col)
+            Xe, ye, _ = tabular.features(eval_shard, input_cols, label_col, levels)
             evals.append((xgb.QuantileDMatrix(Xe, ye, ref=dtrain, enable_categorical=bool(categorical),
                                               nthread=cpus, feature_names=input_cols), "eval"))
         result: dict[str, Any] = {}
