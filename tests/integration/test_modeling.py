@@ -246,8 +246,16 @@ PLAIN_SESSION = textwrap.dedent('''
                                 scaling_config=LightGBMScalingConfig(num_workers=2, num_cpu_per_worker=1))
     lgb_est.fit(dc, label_col="y")
     import ray
+    # Ray datasets both ways: a table to Ray and back as blocks in the object store, and Parquet
+    # files read by Ray Data where they lie.
+    back = DataConnector.from_ray_dataset(dc.to_ray_dataset())
+    halves = [s.to_pandas() for s in back.shards(2)]
+    df.iloc[:1000].to_parquet("part.parquet")
+    from_files = DataConnector.from_sources("part.parquet").to_ray_dataset()
     print("RESULT", json.dumps({"xgb": [w["rows"] for w in xgb_est.workers_], "lgb": [w["rows"] for w in lgb_est.workers_],
-                      "nodes": [n["NodeManagerAddress"] for n in ray.nodes()]}), flush=True)
+                      "nodes": [n["NodeManagerAddress"] for n in ray.nodes()],
+                      "ray_rows": [len(h) for h in halves], "ray_same": bool(pd.concat(halves).reset_index(drop=True).equals(df)),
+                      "ray_files": from_files.count(), "ray_columns": from_files.columns()}), flush=True)
 ''')
 
 
@@ -269,7 +277,8 @@ def test_plain_session_starts_a_local_ray_for_two_workers(tmp_path):
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         result = json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT "))[7:])
         assert (tmp_path / ".ray" / "auth_token").exists()  # Ray's own token auth for a local cluster
-        assert result == {"xgb": [1500, 1500], "lgb": [1500, 1500], "nodes": ["127.0.0.1"]}
+        assert result == {"xgb": [1500, 1500], "lgb": [1500, 1500], "nodes": ["127.0.0.1"], "ray_rows": [1500, 1500],
+                          "ray_same": True, "ray_files": 1000, "ray_columns": ["a", "b", "c", "d", "y"]}
     finally:
         for pid in netns.pids(ns):
             os.kill(pid, signal.SIGKILL)
