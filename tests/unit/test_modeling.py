@@ -145,3 +145,31 @@ def test_xgboost_in_process_takes_a_categorical_column(frame):
     frame["kind"] = pd.Categorical(np.where(frame["c"] > 0, "hi", "lo"))
     booster = XGBEstimator(n_estimators=5, objective="binary:logistic").fit(frame, label_col="y")
     assert isinstance(booster, xgb.Booster) and booster.feature_types[-1] == "c"
+
+
+def _one_rank_train():
+    import torch
+    import torch.distributed as dist
+
+    from mljobs.modeling.distributors import get_context
+
+    ctx = get_context()
+    dist.init_process_group(backend=ctx.get_default_backend())
+    total = torch.tensor([float(len(ctx.get_dataset_map()["train"].get_shard()))])
+    dist.all_reduce(total)
+    with open(f"{ctx.get_model_dir()}/weights.txt", "w") as f:
+        f.write("w")
+    return {"rows": total.item(), "world": dist.get_world_size(), "lr": ctx.get_hyper_params()["lr"]}
+
+
+def test_pytorch_distributor_with_one_process_and_no_ray_runs_here(frame, tmp_path):
+    import os
+
+    from mljobs.modeling.distributors import PyTorchDistributor
+
+    before = dict(os.environ)
+    result = PyTorchDistributor(_one_rank_train).run(dataset_map={"train": frame}, hyper_params={"lr": 0.1},
+                                                    artifact_stage_location=str(tmp_path / "art"))
+    assert result.value == {"rows": 2000.0, "world": 1, "lr": 0.1}
+    assert (tmp_path / "art" / "weights.txt").read_text() == "w"
+    assert dict(os.environ) == before  # MASTER_ADDR & co. do not outlive the run

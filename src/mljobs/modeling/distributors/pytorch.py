@@ -156,6 +156,8 @@ class PyTorchDistributor:
         artifacts_url = _artifacts_url(artifact_stage_location)
         cfg = self.scaling_config
         res = cfg.resource_requirements_per_worker
+        if not cluster.ray_available() and cfg.num_nodes in (-1, 1) and cfg.num_workers_per_node == 1:
+            return self._run_in_process(datasets, hyper_params, artifacts_url)
         cluster.connect()
         view = cluster.cluster_view()
         if res.num_gpus and view.gpus < 1:
@@ -185,6 +187,25 @@ class PyTorchDistributor:
         return PyTorchDistributorResult(returns=[o["value"] for o in out],
                                         workers=[{k: v for k, v in o.items() if k != "value"} for o in out],
                                         artifacts=out[0]["artifacts"])
+
+    def _run_in_process(self, datasets: dict[str, DataConnector], hyper_params: dict[str, Any] | None,
+                        artifacts_url: str | None) -> PyTorchDistributorResult:
+        """One process and no Ray cluster (a single-node job, a plain session): run here, world size 1,
+        on loopback; the process's environment is put back afterwards."""
+        res = self.scaling_config.resource_requirements_per_worker
+        if res.num_gpus and not cluster.local_gpus():
+            raise InvalidArgumentError(f"num_gpus={res.num_gpus} per worker, but this machine has no GPU")
+        ctx = dict(world_size=1, rank=0, local_rank=0, local_world_size=1, node_rank=0, master_addr="127.0.0.1",
+                   master_port=cluster.free_port("127.0.0.1"), backend="nccl" if res.num_gpus else "gloo",
+                   hyper_params=dict(hyper_params or {}), dataset_map=dict(datasets), model_dir="")
+        saved = dict(os.environ)
+        try:
+            out = _worker_main(self.train_func, ctx, cluster.interface_of("127.0.0.1"), 0, artifacts_url)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        return PyTorchDistributorResult(returns=[out["value"]], workers=[{k: v for k, v in out.items() if k != "value"}],
+                                        artifacts=out["artifacts"])
 
 
 def _artifacts_url(location: str | None) -> str | None:
@@ -224,8 +245,9 @@ def _worker_main(train_func: Callable[[], Any], ctx: dict[str, Any], ifname: str
             if dist.is_available() and dist.is_initialized():
                 dist.destroy_process_group()
         uploaded = _upload(Path(model_dir), artifacts_url) if artifacts_url else []
-    return {"value": value, "rank": ctx["rank"], "node_rank": ctx["node_rank"],
-            "node_id": ray.get_runtime_context().get_node_id(), "artifacts": uploaded}
+    node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    return {"value": value, "rank": ctx["rank"], "node_rank": ctx["node_rank"], "node_id": node_id,
+            "artifacts": uploaded}
 
 
 def _upload(folder: Path, url: str) -> list[str]:
