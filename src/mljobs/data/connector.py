@@ -75,7 +75,8 @@ class DataConnector:
         ``from_sources`` instead (DuckDB can write a query's result to Parquet first).
         """
         if type(connection).__module__.split(".")[0] in ("duckdb", "_duckdb"):
-            table = connection.sql(query).to_arrow_table()
+            result = connection.sql(query).arrow()  # a Table before DuckDB 1.4, a RecordBatchReader after
+            table = result.read_all() if isinstance(result, pa.RecordBatchReader) else result
             return cls([TablePart(table=table)])
         import pandas as pd
         import sqlalchemy
