@@ -9,14 +9,18 @@ worker ``i`` of ``n`` its own rows to read on its own node.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import fsspec
 import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 from mljobs.client.pools import stage_url
-from mljobs.data.parts import DEFAULT_BATCH_ROWS, FilePart, Part, RefPart, TablePart, file_format, split_rows
+from mljobs.data.parts import (DEFAULT_BATCH_ROWS, FilePart, Part, RefPart, TablePart, concat_batches,
+                               concat_tables, file_format, split_rows)
 from mljobs.errors import InvalidArgumentError, NotFoundError
 from mljobs.stages import parse_stage_path
 
@@ -82,7 +86,11 @@ class DataConnector:
         import sqlalchemy
 
         if isinstance(connection, str):
-            connection = sqlalchemy.create_engine(connection)
+            engine = sqlalchemy.create_engine(connection)
+            try:  # an engine made here is closed here: its pool would hold the database open
+                return cls.from_sql(query, engine)
+            finally:
+                engine.dispose()
         if not isinstance(connection, (sqlalchemy.engine.Engine, sqlalchemy.engine.Connection)):
             raise InvalidArgumentError(f"from_sql takes a SQLAlchemy URL or Engine or a DuckDB connection, "
                                        f"not {type(connection).__name__}")
@@ -90,8 +98,9 @@ class DataConnector:
         return cls([TablePart(table=pa.Table.from_pandas(df, preserve_index=False))])
 
     @classmethod
-    def from_sources(cls, paths: str | Sequence[str], *, format: str | None = None,
-                     storage_options: dict[str, Any] | None = None, session: Any = None) -> DataConnector:
+    def from_sources(cls, paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
+                     format: str | None = None, storage_options: dict[str, Any] | None = None,
+                     session: Any = None) -> DataConnector:
         """Parquet or CSV files: local paths, fsspec URLs (``s3://...``), or ``@stage/path`` paths.
 
         A folder means the Parquet and CSV files in it; a glob (``*``) is expanded. Only the
@@ -101,11 +110,15 @@ class DataConnector:
             raise InvalidArgumentError(f"format={format!r}: use 'parquet', 'csv' or None (from the file names)")
         options = dict(storage_options or {})
         parts: list[Part] = []
-        for source in [paths] if isinstance(paths, str) else list(paths):
-            for url, fmt in _expand(source, format, options, session):
+        for source in [paths] if isinstance(paths, (str, os.PathLike)) else list(paths):
+            for url, fmt in _expand(os.fspath(source) if isinstance(source, os.PathLike) else source,
+                                    format, options, session):
                 rows = None
                 if fmt == "parquet":
-                    rows = FilePart(url=url, storage_options=options)._open_parquet().metadata.num_rows
+                    try:
+                        rows = FilePart(url=url, storage_options=options)._open_parquet().metadata.num_rows
+                    except (pa.ArrowException, OSError) as e:
+                        raise InvalidArgumentError(f"{url}: not a readable Parquet file ({e})") from None
                 parts.append(FilePart(url=url, fmt=fmt, storage_options=options, rows=rows))
         if not parts:
             raise InvalidArgumentError("from_sources needs at least one path")
@@ -163,6 +176,8 @@ class DataConnector:
     # -- sharding --------------------------------------------------------------------------------
     def shard(self, index: int, count: int) -> DataConnector:
         """Rows ``[index * N / count, (index + 1) * N / count)``: one worker's share, read in place."""
+        if not 0 <= index < count:
+            raise InvalidArgumentError(f"shard(index={index}, count={count}): index must be in [0, {count})")
         return self.shards(count)[index]
 
     def shards(self, count: int) -> list[DataConnector]:
@@ -170,7 +185,10 @@ class DataConnector:
         if count < 1:
             raise InvalidArgumentError(f"shards(count={count}): count must be at least 1")
         counts = [p.count_rows() for p in self._parts]
-        return [DataConnector(parts, shard_of=(i, count))
+        # A shard with no rows (more shards than rows) keeps a zero-row range of the first part,
+        # so that it still has the data set's columns.
+        empty = [self._parts[0].narrow(0, 0)] if self._parts else []
+        return [DataConnector(parts or empty, shard_of=(i, count))
                 for i, parts in enumerate(split_rows(self._parts, counts, count))]
 
     def get_shard(self) -> DataConnector:
@@ -192,16 +210,21 @@ class DataConnector:
         schema = self.schema if columns is None else pa.schema([self.schema.field(c) for c in columns])
         if limit is not None:
             batches, left = [], limit
+            # Stop as soon as the limit is reached, not a batch (or a file) later; limit=0 keeps a
+            # zero-row slice of the first batch, whose dictionaries (categories) stay.
             for batch in self.iter_batches(min(max(limit, 1), DEFAULT_BATCH_ROWS), columns):
-                if left <= 0:
-                    break
                 batches.append(batch.slice(0, left))
                 left -= batches[-1].num_rows
-            return pa.Table.from_batches(batches, schema=schema)
+                if left <= 0:
+                    break
+            return concat_batches(batches) if batches else schema.empty_table()
+        together = _read_parquet_files(self._parts, columns)
+        if together is not None:
+            return together
         tables = [p.read(columns) for p in self._parts]
         if not tables:
             return schema.empty_table()
-        return tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="default")
+        return concat_tables(tables)
 
     def to_pandas(self, limit: int | None = None) -> pd.DataFrame:
         """The data as one pandas DataFrame (the first ``limit`` rows only, if given)."""
@@ -247,6 +270,26 @@ class DataConnector:
         if streaming:
             return datasets.IterableDataset.from_generator(_rows, gen_kwargs={"connector": self})
         return datasets.Dataset(datasets.table.InMemoryTable(self.to_arrow()))
+
+
+def _read_parquet_files(parts: list[Part], columns: list[str] | None) -> pa.Table | None:
+    """Whole Parquet files on one filesystem, all with one schema, read as one pyarrow dataset (so
+    several files are read at once, as ``pyarrow.parquet.read_table(folder)`` does); None otherwise.
+
+    One file after the other is slower by the time pyarrow spends between files, more so on many
+    cores; files whose schemas differ are left to ``concat_tables``, which promotes their types.
+    """
+    if len(parts) < 2 or not all(isinstance(p, FilePart) and p.fmt == "parquet" and p.whole for p in parts):
+        return None
+    located = [p._fs() for p in parts]  # type: ignore[attr-defined]
+    fs = located[0][0]
+    if any(other is not fs for other, _ in located):  # fsspec hands out one instance per options
+        return None
+    schemas = [p.schema() for p in parts]
+    if any(not s.equals(schemas[0]) for s in schemas[1:]):
+        return None
+    return pq.read_table([path for _, path in located], columns=columns, partitioning=None,
+                         filesystem=None if isinstance(fs, LocalFileSystem) else fs)
 
 
 def _rows(connector: DataConnector) -> Iterator[dict[str, Any]]:

@@ -9,7 +9,7 @@ their own rows, straight from where the data lie.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +19,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-__all__ = ["Part", "TablePart", "FilePart", "RefPart", "split_rows", "file_format"]
+__all__ = ["Part", "TablePart", "FilePart", "RefPart", "split_rows", "file_format", "concat_tables",
+           "concat_batches", "combine_batches", "regroup"]
 
 DEFAULT_BATCH_ROWS = 65_536
 
@@ -33,6 +34,29 @@ def file_format(path: str) -> str | None:
         if low.endswith(ext):
             return fmt
     return None
+
+
+def concat_tables(tables: list[pa.Table]) -> pa.Table:
+    """One table from tables whose types may differ a little, as files of one data set do (a CSV
+    file's ``string`` beside a Parquet file's ``large_string``, ``int64`` in one CSV file and
+    ``double`` in the next): such columns are promoted to the wider type."""
+    if len(tables) == 1:
+        return tables[0]
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def concat_batches(batches: list[pa.RecordBatch]) -> pa.Table:
+    """One table from record batches, promoting column types as :func:`concat_tables` does."""
+    schema = batches[0].schema
+    if all(b.schema.equals(schema) for b in batches):
+        return pa.Table.from_batches(batches)
+    return concat_tables([pa.Table.from_batches([b]) for b in batches])
+
+
+def combine_batches(batches: list[pa.RecordBatch]) -> pa.RecordBatch:
+    """One record batch holding the rows of ``batches`` (copied), for batches with rows."""
+    table = concat_batches(batches).combine_chunks()
+    return pa.RecordBatch.from_arrays([c.chunk(0) for c in table.columns], schema=table.schema)
 
 
 @dataclass(frozen=True)
@@ -87,10 +111,30 @@ def _window(batches: Iterator[pa.RecordBatch], start: int, stop: int | None) -> 
             return
 
 
-def _rechunk(batches: Iterator[pa.RecordBatch], batch_rows: int) -> Iterator[pa.RecordBatch]:
+def regroup(batches: Iterable[pa.RecordBatch], batch_rows: int) -> Iterator[pa.RecordBatch]:
+    """Batches of exactly ``batch_rows`` rows (the last one shorter) from batches of any sizes.
+
+    A batch long enough is sliced, not copied; only rows that straddle two incoming batches (a row
+    group's or a CSV block's end, a part's end) are copied into one batch.
+    """
+    pending: list[pa.RecordBatch] = []
+    have = 0
     for batch in batches:
-        for off in range(0, batch.num_rows, batch_rows):
-            yield batch.slice(off, batch_rows)
+        if not batch.num_rows:
+            continue
+        pending.append(batch)
+        have += batch.num_rows
+        if have < batch_rows:
+            continue
+        whole = pending[0] if len(pending) == 1 else combine_batches(pending)
+        off = 0
+        while whole.num_rows - off >= batch_rows:
+            yield whole.slice(off, batch_rows)
+            off += batch_rows
+        rest = whole.slice(off)
+        pending, have = ([rest] if rest.num_rows else []), rest.num_rows
+    if have:
+        yield pending[0] if len(pending) == 1 else combine_batches(pending)
 
 
 @dataclass(frozen=True)
@@ -160,6 +204,8 @@ class FilePart(Part):
                               read_options=pacsv.ReadOptions(block_size=8 << 20))
 
     def count_rows(self) -> int:
+        if self.stop is not None and self.stop <= self.start:
+            return 0  # an empty range (an empty shard's): no need to read a CSV file to count it
         total = self.rows
         if total is None:
             total = sum(b.num_rows for b in self._csv_reader())
@@ -171,30 +217,30 @@ class FilePart(Part):
             return self._open_parquet().schema_arrow
         return self._csv_reader().schema
 
-    def _row_groups(self, pf: pq.ParquetFile) -> tuple[list[int], int]:
-        """The row groups that hold this part's range, and the row number the first one starts at."""
-        groups, first_row, row = [], 0, 0
-        for i in range(pf.metadata.num_row_groups):
-            n = pf.metadata.row_group(i).num_rows
-            if row + n > self.start and (self.stop is None or row < self.stop):
-                if not groups:
-                    first_row = row
-                groups.append(i)
-            row += n
-        return groups, first_row
-
     def batches(self, batch_rows: int, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
-        if self.fmt == "parquet":
+        def row_groups() -> Iterator[pa.RecordBatch]:
+            # One row group at a time: pyarrow's iter_batches over many row groups holds about the
+            # whole file in memory before the last batch, so a stream would not be bounded by a
+            # row group, and a narrowed part skips the groups outside its range without reading them.
             pf = self._open_parquet()
-            groups, first = self._row_groups(pf)
-            if not groups:
-                return
-            stream = pf.iter_batches(batch_size=batch_rows, row_groups=groups, columns=columns)
-            yield from _window(stream, self.start - first, None if self.stop is None else self.stop - first)
+            row = 0
+            for i in range(pf.metadata.num_row_groups):
+                lo = row
+                row += pf.metadata.row_group(i).num_rows
+                if row <= self.start:
+                    continue
+                if self.stop is not None and lo >= self.stop:
+                    return
+                yield from _window(pf.iter_batches(batch_size=batch_rows, row_groups=[i], columns=columns),
+                                   max(self.start - lo, 0), None if self.stop is None else self.stop - lo)
+
+        if self.fmt == "parquet":
+            # Batches do not span row groups: join the short ones at the ends of row groups.
+            yield from regroup(row_groups(), batch_rows)
             return
         reader = self._csv_reader()
         stream = (b if columns is None else b.select(columns) for b in reader)
-        yield from _rechunk(_window(stream, self.start, self.stop), batch_rows)
+        yield from regroup(_window(stream, self.start, self.stop), batch_rows)
 
     def read(self, columns: list[str] | None) -> pa.Table:
         if self.fmt == "parquet" and self.whole:

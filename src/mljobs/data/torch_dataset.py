@@ -10,6 +10,8 @@ import pyarrow as pa
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from mljobs.data.parts import concat_batches, regroup
+
 if TYPE_CHECKING:
     from mljobs.data.connector import DataConnector
 
@@ -78,18 +80,9 @@ class TorchDataset(IterableDataset):
         """Batches of exactly ``batch_size`` rows (the last one shorter, or dropped)."""
         size = self.batch_size
         assert size is not None
-        pending: list[pa.RecordBatch] = []
-        have = 0
-        for batch in self._record_batches():
-            pending.append(batch)
-            have += batch.num_rows
-            while have >= size:
-                table = pa.Table.from_batches(pending).combine_chunks()
-                yield table.slice(0, size).to_batches()[0]
-                rest = table.slice(size)
-                pending, have = rest.to_batches(), rest.num_rows
-        if have and not self.drop_last_batch:
-            yield pa.Table.from_batches(pending).combine_chunks().to_batches()[0]
+        for batch in regroup(self._record_batches(), size):
+            if batch.num_rows == size or not self.drop_last_batch:
+                yield batch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self.batch_size is None:
@@ -103,5 +96,5 @@ class TorchDataset(IterableDataset):
 
 
 def _shuffled(window: list[pa.RecordBatch], rng: np.random.Generator, rows: int) -> Iterator[pa.RecordBatch]:
-    table = pa.Table.from_batches(window)
+    table = concat_batches(window)
     yield from table.take(rng.permutation(table.num_rows)).to_batches(max_chunksize=rows)
