@@ -565,3 +565,15 @@ def test_to_huggingface_dataset(tmp_path, monkeypatch):
     assert [r["id"] for r in rows] == list(range(28))
     mixed = DataConnector.from_pandas(sample_frame()).to_huggingface_dataset()
     assert mixed.num_rows == 6 and mixed.column_names == ["i", "f", "b", "s", "t", "c"]
+
+
+def test_torch_codes_share_one_code_book_across_files(tmp_path):
+    """Files written with their own dictionaries: a level has one code in every batch."""
+    import torch
+
+    pq.write_table(pa.table({"k": pa.array(["b", "a", None]).dictionary_encode()}), tmp_path / "1.parquet")
+    pq.write_table(pa.table({"k": pa.array(["c", "a", "c"]).dictionary_encode()}), tmp_path / "2.parquet")
+    dc = DataConnector.from_sources(str(tmp_path))
+    assert dc.category_levels() == {"k": ["a", "b", "c"]}
+    codes = torch.cat([b["k"] for b in dc.to_torch_dataset(batch_size=2, drop_last_batch=False)])
+    assert codes.tolist() == [1, 0, -1, 2, 0, 2]

@@ -132,7 +132,7 @@ def test_categorical_codes_agree_across_files_with_their_own_dictionaries(tmp_pa
     pq.write_table(pa.table({"k": pa.array(["b", "a", "b"]).dictionary_encode(), "y": [1, 0, 1]}), tmp_path / "1.parquet")
     pq.write_table(pa.table({"k": pa.array(["c", "a", "c"]).dictionary_encode(), "y": [0, 0, 1]}), tmp_path / "2.parquet")
     data = DataConnector.from_sources(str(tmp_path))
-    levels = tabular.category_levels(data, ["k"])
+    levels = data.category_levels(["k"])
     assert levels == {"k": ["a", "b", "c"]}
     first, second = (tabular.features(s, ["k"], "y", levels)[0] for s in data.shards(2))
     assert list(first["k"].cat.categories) == list(second["k"].cat.categories) == ["a", "b", "c"]

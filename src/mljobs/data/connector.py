@@ -173,6 +173,32 @@ class DataConnector:
             raise InvalidArgumentError(f"{what} {', '.join(map(repr, missing))} not in the data; "
                                        f"the columns are: {', '.join(have)}")
 
+    def category_levels(self, columns: Iterable[str] | None = None) -> dict[str, list[Any]]:
+        """Every level of each categorical (Arrow dictionary) column among ``columns``, over the whole
+        data set, sorted: the one code book for all shards.
+
+        Each file, or each worker's shard, may hold its own dictionary; whatever turns levels into
+        codes on many workers needs the same list everywhere. Reads only these columns."""
+        names = self.columns if columns is None else list(columns)
+        cols = [c for c in names if pa.types.is_dictionary(self.schema.field(c).type)]
+        seen: dict[str, dict[Any, None]] = {c: {} for c in cols}
+        if cols:
+            for batch in self.iter_batches(columns=cols):
+                for c in cols:
+                    column = batch.column(c)
+                    if pa.types.is_dictionary(column.type):
+                        seen[c].update(dict.fromkeys(column.dictionary.to_pylist()))
+                    else:  # a file whose column is plain
+                        seen[c].update(dict.fromkeys(column.unique().to_pylist()))
+        out = {}
+        for c, levels in seen.items():
+            values = [v for v in levels if v is not None]
+            try:
+                out[c] = sorted(values)
+            except TypeError:  # mixed types: the order they were met in
+                out[c] = values
+        return out
+
     # -- sharding --------------------------------------------------------------------------------
     def shard(self, index: int, count: int) -> DataConnector:
         """Rows ``[index * N / count, (index + 1) * N / count)``: one worker's share, read in place."""
@@ -241,7 +267,8 @@ class DataConnector:
         """
         from mljobs.data.torch_dataset import TorchDataset
 
-        return TorchDataset(self, batch_size=batch_size, shuffle=shuffle, drop_last_batch=drop_last_batch)
+        return TorchDataset(self, batch_size=batch_size, shuffle=shuffle, drop_last_batch=drop_last_batch,
+                            levels=self.category_levels())
 
     def to_ray_dataset(self) -> Any:
         """A ``ray.data.Dataset``: files are read by Ray Data where they lie, tables go to the object store."""

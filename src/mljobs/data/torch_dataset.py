@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -20,11 +21,16 @@ __all__ = ["TorchDataset", "column_to_numpy"]
 _SHUFFLE_WINDOW_BATCHES = 8
 
 
-def column_to_numpy(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """A column as numpy: nulls in numbers become NaN, a dictionary (categorical) column its codes."""
+def column_to_numpy(col: pa.Array | pa.ChunkedArray, levels: list[Any] | None = None) -> np.ndarray:
+    """A column as numpy: nulls in numbers become NaN, a dictionary (categorical) column its codes
+    (positions in ``levels`` when given, so that every batch and file shares one code book; -1: null)."""
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
     if pa.types.is_dictionary(col.type):
+        if levels is not None:
+            book = pc.index_in(col.dictionary, value_set=pa.array(levels, col.dictionary.type))
+            col = pc.take(book, col.indices)
+            return col.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
         codes = col.indices.to_numpy(zero_copy_only=False)
         return np.where(col.is_null().to_numpy(zero_copy_only=False), -1, codes) if col.null_count else codes
     if col.null_count and (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
@@ -43,12 +49,12 @@ class TorchDataset(IterableDataset):
     """Streams a connector batch by batch; each DataLoader worker reads its own shard."""
 
     def __init__(self, connector: DataConnector, *, batch_size: int | None, shuffle: bool,
-                 drop_last_batch: bool) -> None:
+                 drop_last_batch: bool, levels: dict[str, list[Any]] | None = None) -> None:
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: use a positive number, or None for single rows")
         self.connector, self.batch_size = connector, batch_size
         self.shuffle, self.drop_last_batch = shuffle, drop_last_batch
-        self.epoch = 0
+        self.levels = dict(levels or {})
 
     def _source(self) -> DataConnector:
         info = get_worker_info()
@@ -87,12 +93,14 @@ class TorchDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self.batch_size is None:
             for batch in self._record_batches():
-                arrays = {name: column_to_numpy(batch.column(i)) for i, name in enumerate(batch.schema.names)}
+                arrays = {name: column_to_numpy(batch.column(i), self.levels.get(name))
+                          for i, name in enumerate(batch.schema.names)}
                 for r in range(batch.num_rows):
                     yield {name: values[r] for name, values in arrays.items()}
             return
         for batch in self._batches():
-            yield {name: _tensor(column_to_numpy(batch.column(i))) for i, name in enumerate(batch.schema.names)}
+            yield {name: _tensor(column_to_numpy(batch.column(i), self.levels.get(name)))
+                   for i, name in enumerate(batch.schema.names)}
 
 
 def _shuffled(window: list[pa.RecordBatch], rng: np.random.Generator, rows: int) -> Iterator[pa.RecordBatch]:

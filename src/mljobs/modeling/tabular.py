@@ -16,7 +16,7 @@ from mljobs.data import DataConnector
 from mljobs.errors import InvalidArgumentError
 from mljobs.modeling import cluster
 
-__all__ = ["require", "ScalingConfig", "Plan", "as_connector", "check_inputs", "category_levels", "features", "plan_workers", "fit_on_workers"]
+__all__ = ["require", "ScalingConfig", "Plan", "as_connector", "check_inputs", "features", "plan_workers", "fit_on_workers"]
 
 
 @dataclass
@@ -94,28 +94,6 @@ def check_inputs(data: DataConnector, input_cols: list[str] | None, label_col: s
     if data.count_rows() == 0:
         raise InvalidArgumentError("the data set has no rows")
     return input_cols
-
-
-def category_levels(data: DataConnector, input_cols: list[str]) -> dict[str, list[Any]]:
-    """Every level of each categorical input column, over the whole data set.
-
-    Each file, or each worker's shard, may hold its own Arrow dictionary; the workers must map a
-    level to the same code, so the driver reads these columns (only these) once and sends the
-    union to every worker."""
-    cols = [c for c in input_cols if pa.types.is_dictionary(data.schema.field(c).type)]
-    levels: dict[str, dict[Any, None]] = {c: {} for c in cols}
-    if cols:
-        for batch in data.iter_batches(columns=cols):
-            for c in cols:
-                levels[c].update(dict.fromkeys(batch.column(c).dictionary.to_pylist()))
-    out = {}
-    for c, seen in levels.items():
-        values = [v for v in seen if v is not None]
-        try:
-            out[c] = sorted(values)
-        except TypeError:  # mixed types: keep the order they were met in
-            out[c] = values
-    return out
 
 
 def features(data: DataConnector, input_cols: list[str], label_col: str,

@@ -57,7 +57,7 @@ class LightGBMEstimator:
         plan = tabular.plan_workers(self.scaling_config)
         shared = dict(input_cols=cols, label_col=label_col, params=self.params, rounds=self.n_estimators,
                       callbacks=self.callbacks, cpus=plan.cpus, gpu=bool(plan.gpus),
-                      levels=tabular.category_levels(data, cols))
+                      levels=data.category_levels(cols))
         out = tabular.fit_on_workers(plan, _train, shared, data, evals, setup=_network, what="LightGBM")
         self.workers_ = [{k: v for k, v in o.items() if k not in ("booster", "evals_result")} for o in out]
         self.evals_result_ = out[0]["evals_result"]

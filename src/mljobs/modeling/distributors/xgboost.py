@@ -62,7 +62,7 @@ class XGBEstimator:
         plan = tabular.plan_workers(self.scaling_config)
         shared = dict(input_cols=cols, label_col=label_col, params=self.params, rounds=self.n_estimators,
                       callbacks=self.callbacks, cpus=plan.cpus, gpu=bool(plan.gpus),
-                      levels=tabular.category_levels(data, cols))
+                      levels=data.category_levels(cols))
         trackers: list[Any] = []
 
         def start_tracker(infos: list[dict[str, Any]]) -> list[dict[str, Any]]:
