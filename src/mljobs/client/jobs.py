@@ -144,6 +144,15 @@ def _entrypoint(entrypoint: str | Sequence[str]) -> list[str]:
     return [entrypoint]
 
 
+def _refuse_notebook(entrypoint: str) -> None:
+    """A job runs Python, not a notebook's JSON: say so at submit rather than fail in the job."""
+    if entrypoint.endswith(".ipynb"):
+        raise InvalidArgumentError(
+            f"{entrypoint!r} is a Jupyter notebook, which a job cannot run as its entrypoint: export it "
+            f"(`jupyter nbconvert --to script {entrypoint}`) and submit the .py, or run the notebook itself "
+            "and send its functions with @remote")
+
+
 def submit_file(file_path: str | os.PathLike[str], compute_pool: str, *, stage_name: str,
                 args: Sequence[str] | None = None, target_instances: int = 1, min_instances: int | None = None,
                 pip_requirements: Sequence[str] | None = None,
@@ -162,6 +171,7 @@ def submit_file(file_path: str | os.PathLike[str], compute_pool: str, *, stage_n
     path = Path(file_path)
     if not path.is_file():
         raise LocalFileNotFoundError(f"file {str(file_path)!r} does not exist (or is not a file)")
+    _refuse_notebook(path.name)
     session = session or get_active_session()
     opts = _options(compute_pool, stage_name, target_instances, min_instances, pip_requirements,
                     external_access_integrations, env_vars, name, database, schema, session, runtime_environment,
@@ -190,6 +200,7 @@ def submit_directory(dir_path: str | os.PathLike[str], compute_pool: str, *, ent
         if not target.is_file():
             raise LocalFileNotFoundError(f"entrypoint {entry[0]!r} does not exist in {str(root)!r}")
         entry = [target.relative_to(root.resolve()).as_posix()]
+        _refuse_notebook(entry[0])
     session = session or get_active_session()
     opts = _options(compute_pool, stage_name, target_instances, min_instances, pip_requirements,
                     external_access_integrations, env_vars, name, database, schema, session, runtime_environment,

@@ -66,25 +66,116 @@ def session_parameter(fn: Callable[..., Any], session_cls: type) -> str | None:
     return None
 
 
+def _local_modules() -> list[types.ModuleType]:
+    """Top-level modules and packages imported from the caller's own folder: the working directory
+    (a notebook's) or the running script's. A job's runtime cannot import them (its ``sys.path``
+    has neither folder), so whatever a call uses from them must travel by value."""
+    here = os.getcwd()
+    roots = {here, os.path.realpath(here)}
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if main_file:
+        roots |= {os.path.dirname(os.path.abspath(main_file)), os.path.dirname(os.path.realpath(main_file))}
+    out = []
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if "." in name or name == "__main__" or not isinstance(module, types.ModuleType) or not path:
+            continue
+        path = os.path.abspath(path)
+        top = os.path.dirname(os.path.dirname(path) if os.path.basename(path) == "__init__.py" else path)
+        if top in roots and _is_user_module(module):
+            out.append(module)
+    return out
+
+
+def _registered_by_value(module: types.ModuleType) -> bool:
+    check = getattr(cloudpickle.cloudpickle, "_is_registered_pickle_by_value", None)
+    return bool(check is not None and check(module))
+
+
+def _code_names(code: types.CodeType) -> set[str]:
+    """Every global name a function's code (nested functions and comprehensions included) reads."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _code_names(const)
+    return names
+
+
+def _check_ipython(fn: Callable[..., Any]) -> None:
+    """Refuse a function that uses IPython magics or shell escapes: they need the notebook's shell."""
+    code = getattr(fn, "__code__", None)
+    shell_fn = getattr(fn, "__globals__", {}).get("get_ipython")
+    if code is None or shell_fn is None or "get_ipython" not in _code_names(code):
+        return
+    if not str(getattr(shell_fn, "__module__", "") or "").startswith(("IPython", "ipykernel")):
+        return
+    raise PayloadError(
+        f"function {fn.__qualname__!r} uses IPython magics or shell escapes (%magic, !command, or "
+        "get_ipython()), which exist only in the notebook's own kernel, not in a job: call the library "
+        "instead (e.g. subprocess.run([...]) for !command, time.perf_counter() for %time), and install "
+        "packages with @remote(..., pip_requirements=[...]) rather than %pip")
+
+
 def pickle_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
-    """cloudpickle the call; functions from the user's own modules travel by value."""
+    """cloudpickle the call; functions from the user's own modules travel by value.
+
+    The user's own modules are the function's module when it is not installed, and every module
+    imported from the working directory or the script's folder (a notebook's helpers). Functions
+    and classes of a notebook live in ``__main__``, which cloudpickle always pickles by value."""
+    _check_ipython(fn)
     module = sys.modules.get(fn.__module__)
-    by_value = module is not None and _is_user_module(module)
-    if by_value:
-        cloudpickle.register_pickle_by_value(module)
+    by_value = [module] if module is not None and _is_user_module(module) else []
+    by_value += [m for m in _local_modules() if m is not module]
+    registered = []
+    for m in by_value:
+        if not _registered_by_value(m):
+            cloudpickle.register_pickle_by_value(m)
+            registered.append(m)
     try:
         return cloudpickle.dumps({"fn": fn, "args": args, "kwargs": kwargs})
     except Exception as e:  # noqa: BLE001
         raise PayloadError(_which_unpicklable(fn, args, kwargs, e)) from e
     finally:
-        if by_value:
-            cloudpickle.unregister_pickle_by_value(module)
+        for m in registered:
+            cloudpickle.unregister_pickle_by_value(m)
+
+
+def _hint(value: Any) -> str:
+    if type(value).__name__ == "Session" and type(value).__module__.startswith("mljobs"):
+        return ("a job has its own Session: give the function a parameter annotated Session, or call "
+                "get_active_session() inside it")
+    return "create it inside the function (or pass what it needs, e.g. a path or a URL, as an argument)"
+
+
+def _captured(fn: Callable[..., Any]) -> list[tuple[str, str, Any]]:
+    """(kind, name, value) of the globals and closure variables a function's code uses."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return []
+    out: list[tuple[str, str, Any]] = []
+    for name, cell in zip(code.co_freevars, getattr(fn, "__closure__", None) or ()):
+        try:
+            out.append(("closure variable", name, cell.cell_contents))
+        except ValueError:  # an empty cell
+            continue
+    glb = getattr(fn, "__globals__", {})
+    out += [("global", name, glb[name]) for name in sorted(_code_names(code)) if name in glb]
+    return out
 
 
 def _which_unpicklable(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], err: Exception) -> str:
     try:
         cloudpickle.dumps(fn)
     except Exception as e:  # noqa: BLE001
+        for kind, name, value in _captured(fn):
+            if isinstance(value, types.ModuleType):
+                continue
+            try:
+                cloudpickle.dumps(value)
+            except Exception as ve:  # noqa: BLE001
+                return (f"function {fn.__qualname__!r} cannot be pickled: it uses the {kind} {name!r} "
+                        f"({type(value).__module__}.{type(value).__qualname__}), which cannot be pickled "
+                        f"({type(ve).__name__}: {ve}); {_hint(value)}")
         return (f"function {fn.__qualname__!r} cannot be pickled ({type(e).__name__}: {e}); it may capture an "
                 "open file, lock, connection or client: create those inside the function")
     params = list(inspect.signature(fn).parameters)
