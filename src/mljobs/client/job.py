@@ -6,7 +6,9 @@ import dataclasses
 import importlib
 import logging
 import pickle
+import queue
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -15,6 +17,7 @@ import cloudpickle
 import httpx
 
 from mljobs import logformat
+from mljobs.client import progress as _progress
 from mljobs.client.session import Session, get_active_session
 from mljobs.errors import (InvalidArgumentError, JobFailedError, NotFoundError, RemoteError, RemoteTraceback,
                            ServerUnavailableError)
@@ -108,35 +111,57 @@ class MLJob:
         return self._session.request("GET", f"/jobs/{self._id}/ray").json()["dashboard_url"]
 
     # -- waiting ------------------------------------------------------------------------------
-    def wait(self, timeout: float = -1) -> JOB_STATUS:
+    def wait(self, timeout: float = -1, *, progress: bool | None = None) -> JOB_STATUS:
         """Block until the job ends; returns its final status (FAILED does not raise).
 
-        Raises TimeoutError if ``timeout`` seconds (>= 0) pass first. While the job is pending
-        the reason is logged (logger ``mljobs``) each time it changes.
+        Raises TimeoutError if ``timeout`` seconds (>= 0) pass first. ``progress`` shows a live
+        line (the job's id, status, time in it, and why it waits or what it prepares): None (the
+        default) in a notebook or on a terminal only, True everywhere, False never. Without a
+        progress line, the reason a pending job waits is logged (logger ``mljobs``) each time it
+        changes.
         """
         deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
         said = None
-        while True:
-            left = _POLL_S if deadline is None else min(_POLL_S, deadline - time.monotonic())
-            if left <= 0 and deadline is not None:
-                info = self._refresh()
+        shown = _progress.open_view(self, progress)  # shows nothing until the job is seen active
+        poll = _POLL_S if shown is None else _progress.POLL_S
+        first = True
+        try:
+            while True:
+                left = poll if deadline is None else min(poll, deadline - time.monotonic())
+                if left <= 0 and deadline is not None:
+                    info = self._refresh()
+                    if shown is not None:
+                        shown.close(info)
+                    if info["status"] in TERMINAL:
+                        return JOB_STATUS(info["status"])
+                    raise TimeoutError(f"job {self._id} is still {info['status']} after {timeout} s "
+                                       f"({info['message'] or 'running'})")
+                if first and shown is not None:
+                    left = 0  # the line appears at once, not after the first poll
+                first = False
+                info = self._session.request("GET", f"/jobs/{self._id}/wait", params={"timeout": max(left, 0)},
+                                             timeout=max(left, 0) + 30).json()
+                self._info = info
                 if info["status"] in TERMINAL:
+                    if shown is not None:
+                        shown.close(info)
                     return JOB_STATUS(info["status"])
-                raise TimeoutError(f"job {self._id} is still {info['status']} after {timeout} s "
-                                   f"({info['message'] or 'running'})")
-            info = self._session.request("GET", f"/jobs/{self._id}/wait", params={"timeout": max(left, 0)},
-                                         timeout=max(left, 0) + 30).json()
-            self._info = info
-            if info["status"] in TERMINAL:
-                return JOB_STATUS(info["status"])
-            note = f"job {self._id} is {info['status']}" + (f": {info['message']}" if info["message"] else "")
-            if note != said and info["status"] == JOB_STATUS.PENDING:
-                log.info(note)
-                said = note
+                if shown is not None:  # the line carries the pending reason
+                    shown.observe(info)
+                    continue
+                note = f"job {self._id} is {info['status']}" + (f": {info['message']}" if info["message"] else "")
+                if note != said and info["status"] == JOB_STATUS.PENDING:
+                    log.info(note)
+                    said = note
+        finally:
+            if shown is not None:
+                shown.close()
 
-    def result(self, timeout: float = -1) -> Any:
-        """The job's return value; re-raises the job's exception with its remote traceback."""
-        status = self.wait(timeout)
+    def result(self, timeout: float = -1, *, progress: bool | None = None) -> Any:
+        """The job's return value; re-raises the job's exception with its remote traceback.
+
+        ``progress`` as for :meth:`wait`."""
+        status = self.wait(timeout, progress=progress)
         resp = self._session.request("GET", f"/jobs/{self._id}/result") if status != JOB_STATUS.DELETED else None
         if resp is None:
             raise JobFailedError(f"job {self._id} was deleted", job_id=self._id, status=status.value)
@@ -234,12 +259,58 @@ class MLJob:
             raise ConnectionError(f"the log stream of job {self._id} ended before the job did")
 
     def show_logs(self, limit: int = -1, instance_id: int | None = None, *, verbose: bool = False,
-                  follow: bool = False) -> None:
-        if follow:
+                  follow: bool = False, progress: bool | None = None) -> None:
+        """Print the instance's log; ``follow=True`` prints lines as they come until the job ends,
+        with a progress line (``progress`` as for :meth:`wait`) while it queues, prepares and runs."""
+        if not follow:
+            print(self.get_logs(limit, instance_id, verbose=verbose))
+            return
+        shown = _progress.open_view(self, progress) if self.status not in TERMINAL else None
+        if shown is None:
             for line in self.stream_logs(instance_id, verbose=verbose, limit=limit):
                 print(line, flush=True)
-        else:
-            print(self.get_logs(limit, instance_id, verbose=verbose))
+            return
+        with shown:
+            self._follow_with_progress(shown, instance_id, verbose, limit)
+
+    def _follow_with_progress(self, shown: _progress.JobProgress, instance_id: int | None, verbose: bool,
+                              limit: int) -> None:
+        """Print the stream (read by a thread) and refresh the progress line, both from here, so
+        that every output comes from the caller's thread (a notebook routes it to the cell)."""
+        lines: queue.Queue[Any] = queue.Queue()
+        stop = threading.Event()
+        end = object()
+
+        def read() -> None:
+            try:
+                for line in self.stream_logs(instance_id, verbose=verbose, limit=limit):
+                    lines.put(line)
+                    if stop.is_set():
+                        return
+                lines.put(end)
+            except BaseException as e:  # noqa: BLE001 - raised again by the caller's thread
+                lines.put(e)
+
+        reader = threading.Thread(target=read, name=f"mljobs-logs-{self._id}", daemon=True)
+        reader.start()
+        shown.observe(self._refresh())
+        next_poll = time.monotonic() + _progress.POLL_S
+        try:
+            while True:
+                try:
+                    item = lines.get(timeout=max(0.0, next_poll - time.monotonic()))
+                except queue.Empty:
+                    shown.observe(self._refresh())
+                    next_poll = time.monotonic() + _progress.POLL_S
+                    continue
+                if item is end:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                shown.print(item)
+            shown.close(self._refresh())
+        finally:
+            stop.set()
 
     # -- control ------------------------------------------------------------------------------
     def cancel(self) -> None:
