@@ -20,6 +20,7 @@ from mljobs import logformat
 __all__ = ["iter_lines", "tail_lines", "follow_lines"]
 
 _CHUNK = 1 << 20
+_TAIL_CHUNK = 1 << 16
 
 
 def _render(raw: str, verbose: bool) -> str | None:
@@ -43,23 +44,41 @@ def tail_lines(path: Path, limit: int, verbose: bool = False, before: int | None
 
     A start of 0 means there is nothing earlier; a later call with ``before=start`` pages back.
     The end never splits a line: a line still being written is left to whoever follows from it.
-    Memory is bounded by ``limit``.
+    The file is read backwards from the end, so the cost is the tail's, not the log's.
     """
     if not path.exists():
         return [], 0, 0
-    kept: deque[tuple[int, str]] = deque(maxlen=max(limit, 1))
+    kept: list[tuple[int, str]] = []  # newest first
     with open(path, "rb") as f:
-        end = os.fstat(f.fileno()).st_size if before is None else max(0, before)
-        pos = 0
-        for raw in f:
-            if pos + len(raw) > end or not raw.endswith(b"\n"):
-                break  # past the end asked for, or a line not finished yet
-            text = _render(raw.decode("utf-8", "backslashreplace"), verbose)
-            if text is not None:
-                kept.append((pos, text + "\n"))
-            pos += len(raw)
-    start = kept[0][0] if len(kept) == kept.maxlen else 0
-    return [t for _, t in kept], start, pos
+        size = os.fstat(f.fileno()).st_size
+        end = size if before is None else min(max(0, before), size)
+        pending, lo, end_found = b"", end, False  # pending: bytes [lo, q), q the earliest line taken
+        while lo > 0 and len(kept) < limit:
+            n = min(_TAIL_CHUNK, lo)
+            lo -= n
+            f.seek(lo)
+            data = f.read(n) + pending
+            if not end_found:  # leave out an unfinished last line
+                cut = data.rfind(b"\n")
+                if cut < 0:
+                    pending = data
+                    continue
+                end, data, end_found = lo + cut + 1, data[:cut + 1], True
+            segs = data.split(b"\n")[:-1]  # data ends with a newline
+            first_whole = 0 if lo == 0 else 1
+            offset = lo + len(data)
+            for raw in reversed(segs[first_whole:]):
+                offset -= len(raw) + 1
+                text = _render(raw.decode("utf-8", "backslashreplace"), verbose)
+                if text is not None:
+                    kept.append((offset, text + "\n"))
+                    if len(kept) == limit:
+                        break
+            pending = segs[0] + b"\n" if first_whole else b""
+        if not end_found:
+            end = 0
+    start = kept[-1][0] if len(kept) == limit else 0
+    return [t for _, t in reversed(kept)], start, end
 
 
 def _read_from(path: Path, offset: int) -> tuple[bytes, int]:

@@ -142,6 +142,13 @@ function jobPage() {
     }
   });
 
+  // A browser opens at most 6 connections to a server and a followed log holds one: a hidden
+  // tab lets its stream go and follows again when shown.
+  document.addEventListener("visibilitychange", () => {
+    if (document.hidden && controller) { generation++; controller.abort(); state.textContent = "paused while hidden"; }
+    else if (!document.hidden && state.textContent === "paused while hidden") follow();
+  });
+
   for (const tab of document.querySelectorAll("#log-tabs .tab")) {
     tab.addEventListener("click", () => {
       for (const t of document.querySelectorAll("#log-tabs .tab")) t.classList.toggle("active", t === tab);
