@@ -470,6 +470,20 @@ def whoami() -> None:
     console.print(f"{me['name']}" + (" (admin)" if me["admin"] else "") + (f" as job {me['job_id']}" if me["job_id"] else ""))
 
 
+@app.command("ui")
+def ui(no_browser: bool = typer.Option(False, "--no-browser", help="print the URL instead of opening it")) -> None:
+    """Open the web dashboard, logged in: with a token, through a one-time link that works for 60 s
+    (the token itself never enters the URL or the browser's history)."""
+    import webbrowser
+
+    s = _session()
+    url = s.url + "/"
+    if s.token:
+        url = s.url + s.request("POST", "/login-codes").json()["path"]
+    if no_browser or not webbrowser.open(url):
+        print(url)
+
+
 # -- stages -----------------------------------------------------------------------------------
 @stage_app.command("put")
 def stage_put(local_path: Path, stage_path: str) -> None:

@@ -834,9 +834,15 @@ class ControlPlane:
     def get_job(self, ref: str, who: Principal) -> dict[str, Any]:
         return self.job_view(self.resolve(ref, who))
 
-    def list_jobs(self, limit: int, database: str | None, schema: str | None, who: Principal) -> list[dict[str, Any]]:
-        """Newest first: ``who``'s jobs, or everyone's for an admin, with their resource use."""
-        rows = self.store.list_jobs(limit, database, schema, owner=who.owner_filter, with_spec=False)
+    def list_jobs(self, limit: int, database: str | None, schema: str | None, who: Principal, *,
+                  statuses: list[str] | None = None, pool: str | None = None,
+                  owner: str | None = None) -> list[dict[str, Any]]:
+        """Newest first: ``who``'s jobs, or everyone's for an admin, with their resource use;
+        only those in ``statuses``, on ``pool`` or of ``owner`` when given."""
+        if owner is not None and who.owner_filter is not None and owner != who.owner_filter:
+            return []  # a user sees only their own jobs, whoever they ask for
+        rows = self.store.list_jobs(limit, database, schema, statuses=statuses, owner=who.owner_filter or owner,
+                                    with_spec=False, pool=pool)
         usage = metrics.usage_by_job(self.store, [r["id"] for r in rows])
         return [{**r, **usage.get(r["id"], {"peak_rss_bytes": None, "cpu_seconds": None})} for r in rows]
 

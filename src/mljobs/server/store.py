@@ -226,12 +226,14 @@ class Store:
 
     def list_jobs(self, limit: int, database: str | None = None, schema: str | None = None,
                   statuses: Iterable[str] | None = None, owner: str | None = None,
-                  with_spec: bool = True) -> list[dict[str, Any]]:
+                  with_spec: bool = True, pool: str | None = None) -> list[dict[str, Any]]:
         """Newest first; ``with_spec=False`` leaves out the spec (the one large column)."""
         cols = jobs.c if with_spec else [c for c in jobs.c if c.name != "spec"]
         q = sa.select(*cols).order_by(jobs.c.created_time.desc())
         if owner is not None:
             q = q.where(jobs.c.owner == owner)
+        if pool is not None:
+            q = q.where(jobs.c.compute_pool == pool)
         if database:
             q = q.where(jobs.c.database_name == database)
         if schema:
