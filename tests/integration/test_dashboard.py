@@ -112,6 +112,13 @@ def test_click_through_live_jobs_logs_and_cancel(sqlite_server: ServerProc, page
     assert page.locator("#cancel-button").count() == 0
     assert job.status == mljobs.JOB_STATUS.CANCELLED
     page.locator("#log-state").filter(has_text="end of the log").wait_for()
+    # the timeline shows every status the store recorded, with the cancel request in its place
+    page.locator("#timeline").filter(has_text="CANCELLED").wait_for()
+    timeline = page.inner_text("#timeline")
+    assert (timeline.index("submitted") < timeline.index("started") < timeline.index("cancel requested")
+            < timeline.index("CANCELLED")), timeline
+    events = s.request("GET", f"/jobs/{job.id}/events").json()
+    assert [e["status"] for e in events] == ["PENDING", "RUNNING", "CANCELLING", "CANCELLED"]
     s.close()
 
 

@@ -214,6 +214,11 @@ def create_app(cp: ControlPlane, on_shutdown: Any = None) -> FastAPI:
             return _error(404, errors.NotFoundError(f"instance {instance_id} of job {ref} left no result"))
         return StreamingResponse(chunks, media_type=_OCTETS)
 
+    @app.get(api + "/jobs/{ref}/events", response_model=list[S.JobEvent])
+    def job_events(ref: str, who: Who) -> list[dict[str, Any]]:
+        """Every status the job took, oldest first, with its time and message."""
+        return cp.job_events(ref, who)
+
     @app.get(api + "/jobs/{ref}/metrics", response_model=list[S.MetricRow], response_model_exclude_unset=True)
     def job_metrics(ref: str, who: Who) -> list[dict[str, Any]]:
         """Resource samples of every instance; [] if it never ran."""

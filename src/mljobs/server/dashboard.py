@@ -103,11 +103,22 @@ def _size(n: int | None) -> str:
     return ""
 
 
-def _timeline(job: dict[str, Any]) -> list[dict[str, Any]]:
-    """What the store knows of a job's life: submitted, started, each instance's run, the end."""
-    events = [{"time": job["created_time"], "what": "submitted", "status": "PENDING", "detail": ""}]
-    if job["started_time"]:
-        events.append({"time": job["started_time"], "what": "started", "status": "RUNNING", "detail": ""})
+_EVENT_WHAT = {JOB_STATUS.PENDING.value: "submitted", JOB_STATUS.RUNNING.value: "started",
+               JOB_STATUS.CANCELLING.value: "cancel requested"}
+
+
+def _timeline(job: dict[str, Any], status_events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A job's life: every status it took (the store's job events), each instance's run. Jobs made
+    before the store kept events get theirs from the job's own times."""
+    events = [{"time": e["time"], "what": _EVENT_WHAT.get(e["status"], "ended"), "status": e["status"],
+               "detail": e["message"]} for e in status_events]
+    if not events:
+        events.append({"time": job["created_time"], "what": "submitted", "status": "PENDING", "detail": ""})
+        if job["started_time"]:
+            events.append({"time": job["started_time"], "what": "started", "status": "RUNNING", "detail": ""})
+        if job["completed_time"] or job["status"] in _TERMINAL:
+            events.append({"time": job["completed_time"], "what": "ended", "status": job["status"],
+                           "detail": job["message"]})
     for inst in job["instances"]:
         if inst["started_time"]:
             events.append({"time": inst["started_time"], "what": f"instance {inst['instance_id']} started",
@@ -116,13 +127,8 @@ def _timeline(job: dict[str, Any]) -> list[dict[str, Any]]:
             code = inst["exit_code"]
             events.append({"time": inst["ended_time"], "what": f"instance {inst['instance_id']} ended",
                            "status": "", "detail": "" if code is None else f"exit code {code}"})
-    if job["status"] == JOB_STATUS.CANCELLING.value:
-        events.append({"time": None, "what": "cancel requested", "status": "CANCELLING", "detail": job["message"]})
-    if job["completed_time"] or job["status"] in _TERMINAL:
-        events.append({"time": job["completed_time"], "what": "ended", "status": job["status"],
-                       "detail": job["message"]})
     far = dt.datetime.max.replace(tzinfo=dt.timezone.utc)
-    events.sort(key=lambda e: e["time"] or far)
+    events.sort(key=lambda e: e["time"] or far)  # stable: a status and an instance at one time keep their order
     return [{**e, "time": _when(e["time"]) if e["time"] else ""} for e in events]
 
 
@@ -257,7 +263,8 @@ def register(app: FastAPI, cp: ControlPlane, api_caller: Callable[..., Principal
         view = cp.job_view(job)
         spec = job["spec"]
         return {
-            "job": view, "timeline": _timeline(view), "outcome": _outcome(cp, view, who), "ray": _ray(cp, view, who),
+            "job": view, "timeline": _timeline(view, cp.store.job_events(job["id"])),
+            "outcome": _outcome(cp, view, who), "ray": _ray(cp, view, who),
             "spec": {"payload_kind": spec.get("payload_kind"), "entrypoint": spec.get("entrypoint") or [],
                      "args": spec.get("args") or [], "pip_requirements": spec.get("pip_requirements") or [],
                      "env_var_names": sorted(spec.get("env_vars") or {}),  # names only: values may be secrets

@@ -834,6 +834,10 @@ class ControlPlane:
     def get_job(self, ref: str, who: Principal) -> dict[str, Any]:
         return self.job_view(self.resolve(ref, who))
 
+    def job_events(self, ref: str, who: Principal) -> list[dict[str, Any]]:
+        """The statuses the job took, oldest first (none for jobs made before the store kept them)."""
+        return self.store.job_events(self.resolve(ref, who)["id"])
+
     def list_jobs(self, limit: int, database: str | None, schema: str | None, who: Principal, *,
                   statuses: list[str] | None = None, pool: str | None = None,
                   owner: str | None = None) -> list[dict[str, Any]]:

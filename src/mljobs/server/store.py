@@ -19,13 +19,18 @@ from alembic.config import Config
 from sqlalchemy.engine import Engine
 
 from mljobs.errors import ConflictError, InvalidTransitionError, NotFoundError
-from mljobs.server.tables import instances, integrations, jobs, pools, secrets, stages, users
+from mljobs.server.tables import instances, integrations, job_events, jobs, pools, secrets, stages, users
 from mljobs.spec import PoolSpec
 from mljobs.status import ACTIVE, JOB_STATUS, TERMINAL, can_transition
 
 __all__ = ["Store", "utcnow", "normalize_url"]
 
 LIVE_INSTANCE = ("STARTING", "RUNNING")
+
+
+def _event(c: sa.Connection, job_id: str, status: str, message: str = "", time: dt.datetime | None = None) -> None:
+    """Note a status the job took, in the transaction that moved it there."""
+    c.execute(job_events.insert().values(job_id=job_id, time=time or utcnow(), status=status, message=message))
 
 
 def utcnow() -> dt.datetime:
@@ -196,6 +201,7 @@ class Store:
     def insert_job(self, row: dict[str, Any]) -> None:
         with self.engine.begin() as c:
             c.execute(jobs.insert().values(**row))
+            _event(c, row["id"], row["status"], row.get("message") or "", row.get("created_time"))
 
     def get_job(self, job_id: str) -> dict[str, Any]:
         with self.engine.connect() as c:
@@ -282,6 +288,8 @@ class Store:
                 jobs.update().where(jobs.c.id == job_id, jobs.c.status.in_([s.value for s in sources]))
                 .values(**values)
             )
+            if res.rowcount:
+                _event(c, job_id, new.value, message or "", values.get("completed_time"))
         current = self.get_job(job_id)
         if res.rowcount == 0:
             raise InvalidTransitionError(job_id, current["status"], new.value)
@@ -298,10 +306,18 @@ class Store:
                                     instances_ran=len(slots)))
             if res.rowcount == 0:
                 return False
+            _event(c, job_id, JOB_STATUS.RUNNING.value, f"{len(slots)} instance(s) started", now)
             c.execute(instances.insert(), [
                 {"job_id": job_id, "instance_id": i, "slot": s, "status": "STARTING", "started_time": now}
                 for i, s in enumerate(slots)])
         return True
+
+    def job_events(self, job_id: str) -> list[dict[str, Any]]:
+        """The statuses the job took, oldest first: time, status, message."""
+        q = (sa.select(job_events.c.time, job_events.c.status, job_events.c.message)
+             .where(job_events.c.job_id == job_id).order_by(job_events.c.id))
+        with self.engine.connect() as c:
+            return [{"time": _aware(r.time), "status": r.status, "message": r.message} for r in c.execute(q)]
 
     def set_message(self, job_id: str, message: str) -> None:
         with self.engine.begin() as c:
@@ -344,6 +360,7 @@ class Store:
 
     def delete_job(self, job_id: str) -> None:
         with self.engine.begin() as c:
+            c.execute(job_events.delete().where(job_events.c.job_id == job_id))
             c.execute(instances.delete().where(instances.c.job_id == job_id))
             c.execute(jobs.delete().where(jobs.c.id == job_id))
 
@@ -376,8 +393,10 @@ class Store:
                 return False
             if job_status is not None:
                 sources = [s.value for s in expected if can_transition(s, job_status)]
-                c.execute(jobs.update().where(jobs.c.id == job_id, jobs.c.status.in_(sources)).values(
-                    status=job_status.value, message=message, completed_time=utcnow()))
+                now = utcnow()
+                if c.execute(jobs.update().where(jobs.c.id == job_id, jobs.c.status.in_(sources)).values(
+                        status=job_status.value, message=message, completed_time=now)).rowcount:
+                    _event(c, job_id, job_status.value, message, now)
         return True
 
     def instances_of(self, job_id: str) -> list[dict[str, Any]]:
