@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["JOB_STATUS", "TERMINAL", "ACTIVE", "CANCELABLE", "TRANSITIONS", "can_transition"]
+__all__ = ["JOB_STATUS", "TERMINAL", "ACTIVE", "CANCELABLE", "TERMINAL_VALUES", "ACTIVE_VALUES", "CANCELABLE_VALUES",
+           "TRANSITIONS", "can_transition"]
 
 
 class JOB_STATUS(str, enum.Enum):  # noqa: N801 - mirrors the reference API's name
@@ -27,6 +28,10 @@ S = JOB_STATUS
 TERMINAL: frozenset[JOB_STATUS] = frozenset({S.DONE, S.FAILED, S.CANCELLED, S.INTERNAL_ERROR, S.DELETED})
 ACTIVE: frozenset[JOB_STATUS] = frozenset({S.PENDING, S.RUNNING, S.CANCELLING})
 CANCELABLE: frozenset[JOB_STATUS] = frozenset({S.PENDING, S.RUNNING})
+# the same groups as the strings the store and the API hold
+TERMINAL_VALUES: frozenset[str] = frozenset(s.value for s in TERMINAL)
+ACTIVE_VALUES: frozenset[str] = frozenset(s.value for s in ACTIVE)
+CANCELABLE_VALUES: frozenset[str] = frozenset(s.value for s in CANCELABLE)
 
 # from -> the states it may move to. Terminal states move nowhere (DELETED is a tombstone that
 # only the delete path writes, and it is terminal too).

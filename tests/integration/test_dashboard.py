@@ -12,7 +12,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -128,7 +127,8 @@ def test_result_traceback_spec_filters_pools_and_404(sqlite_server: ServerProc, 
     @mljobs.remote("DEFAULT_POOL", stage_name="dash_stage", session=s, env_vars={"API_KEY": "hunter2-secret"})
     def answer(n):
         print("computing", n)
-        return {"answer": n, "items": list(range(1000))}
+        print('<img src=x onerror="window.__xss = 1">', flush=True)  # job output is text, never markup
+        return {"answer": n, "items": list(range(1000)), "html": "</pre><script>window.__xss = 2</script>"}
 
     @mljobs.remote("DEFAULT_POOL", stage_name="dash_stage", session=s)
     def broken():
@@ -140,11 +140,15 @@ def test_result_traceback_spec_filters_pools_and_404(sqlite_server: ServerProc, 
     ok, bad = answer(42), broken()
     ok.wait(120)
     bad.wait(120)
-    page.goto(sqlite_server.url + "/")
+    resp = page.goto(sqlite_server.url + "/")
+    csp = resp.headers["content-security-policy"]
+    assert "frame-ancestors 'none'" in csp and "default-src 'self'" in csp and resp.headers["x-frame-options"] == "DENY"
     page.click(f"tr[data-id='{ok.id}'] a")
     page.locator("#result").wait_for()
     result = page.inner_text("#result")
-    assert result.startswith("{'answer': 42, 'items': [0, 1, 2,") and "..." in result and len(result) < 4000
+    assert result.startswith("{'answer': 42, ") and "'items': [0, 1, 2," in result and "..." in result
+    assert len(result) < 4000
+    assert "</pre><script>window.__xss = 2</script>" in result  # shown as text
     assert page.inner_text("#job-status") == "DONE"
     assert "API_KEY" in page.inner_text("#env-vars") and "hunter2" not in page.content()  # names, never values
     assert "function" in page.inner_text("#spec") and "DEFAULT_POOL" in page.inner_text("#spec")
@@ -152,6 +156,8 @@ def test_result_traceback_spec_filters_pools_and_404(sqlite_server: ServerProc, 
     assert timeline.index("submitted") < timeline.index("started") < timeline.index("ended")
     page.locator("#log").filter(has_text="computing 42").wait_for()
     page.locator("#log-state").filter(has_text="end of the log").wait_for()
+    assert '<img src=x onerror="window.__xss = 1">' in page.inner_text("#log")
+    assert page.evaluate("window.__xss") is None and page.locator("#log img, #result script").count() == 0
 
     page.goto(sqlite_server.url + f"/jobs/{bad.id}")
     assert page.inner_text("#job-status") == "FAILED"
@@ -165,7 +171,8 @@ def test_result_traceback_spec_filters_pools_and_404(sqlite_server: ServerProc, 
     page.wait_for_url("**/?status=FAILED*")
     ids = page.locator("#jobs-body tr").evaluate_all("rows => rows.map(r => r.dataset.id)")
     assert ids == [bad.id]
-    time.sleep(2.5)  # a poll of the live list keeps the filter
+    with page.expect_response(lambda r: "/dashboard/jobs.json" in r.url and "status=FAILED" in r.url):
+        pass  # the next poll of the live list asks with the filter
     assert page.locator("#jobs-body tr").evaluate_all("rows => rows.map(r => r.dataset.id)") == [bad.id]
     resp = page.goto(sqlite_server.url + "/?status=BOGUS")
     assert resp.status == 400 and "unknown status 'BOGUS'" in page.inner_text("#filter-error")

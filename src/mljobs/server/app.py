@@ -30,7 +30,7 @@ from mljobs.server.logs import follow_lines, iter_lines, tail_lines
 from mljobs.server.service import ControlPlane
 from mljobs.spec import JobSpec
 from mljobs.stages import parse_stage_path
-from mljobs.status import JOB_STATUS, TERMINAL
+from mljobs.status import JOB_STATUS, TERMINAL_VALUES
 
 __all__ = ["create_app"]
 
@@ -40,7 +40,6 @@ _STATUS = {
     errors.VersionMismatchError: 400, UnsupportedError: 400, errors.NotFoundError: 404,
     errors.ConflictError: 409, errors.InvalidTransitionError: 409,
 }
-_TERMINAL = {s.value for s in TERMINAL}
 _JOB_SPEC = TypeAdapter(JobSpec)
 _SPEC_FIELDS = {f.name for f in dataclasses.fields(JobSpec)}
 _OCTETS = "application/octet-stream"
@@ -192,7 +191,7 @@ def create_app(cp: ControlPlane, on_shutdown: Any = None) -> FastAPI:
             fut = cp.notifier.register(job["id"])
             view = await run_in_threadpool(lambda: cp.job_view(cp.store.get_job(job["id"])))
             left = deadline - time.monotonic()
-            if view["status"] in _TERMINAL or left <= 0:
+            if view["status"] in TERMINAL_VALUES or left <= 0:
                 cp.notifier.discard(job["id"], fut)
                 return view
             await cp.notifier.wait(job["id"], fut, left)
@@ -272,7 +271,7 @@ def create_app(cp: ControlPlane, on_shutdown: Any = None) -> FastAPI:
 
         def finished() -> bool:
             status = cp.store.job_owner_status(job["id"])
-            return status is None or status[1] in _TERMINAL
+            return status is None or status[1] in TERMINAL_VALUES
 
         keepalive = min(cp.settings.log_keepalive_s, logformat.KEEPALIVE_S)
         return StreamingResponse(follow_lines(path, finished, verbose, limit, keepalive_s=keepalive, tail=tail),

@@ -15,6 +15,7 @@ needs none. The cookie counts only for reads (GET, HEAD) of the API; a change ma
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import hmac
@@ -38,17 +39,21 @@ from mljobs import errors
 from mljobs.runtime.launcher import summarize_envelope
 from mljobs.server.auth import Principal
 from mljobs.server.service import ControlPlane
-from mljobs.status import CANCELABLE, JOB_STATUS, TERMINAL
+from mljobs.status import CANCELABLE_VALUES, JOB_STATUS, TERMINAL_VALUES
 
 __all__ = ["register", "cookie_token", "LoginCodes", "COOKIE", "LOGIN_CODE_TTL_S"]
 
 COOKIE = "mljobs_token"
 LOGIN_CODE_TTL_S = 60.0
-RESULT_READ_CAP = 64 << 20  # a result envelope larger than this is not opened to show its summary
+# Every page: never cached, never framed (no clickjacking of Cancel), scripts and styles only from
+# this server (a link or text a job wrote can never run as script here).
+PAGE_HEADERS = {"Cache-Control": "no-store", "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff",
+                "Referrer-Policy": "same-origin",
+                "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
+                                           "form-action 'self'; object-src 'none'"}
+RESULT_READ_CAP = 8 << 20  # a result envelope larger than this is not opened to show its summary
 _HERE = Path(__file__).with_name("dashboard")
 _SAFE = ("GET", "HEAD")
-_TERMINAL = {s.value for s in TERMINAL}
-_CANCELABLE = {s.value for s in CANCELABLE}
 _STATUSES = [s.value for s in JOB_STATUS if s is not JOB_STATUS.DELETED]
 _LIST_LIMIT = 200
 
@@ -116,7 +121,7 @@ def _timeline(job: dict[str, Any], status_events: list[dict[str, Any]]) -> list[
         events.append({"time": job["created_time"], "what": "submitted", "status": "PENDING", "detail": ""})
         if job["started_time"]:
             events.append({"time": job["started_time"], "what": "started", "status": "RUNNING", "detail": ""})
-        if job["completed_time"] or job["status"] in _TERMINAL:
+        if job["completed_time"] or job["status"] in TERMINAL_VALUES:
             events.append({"time": job["completed_time"], "what": "ended", "status": job["status"],
                            "detail": job["message"]})
     for inst in job["instances"]:
@@ -135,7 +140,7 @@ def _timeline(job: dict[str, Any], status_events: list[dict[str, Any]]) -> list[
 def _outcome(cp: ControlPlane, job: dict[str, Any], who: Principal) -> dict[str, Any]:
     """A finished job's result (its repr) or exception (type, message, remote traceback), read from
     its envelope without unpickling anything the job wrote; {} while it runs."""
-    if job["status"] not in _TERMINAL:
+    if job["status"] not in TERMINAL_VALUES:
         return {}
     out: dict[str, Any] = {"status": job["status"], "message": job["message"]}
     chunks = cp.result(job["id"], who)
@@ -143,12 +148,13 @@ def _outcome(cp: ControlPlane, job: dict[str, Any], who: Principal) -> dict[str,
         out["note"] = "the job left no result"
         return out
     buf = bytearray()
-    for chunk in chunks:
-        buf += chunk
-        if len(buf) > RESULT_READ_CAP:
-            out["note"] = (f"the result is larger than {RESULT_READ_CAP >> 20} MiB, too large to open here; "
-                           f"`mljobs result {job['id']}` fetches it")
-            return out
+    with contextlib.closing(chunks):  # the stage file is closed however the read ends
+        for chunk in chunks:
+            buf += chunk
+            if len(buf) > RESULT_READ_CAP:
+                out["note"] = (f"the result is larger than {RESULT_READ_CAP >> 20} MiB, too large to open here; "
+                               f"`mljobs result {job['id']}` fetches it")
+                return out
     try:
         env = summarize_envelope(bytes(buf))
     except (pickle.UnpicklingError, EOFError, ValueError) as e:
@@ -203,11 +209,11 @@ def register(app: FastAPI, cp: ControlPlane, api_caller: Callable[..., Principal
         token = request.cookies.get(COOKIE)
         return templates.TemplateResponse(request, name, {
             "who": who, "csrf": csrf_token(token) if who else "", "logged_in": bool(token), **context},
-            status_code=status_code, headers={"Cache-Control": "no-store"})
+            status_code=status_code, headers=PAGE_HEADERS)
 
     def login_page(request: Request, error: str = "", status_code: int = 401) -> HTMLResponse:
         resp = page(request, "login.html", None, status_code, error=error, next=_next_path(request))
-        if request.cookies.get(COOKIE):
+        if request.cookies.get(COOKIE) and caller(request) is None:
             resp.delete_cookie(COOKIE, path="/")  # a token that no longer works
         return resp
 
@@ -270,7 +276,7 @@ def register(app: FastAPI, cp: ControlPlane, api_caller: Callable[..., Principal
                      "env_var_names": sorted(spec.get("env_vars") or {}),  # names only: values may be secrets
                      "external_access_integrations": spec.get("external_access_integrations") or [],
                      "runtime_python": spec.get("runtime_python") or ""},
-            "cancelable": view["status"] in _CANCELABLE, "terminal": view["status"] in _TERMINAL,
+            "cancelable": view["status"] in CANCELABLE_VALUES, "terminal": view["status"] in TERMINAL_VALUES,
         }
 
     @app.get("/jobs/{ref}", response_class=HTMLResponse, include_in_schema=False)

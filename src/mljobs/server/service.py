@@ -13,6 +13,7 @@ import fnmatch
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import sys
 import threading
@@ -41,13 +42,25 @@ from mljobs.server.scheduler import pending_reason, plan_starts, plan_top_ups
 from mljobs.server.store import Store, utcnow
 from mljobs.spec import DEFAULT_POOL, INSTANCE_FAMILIES, JobSpec, PayloadKind, PoolSpec, PoolState, check_identifier, check_stage_name, is_job_id, new_job_id
 from mljobs.stages import Stage, parse_stage_path
-from mljobs.status import ACTIVE, JOB_STATUS, TERMINAL
+from mljobs.status import ACTIVE, ACTIVE_VALUES, JOB_STATUS, TERMINAL, TERMINAL_VALUES
 
-__all__ = ["ControlPlane"]
+__all__ = ["ControlPlane", "safe_ray_info"]
 
 LIVE = ("STARTING", "RUNNING")  # an instance's statuses before it is recorded EXITED
 
+_HTTP_URL = re.compile(r"https?://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~/\-]*)?")
+_HOST_PORT = re.compile(r"[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}")
 log = logging.getLogger("mljobs.server")
+
+
+def safe_ray_info(info: Any) -> dict[str, str | None]:
+    """The Ray addresses a job's own head wrote, passed on only as an http(s) URL and a host:port:
+    never something a browser would run (a ``javascript:`` link on the dashboard) or a client
+    would trip on."""
+    info = info if isinstance(info, dict) else {}
+    url, gcs = info.get("dashboard_url"), info.get("gcs_address")
+    return {"gcs_address": gcs if isinstance(gcs, str) and _HOST_PORT.fullmatch(gcs) else None,
+            "dashboard_url": url if isinstance(url, str) and _HTTP_URL.fullmatch(url) else None}
 # Built in: the public package index (the simple API and the file host).
 PYPI_ACCESS = ("PYPI_ACCESS", ["pypi.org", "files.pythonhosted.org"])
 DEFAULT_INDEX = "https://pypi.org/simple"
@@ -91,7 +104,7 @@ class ControlPlane:
 
     def _sweep(self) -> None:
         """Kill what jobs that already ended left behind (a server that died mid-finish)."""
-        terminal = {s.value for s in TERMINAL}
+        terminal = TERMINAL_VALUES
 
         def ended(job_id: str) -> bool:
             try:
@@ -568,7 +581,7 @@ class ControlPlane:
         inst = next((i for i in self.store.instances_of(job_id) if i["instance_id"] == instance_id), None)
         if inst is None:
             raise NotFoundError(f"job {job_id} has no instance {instance_id}")
-        if job["status"] in {s.value for s in TERMINAL} or inst["status"] == "EXITED":
+        if job["status"] in TERMINAL_VALUES or inst["status"] == "EXITED":
             return {"action": "stop"}
         provider = self.provider(job["compute_pool"])
         # the agent may report before the server stored the handle its start returned
@@ -826,10 +839,10 @@ class ControlPlane:
         if job["target_instances"] < 2 or job["spec"].get("parallel"):
             raise InvalidArgumentError(f"job {job['id']} runs no Ray cluster (only multi-node jobs without "
                                        "parallel=True do)")
-        info = None
+        info: Any = None
         if head and head["handle"] and head["status"] in ("STARTING", "RUNNING"):
             info = self.provider(job["compute_pool"]).ray_info(InstanceHandle.from_dict(head["handle"]))
-        return {"job_id": job["id"], "status": job["status"], **(info or {"gcs_address": None, "dashboard_url": None})}
+        return {"job_id": job["id"], "status": job["status"], **safe_ray_info(info)}
 
     def get_job(self, ref: str, who: Principal) -> dict[str, Any]:
         return self.job_view(self.resolve(ref, who))
@@ -876,9 +889,12 @@ class ControlPlane:
     def result(self, ref: str, who: Principal, instance_id: int | None = None) -> Iterator[bytes] | None:
         """The job's result envelope, or one instance's (parallel multi-node jobs), in chunks."""
         job = self.resolve(ref, who)
-        if job["status"] not in {s.value for s in TERMINAL}:
+        if job["status"] not in TERMINAL_VALUES:
             raise InvalidTransitionError(job["id"], job["status"], "a result (the job has not finished)")
-        stage = self.stage(job["stage_name"])
+        try:
+            stage = self.stage(job["stage_name"], create=False)  # reading must not make a dropped stage anew
+        except NotFoundError:
+            return None  # its stage was dropped, and the result with it
         paths = StagePaths(job["id"])
         path = paths.result if instance_id is None else paths.instance_result(instance_id)
         return stage.iter_chunks(path) if stage.exists(path) else None
@@ -886,10 +902,10 @@ class ControlPlane:
     def delete(self, ref: str, who: Principal, wait_s: float = 30.0) -> None:
         """Stop the job if it runs, then remove it, its logs and its stage files."""
         job = self.resolve(ref, who)
-        if job["status"] in {s.value for s in ACTIVE}:
+        if job["status"] in ACTIVE_VALUES:
             self.cancel(job["id"], who)
             deadline = utcnow().timestamp() + wait_s
-            while self.store.get_job(job["id"])["status"] not in {s.value for s in TERMINAL}:
+            while self.store.get_job(job["id"])["status"] not in TERMINAL_VALUES:
                 if utcnow().timestamp() > deadline:
                     raise InvalidTransitionError(job["id"], "CANCELLING", "DELETED (still stopping; try again)")
                 self._stop.wait(0.05)
