@@ -21,11 +21,10 @@ from sqlalchemy.engine import Engine
 from mljobs.errors import ConflictError, InvalidTransitionError, NotFoundError
 from mljobs.server.tables import instances, integrations, job_events, jobs, pools, secrets, stages, users
 from mljobs.spec import PoolSpec
-from mljobs.status import ACTIVE, JOB_STATUS, TERMINAL, can_transition
+from mljobs.status import ACTIVE, INSTANCE_STATUS, JOB_STATUS, LIVE_INSTANCE, TERMINAL, can_transition
 
 __all__ = ["Store", "utcnow", "normalize_url"]
 
-LIVE_INSTANCE = ("STARTING", "RUNNING")
 
 
 def _event(c: sa.Connection, job_id: str, status: str, message: str = "", time: dt.datetime | None = None) -> None:
@@ -308,7 +307,7 @@ class Store:
                 return False
             _event(c, job_id, JOB_STATUS.RUNNING.value, f"{len(slots)} instance(s) started", now)
             c.execute(instances.insert(), [
-                {"job_id": job_id, "instance_id": i, "slot": s, "status": "STARTING", "started_time": now}
+                {"job_id": job_id, "instance_id": i, "slot": s, "status": INSTANCE_STATUS.STARTING.value, "started_time": now}
                 for i, s in enumerate(slots)])
         return True
 
@@ -342,7 +341,7 @@ class Store:
                               .where(instances.c.job_id == job_id)).scalar_one()
             now = utcnow()
             c.execute(instances.insert(), [
-                {"job_id": job_id, "instance_id": i, "slot": s, "status": "STARTING", "started_time": now}
+                {"job_id": job_id, "instance_id": i, "slot": s, "status": INSTANCE_STATUS.STARTING.value, "started_time": now}
                 for i, s in enumerate(slots, start=first)])
             return int(first)
 
@@ -369,7 +368,7 @@ class Store:
         now = utcnow()
         with self.engine.begin() as c:
             c.execute(instances.insert(), [
-                {"job_id": job_id, "instance_id": i, "slot": s, "status": "STARTING", "started_time": now}
+                {"job_id": job_id, "instance_id": i, "slot": s, "status": INSTANCE_STATUS.STARTING.value, "started_time": now}
                 for i, s in enumerate(slots, start=first_id)
             ])
 
@@ -388,7 +387,7 @@ class Store:
         with self.engine.begin() as c:
             res = c.execute(instances.update().where(
                 instances.c.job_id == job_id, instances.c.instance_id == instance_id,
-                instances.c.status.in_(LIVE_INSTANCE)).values(status="EXITED", **values))
+                instances.c.status.in_(sorted(LIVE_INSTANCE))).values(status=INSTANCE_STATUS.EXITED.value, **values))
             if res.rowcount == 0:
                 return False
             if job_status is not None:
@@ -406,12 +405,12 @@ class Store:
 
     def live_instances(self) -> list[dict[str, Any]]:
         with self.engine.connect() as c:
-            q = sa.select(instances).where(instances.c.status.in_(LIVE_INSTANCE))
+            q = sa.select(instances).where(instances.c.status.in_(sorted(LIVE_INSTANCE)))
             return [_row(r) for r in c.execute(q)]
 
     def used_slots(self, pool: str) -> set[int]:
         q = (sa.select(instances.c.slot).join(jobs, jobs.c.id == instances.c.job_id)
-             .where(jobs.c.compute_pool == pool, instances.c.status.in_(LIVE_INSTANCE)))
+             .where(jobs.c.compute_pool == pool, instances.c.status.in_(sorted(LIVE_INSTANCE))))
         with self.engine.connect() as c:
             return {r[0] for r in c.execute(q)}
 
@@ -420,7 +419,7 @@ class Store:
         out: dict[str, dict[str, int]] = {}
         with self.engine.connect() as c:
             q = (sa.select(jobs.c.compute_pool, sa.func.count()).join(instances, jobs.c.id == instances.c.job_id)
-                 .where(instances.c.status.in_(LIVE_INSTANCE)).group_by(jobs.c.compute_pool))
+                 .where(instances.c.status.in_(sorted(LIVE_INSTANCE))).group_by(jobs.c.compute_pool))
             for pool, n in c.execute(q):
                 out.setdefault(pool, {"nodes_in_use": 0, "queued": 0, "running": 0})["nodes_in_use"] = n
             q = (sa.select(jobs.c.compute_pool, jobs.c.status, sa.func.count())
