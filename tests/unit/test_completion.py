@@ -118,7 +118,7 @@ def test_the_last_exit_and_the_job_status_are_one_transaction(cp):
     cp.instance_exited(InstanceHandle(job_id, 0, 4242, 1.0))
     assert cp.violations == []
     job, [inst] = cp.store.get_job(job_id), cp.store.instances_of(job_id)
-    assert (job["status"], job["message"]) == ("DONE", "")
+    assert (job.status, job.message) == ("DONE", "")
     assert inst["status"] == "EXITED" and inst["exit_code"] == 0 and inst["exit_record"]["has_result"]
     assert cp.stage("st").get_bytes(StagePaths(job_id).result) == ENVELOPE
 
@@ -132,7 +132,7 @@ def test_a_second_report_of_the_same_exit_changes_nothing(cp):
     cp.instance_exited(InstanceHandle(job_id, 0, 4242, 1.0))
     assert cp.store.instances_of(job_id) == first
     assert first[0]["exit_code"] == 0 and first[0]["cpu_seconds"] == 1.5
-    assert cp.store.get_job(job_id)["status"] == "DONE"
+    assert cp.store.get_job(job_id).status == "DONE"
 
 
 def test_a_multinode_job_finishes_from_the_stored_exit_records(cp):
@@ -141,7 +141,7 @@ def test_a_multinode_job_finishes_from_the_stored_exit_records(cp):
     job_id = _running_job(cp, instances=2)
     cp.instance_exited(InstanceHandle(job_id, 0, 4242, 1.0))
     cp._providers["local"].cleanup(InstanceHandle(job_id, 0))
-    assert cp.store.get_job(job_id)["status"] == "RUNNING"
+    assert cp.store.get_job(job_id).status == "RUNNING"
     cp.instance_exited(InstanceHandle(job_id, 1, 4243, 1.0))
     assert cp.violations == []
-    assert cp.store.get_job(job_id)["status"] == "DONE"
+    assert cp.store.get_job(job_id).status == "DONE"

@@ -7,6 +7,7 @@ import pytest
 from mljobs.errors import InvalidTransitionError
 from mljobs.providers.base import InstanceExit, InstanceHandle
 from mljobs.server.monitor import reconcile_once
+from mljobs.server.records import JobRecord
 from mljobs.server.scheduler import pending_reason, plan_starts, plan_top_ups
 from mljobs.server.store import Store, utcnow
 from mljobs.spec import JobSpec, PayloadKind, PoolSpec, is_job_id, new_job_id
@@ -31,13 +32,15 @@ def _pool(max_nodes=2, suspended=False):
     return {"name": "P", "max_nodes": max_nodes, "suspended": suspended}
 
 
-def _job(i, target=1, min_=None):
-    return {"id": f"j{i}", "target_instances": target, "min_instances": min_ or target}
+def _job(i, target=1, min_=None, ran=0):
+    return JobRecord(id=f"j{i}", name=f"j{i}", status="PENDING", message="", database_name="D", schema_name="S",
+                     owner="me", compute_pool="P", stage_name="ST", target_instances=target,
+                     min_instances=min_ or target, instances_ran=ran, created_time=utcnow())
 
 
 def test_plan_is_fifo_and_respects_capacity():
     plan = plan_starts(_pool(2), {0}, [_job(1), _job(2)])
-    assert [(j["id"], s) for j, s in plan] == [("j1", [1])]
+    assert [(j.id, s) for j, s in plan] == [("j1", [1])]
     assert plan_starts(_pool(2, suspended=True), set(), [_job(1)]) == []
     # the head needs 2, only 1 free: nothing behind it jumps the queue
     assert plan_starts(_pool(2), {0}, [_job(1, target=2), _job(2)]) == []
@@ -48,22 +51,22 @@ def test_plan_is_fifo_and_respects_capacity():
 def test_two_multinode_jobs_never_deadlock():
     # each needs 2 of 3 nodes: the first takes what it can, the second waits holding nothing
     plan = plan_starts(_pool(3), set(), [_job(1, target=3, min_=2), _job(2, target=3, min_=2)])
-    assert [(j["id"], s) for j, s in plan] == [("j1", [0, 1, 2])]
+    assert [(j.id, s) for j, s in plan] == [("j1", [0, 1, 2])]
     plan = plan_starts(_pool(4), set(), [_job(1, target=2), _job(2, target=3, min_=2)])
-    assert [(j["id"], s) for j, s in plan] == [("j1", [0, 1]), ("j2", [2, 3])]
+    assert [(j.id, s) for j, s in plan] == [("j1", [0, 1]), ("j2", [2, 3])]
 
 
 def test_top_ups_use_only_slots_nobody_queues_for():
-    short = [{**_job(1, target=3, min_=2), "instances_ran": 2}]
-    assert [(j["id"], s) for j, s in plan_top_ups(_pool(3), {0, 1}, [], short)] == [("j1", [2])]
+    short = [_job(1, target=3, min_=2, ran=2)]
+    assert [(j.id, s) for j, s in plan_top_ups(_pool(3), {0, 1}, [], short)] == [("j1", [2])]
     assert plan_top_ups(_pool(3), {0, 1}, [_job(2)], short) == []  # a queued job comes first
     assert plan_top_ups(_pool(3, suspended=True), {0, 1}, [], short) == []
     assert plan_top_ups(_pool(2), {0, 1}, [], short) == []  # nothing free
 
 
 def test_pending_reason_words():
-    assert pending_reason({}, {"name": "P", "suspended": True, "max_nodes": 1}, 0, 0).startswith("pool P is SUSPENDED")
-    assert pending_reason({}, _pool(2), 2, 1) == "pool busy: 2/2 nodes in use, 1 job(s) ahead in the queue"
+    assert pending_reason({"name": "P", "suspended": True, "max_nodes": 1}, 0, 0).startswith("pool P is SUSPENDED")
+    assert pending_reason(_pool(2), 2, 1) == "pool busy: 2/2 nodes in use, 1 job(s) ahead in the queue"
 
 
 @pytest.fixture
@@ -91,7 +94,7 @@ def test_store_transitions_are_compare_and_set(store):
     with pytest.raises(InvalidTransitionError):
         store.transition(jid, S.RUNNING, expected=[S.PENDING])
     done = store.transition(jid, S.DONE)
-    assert done["status"] == "DONE" and done["completed_time"] is not None
+    assert done.status == "DONE" and done.completed_time is not None
     with pytest.raises(InvalidTransitionError, match="DONE"):
         store.transition(jid, S.CANCELLED)
 
@@ -110,22 +113,22 @@ def test_every_status_a_job_takes_is_an_event_in_order_and_a_refused_move_is_non
     assert [e["message"] for e in events] == ["", "1 instance(s) started", "cancelled by me", "cancelled by me"]
     times = [e["time"] for e in events]
     assert times == sorted(times) and all(t.tzinfo is not None for t in times)
-    assert times[-1] == store.get_job(jid)["completed_time"]
+    assert times[-1] == store.get_job(jid).completed_time
     store.delete_job(jid)
     assert store.job_events(jid) == []
 
 
 def test_queue_position_and_start_are_consistent_with_the_queue(store):
     ids = [_insert(store) for _ in range(5)]
-    assert [j["id"] for j in store.pending_jobs("P")] == ids
-    assert [j["id"] for j in store.pending_jobs("P", limit=2)] == ids[:2]
+    assert [j.id for j in store.pending_jobs("P")] == ids
+    assert [j.id for j in store.pending_jobs("P", limit=2)] == ids[:2]
     assert [store.jobs_ahead(store.get_job(j)) for j in ids] == [0, 1, 2, 3, 4]
     assert store.start_job(ids[1], [0, 1])
     assert not store.start_job(ids[1], [0])  # no longer PENDING
-    assert store.get_job(ids[1])["status"] == "RUNNING" and store.get_job(ids[1])["instances_ran"] == 2
+    assert store.get_job(ids[1]).status == "RUNNING" and store.get_job(ids[1]).instances_ran == 2
     assert [i["slot"] for i in store.instances_of(ids[1])] == [0, 1]
     assert [store.jobs_ahead(store.get_job(j)) for j in ids[2:]] == [1, 2, 3]
-    assert "spec" not in store.list_jobs(0, with_spec=False)[0] and "spec" in store.list_jobs(1)[0]
+    assert store.list_jobs(0, with_spec=False)[0].spec is None and store.list_jobs(1)[0].spec is not None
 
 
 class FakeProvider:

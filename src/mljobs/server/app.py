@@ -188,13 +188,13 @@ def create_app(cp: ControlPlane, on_shutdown: Any = None) -> FastAPI:
         job = await run_in_threadpool(cp.resolve, ref, who)
         deadline = time.monotonic() + timeout
         while True:
-            fut = cp.notifier.register(job["id"])
-            view = await run_in_threadpool(lambda: cp.job_view(cp.store.get_job(job["id"])))
+            fut = cp.notifier.register(job.id)
+            view = await run_in_threadpool(lambda: cp.job_view(cp.store.get_job(job.id)))
             left = deadline - time.monotonic()
             if view["status"] in TERMINAL_VALUES or left <= 0:
-                cp.notifier.discard(job["id"], fut)
+                cp.notifier.discard(job.id, fut)
                 return view
-            await cp.notifier.wait(job["id"], fut, left)
+            await cp.notifier.wait(job.id, fut, left)
 
     @app.post(api + "/jobs/{ref}/cancel", response_model=S.JobOut)
     def cancel(ref: str, who: Who) -> dict[str, Any]:
@@ -239,8 +239,8 @@ def create_app(cp: ControlPlane, on_shutdown: Any = None) -> FastAPI:
         chunks = cp.result(ref, who)
         if chunks is None:
             job = cp.resolve(ref, who)
-            exc = errors.JobFailedError(f"job {job['id']} ended {job['status']} without a result: {job['message']}")
-            return _error(404, exc, status=job["status"])
+            exc = errors.JobFailedError(f"job {job.id} ended {job.status} without a result: {job.message}")
+            return _error(404, exc, status=job.status)
         return StreamingResponse(chunks, media_type=_OCTETS)
 
     @app.get(api + "/jobs/{ref}/logs", response_class=StreamingResponse, responses={200: {"content": {_TEXT: {}}}})
@@ -256,10 +256,10 @@ def create_app(cp: ControlPlane, on_shutdown: Any = None) -> FastAPI:
             raise errors.InvalidArgumentError(
                 f"before={before} pages back through a log: it needs a limit > 0 (got {limit}) and no follow")
         job = await run_in_threadpool(cp.resolve, ref, who)
-        if instance >= max(job["target_instances"], 1):
+        if instance >= max(job.target_instances, 1):
             raise errors.InvalidArgumentError(
-                f"instance {instance} does not exist: job {job['id']} has instances 0..{job['target_instances'] - 1}")
-        path = cp.home.log_file(job["id"], instance)
+                f"instance {instance} does not exist: job {job.id} has instances 0..{job.target_instances - 1}")
+        path = cp.home.log_file(job.id, instance)
         tail = None
         headers: dict[str, str] = {}
         if limit > 0:
@@ -270,7 +270,7 @@ def create_app(cp: ControlPlane, on_shutdown: Any = None) -> FastAPI:
             return StreamingResponse(body, media_type=_TEXT, headers=headers)
 
         def finished() -> bool:
-            status = cp.store.job_owner_status(job["id"])
+            status = cp.store.job_owner_status(job.id)
             return status is None or status[1] in TERMINAL_VALUES
 
         keepalive = min(cp.settings.log_keepalive_s, logformat.KEEPALIVE_S)

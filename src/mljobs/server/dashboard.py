@@ -267,9 +267,9 @@ def register(app: FastAPI, cp: ControlPlane, api_caller: Callable[..., Principal
     def job_context(ref: str, who: Principal) -> dict[str, Any]:
         job = cp.resolve(ref, who)
         view = cp.job_view(job)
-        spec = job["spec"]
+        spec = job.spec or {}
         return {
-            "job": view, "timeline": _timeline(view, cp.store.job_events(job["id"])),
+            "job": view, "timeline": _timeline(view, cp.store.job_events(job.id)),
             "outcome": _outcome(cp, view, who), "ray": _ray(cp, view, who),
             "spec": {"payload_kind": spec.get("payload_kind"), "entrypoint": spec.get("entrypoint") or [],
                      "args": spec.get("args") or [], "pip_requirements": spec.get("pip_requirements") or [],

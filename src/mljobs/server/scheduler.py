@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from mljobs.server.records import JobRecord
+
 __all__ = ["plan_starts", "plan_top_ups", "pending_reason"]
 
 
-def plan_starts(pool: dict[str, Any], used_slots: set[int], pending: list[dict[str, Any]]) -> list[tuple[dict[str, Any], list[int]]]:
+def plan_starts(pool: dict[str, Any], used_slots: set[int],
+                pending: list[JobRecord]) -> list[tuple[JobRecord, list[int]]]:
     """Jobs to start now, each with the pool slots it gets.
 
     A job starts when at least its ``min_instances`` slots are free and takes up to
@@ -20,16 +23,16 @@ def plan_starts(pool: dict[str, Any], used_slots: set[int], pending: list[dict[s
     free = [s for s in range(pool["max_nodes"]) if s not in used_slots]
     plan = []
     for job in pending:
-        if len(free) < job["min_instances"]:
+        if len(free) < job.min_instances:
             break
-        take = min(job["target_instances"], len(free))
+        take = min(job.target_instances, len(free))
         plan.append((job, free[:take]))
         free = free[take:]
     return plan
 
 
-def plan_top_ups(pool: dict[str, Any], used_slots: set[int], pending: list[dict[str, Any]],
-                 short: list[dict[str, Any]]) -> list[tuple[dict[str, Any], list[int]]]:
+def plan_top_ups(pool: dict[str, Any], used_slots: set[int], pending: list[JobRecord],
+                 short: list[JobRecord]) -> list[tuple[JobRecord, list[int]]]:
     """Late instances for running multi-node jobs that started with fewer than their target.
 
     ``short`` are such jobs, oldest first, each with ``instances_ran``. Only slots nobody queues
@@ -40,14 +43,14 @@ def plan_top_ups(pool: dict[str, Any], used_slots: set[int], pending: list[dict[
     free = [s for s in range(pool["max_nodes"]) if s not in used_slots]
     plan = []
     for job in short:
-        take = min(job["target_instances"] - job["instances_ran"], len(free))
+        take = min(job.target_instances - job.instances_ran, len(free))
         if take > 0:
             plan.append((job, free[:take]))
             free = free[take:]
     return plan
 
 
-def pending_reason(job: dict[str, Any], pool: dict[str, Any], nodes_in_use: int, ahead: int) -> str:
+def pending_reason(pool: dict[str, Any], nodes_in_use: int, ahead: int) -> str:
     """Why a PENDING job has not started, in words a user can act on."""
     name = pool["name"]
     if pool["suspended"]:

@@ -18,7 +18,7 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from typing import IO, Any
 from urllib.parse import urlsplit
 
@@ -38,6 +38,7 @@ from mljobs.server import metrics
 from mljobs.server.auth import Authenticator, Principal, make_user
 from mljobs.server.monitor import reconcile_once
 from mljobs.server.notify import Notifier
+from mljobs.server.records import JobRecord
 from mljobs.server.scheduler import pending_reason, plan_starts, plan_top_ups
 from mljobs.server.store import Store, utcnow
 from mljobs.spec import DEFAULT_POOL, INSTANCE_FAMILIES, JobSpec, PayloadKind, PoolSpec, PoolState, check_identifier, check_stage_name, is_job_id, new_job_id
@@ -108,7 +109,7 @@ class ControlPlane:
 
         def ended(job_id: str) -> bool:
             try:
-                return self.store.get_job(job_id)["status"] in terminal
+                return self.store.get_job(job_id).status in terminal
             except NotFoundError:
                 return False  # not this server's job
 
@@ -133,21 +134,21 @@ class ControlPlane:
 
     def reconcile(self, attach: bool) -> None:
         live = self.store.live_instances()
-        reconcile_once(live, self.provider, lambda j: self.store.get_job(j)["compute_pool"],
+        reconcile_once(live, self.provider, lambda j: self.store.get_job(j).compute_pool,
                        self.instance_exited, utcnow(), attach=attach, on_found=self._record_found)
         # A job whose instances all ended but that is still active: the server died (or its exit
         # callback failed) between recording the last exit and moving the job. Complete it now,
         # from what the provider's files say, as instance_exited would have.
         for job in self.store.list_jobs(0, statuses=[JOB_STATUS.CANCELLING.value, JOB_STATUS.RUNNING.value]):
             with self._lock:
-                job = self.store.get_job(job["id"])
-                insts = self.store.instances_of(job["id"])
-                if job["status"] in (JOB_STATUS.CANCELLING.value, JOB_STATUS.RUNNING.value) and not any(
+                job = self.store.get_job(job.id)
+                insts = self.store.instances_of(job.id)
+                if job.status in (JOB_STATUS.CANCELLING.value, JOB_STATUS.RUNNING.value) and not any(
                         i["status"] in LIVE_INSTANCE for i in insts):
                     self._complete(job, insts, None)
                 else:
                     continue
-            self.schedule(job["compute_pool"])
+            self.schedule(job.compute_pool)
 
     def _record_found(self, handle: InstanceHandle) -> None:
         """reconcile_once found a running instance whose handle was never stored."""
@@ -158,9 +159,9 @@ class ControlPlane:
         if cancel_jobs:
             for job in self.store.list_jobs(0, statuses=[s.value for s in ACTIVE]):
                 try:
-                    self.cancel(job["id"], SYSTEM)
+                    self.cancel(job.id, SYSTEM)
                 except Exception:  # noqa: BLE001
-                    log.exception("cancel %s on shutdown", job["id"])
+                    log.exception("cancel %s on shutdown", job.id)
         for p in self._providers.values():
             p.close()
 
@@ -506,19 +507,19 @@ class ControlPlane:
             plan = plan_starts(pool, self.store.used_slots(pool["name"]),
                                self.store.pending_jobs(pool["name"], limit=pool["max_nodes"]))
             for job, slots in plan:
-                if not self.store.start_job(job["id"], slots):
+                if not self.store.start_job(job.id, slots):
                     continue  # cancelled meanwhile
-                if len(slots) < job["target_instances"] and self._maybe_short is not None:
+                if len(slots) < job.target_instances and self._maybe_short is not None:
                     self._maybe_short.add(pool["name"])
                 self._start_instances(job, pool, slots)
-                self.notifier.notify(job["id"])
+                self.notifier.notify(job.id)
             if self._maybe_short is None or pool["name"] in self._maybe_short:
                 self._top_up(pool)
 
     def _top_up(self, pool: dict[str, Any]) -> None:
         """Late instances join running multi-node jobs that started with fewer than their target."""
-        short = [j for j in self.store.short_jobs(pool["name"]) if not j["spec"].get("parallel") and any(
-            i["instance_id"] == 0 and i["status"] == INSTANCE_STATUS.RUNNING.value for i in self.store.instances_of(j["id"]))]
+        short = [j for j in self.store.short_jobs(pool["name"]) if not j.parallel and any(
+            i["instance_id"] == 0 and i["status"] == INSTANCE_STATUS.RUNNING.value for i in self.store.instances_of(j.id))]
         if not short:
             if self._maybe_short is None:
                 self._maybe_short = {p["name"] for p in self.store.list_pools() if self.store.short_jobs(p["name"])}
@@ -527,47 +528,47 @@ class ControlPlane:
         plan = plan_top_ups(pool, self.store.used_slots(pool["name"]), self.store.pending_jobs(pool["name"], limit=1),
                             short)
         for job, slots in plan:
-            first = self.store.add_instances(job["id"], slots)
+            first = self.store.add_instances(job.id, slots)
             if first is not None:
                 self._start_instances(job, pool, slots, first_id=first)
-                self.notifier.notify(job["id"])
+                self.notifier.notify(job.id)
 
-    def _start_instances(self, job: dict[str, Any], pool: dict[str, Any], slots: list[int],
+    def _start_instances(self, job: JobRecord, pool: dict[str, Any], slots: list[int],
                          first_id: int = 0) -> None:
-        spec = JobSpec.from_dict(job["spec"])
+        spec = job.job_spec()
         provider = self.provider(pool["name"])
         family = INSTANCE_FAMILIES[pool["instance_family"]]
-        stage = self.stage(job["stage_name"])
+        stage = self.stage(job.stage_name)
         environment = self._environment_for(spec)
         count = first_id + len(slots)
         for i, slot in enumerate(slots, start=first_id):
             env = {"MLJOBS_URL": self.settings.advertise_url if provider.remote else self.url,
-                   "MLJOBS_JOB_ID": job["id"], "MLJOBS_INSTANCE_ID": str(i),
-                   "MLJOBS_INSTANCE_COUNT": str(count), "MLJOBS_DATABASE": job["database_name"],
-                   "MLJOBS_SCHEMA": job["schema_name"], "MLJOBS_COMPUTE_POOL": pool["name"]}
-            env["MLJOBS_TOKEN"] = self.auth.job_token(job["id"])  # acts for the owner, never as an admin
-            launch = InstanceLaunch(job["id"], i, count, spec, family, slot, stage, env,
+                   "MLJOBS_JOB_ID": job.id, "MLJOBS_INSTANCE_ID": str(i),
+                   "MLJOBS_INSTANCE_COUNT": str(count), "MLJOBS_DATABASE": job.database_name,
+                   "MLJOBS_SCHEMA": job.schema_name, "MLJOBS_COMPUTE_POOL": pool["name"]}
+            env["MLJOBS_TOKEN"] = self.auth.job_token(job.id)  # acts for the owner, never as an admin
+            launch = InstanceLaunch(job.id, i, count, spec, family, slot, stage, env,
                                     self.settings.grace_period_s, environment, PoolSpec.from_dict(pool))
             try:
                 handle = provider.start(launch)
             except Exception as e:  # noqa: BLE001
-                log.exception("start %s/%d", job["id"], i)
+                log.exception("start %s/%d", job.id, i)
                 if first_id > 0:  # a late instance: the running job goes on without it
-                    self.store.update_instance(job["id"], i, status=INSTANCE_STATUS.EXITED.value, ended_time=utcnow())
+                    self.store.update_instance(job.id, i, status=INSTANCE_STATUS.EXITED.value, ended_time=utcnow())
                     self._append_note(job, f"late instance {i} could not start: {e}")
                     continue
-                for inst in self.store.instances_of(job["id"]):  # the ones started already stop too
+                for inst in self.store.instances_of(job.id):  # the ones started already stop too
                     if inst["handle"]:
                         provider.cancel(InstanceHandle.from_dict(inst["handle"]), self.settings.grace_period_s)
                     else:
-                        self.store.update_instance(job["id"], inst["instance_id"], status=INSTANCE_STATUS.EXITED.value,
+                        self.store.update_instance(job.id, inst["instance_id"], status=INSTANCE_STATUS.EXITED.value,
                                                    ended_time=utcnow())
-                self._finish(self.store.get_job(job["id"]), None,
+                self._finish(self.store.get_job(job.id), None,
                              f"could not start instance {i} on pool {pool['name']}: {e}")
-                if not any(inst["handle"] for inst in self.store.instances_of(job["id"])):
-                    provider.finish_job(job["id"])
+                if not any(inst["handle"] for inst in self.store.instances_of(job.id)):
+                    provider.finish_job(job.id)
                 return
-            self.store.update_instance(job["id"], i, status=INSTANCE_STATUS.RUNNING.value, handle=handle.to_dict())
+            self.store.update_instance(job.id, i, status=INSTANCE_STATUS.RUNNING.value, handle=handle.to_dict())
             if not provider.watch(handle, self.instance_exited):
                 self.instance_exited(handle)
 
@@ -581,12 +582,12 @@ class ControlPlane:
         inst = next((i for i in self.store.instances_of(job_id) if i["instance_id"] == instance_id), None)
         if inst is None:
             raise NotFoundError(f"job {job_id} has no instance {instance_id}")
-        if job["status"] in TERMINAL_VALUES or inst["status"] == INSTANCE_STATUS.EXITED.value:
+        if job.status in TERMINAL_VALUES or inst["status"] == INSTANCE_STATUS.EXITED.value:
             return {"action": "stop"}
-        provider = self.provider(job["compute_pool"])
+        provider = self.provider(job.compute_pool)
         # the agent may report before the server stored the handle its start returned
         handle = InstanceHandle.from_dict(inst["handle"]) if inst["handle"] else InstanceHandle(
-            job_id, instance_id, extra={"count": job["target_instances"]})
+            job_id, instance_id, extra={"count": job.target_instances})
         return provider.report(handle, report)
 
     def instance_exited(self, handle: InstanceHandle) -> None:
@@ -597,10 +598,10 @@ class ControlPlane:
                 job = self.store.get_job(handle.job_id)
             except NotFoundError:
                 return
-            insts = self.store.instances_of(job["id"])
+            insts = self.store.instances_of(job.id)
             if not any(i["instance_id"] == handle.instance_id and i["status"] in LIVE_INSTANCE for i in insts):
                 return  # recorded already
-            pool = job["compute_pool"]
+            pool = job.compute_pool
             provider = self.provider(pool)
             exit_ = provider.poll(handle)  # without a pid too: the provider reads any exit record first
             if exit_ is None:  # still running after all (spurious wake-up)
@@ -611,45 +612,45 @@ class ControlPlane:
                       **metrics.instance_values(provider.metrics(handle), exit_.usage, now.timestamp())}
             live = [i for i in insts if i["status"] in LIVE_INSTANCE and i["instance_id"] != handle.instance_id]
             if live:
-                if self.store.record_exit(job["id"], handle.instance_id, values) and (
-                        job["target_instances"] > 1 and job["status"] == JOB_STATUS.RUNNING.value):
+                if self.store.record_exit(job.id, handle.instance_id, values) and (
+                        job.target_instances > 1 and job.status == JOB_STATUS.RUNNING.value):
                     self._multinode_exit(job, handle.instance_id, exit_, live)
                 return
             self._complete(job, insts, (handle.instance_id, values, exit_))
         self.schedule(pool)
 
-    def _complete(self, job: dict[str, Any], insts: list[dict[str, Any]],
+    def _complete(self, job: JobRecord, insts: list[dict[str, Any]],
                   last: tuple[int, dict[str, Any], InstanceExit] | None) -> None:
         """Every instance of ``job`` has ended: decide its status from their exits and finish it.
         ``last`` (instance id, row values, exit): the instance that just ended, recorded EXITED
         in the transaction that moves the job, so an active job whose instances all ended is
         never seen. Without it (an older server, or a job whose start failed) the exits come from
         the rows' exit records, else from the provider, whose files stay until the job is terminal."""
-        provider = self.provider(job["compute_pool"])
+        provider = self.provider(job.compute_pool)
         exit_ = self._outcome(job, self._exits(job, insts, last))
         # Processes and namespaces go first, so that a job seen ended runs nothing any more;
         # its local files after, off the path to the user's result.
-        provider.finish_job(job["id"])
+        provider.finish_job(job.id)
         new, msg = self._status_for(job, exit_, None)
-        active = [JOB_STATUS(job["status"])] if job["status"] in (
+        active = [JOB_STATUS(job.status)] if job.status in (
             JOB_STATUS.RUNNING.value, JOB_STATUS.CANCELLING.value) else []
         if last is not None:
-            self.store.record_exit(job["id"], last[0], last[1], new, expected=active, message=msg)
+            self.store.record_exit(job.id, last[0], last[1], new, expected=active, message=msg)
         elif active:
             try:
-                self.store.transition(job["id"], new, expected=active, message=msg)
+                self.store.transition(job.id, new, expected=active, message=msg)
             except InvalidTransitionError:
                 pass  # already finished by another path
-        self.notifier.notify(job["id"])
+        self.notifier.notify(job.id)
         handles = [InstanceHandle.from_dict(i["handle"]) for i in insts if i["handle"]]
-        for h in handles or [InstanceHandle(job["id"], 0)]:
+        for h in handles or [InstanceHandle(job.id, 0)]:
             provider.cleanup(h)
 
-    def _exits(self, job: dict[str, Any], insts: list[dict[str, Any]],
+    def _exits(self, job: JobRecord, insts: list[dict[str, Any]],
                last: tuple[int, dict[str, Any], InstanceExit] | None) -> dict[int, tuple[InstanceExit, bool]]:
         """Every instance's exit and whether its result is kept: the one that just ended, the
         stored exit records, and for rows without one what the provider still has."""
-        provider = self.provider(job["compute_pool"])
+        provider = self.provider(job.compute_pool)
         out: dict[int, tuple[InstanceExit, bool]] = {}
         for inst in insts:
             i, record = inst["instance_id"], inst["exit_record"]
@@ -659,30 +660,30 @@ class ControlPlane:
                 out[i] = (InstanceExit.from_record(record), bool(record.get("has_result")))
             else:
                 h = InstanceHandle.from_dict(inst["handle"]) if inst["handle"] else None
-                e = provider.poll(h or InstanceHandle(job["id"], i)) or InstanceExit(None, lost=True)
+                e = provider.poll(h or InstanceHandle(job.id, i)) or InstanceExit(None, lost=True)
                 self._keep_result(job, i, e)
                 out[i] = (e, e.result is not None)
         return out
 
-    def _result_path(self, job: dict[str, Any], instance_id: int) -> str | None:
+    def _result_path(self, job: JobRecord, instance_id: int) -> str | None:
         """Where an instance's result envelope is kept: each instance's own for a parallel
         multi-node job, the job's for instance 0 of any other (a Ray worker's is not kept)."""
-        paths = StagePaths(job["id"])
-        if job["target_instances"] > 1 and job["spec"].get("parallel"):
+        paths = StagePaths(job.id)
+        if job.target_instances > 1 and job.parallel:
             return paths.instance_result(instance_id)
         return paths.result if instance_id == 0 else None
 
-    def _keep_result(self, job: dict[str, Any], instance_id: int, exit_: InstanceExit) -> None:
+    def _keep_result(self, job: JobRecord, instance_id: int, exit_: InstanceExit) -> None:
         path = self._result_path(job, instance_id)
         if exit_.result is not None and path is not None:
-            self.stage(job["stage_name"]).put_bytes(path, exit_.result)
+            self.stage(job.stage_name).put_bytes(path, exit_.result)
 
     # -- multi-node ---------------------------------------------------------------------------
-    def _multinode_exit(self, job: dict[str, Any], instance_id: int, exit_: InstanceExit,
+    def _multinode_exit(self, job: JobRecord, instance_id: int, exit_: InstanceExit,
                         live: list[dict[str, Any]]) -> None:
         """One instance of a running multi-node job ended while others still run."""
-        provider = self.provider(job["compute_pool"])
-        parallel = bool(job["spec"].get("parallel"))
+        provider = self.provider(job.compute_pool)
+        parallel = bool(job.parallel)
         failed = exit_.lost or exit_.error is not None or exit_.exit_code not in (0, None)
         if not parallel and instance_id == 0:  # the head is done (its result is written): workers leave
             for inst in live:
@@ -700,24 +701,24 @@ class ControlPlane:
                     provider.cancel(InstanceHandle.from_dict(inst["handle"]), self.settings.grace_period_s)
         else:
             note = (f"instance {instance_id} (a worker node) {how} at {utcnow():%H:%M:%S} UTC; the job goes on "
-                    f"with {len(live)} of {job['instances_ran']} node(s)")
+                    f"with {len(live)} of {job.instances_ran} node(s)")
         self._append_note(job, note)
 
-    def _append_note(self, job: dict[str, Any], note: str) -> None:
+    def _append_note(self, job: JobRecord, note: str) -> None:
         """Add ``note`` to the running job's message and to the head's log."""
-        current = self.store.get_job(job["id"])["message"]
-        self.store.set_message(job["id"], f"{current}; {note}" if current else note)
-        log_file = self.home.log_file(job["id"], 0)
+        current = self.store.get_job(job.id).message
+        self.store.set_message(job.id, f"{current}; {note}" if current else note)
+        log_file = self.home.log_file(job.id, 0)
         if log_file.parent.is_dir():
             with open(log_file, "a", encoding="utf-8") as f:
                 f.write(logformat.format_record(logformat.SYS, f"mljobs: {note}"))
-        self.notifier.notify(job["id"])
+        self.notifier.notify(job.id)
 
-    def _outcome(self, job: dict[str, Any], exits: dict[int, tuple[InstanceExit, bool]]) -> InstanceExit:
+    def _outcome(self, job: JobRecord, exits: dict[int, tuple[InstanceExit, bool]]) -> InstanceExit:
         """The exit that decides a finished job: the head's (instance 0); for a parallel multi-node
         job the first failed instance's (else instance 0's), whose result becomes the job's."""
         lost = InstanceExit(None, lost=True)
-        if not (job["target_instances"] > 1 and job["spec"].get("parallel")):
+        if not (job.target_instances > 1 and job.parallel):
             return exits[0][0] if 0 in exits else lost
         failed = [i for i, (e, _) in sorted(exits.items()) if not e.cancelled and (
             e.lost or e.error is not None or e.exit_code != 0)]
@@ -725,25 +726,25 @@ class ControlPlane:
         if first not in exits:
             return lost
         if exits[first][1]:
-            stage, paths = self.stage(job["stage_name"]), StagePaths(job["id"])
+            stage, paths = self.stage(job.stage_name), StagePaths(job.id)
             stage.put_bytes(paths.result, stage.get_bytes(paths.instance_result(first)))
         return exits[first][0]
 
-    def _finish(self, job: dict[str, Any], exit_: InstanceExit | None, platform_error: str | None) -> None:
+    def _finish(self, job: JobRecord, exit_: InstanceExit | None, platform_error: str | None) -> None:
         """Move ``job`` to the status ``exit_`` or ``platform_error`` gives it."""
         new, msg = self._status_for(job, exit_, platform_error)
         try:
-            self.store.transition(job["id"], new, expected=[JOB_STATUS(job["status"])] if job["status"] in (
+            self.store.transition(job.id, new, expected=[JOB_STATUS(job.status)] if job.status in (
                 JOB_STATUS.RUNNING.value, JOB_STATUS.CANCELLING.value) else None, message=msg)
         except InvalidTransitionError:
             pass  # already finished by another path
-        self.notifier.notify(job["id"])
+        self.notifier.notify(job.id)
 
-    def _status_for(self, job: dict[str, Any], exit_: InstanceExit | None,
+    def _status_for(self, job: JobRecord, exit_: InstanceExit | None,
                     platform_error: str | None) -> tuple[JOB_STATUS, str]:
-        job_id = job["id"]
+        job_id = job.id
         logs_hint = f"`mljobs logs {job_id}` or job.get_logs() shows the full log"
-        if job["status"] == JOB_STATUS.CANCELLING.value:
+        if job.status == JOB_STATUS.CANCELLING.value:
             new, msg = JOB_STATUS.CANCELLED, "cancelled by request"
         elif platform_error is not None:
             new, msg = JOB_STATUS.INTERNAL_ERROR, platform_error
@@ -757,7 +758,7 @@ class ControlPlane:
             if tail:
                 msg += f"\nlast log lines:\n{tail}"
         elif exit_.exit_code == 0 and exit_.error is None:
-            new, msg = JOB_STATUS.DONE, job["message"] if job["target_instances"] > 1 else ""
+            new, msg = JOB_STATUS.DONE, job.message if job.target_instances > 1 else ""
         elif exit_.error is not None:
             new = JOB_STATUS.FAILED
             exc_type = exit_.error["exc_type"].removeprefix("builtins.")
@@ -770,21 +771,21 @@ class ControlPlane:
             tail = "\n".join(exit_.log_tail)
             new = JOB_STATUS.FAILED
             msg = f"instance exited with code {code}{why}; {logs_hint}" + (f"\nlast log lines:\n{tail}" if tail else "")
-        notes = job["message"] if job["target_instances"] > 1 and job["status"] == JOB_STATUS.RUNNING.value else ""
+        notes = job.message if job.target_instances > 1 and job.status == JOB_STATUS.RUNNING.value else ""
         if notes and new != JOB_STATUS.DONE:
             msg = f"{msg}\n{notes}"
         return new, msg
 
-    def _memory_message(self, job: dict[str, Any], oom: dict[str, int] | None) -> str:
+    def _memory_message(self, job: JobRecord, oom: dict[str, int] | None) -> str:
         try:
-            fam = INSTANCE_FAMILIES.get(self.store.get_pool(job["compute_pool"])["instance_family"])
+            fam = INSTANCE_FAMILIES.get(self.store.get_pool(job.compute_pool)["instance_family"])
         except NotFoundError:
             fam = None
         oom = oom or {}
-        return metrics.oom_message(fam, job["compute_pool"], oom.get("used_bytes"), oom.get("limit_bytes"))
+        return metrics.oom_message(fam, job.compute_pool, oom.get("used_bytes"), oom.get("limit_bytes"))
 
     # -- jobs: queries and control ------------------------------------------------------------
-    def resolve(self, ref: str, who: Principal) -> dict[str, Any]:
+    def resolve(self, ref: str, who: Principal) -> JobRecord:
         """A job of ``who``'s (any job for an admin) by id or by name (the newest of that name).
 
         Someone else's job is reported as missing, so ids do not leak who runs what.
@@ -794,7 +795,7 @@ class ControlPlane:
                 job = self.store.get_job(ref.upper())
             except NotFoundError:
                 job = None
-            if job is not None and who.may_use(job["owner"]):
+            if job is not None and who.may_use(job.owner):
                 return job
             raise NotFoundError(f"job {ref.upper()} does not exist (or is not yours); `mljobs jobs list` shows "
                                 "your jobs")
@@ -804,19 +805,20 @@ class ControlPlane:
                                 "`mljobs jobs list` shows your jobs")
         return named[0]
 
-    def job_view(self, job: dict[str, Any]) -> dict[str, Any]:
-        view = {k: v for k, v in job.items() if k != "spec"}
-        view["payload_kind"] = job["spec"].get("payload_kind")
-        if job["status"] == JOB_STATUS.PENDING.value:
-            pool = self.store.get_pool(job["compute_pool"])
+    def job_view(self, job: JobRecord) -> dict[str, Any]:
+        view = job.to_dict()
+        view.pop("spec", None)
+        view["payload_kind"] = (job.spec or {}).get("payload_kind")
+        if job.status == JOB_STATUS.PENDING.value:
+            pool = self.store.get_pool(job.compute_pool)
             ahead = self.store.jobs_ahead(job)
-            view["message"] = pending_reason(job, pool, len(self.store.used_slots(pool["name"])), ahead)
+            view["message"] = pending_reason(pool, len(self.store.used_slots(pool["name"])), ahead)
         view["instances"] = [
             {k: i[k] for k in ("instance_id", "status", "exit_code", "started_time", "ended_time", "cpu_seconds",
                                "peak_rss_bytes")}
-            for i in self.store.instances_of(job["id"])
+            for i in self.store.instances_of(job.id)
         ]
-        view["parallel"] = bool(job["spec"].get("parallel"))
+        view["parallel"] = job.parallel
         view.update(metrics.summarize(view["instances"]))
         return view
 
@@ -824,32 +826,32 @@ class ControlPlane:
         """Every instance's resource samples: stored for ended instances, live from the provider."""
         job = self.resolve(ref, who)
         out: list[dict[str, Any]] = []
-        for inst in self.store.instances_of(job["id"]):
+        for inst in self.store.instances_of(job.id):
             if inst["status"] == INSTANCE_STATUS.EXITED.value or not inst["handle"]:
                 rows = metrics.decode(inst["metrics"])
             else:
-                rows = self.provider(job["compute_pool"]).metrics(InstanceHandle.from_dict(inst["handle"]))
+                rows = self.provider(job.compute_pool).metrics(InstanceHandle.from_dict(inst["handle"]))
             out += metrics.frame_rows(inst["instance_id"], rows)
         return out
 
     def ray_info(self, ref: str, who: Principal) -> dict[str, Any]:
         """A running multi-node job's Ray addresses (GCS, dashboard) as its head wrote them."""
         job = self.resolve(ref, who)
-        head = next((i for i in self.store.instances_of(job["id"]) if i["instance_id"] == 0), None)
-        if job["target_instances"] < 2 or job["spec"].get("parallel"):
-            raise InvalidArgumentError(f"job {job['id']} runs no Ray cluster (only multi-node jobs without "
+        head = next((i for i in self.store.instances_of(job.id) if i["instance_id"] == 0), None)
+        if job.target_instances < 2 or job.parallel:
+            raise InvalidArgumentError(f"job {job.id} runs no Ray cluster (only multi-node jobs without "
                                        "parallel=True do)")
         info: Any = None
         if head and head["handle"] and head["status"] in LIVE_INSTANCE:
-            info = self.provider(job["compute_pool"]).ray_info(InstanceHandle.from_dict(head["handle"]))
-        return {"job_id": job["id"], "status": job["status"], **safe_ray_info(info)}
+            info = self.provider(job.compute_pool).ray_info(InstanceHandle.from_dict(head["handle"]))
+        return {"job_id": job.id, "status": job.status, **safe_ray_info(info)}
 
     def get_job(self, ref: str, who: Principal) -> dict[str, Any]:
         return self.job_view(self.resolve(ref, who))
 
     def job_events(self, ref: str, who: Principal) -> list[dict[str, Any]]:
         """The statuses the job took, oldest first (none for jobs made before the store kept them)."""
-        return self.store.job_events(self.resolve(ref, who)["id"])
+        return self.store.job_events(self.resolve(ref, who).id)
 
     def list_jobs(self, limit: int, database: str | None, schema: str | None, who: Principal, *,
                   statuses: list[str] | None = None, pool: str | None = None,
@@ -860,68 +862,69 @@ class ControlPlane:
             return []  # a user sees only their own jobs, whoever they ask for
         rows = self.store.list_jobs(limit, database, schema, statuses=statuses, owner=who.owner_filter or owner,
                                     with_spec=False, pool=pool)
-        usage = metrics.usage_by_job(self.store, [r["id"] for r in rows])
-        return [{**r, **usage.get(r["id"], {"peak_rss_bytes": None, "cpu_seconds": None})} for r in rows]
+        usage = metrics.usage_by_job(self.store, [r.id for r in rows])
+        return [{**r.to_dict(), **usage.get(r.id, {"peak_rss_bytes": None, "cpu_seconds": None})} for r in rows]
 
     def cancel(self, ref: str, who: Principal) -> dict[str, Any]:
         job = self.resolve(ref, who)
         with self._lock:
-            job = self.store.get_job(job["id"])
-            if job["status"] == JOB_STATUS.PENDING.value:
+            job = self.store.get_job(job.id)
+            if job.status == JOB_STATUS.PENDING.value:
                 try:
-                    self.store.transition(job["id"], JOB_STATUS.CANCELLED, expected=[JOB_STATUS.PENDING],
+                    self.store.transition(job.id, JOB_STATUS.CANCELLED, expected=[JOB_STATUS.PENDING],
                                           message="cancelled before it started")
                 except InvalidTransitionError:
                     return self.cancel(ref, who)  # it started meanwhile
-            elif job["status"] == JOB_STATUS.RUNNING.value:
+            elif job.status == JOB_STATUS.RUNNING.value:
                 try:
-                    self.store.transition(job["id"], JOB_STATUS.CANCELLING, expected=[JOB_STATUS.RUNNING],
+                    self.store.transition(job.id, JOB_STATUS.CANCELLING, expected=[JOB_STATUS.RUNNING],
                                           message="cancelling: stopping every process of the job")
                 except InvalidTransitionError:
-                    return self.job_view(self.store.get_job(job["id"]))
-                provider = self.provider(job["compute_pool"])
-                for inst in self.store.instances_of(job["id"]):
+                    return self.job_view(self.store.get_job(job.id))
+                provider = self.provider(job.compute_pool)
+                for inst in self.store.instances_of(job.id):
                     if inst["status"] in LIVE_INSTANCE and inst["handle"]:
                         provider.cancel(InstanceHandle.from_dict(inst["handle"]), self.settings.grace_period_s)
-        self.notifier.notify(job["id"])
-        return self.job_view(self.store.get_job(job["id"]))
+        self.notifier.notify(job.id)
+        return self.job_view(self.store.get_job(job.id))
 
-    def result(self, ref: str, who: Principal, instance_id: int | None = None) -> Iterator[bytes] | None:
+    def result(self, ref: str, who: Principal,
+               instance_id: int | None = None) -> Generator[bytes, None, None] | None:
         """The job's result envelope, or one instance's (parallel multi-node jobs), in chunks."""
         job = self.resolve(ref, who)
-        if job["status"] not in TERMINAL_VALUES:
-            raise InvalidTransitionError(job["id"], job["status"], "a result (the job has not finished)")
+        if job.status not in TERMINAL_VALUES:
+            raise InvalidTransitionError(job.id, job.status, "a result (the job has not finished)")
         try:
-            stage = self.stage(job["stage_name"], create=False)  # reading must not make a dropped stage anew
+            stage = self.stage(job.stage_name, create=False)  # reading must not make a dropped stage anew
         except NotFoundError:
             return None  # its stage was dropped, and the result with it
-        paths = StagePaths(job["id"])
+        paths = StagePaths(job.id)
         path = paths.result if instance_id is None else paths.instance_result(instance_id)
         return stage.iter_chunks(path) if stage.exists(path) else None
 
     def delete(self, ref: str, who: Principal, wait_s: float = 30.0) -> None:
         """Stop the job if it runs, then remove it, its logs and its stage files."""
         job = self.resolve(ref, who)
-        if job["status"] in ACTIVE_VALUES:
-            self.cancel(job["id"], who)
+        if job.status in ACTIVE_VALUES:
+            self.cancel(job.id, who)
             deadline = utcnow().timestamp() + wait_s
-            while self.store.get_job(job["id"])["status"] not in TERMINAL_VALUES:
+            while self.store.get_job(job.id).status not in TERMINAL_VALUES:
                 if utcnow().timestamp() > deadline:
-                    raise InvalidTransitionError(job["id"], "CANCELLING", "DELETED (still stopping; try again)")
+                    raise InvalidTransitionError(job.id, "CANCELLING", "DELETED (still stopping; try again)")
                 self._stop.wait(0.05)
         self._remove(job)
 
-    def _remove(self, job: dict[str, Any]) -> None:
+    def _remove(self, job: JobRecord) -> None:
         """Remove a finished job: its stage files, logs and local folders, then its record."""
         try:
-            self.stage(job["stage_name"], create=False).remove(StagePaths(job["id"]).prefix)
+            self.stage(job.stage_name, create=False).remove(StagePaths(job.id).prefix)
         except NotFoundError:  # its stage is gone already
             pass
-        shutil.rmtree(self.home.job_logs(job["id"]), ignore_errors=True)
-        shutil.rmtree(self.home.job_run(job["id"]), ignore_errors=True)
-        shutil.rmtree(self.home.job_work(job["id"]), ignore_errors=True)
-        self.store.delete_job(job["id"])
-        self.notifier.notify(job["id"])
+        shutil.rmtree(self.home.job_logs(job.id), ignore_errors=True)
+        shutil.rmtree(self.home.job_run(job.id), ignore_errors=True)
+        shutil.rmtree(self.home.job_work(job.id), ignore_errors=True)
+        self.store.delete_job(job.id)
+        self.notifier.notify(job.id)
 
     def prune_jobs(self, older_than_s: float, statuses: list[str] | None, who: Principal | None,
                    limit: int = 1000) -> list[str]:
@@ -938,7 +941,7 @@ class ControlPlane:
         gone = []
         for job in self.store.finished_before(before, limit, owner, statuses):
             self._remove(job)
-            gone.append(job["id"])
+            gone.append(job.id)
         if gone:
             log.info("pruned %d finished job(s)", len(gone))
         return gone

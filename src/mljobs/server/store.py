@@ -19,9 +19,10 @@ from alembic.config import Config
 from sqlalchemy.engine import Engine
 
 from mljobs.errors import ConflictError, InvalidTransitionError, NotFoundError
+from mljobs.server.records import JobRecord
 from mljobs.server.tables import instances, integrations, job_events, jobs, pools, secrets, stages, users
 from mljobs.spec import PoolSpec
-from mljobs.status import ACTIVE, INSTANCE_STATUS, JOB_STATUS, LIVE_INSTANCE, TERMINAL, can_transition
+from mljobs.status import ACTIVE, INSTANCE_STATUS, JOB_STATUS, LIVE_INSTANCE, TERMINAL, TERMINAL_VALUES, can_transition
 
 __all__ = ["Store", "utcnow", "normalize_url"]
 
@@ -53,6 +54,10 @@ def _pool_row(r: Any) -> dict[str, Any]:
     row = _row(r)
     row["provider_options"] = row.get("provider_options") or {}
     return row
+
+
+def _job(r: Any) -> JobRecord:
+    return JobRecord.from_row(_row(r))
 
 
 def _row(r: Any) -> dict[str, Any]:
@@ -202,20 +207,20 @@ class Store:
             c.execute(jobs.insert().values(**row))
             _event(c, row["id"], row["status"], row.get("message") or "", row.get("created_time"))
 
-    def get_job(self, job_id: str) -> dict[str, Any]:
+    def get_job(self, job_id: str) -> JobRecord:
         with self.engine.connect() as c:
             r = c.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
         if r is None:
             raise NotFoundError(f"job {job_id} does not exist; `mljobs jobs list` shows the jobs")
-        return _row(r)
+        return _job(r)
 
-    def jobs_named(self, name: str, owner: str | None = None) -> list[dict[str, Any]]:
+    def jobs_named(self, name: str, owner: str | None = None) -> list[JobRecord]:
         """Jobs called ``name``, newest first; only ``owner``'s when given."""
         with self.engine.connect() as c:
             q = sa.select(jobs).where(jobs.c.name == name).order_by(jobs.c.created_time.desc())
             if owner is not None:
                 q = q.where(jobs.c.owner == owner)
-            return [_row(r) for r in c.execute(q)]
+            return [_job(r) for r in c.execute(q)]
 
     def job_owner_status(self, job_id: str) -> tuple[str, str] | None:
         """A job's owner and status (one small read, for job tokens)."""
@@ -223,15 +228,15 @@ class Store:
             r = c.execute(sa.select(jobs.c.owner, jobs.c.status).where(jobs.c.id == job_id)).first()
         return (r[0], r[1]) if r else None
 
-    def job_by_key(self, owner: str, key: str) -> dict[str, Any] | None:
+    def job_by_key(self, owner: str, key: str) -> JobRecord | None:
         """The job ``owner`` submitted with idempotency key ``key``, if any."""
         with self.engine.connect() as c:
             r = c.execute(sa.select(jobs).where(jobs.c.owner == owner, jobs.c.idempotency_key == key)).first()
-        return _row(r) if r else None
+        return _job(r) if r else None
 
     def list_jobs(self, limit: int, database: str | None = None, schema: str | None = None,
                   statuses: Iterable[str] | None = None, owner: str | None = None,
-                  with_spec: bool = True, pool: str | None = None) -> list[dict[str, Any]]:
+                  with_spec: bool = True, pool: str | None = None) -> list[JobRecord]:
         """Newest first; ``with_spec=False`` leaves out the spec (the one large column)."""
         cols = jobs.c if with_spec else [c for c in jobs.c if c.name != "spec"]
         q = sa.select(*cols).order_by(jobs.c.created_time.desc())
@@ -248,28 +253,28 @@ class Store:
         if limit > 0:
             q = q.limit(limit)
         with self.engine.connect() as c:
-            return [_row(r) for r in c.execute(q)]
+            return [_job(r) for r in c.execute(q)]
 
-    def pending_jobs(self, pool: str, limit: int = 0) -> list[dict[str, Any]]:
+    def pending_jobs(self, pool: str, limit: int = 0) -> list[JobRecord]:
         """The pool's queue in order (its first ``limit`` jobs when > 0)."""
         q = (sa.select(jobs).where(jobs.c.compute_pool == pool, jobs.c.status == JOB_STATUS.PENDING.value)
              .order_by(jobs.c.created_time, jobs.c.id))
         if limit > 0:
             q = q.limit(limit)
         with self.engine.connect() as c:
-            return [_row(r) for r in c.execute(q)]
+            return [_job(r) for r in c.execute(q)]
 
-    def jobs_ahead(self, job: dict[str, Any]) -> int:
+    def jobs_ahead(self, job: JobRecord) -> int:
         """How many PENDING jobs of the job's pool come before it in the queue."""
-        t, i = job["created_time"], job["id"]
+        t, i = job.created_time, job.id
         q = (sa.select(sa.func.count()).select_from(jobs)
-             .where(jobs.c.compute_pool == job["compute_pool"], jobs.c.status == JOB_STATUS.PENDING.value,
+             .where(jobs.c.compute_pool == job.compute_pool, jobs.c.status == JOB_STATUS.PENDING.value,
                     sa.or_(jobs.c.created_time < t, sa.and_(jobs.c.created_time == t, jobs.c.id < i))))
         with self.engine.connect() as c:
             return int(c.execute(q).scalar_one())
 
     def transition(self, job_id: str, new: JOB_STATUS, *, expected: Iterable[JOB_STATUS] | None = None,
-                   message: str | None = None, **values: Any) -> dict[str, Any]:
+                   message: str | None = None, **values: Any) -> JobRecord:
         """Move a job to ``new`` if its status is one of ``expected`` (default: any allowed source).
 
         Raises InvalidTransitionError when the job's current status does not allow it.
@@ -291,7 +296,7 @@ class Store:
                 _event(c, job_id, new.value, message or "", values.get("completed_time"))
         current = self.get_job(job_id)
         if res.rowcount == 0:
-            raise InvalidTransitionError(job_id, current["status"], new.value)
+            raise InvalidTransitionError(job_id, current.status, new.value)
         return current
 
     def start_job(self, job_id: str, slots: list[int]) -> bool:
@@ -322,13 +327,13 @@ class Store:
         with self.engine.begin() as c:
             c.execute(jobs.update().where(jobs.c.id == job_id).values(message=message))
 
-    def short_jobs(self, pool: str) -> list[dict[str, Any]]:
+    def short_jobs(self, pool: str) -> list[JobRecord]:
         """RUNNING multi-node jobs of ``pool`` with fewer instances than their target, oldest first."""
         q = (sa.select(jobs).where(jobs.c.compute_pool == pool, jobs.c.status == JOB_STATUS.RUNNING.value,
                                    jobs.c.target_instances > jobs.c.instances_ran)
              .order_by(jobs.c.created_time))
         with self.engine.connect() as c:
-            return [_row(r) for r in c.execute(q)]
+            return [_job(r) for r in c.execute(q)]
 
     def add_instances(self, job_id: str, slots: list[int]) -> int | None:
         """Late instances for a RUNNING job: their ids follow the last; None if it is not running."""
@@ -346,16 +351,16 @@ class Store:
             return int(first)
 
     def finished_before(self, before: dt.datetime, limit: int, owner: str | None = None,
-                        statuses: Iterable[str] | None = None) -> list[dict[str, Any]]:
+                        statuses: Iterable[str] | None = None) -> list[JobRecord]:
         """Terminal jobs completed before ``before``, oldest first, at most ``limit``."""
-        terminal = [s.value for s in TERMINAL]
+        terminal = sorted(TERMINAL_VALUES)
         wanted = [s for s in statuses if s in terminal] if statuses else terminal
         q = (sa.select(jobs).where(jobs.c.status.in_(wanted), jobs.c.completed_time < before)
              .order_by(jobs.c.completed_time).limit(limit))
         if owner is not None:
             q = q.where(jobs.c.owner == owner)
         with self.engine.connect() as c:
-            return [_row(r) for r in c.execute(q)]
+            return [_job(r) for r in c.execute(q)]
 
     def delete_job(self, job_id: str) -> None:
         with self.engine.begin() as c:

@@ -1,0 +1,80 @@
+"""The store's typed rows: what the server reads of a job, by attribute, in one place.
+
+A job row used to travel as a dict read by string key all over the service; a misspelt key was
+a KeyError at run time, and nothing said which fields a job has. :class:`JobRecord` is that row.
+The API's own shapes (``JobOut``, ``JobSummary``) are built from it with :meth:`JobRecord.to_dict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from typing import Any
+
+from mljobs.spec import JobSpec
+from mljobs.status import ACTIVE_VALUES, JOB_STATUS, TERMINAL_VALUES
+
+__all__ = ["JobRecord"]
+
+
+@dataclasses.dataclass(frozen=True)
+class JobRecord:
+    """One row of the ``jobs`` table. ``spec`` is the submitted JobSpec as JSON; it is None only in
+    rows listed without it (``Store.list_jobs(with_spec=False)``)."""
+
+    id: str
+    name: str
+    status: str
+    message: str
+    database_name: str
+    schema_name: str
+    owner: str
+    compute_pool: str
+    stage_name: str
+    target_instances: int
+    min_instances: int
+    instances_ran: int
+    created_time: dt.datetime
+    started_time: dt.datetime | None = None
+    completed_time: dt.datetime | None = None
+    idempotency_key: str | None = None
+    spec: dict[str, Any] | None = None
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> JobRecord:
+        return cls(**row)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The row as a dict (without ``spec`` when it was not read)."""
+        d = dataclasses.asdict(self)
+        if self.spec is None:
+            del d["spec"]
+        return d
+
+    def job_spec(self) -> JobSpec:
+        """The submitted spec as a JobSpec."""
+        if self.spec is None:
+            raise ValueError(f"job {self.id} was listed without its spec; read it with Store.get_job")
+        return JobSpec.from_dict(self.spec)
+
+    @property
+    def job_status(self) -> JOB_STATUS:
+        return JOB_STATUS(self.status)
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL_VALUES
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE_VALUES
+
+    @property
+    def parallel(self) -> bool:
+        """Every instance runs the entrypoint (no Ray): multi-node jobs submitted with parallel=True."""
+        return bool((self.spec or {}).get("parallel"))
+
+    @property
+    def multinode_ray(self) -> bool:
+        """A multi-node job whose instances form one Ray cluster."""
+        return self.target_instances > 1 and not self.parallel
