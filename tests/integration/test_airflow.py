@@ -1,0 +1,297 @@
+"""mljobs.airflow in a real Airflow 3: ``airflow dags test`` (SQLite, AIRFLOW_HOME in tmp) runs DAGs
+whose tasks are jobs on a real mljobs server.
+
+Airflow lives in a virtualenv of its own (tests/airflow_env.py builds it once, with uv); its tasks
+reach the server over HTTP, as a worker on another machine would. Each test checks what Airflow
+recorded (task states, tries, XComs in its database), what the server recorded (the jobs, their
+names and statuses), and what the task log shows (the job's own output).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import mljobs
+from tests.airflow_env import AirflowHome, ensure_venv
+from tests.conftest import ServerProc, wait_status
+
+pytestmark = pytest.mark.slow
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "xgb_classifier_airflow"
+
+
+@pytest.fixture(scope="module")
+def airflow_python() -> Path:
+    python, built_s = ensure_venv()
+    if built_s:
+        print(f"built the Airflow virtualenv in {built_s:.1f} s")
+    return python
+
+
+@pytest.fixture
+def af(airflow_python: Path, sqlite_server: ServerProc, tmp_path: Path) -> Iterator[AirflowHome]:
+    home = AirflowHome(tmp_path / "airflow", airflow_python, sqlite_server.url)
+    home.migrate()
+    yield home
+
+
+def _jobs_named(session, prefix: str):
+    df = mljobs.list_jobs(limit=0, session=session)
+    return df[df["name"].str.startswith(prefix)]
+
+
+def _wait_for(predicate, what: str, timeout: float = 180.0, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+E2E_DAG = '''
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pendulum
+from airflow.sdk import DAG, task
+
+from mljobs.airflow import MLJobOperator, mljob_task
+
+POOL = "DEFAULT_POOL"
+
+
+def add(a: int, b: int) -> int:
+    print("adding", a, b, flush=True)
+    return a + b
+
+
+def slow_add(a: int, b: int) -> int:
+    import time
+    time.sleep(3)
+    print("deferred adding", a, b, flush=True)
+    return a + b
+
+
+def sleep_long() -> None:
+    import time
+    print("sleeping", flush=True)
+    time.sleep(300)
+
+
+def fail(x: int) -> None:
+    raise ValueError(f"bad value {x}")
+
+
+with DAG("mljobs_e2e", schedule=None, start_date=pendulum.datetime(2024, 1, 1), catchup=False):
+    added = MLJobOperator(task_id="add", compute_pool=POOL, stage_name="payload_stage", python_callable=add,
+                          op_args=[2], op_kwargs={"b": 3})
+
+    @task.mljobs(compute_pool=POOL, stage_name="payload_stage")
+    def double(x: int) -> int:
+        print("doubling", x, flush=True)
+        return 2 * x
+
+    @mljob_task(compute_pool=POOL, stage_name="payload_stage")
+    def square(x: int) -> dict:
+        return {"square": x * x}
+
+    square(double(added.output))
+    MLJobOperator(task_id="script", compute_pool=POOL, stage_name="payload_stage",
+                  file=str(Path(__file__).parent / "triple.py"), args=["7"])
+    MLJobOperator(task_id="deferred", compute_pool=POOL, stage_name="payload_stage", python_callable=slow_add,
+                  op_args=[20, 22], deferrable=True, poll_interval=2)
+    MLJobOperator(task_id="nopool", compute_pool="NO_SUCH_POOL", stage_name="payload_stage",
+                  python_callable=add, op_args=[1, 1], retries=3, retry_delay=dt.timedelta(minutes=10))
+    MLJobOperator(task_id="too_slow", compute_pool=POOL, stage_name="payload_stage", python_callable=sleep_long,
+                  timeout=4)
+    MLJobOperator(task_id="fails", compute_pool=POOL, stage_name="payload_stage", python_callable=fail,
+                  op_args=[13])
+'''
+
+
+def test_dag_runs_jobs_end_to_end(af: AirflowHome, lite, tmp_path: Path) -> None:
+    """Function, @task.mljobs, @mljob_task, file and deferrable tasks return their job's value as XCom
+    and copy its log; an unknown pool fails at once without retries; a timeout cancels the job; a
+    job's exception fails its task with the job's message."""
+    (af.dags / "e2e.py").write_text(E2E_DAG)
+    (af.dags / "triple.py").write_text("import sys\nprint('tripling', sys.argv[1])\n__return__ = 3 * int(sys.argv[1])\n")
+    started = time.monotonic()
+    rc, out = af.dag_test("mljobs_e2e", tmp_path / "e2e.log")
+    took = time.monotonic() - started
+    assert rc != 0, out[-3000:]  # nopool, too_slow and fails fail the run
+    states = af.task_states("mljobs_e2e")
+    assert {t: s for t, (s, _) in states.items()} == {
+        "add": "success", "double": "success", "square": "success", "script": "success", "deferred": "success",
+        "nopool": "failed", "too_slow": "failed", "fails": "failed"}, out[-3000:]
+
+    assert af.xcom("mljobs_e2e", "add") == 5
+    assert af.xcom("mljobs_e2e", "double") == 10
+    assert af.xcom("mljobs_e2e", "square") == {"square": 100}
+    assert af.xcom("mljobs_e2e", "script") == 21
+    assert af.xcom("mljobs_e2e", "deferred") == 42
+
+    for task_id, line in [("add", "adding 2 3"), ("double", "doubling 5"), ("script", "tripling 7"),
+                          ("deferred", "deferred adding 20 22")]:
+        job_id = af.xcom("mljobs_e2e", task_id, "mljobs_job_id")
+        job = mljobs.get_job(job_id, session=lite)
+        assert job.status == mljobs.JOB_STATUS.DONE
+        assert job.name.startswith(f"airflow.mljobs_e2e.{task_id}.")
+        tag = job_id[-12:].lower()
+        assert f"[{tag}] {line}" in out or f"[{tag}/0] {line}" in out, f"{task_id}'s log was not copied"
+
+    # the unknown pool: named in the task's failure, one try only (its retry_delay of 10 min never came)
+    assert states["nopool"][1] == 1
+    assert "compute pool 'NO_SUCH_POOL' does not exist" in out
+    assert took < 500
+    assert _jobs_named(lite, "airflow.mljobs_e2e.nopool.").empty
+
+    slow = mljobs.get_job(af.xcom("mljobs_e2e", "too_slow", "mljobs_job_id"), session=lite)
+    assert slow.status == mljobs.JOB_STATUS.CANCELLED
+    assert f"mljobs job {slow.id} did not end within timeout=4 s of its submission; cancelled it" in out
+
+    failed = mljobs.get_job(af.xcom("mljobs_e2e", "fails", "mljobs_job_id"), session=lite)
+    assert failed.status == mljobs.JOB_STATUS.FAILED
+    assert f"mljobs job {failed.id} ended FAILED" in out and "bad value 13" in out
+
+
+RETRY_DAG = '''
+from __future__ import annotations
+
+import datetime as dt
+
+import pendulum
+from airflow.sdk import DAG
+
+from mljobs.airflow import MLJobOperator
+
+
+def train(marker: str, starts: str) -> int:
+    import os, time
+    with open(starts, "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    print("training starts", flush=True)
+    deadline = time.monotonic() + 300
+    while not os.path.exists(marker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    print("training done", flush=True)
+    return 99
+
+
+with DAG("mljobs_retry", schedule=None, start_date=pendulum.datetime(2024, 1, 1), catchup=False):
+    MLJobOperator(task_id="train", compute_pool="DEFAULT_POOL", stage_name="payload_stage", python_callable=train,
+                  op_args=[MARKER, STARTS], retries=3, retry_delay=dt.timedelta(seconds=5))
+'''
+
+
+def test_retry_reattaches_to_the_job_of_the_failed_try(af: AirflowHome, sqlite_server: ServerProc, lite,
+                                                       tmp_path: Path) -> None:
+    """The first try fails after submitting (the control plane goes away while it waits; the job
+    keeps running); the retry finds that job by its name and waits on it: one job, one run of the
+    payload, the retry's XCom is its value."""
+    marker, starts = tmp_path / "go", tmp_path / "starts.txt"
+    (af.dags / "retry.py").write_text(RETRY_DAG.replace("MARKER", repr(str(marker))).replace("STARTS", repr(str(starts))))
+    log = tmp_path / "retry.log"
+    proc = af.start_dag_test("mljobs_retry", log)
+    try:
+        ids = _wait_for(lambda: list(_jobs_named(lite, "airflow.mljobs_retry.train.").index), "the first try's job",
+                        timeout=300)
+        job = mljobs.get_job(ids[0], session=lite)
+        wait_status(job, {"RUNNING"}, timeout=120)
+        _wait_for(lambda: starts.exists() and starts.read_text(), "the payload to start")
+        url = sqlite_server.url
+        sqlite_server.kill()  # the server stops, its jobs run on
+        _wait_for(lambda: "no mljobs server answers" in log.read_text(), "the first try to fail", timeout=120)
+        assert sqlite_server.start() == url  # the same address, which the DAG's tasks know
+        marker.touch()
+        rc = proc.wait(300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    out = log.read_text()
+    assert rc == 0, out[-4000:]
+    state, tries = af.task_states("mljobs_retry")["train"]
+    assert state == "success" and tries >= 2, (state, tries)
+    assert af.xcom("mljobs_retry", "train") == 99
+    assert af.xcom("mljobs_retry", "train", "mljobs_job_id") == job.id
+    assert f"reattaching to mljobs job {job.id} (RUNNING), which an earlier try of this task submitted" in out
+    assert len(_jobs_named(lite, "airflow.mljobs_retry.train.")) == 1
+    assert len(starts.read_text().splitlines()) == 1, "the payload ran twice"
+    assert job.status == mljobs.JOB_STATUS.DONE
+
+
+KILL_DAG = '''
+from __future__ import annotations
+
+import pendulum
+from airflow.sdk import DAG
+
+from mljobs.airflow import MLJobOperator
+
+
+def sleep_long() -> None:
+    import time
+    print("sleeping", flush=True)
+    time.sleep(300)
+
+
+with DAG("mljobs_kill", schedule=None, start_date=pendulum.datetime(2024, 1, 1), catchup=False):
+    MLJobOperator(task_id="sleeper", compute_pool="DEFAULT_POOL", stage_name="payload_stage",
+                  python_callable=sleep_long)
+'''
+
+
+def test_killing_the_task_cancels_its_job(af: AirflowHome, lite, tmp_path: Path) -> None:
+    """SIGTERM to the task's process (what Airflow sends to a task it kills) runs on_kill: the job
+    is cancelled at once, its processes stop, and the task fails."""
+    (af.dags / "kill.py").write_text(KILL_DAG)
+    log = tmp_path / "kill.log"
+    proc = af.start_dag_test("mljobs_kill", log)
+    try:
+        ids = _wait_for(lambda: list(_jobs_named(lite, "airflow.mljobs_kill.sleeper.").index), "the task's job",
+                        timeout=300)
+        job = mljobs.get_job(ids[0], session=lite)
+        wait_status(job, {"RUNNING"}, timeout=120)
+        _wait_for(lambda: "sleeping" in job.get_logs(), "the payload to start")
+        os.kill(proc.pid, signal.SIGTERM)
+        wait_status(job, {"CANCELLED"}, timeout=30, allowed={"RUNNING", "CANCELLING"})
+        rc = proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    out = log.read_text()
+    assert rc != 0
+    assert f"cancelled mljobs job {job.id} because the task was killed" in out
+    assert af.task_states("mljobs_kill")["sleeper"][0] == "failed"
+
+
+@pytest.mark.multinode
+def test_example_xgb_classifier_dag(af: AirflowHome, lite, tmp_path: Path) -> None:
+    """examples/xgb_classifier_airflow at a small size: prepare -> train on 2 instances (waiting in
+    the triggerer) -> evaluate, each a job; the model scores well on rows training never saw."""
+    for f in EXAMPLE.glob("*.py"):
+        (af.dags / f.name).write_text(f.read_text())
+    rc, out = af.dag_test("xgb_classifier_airflow", tmp_path / "xgb.log", "-c", '{"n_samples": 4000}', timeout=900)
+    assert rc == 0, out[-5000:]
+    states = af.task_states("xgb_classifier_airflow")
+    assert all(s == "success" for s, _ in states.values()), states
+    trained = af.xcom("xgb_classifier_airflow", "train")
+    assert trained["workers"] == 2 and sum(trained["rows"]) > 0, trained
+    train_job = mljobs.get_job(af.xcom("xgb_classifier_airflow", "train", "mljobs_job_id"), session=lite)
+    assert train_job.instances_ran == 2
+    metrics = af.xcom("xgb_classifier_airflow", "evaluate")
+    assert metrics["auc"] > 0.85, metrics
+    assert f"[{train_job.id[-12:].lower()}/0]" in out  # the training log, copied after the deferred wait
