@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
-import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +21,7 @@ import pytest
 
 import mljobs
 from tests.airflow_env import AirflowHome, ensure_venv
-from tests.conftest import ServerProc, wait_status
+from tests.conftest import ServerProc, assert_no_leftovers, wait_status
 
 pytestmark = pytest.mark.slow
 
@@ -111,7 +111,7 @@ with DAG("mljobs_e2e", schedule=None, start_date=pendulum.datetime(2024, 1, 1), 
     MLJobOperator(task_id="script", compute_pool=POOL, stage_name="payload_stage",
                   file=str(Path(__file__).parent / "triple.py"), args=["7"])
     MLJobOperator(task_id="deferred", compute_pool=POOL, stage_name="payload_stage", python_callable=slow_add,
-                  op_args=[20, 22], deferrable=True, poll_interval=2)
+                  op_args=[20, 22], deferrable=True, poll_interval=2, mljobs_conn_id="mljobs_test")
     MLJobOperator(task_id="nopool", compute_pool="NO_SUCH_POOL", stage_name="payload_stage",
                   python_callable=add, op_args=[1, 1], retries=3, retry_delay=dt.timedelta(minutes=10))
     MLJobOperator(task_id="too_slow", compute_pool=POOL, stage_name="payload_stage", python_callable=sleep_long,
@@ -126,6 +126,8 @@ def test_dag_runs_jobs_end_to_end(af: AirflowHome, lite, tmp_path: Path) -> None
     and copy its log; an unknown pool fails at once without retries; a timeout cancels the job; a
     job's exception fails its task with the job's message."""
     (af.dags / "e2e.py").write_text(E2E_DAG)
+    # the deferred task finds the server through an Airflow connection, whose extra names the schema
+    af.env["AIRFLOW_CONN_MLJOBS_TEST"] = af.env["MLJOBS_URL"].replace("http://", "mljobs://") + "?schema=airflow"
     (af.dags / "triple.py").write_text("import sys\nprint('tripling', sys.argv[1])\n__return__ = 3 * int(sys.argv[1])\n")
     started = time.monotonic()
     rc, out = af.dag_test("mljobs_e2e", tmp_path / "e2e.log")
@@ -150,6 +152,9 @@ def test_dag_runs_jobs_end_to_end(af: AirflowHome, lite, tmp_path: Path) -> None
         assert job.name.startswith(f"airflow.mljobs_e2e.{task_id}.")
         tag = job_id[-12:].lower()
         assert f"[{tag}] {line}" in out or f"[{tag}/0] {line}" in out, f"{task_id}'s log was not copied"
+
+    assert mljobs.get_job(af.xcom("mljobs_e2e", "deferred", "mljobs_job_id"), session=lite)._refresh()[
+        "schema_name"] == "AIRFLOW"
 
     # the unknown pool: named in the task's failure, one try only (its retry_delay of 10 min never came)
     assert states["nopool"][1] == 1
@@ -195,11 +200,92 @@ with DAG("mljobs_retry", schedule=None, start_date=pendulum.datetime(2024, 1, 1)
 '''
 
 
-def test_retry_reattaches_to_the_job_of_the_failed_try(af: AirflowHome, sqlite_server: ServerProc, lite,
+ARGUMENTS = """
+from airflow.sdk import Connection
+
+from mljobs.airflow import MLJobOperator
+from mljobs.airflow.hook import settings_from_connection
+from mljobs.airflow.operator import job_name
+from mljobs.errors import InvalidArgumentError
+
+
+def f(x):
+    return x
+
+
+for kw in [dict(python_callable=f, file="x.py"), dict(), dict(directory="d"), dict(file="x.py", entrypoint="m.py"),
+           dict(python_callable=f, args=["1"]), dict(file="x.py", op_args=[1]), dict(python_callable=f, timeout=-5),
+           dict(python_callable=f, poll_interval="soon"), dict(python_callable=f, compute_pool=""),
+           dict(python_callable=f, mljobs_conn_id="c", session_options={"url": "http://127.0.0.1:1"}),
+           dict(python_callable=f, session_options={"uri": "http://127.0.0.1:1"})]:
+    try:
+        MLJobOperator(task_id="t", **{"compute_pool": "P", "stage_name": "s", **kw})
+        print("ACCEPTED", sorted(kw))
+    except InvalidArgumentError as e:
+        print("REFUSED", e)
+conn = Connection(conn_id="m", conn_type="mljobs", host="127.0.0.1", port=8700, password="tok",
+                  extra='{"database": "D"}')
+print("SETTINGS", settings_from_connection(conn))
+try:
+    settings_from_connection(Connection(conn_id="m", conn_type="mljobs", host="h", extra='{"token": "x"}'))
+except InvalidArgumentError as e:
+    print("REFUSED", e)
+names = {job_name("d", "t", "r", i, 1) for i in (-1, 0, 1)} | {job_name("d", "t", "r", -1, 2)}
+print("NAMES", len(names), job_name("my dag", "t", "r:1+00", -1, 1) == job_name("my dag", "t", "r:1+00", -1, 1),
+      job_name("my dag", "t", "r", -1, 1).split(".")[:3])
+"""
+
+
+def test_bad_arguments_are_refused_when_the_dag_is_parsed(airflow_python: Path, tmp_path: Path) -> None:
+    """Each bad operator argument is refused in the constructor (so at DAG parse time), naming the
+    value and the fix; connections map to session settings; job names differ per map index and
+    clearing, and are stable."""
+    script = tmp_path / "args.py"
+    script.write_text(ARGUMENTS)
+    done = subprocess.run([str(airflow_python), str(script)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "AIRFLOW_HOME": str(tmp_path / "home")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if line.split(" ")[0] in ("ACCEPTED", "REFUSED", "SETTINGS",
+                                                                                 "NAMES")]
+    assert not [line for line in lines if line.startswith("ACCEPTED")], lines
+    expected = ["got ['python_callable', 'file']", "got none", "directory needs entrypoint=",
+                "entrypoint= is for directory or stage_path, not file", "a python_callable takes op_args=",
+                "a file takes args=[...]", "timeout must be a number of seconds > 0 or a timedelta, got -5",
+                "poll_interval must be a number of seconds > 0 or a timedelta, got 'soon'",
+                "compute_pool must be a pool name, got ''", "give either mljobs_conn_id or session_options",
+                "unknown session option(s) ['uri']", "unknown extra field(s) ['token']"]
+    refused = [line for line in lines if line.startswith("REFUSED")]
+    assert len(refused) == len(expected), refused
+    for line, text in zip(refused, expected):
+        assert text in line, (line, text)
+    assert "SETTINGS SessionSettings(url='http://127.0.0.1:8700', token='tok', database='D', schema=None" in done.stdout
+    assert "NAMES 4 True ['airflow', 'my_dag', 't']" in done.stdout
+
+
+@pytest.fixture
+def fixed_port_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc]:
+    """A server on a port of its own choosing, so that it comes back on the same address."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = ServerProc(tmp_path_factory.mktemp("mlh"), args=["--port", str(port)])
+    srv.start()
+    yield srv
+    srv.stop()
+    assert_no_leftovers(srv.home)
+
+
+def test_retry_reattaches_to_the_job_of_the_failed_try(airflow_python: Path, fixed_port_server: ServerProc,
                                                        tmp_path: Path) -> None:
     """The first try fails after submitting (the control plane goes away while it waits; the job
     keeps running); the retry finds that job by its name and waits on it: one job, one run of the
     payload, the retry's XCom is its value."""
+    from mljobs.client.session import Session
+
+    sqlite_server = fixed_port_server
+    af = AirflowHome(tmp_path / "airflow", airflow_python, sqlite_server.url)
+    af.migrate()
+    lite = Session(sqlite_server.url)
     marker, starts = tmp_path / "go", tmp_path / "starts.txt"
     (af.dags / "retry.py").write_text(RETRY_DAG.replace("MARKER", repr(str(marker))).replace("STARTS", repr(str(starts))))
     log = tmp_path / "retry.log"
@@ -214,7 +300,9 @@ def test_retry_reattaches_to_the_job_of_the_failed_try(af: AirflowHome, sqlite_s
         sqlite_server.kill()  # the server stops, its jobs run on
         _wait_for(lambda: "no mljobs server answers" in log.read_text(), "the first try to fail", timeout=120)
         assert sqlite_server.start() == url  # the same address, which the DAG's tasks know
-        marker.touch()
+        reattached = f"reattaching to mljobs job {job.id} (RUNNING), which an earlier try of this task submitted"
+        _wait_for(lambda: reattached in log.read_text(), "the retry to reattach", timeout=180)
+        marker.touch()  # only now may the job end: the retry waits on a running job
         rc = proc.wait(300)
     finally:
         if proc.poll() is None:
@@ -226,10 +314,10 @@ def test_retry_reattaches_to_the_job_of_the_failed_try(af: AirflowHome, sqlite_s
     assert state == "success" and tries >= 2, (state, tries)
     assert af.xcom("mljobs_retry", "train") == 99
     assert af.xcom("mljobs_retry", "train", "mljobs_job_id") == job.id
-    assert f"reattaching to mljobs job {job.id} (RUNNING), which an earlier try of this task submitted" in out
     assert len(_jobs_named(lite, "airflow.mljobs_retry.train.")) == 1
     assert len(starts.read_text().splitlines()) == 1, "the payload ran twice"
     assert job.status == mljobs.JOB_STATUS.DONE
+    lite.close()
 
 
 KILL_DAG = '''
