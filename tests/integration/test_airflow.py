@@ -116,6 +116,8 @@ with DAG("mljobs_e2e", schedule=None, start_date=pendulum.datetime(2024, 1, 1), 
                   python_callable=add, op_args=[1, 1], retries=3, retry_delay=dt.timedelta(minutes=10))
     MLJobOperator(task_id="too_slow", compute_pool=POOL, stage_name="payload_stage", python_callable=sleep_long,
                   timeout=4)
+    MLJobOperator(task_id="too_slow_deferred", compute_pool=POOL, stage_name="payload_stage",
+                  python_callable=sleep_long, timeout=4, deferrable=True, poll_interval=1)
     MLJobOperator(task_id="fails", compute_pool=POOL, stage_name="payload_stage", python_callable=fail,
                   op_args=[13])
 '''
@@ -123,8 +125,9 @@ with DAG("mljobs_e2e", schedule=None, start_date=pendulum.datetime(2024, 1, 1), 
 
 def test_dag_runs_jobs_end_to_end(af: AirflowHome, lite, tmp_path: Path) -> None:
     """Function, @task.mljobs, @mljob_task, file and deferrable tasks return their job's value as XCom
-    and copy its log; an unknown pool fails at once without retries; a timeout cancels the job; a
-    job's exception fails its task with the job's message."""
+    and copy its log; an unknown pool fails at once without retries; a timeout cancels the job (in
+    the worker, and in the trigger when deferred); a job's exception fails its task with the job's
+    message."""
     (af.dags / "e2e.py").write_text(E2E_DAG)
     # the deferred task finds the server through an Airflow connection, whose extra names the schema
     af.env["AIRFLOW_CONN_MLJOBS_TEST"] = af.env["MLJOBS_URL"].replace("http://", "mljobs://") + "?schema=airflow"
@@ -136,7 +139,8 @@ def test_dag_runs_jobs_end_to_end(af: AirflowHome, lite, tmp_path: Path) -> None
     states = af.task_states("mljobs_e2e")
     assert {t: s for t, (s, _) in states.items()} == {
         "add": "success", "double": "success", "square": "success", "script": "success", "deferred": "success",
-        "nopool": "failed", "too_slow": "failed", "fails": "failed"}, out[-3000:]
+        "nopool": "failed", "too_slow": "failed", "too_slow_deferred": "failed",
+        "fails": "failed"}, out[-3000:]
 
     assert af.xcom("mljobs_e2e", "add") == 5
     assert af.xcom("mljobs_e2e", "double") == 10
@@ -165,6 +169,10 @@ def test_dag_runs_jobs_end_to_end(af: AirflowHome, lite, tmp_path: Path) -> None
     slow = mljobs.get_job(af.xcom("mljobs_e2e", "too_slow", "mljobs_job_id"), session=lite)
     assert slow.status == mljobs.JOB_STATUS.CANCELLED
     assert f"mljobs job {slow.id} did not end within timeout=4 s of its submission; cancelled it" in out
+
+    slow = mljobs.get_job(af.xcom("mljobs_e2e", "too_slow_deferred", "mljobs_job_id"), session=lite)
+    assert slow.status == mljobs.JOB_STATUS.CANCELLED  # by the trigger, when the deadline passed
+    assert f"cancelled job {slow.id} because its timeout passed" in out
 
     failed = mljobs.get_job(af.xcom("mljobs_e2e", "fails", "mljobs_job_id"), session=lite)
     assert failed.status == mljobs.JOB_STATUS.FAILED
