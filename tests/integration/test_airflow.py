@@ -270,6 +270,65 @@ def test_bad_arguments_are_refused_when_the_dag_is_parsed(airflow_python: Path, 
     assert "NAMES 4 True ['airflow', 'my_dag', 't']" in done.stdout
 
 
+TRIGGER = """
+import asyncio
+import os
+import time
+
+from mljobs import get_job, remote
+from mljobs.airflow import MLJobTrigger
+
+
+@remote("DEFAULT_POOL", stage_name="payload_stage")
+def sleep_long() -> None:
+    import time
+    print("sleeping", flush=True)
+    time.sleep(300)
+
+
+async def main() -> None:
+    url = os.environ["MLJOBS_URL"]
+    job = sleep_long()
+    while job.status.value != "RUNNING":
+        await asyncio.sleep(0.1)
+    trigger = MLJobTrigger(**MLJobTrigger(job.id, url, poll_interval=1).serialize()[1])  # as the triggerer makes it
+    events = []
+
+    async def collect() -> None:
+        async for event in trigger.run():
+            events.append(event.payload)
+
+    task = asyncio.create_task(collect())
+    await asyncio.sleep(2)
+    assert not events, events  # still running: no event
+    await trigger.on_kill()  # the deferred task was marked failed
+    await asyncio.wait_for(task, 30)
+    print("EVENT", events[0]["status"], events[0]["job_id"] == job.id)
+    print("STATUS", get_job(job.id).status.value)
+    done = await asyncio.wait_for(MLJobTrigger(job.id, url, deadline=time.time() - 1).run().__anext__(), 30)
+    print("ENDED", done.payload["status"])  # an ended job fires at once, even past its deadline
+
+
+asyncio.run(main())
+"""
+
+
+def test_trigger_fires_when_the_job_ends_and_on_kill_cancels_it(airflow_python: Path, sqlite_server: ServerProc,
+                                                               tmp_path: Path) -> None:
+    """MLJobTrigger, rebuilt from its serialized form as the triggerer does, waits without firing while
+    the job runs; its on_kill (a deferred task marked failed) cancels the job, and run() then fires
+    CANCELLED."""
+    script = tmp_path / "trigger.py"
+    script.write_text(TRIGGER)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLJOBS_")}
+    env.update(MLJOBS_URL=sqlite_server.url, MLJOBS_HOME=str(tmp_path / "client"), AIRFLOW_HOME=str(tmp_path / "af"))
+    done = subprocess.run([str(airflow_python), str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "EVENT CANCELLED True" in done.stdout, done.stdout
+    assert "STATUS CANCELLED" in done.stdout
+    assert "ENDED CANCELLED" in done.stdout
+
+
 @pytest.fixture
 def fixed_port_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc]:
     """A server on a port of its own choosing, so that it comes back on the same address."""

@@ -87,6 +87,9 @@ class MLJobTrigger(BaseTrigger):
                     return
 
     async def _cancel(self, client: httpx.AsyncClient, why: str) -> dict[str, Any]:
+        now = await client.get(f"/jobs/{self.job_id}")
+        if now.status_code < 400 and now.json()["status"] in _TERMINAL:  # it ended in time: say how
+            return {"job_id": self.job_id, "status": now.json()["status"], "message": now.json()["message"]}
         resp = await client.post(f"/jobs/{self.job_id}/cancel")
         status = resp.json().get("status") if resp.status_code < 400 else None
         return {"job_id": self.job_id, "status": TIMED_OUT,
