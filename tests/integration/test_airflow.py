@@ -372,6 +372,7 @@ def test_retry_reattaches_to_the_job_of_the_failed_try(airflow_python: Path, fix
         marker.touch()  # only now may the job end: the retry waits on a running job
         rc = proc.wait(300)
     finally:
+        lite.close()
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
