@@ -105,6 +105,14 @@ class AirflowHome:
     def _db(self) -> sa.Engine:
         return sa.create_engine(f"sqlite:///{self.root / 'home' / 'airflow.db'}")
 
+    def latest_run_id(self, dag_id: str) -> str:
+        eng = self._db()
+        with eng.connect() as c:
+            run_id = c.execute(sa.text("SELECT run_id FROM dag_run WHERE dag_id = :d ORDER BY id DESC LIMIT 1"),
+                               {"d": dag_id}).scalar_one()
+        eng.dispose()
+        return run_id
+
     def task_states(self, dag_id: str) -> dict[str, tuple[str, int]]:
         """task_id -> (state, try_number) of the DAG's latest run."""
         eng = self._db()

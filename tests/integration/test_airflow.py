@@ -388,6 +388,51 @@ def test_retry_reattaches_to_the_job_of_the_failed_try(airflow_python: Path, fix
     lite.close()
 
 
+CLEAR_DAG = '''
+from __future__ import annotations
+
+import pendulum
+from airflow.sdk import DAG
+
+from mljobs.airflow import MLJobOperator
+
+
+def stamp() -> float:
+    import time
+    return time.time()
+
+
+with DAG("mljobs_clear", schedule=None, start_date=pendulum.datetime(2024, 1, 1), catchup=False):
+    MLJobOperator(task_id="stamp", compute_pool="DEFAULT_POOL", stage_name="payload_stage", python_callable=stamp,
+                  retries=2)
+'''
+
+
+def test_a_cleared_task_runs_a_new_job(af: AirflowHome, lite, tmp_path: Path) -> None:
+    """Running a finished task instance again finds its job by name (DONE: its result is reused);
+    clearing it (``airflow tasks clear``: Airflow raises its max_tries) gives it a new name, so it
+    runs a new job."""
+    (af.dags / "clear.py").write_text(CLEAR_DAG)
+    rc, out = af.dag_test("mljobs_clear", tmp_path / "clear.log")
+    assert rc == 0, out[-3000:]
+    first = af.xcom("mljobs_clear", "stamp", "mljobs_job_id")
+    run_id = af.latest_run_id("mljobs_clear")
+
+    again = af.airflow("tasks", "test", "mljobs_clear", "stamp", run_id)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
+    assert f"reattaching to mljobs job {first} (DONE)" in again.stdout + again.stderr
+
+    cleared = af.airflow("tasks", "clear", "-y", "mljobs_clear")
+    assert cleared.returncode == 0, cleared.stdout[-2000:] + cleared.stderr[-2000:]
+    rerun = af.airflow("tasks", "test", "mljobs_clear", "stamp", run_id)
+    text = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, text[-3000:]
+    assert "reattaching" not in text and "submitted mljobs job" in text
+    jobs = _jobs_named(lite, "airflow.mljobs_clear.stamp.")
+    assert len(jobs) == 2 and jobs["name"].nunique() == 2 and first in jobs.index
+    assert (jobs["status"] == "DONE").all()
+
+
 KILL_DAG = '''
 from __future__ import annotations
 
