@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from mljobs import errors
+from mljobs import cli_output as out
 from mljobs.config import load_settings
 from mljobs.paths import HomePaths
 from mljobs.status import JOB_STATUS
@@ -34,8 +33,9 @@ app.add_typer(env_app, name="env")
 user_app = typer.Typer(help="Users and their tokens (admins only, or the server's own machine).", no_args_is_help=True)
 app.add_typer(user_app, name="user")
 app.add_typer(integration_app, name="integration")
-console = Console(width=None if sys.stdout.isatty() else 240)  # no wrapping when piped
-err = Console(stderr=True)
+console = out.make_console()  # as wide as COLUMNS or the terminal; no wrapping when piped
+err = out.make_console(stderr=True)
+JSON_HELP = "print JSON for scripts (fixed keys, ISO 8601 UTC times)"
 
 
 def _session() -> Any:
@@ -45,12 +45,18 @@ def _session() -> Any:
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str], title: str) -> None:
-    table = Table(title=title)
-    for c in columns:
-        table.add_column(c)
-    for r in rows:
-        table.add_row(*("" if r.get(c) is None else str(r.get(c)) for c in columns))
-    console.print(table)
+    """A plain table of ``columns`` (times shown as "3 min ago")."""
+    cols = [out.Column(c, (lambda k: lambda r: out.format_ago(r.get(k)))(c)) if c.endswith("_time")
+            else out.Column.key(c) for c in columns]
+    out.print_table(console, rows, cols, title)
+
+
+def _listing(rows: list[dict[str, Any]], columns: list[str], title: str, as_json: bool) -> None:
+    """A listing: a table, or with --json the records with exactly ``columns`` as keys."""
+    if as_json:
+        out.print_json(out.json_records(rows, columns))
+    else:
+        _table(rows, columns, title)
 
 
 # -- server -----------------------------------------------------------------------------------
@@ -106,8 +112,11 @@ def server_status() -> None:
 
 
 # -- pools ------------------------------------------------------------------------------------
-POOL_COLUMNS = ["name", "state", "instance_family", "family", "min_nodes", "max_nodes", "nodes_in_use",
-                "queued", "running", "provider"]
+def _pools(rows: list[dict[str, Any]], title: str, as_json: bool = False) -> None:
+    if as_json:
+        out.print_json(out.json_records(rows, out.POOL_KEYS))
+    else:
+        out.print_table(console, rows, out.POOL_COLUMNS, title)
 
 
 @pool_app.command("create")
@@ -130,12 +139,12 @@ def pool_create(name: str, family: str = typer.Option(..., "--family", help="ins
             options[key] = value
     p = create_compute_pool(name, instance_family=family, min_nodes=min_nodes, max_nodes=max_nodes,
                             provider=provider, provider_options=options, if_not_exists=if_not_exists)
-    _table([p], POOL_COLUMNS, "compute pool")
+    _pools([p], "compute pool")
 
 
 @pool_app.command("list")
-def pool_list() -> None:
-    _table(_session().request("GET", "/pools").json(), POOL_COLUMNS, "compute pools")
+def pool_list(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
+    _pools(_session().request("GET", "/pools").json(), "compute pools", as_json)
 
 
 @pool_app.command("describe")
@@ -149,14 +158,14 @@ def pool_describe(name: str) -> None:
 def pool_suspend(name: str) -> None:
     from mljobs.client.pools import alter_compute_pool
 
-    _table([alter_compute_pool(name, suspend=True)], POOL_COLUMNS, "compute pool")
+    _pools([alter_compute_pool(name, suspend=True)], "compute pool")
 
 
 @pool_app.command("resume")
 def pool_resume(name: str) -> None:
     from mljobs.client.pools import alter_compute_pool
 
-    _table([alter_compute_pool(name, resume=True)], POOL_COLUMNS, "compute pool")
+    _pools([alter_compute_pool(name, resume=True)], "compute pool")
 
 
 @pool_app.command("drop")
@@ -185,7 +194,13 @@ def submit(ctx: typer.Context, path: Path, pool: str = typer.Option("DEFAULT_POO
            min_instances: Optional[int] = typer.Option(None, "--min-instances", help="start with at least this many"),
            parallel: bool = typer.Option(False, "--parallel", help="run the entrypoint on every instance (ranks in env)"),
            join_timeout: float = typer.Option(720.0, "--join-timeout", help="seconds the head waits for min instances"),
-           wait: bool = typer.Option(False, "--wait", help="stream the logs and exit with the job's status")) -> None:
+           wait: bool = typer.Option(False, "--wait", help="stream the logs with a progress line, print the result, "
+                                                           "exit with the job's status"),
+           progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
+                                                   help="with --wait: the progress line (default: on a terminal only; "
+                                                        "--progress prints plain lines on stderr elsewhere)"),
+           as_json: bool = typer.Option(False, "--json", help="print the job (with --wait: the result) as JSON; "
+                                                              "logs go to stderr")) -> None:
     """Submit FILE or DIR; arguments after `--` reach the script's sys.argv. Prints the job id."""
     from mljobs.client.jobs import submit_directory, submit_file
 
@@ -204,13 +219,49 @@ def submit(ctx: typer.Context, path: Path, pool: str = typer.Option("DEFAULT_POO
         job = submit_directory(path, pool, entrypoint=ep, stage_name=stage, args=args, **opts)
     else:
         job = submit_file(path, pool, stage_name=stage, args=args, **opts)
-    print(job.id, flush=True)
-    if wait:
+    if not wait:
+        if as_json:
+            out.print_json(_job_record(job._refresh()))
+        else:
+            print(job.id, flush=True)
+        return
+    _wait_and_report(job, progress, as_json)
+
+
+def _wait_and_report(job: Any, progress: bool | None, as_json: bool) -> None:
+    """``submit --wait``: the logs as they come (with the progress line), then how the job ended
+    (on stderr), then its result on stdout; exits 0 DONE, 1 FAILED, 2 otherwise."""
+    from mljobs.client import progress as live
+
+    if as_json:  # stdout is for the JSON alone
         for line in job.stream_logs():
-            print(line, flush=True)
-        status = job.wait()
-        err.print(f"job {job.id} {status.value}" + (f": {job.message}" if status != JOB_STATUS.DONE else ""))
-        raise typer.Exit(_exit_code(status))
+            print(line, file=sys.stderr, flush=True)
+    else:
+        print(job.id, flush=True)
+        job.show_logs(follow=True, progress=progress)
+    info = job._refresh()
+    final = JOB_STATUS(info["status"])
+    plain_lines = progress is True and not (live.in_notebook() or out.is_terminal(sys.stderr))
+    if not plain_lines:  # else the progress lines ended with this already
+        err.print(live.describe(info), markup=False, highlight=False)
+    if final in (JOB_STATUS.DONE, JOB_STATUS.FAILED):
+        if as_json:
+            try:
+                value, exc = job.result(0, progress=False), None
+            except errors.JobFailedError as e:
+                value, exc = None, e
+            except errors.MLJobsError:
+                raise
+            except Exception as e:  # the job's own exception
+                value, exc = None, e
+            out.print_json({**_result_record(job, final, value, exc), "job": _job_record(info)})
+            raise typer.Exit(_exit_code(final))
+        _print_result(job, 0, as_json=False, label="result: ")
+        raise typer.Exit(_exit_code(final))
+    if as_json:
+        out.print_json({**_result_record(job, final, exc=errors.JobFailedError(info["message"] or final.value)),
+                        "job": _job_record(info)})
+    raise typer.Exit(_exit_code(final))
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -236,10 +287,14 @@ def jobs_prune(older_than: str = typer.Option(..., "--older-than", help="e.g. 7d
 
 
 @jobs_app.command("list")
-def jobs_list(limit: int = typer.Option(10, help="<= 0: all")) -> None:
+def jobs_list(limit: int = typer.Option(10, help="<= 0: all"),
+              as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
+    """The latest jobs, newest first."""
     rows = _session().request("GET", "/jobs", params={"limit": limit}).json()
-    _table(rows, ["id", "name", "status", "compute_pool", "target_instances", "instances_ran", "created_time",
-                  "peak_rss_bytes", "cpu_seconds", "message"], "jobs")
+    if as_json:
+        out.print_json(out.json_records(rows, out.JOB_KEYS))
+    else:
+        out.print_table(console, rows, out.JOB_COLUMNS, "jobs")
 
 
 @app.command("logs")
@@ -252,34 +307,100 @@ def logs(job: str, follow: bool = typer.Option(False, "--follow", "-f"), instanc
     j.show_logs(limit, instance, verbose=verbose, follow=follow)
 
 
+def _job_record(info: dict[str, Any]) -> dict[str, Any]:
+    return out.json_records([info], out.JOB_DETAIL_KEYS, {"instances": out.INSTANCE_KEYS})[0]
+
+
+def _times(info: dict[str, Any]) -> str:
+    """``created 3 min ago, queued 0.4s, ran 1m 12s`` (``ran 12s so far`` while it runs)."""
+    parts = [f"created {out.format_ago(info.get('created_time'))}"]
+    created, started = out.parse_time(info.get("created_time")), out.parse_time(info.get("started_time"))
+    if created is not None and started is not None:
+        parts.append(f"queued {out.format_duration(started - created)}")
+    ran = out.job_duration(info)
+    if ran is not None:
+        parts.append(f"ran {out.format_duration(ran)}" + ("" if info.get("completed_time") else " so far"))
+    if info.get("completed_time"):
+        parts.append(f"ended {out.format_ago(info['completed_time'])}")
+    return ", ".join(parts)
+
+
 @app.command("status")
-def status(job: str) -> None:
+def status(job: str, as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
+    """A job's status and message, its times and resources (and each instance's when it has several)."""
     from mljobs.client.jobs import get_job
 
     info = get_job(job)._refresh()
-    console.print(f"{info['id']} {info['status']}" + (f": {info['message']}" if info["message"] else ""))
+    if as_json:
+        out.print_json(_job_record(info))
+        return
+    def say(text: str) -> None:  # not markup: messages hold brackets
+        console.print(text, markup=False, highlight=False)
+
+    say(f"{info['id']} {info['status']}" + (f": {info['message']}" if info["message"] else ""))
+    say(f"  {_times(info)}")
     if info.get("peak_rss_bytes") is not None:
-        console.print(f"  peak memory {info['peak_rss_bytes'] / 2**20:.1f} MiB, CPU time {info['cpu_seconds']:.2f} s")
+        say(f"  peak memory {out.format_bytes(info['peak_rss_bytes'])}, "
+            f"CPU time {out.format_duration(info['cpu_seconds'] or 0)}")
     if info["target_instances"] > 1:
         for inst in info["instances"]:
-            console.print(f"  instance {inst['instance_id']}: {inst['status']}"
-                          + (f" (exit code {inst['exit_code']})" if inst["exit_code"] is not None else ""))
+            say(f"  instance {inst['instance_id']}: {inst['status']}"
+                + (f" (exit code {inst['exit_code']})" if inst["exit_code"] is not None else ""))
 
 
-@app.command("result")
-def result(job: str, timeout: float = -1) -> None:
-    """Wait for the job and print its result (repr); exits 1 when it raised."""
-    from mljobs.client.jobs import get_job
+def _result_record(job: Any, status_: JOB_STATUS, value: Any = None,
+                   exc: BaseException | None = None) -> dict[str, Any]:
+    """What ``result --json`` prints: the value when JSON can hold it, its repr always."""
+    record: dict[str, Any] = {"id": job.id, "status": status_.value, "ok": exc is None, "result": None,
+                              "result_repr": None, "error": None}
+    if exc is None:
+        try:
+            record["result"] = json.loads(json.dumps(value, allow_nan=False))
+        except (TypeError, ValueError):  # not JSON: the repr says what it is
+            record["result"] = None
+        record["result_repr"] = repr(value)
+    else:
+        record["error"] = {"type": type(exc).__name__, "message": str(exc),
+                           "traceback": str(exc.__cause__) if exc.__cause__ is not None else None}
+    return record
 
+
+def _print_result(job: Any, timeout: float, as_json: bool, progress: bool | None = False, label: str = "") -> None:
+    """Wait for ``job``, print its result (or what it raised: exit 1); --json prints the record."""
     try:
-        console.print(repr(get_job(job).result(timeout)))
+        value = job.result(timeout, progress=progress)
+    except errors.JobFailedError as e:  # it failed without an exception of its own (killed, exit code)
+        _failed(job, e, as_json)
     except errors.MLJobsError:
         raise
     except Exception as e:  # the job's own exception
-        err.print(f"the job raised {type(e).__name__}: {e}")
+        _failed(job, e, as_json)
+    else:
+        if as_json:
+            out.print_json(_result_record(job, job.status, value))
+        else:
+            console.print(label + repr(value), markup=False, highlight=False)
+
+
+def _failed(job: Any, e: BaseException, as_json: bool) -> None:
+    """Say how the job failed (its exception with the remote traceback) and exit 1."""
+    if as_json:
+        out.print_json(_result_record(job, job.status, exc=e))
+    elif isinstance(e, errors.JobFailedError):
+        err.print(f"error: {e}", markup=False, highlight=False)
+    else:
+        err.print(f"the job raised {type(e).__name__}: {e}", markup=False, highlight=False)
         if e.__cause__ is not None:
-            err.print(str(e.__cause__))
-        raise typer.Exit(1) from None
+            err.print(str(e.__cause__), markup=False, highlight=False)
+    raise typer.Exit(1) from None
+
+
+@app.command("result")
+def result(job: str, timeout: float = -1, as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
+    """Wait for the job and print its result (repr); exits 1 when it raised."""
+    from mljobs.client.jobs import get_job
+
+    _print_result(get_job(job), timeout, as_json)
 
 
 @app.command("cancel")
@@ -331,8 +452,8 @@ def user_create(name: str, admin: bool = typer.Option(False, "--admin", help="ma
 
 
 @user_app.command("list")
-def user_list() -> None:
-    _table(_session().request("GET", "/users").json(), ["name", "admin", "created_time"], "users")
+def user_list(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
+    _listing(_session().request("GET", "/users").json(), ["name", "admin", "created_time"], "users", as_json)
 
 
 @user_app.command("delete")
@@ -349,6 +470,20 @@ def whoami() -> None:
     console.print(f"{me['name']}" + (" (admin)" if me["admin"] else "") + (f" as job {me['job_id']}" if me["job_id"] else ""))
 
 
+@app.command("ui")
+def ui(no_browser: bool = typer.Option(False, "--no-browser", help="print the URL instead of opening it")) -> None:
+    """Open the web dashboard, logged in: with a token, through a one-time link that works for 60 s
+    (the token itself never enters the URL or the browser's history)."""
+    import webbrowser
+
+    s = _session()
+    url = s.url + "/"
+    if s.token:
+        url = s.url + s.request("POST", "/login-codes").json()["path"]
+    if no_browser or not webbrowser.open(url):
+        print(url)
+
+
 # -- stages -----------------------------------------------------------------------------------
 @stage_app.command("put")
 def stage_put(local_path: Path, stage_path: str) -> None:
@@ -363,8 +498,8 @@ def stage_get(stage_path: str, local_dir: Path) -> None:
 
 
 @stage_app.command("ls")
-def stage_ls(stage_path: str) -> None:
-    _table(_session().file.list(stage_path), ["name", "size"], stage_path)
+def stage_ls(stage_path: str, as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
+    _listing(_session().file.list(stage_path), ["name", "size"], stage_path, as_json)
 
 
 @stage_app.command("create")
@@ -385,9 +520,9 @@ def integration_create(name: str, host: list[str] = typer.Option(..., "--host", 
 
 
 @integration_app.command("list")
-def integration_list() -> None:
-    _table(_session().request("GET", "/integrations").json(), ["name", "allowed_hosts", "created_time"],
-           "external access integrations")
+def integration_list(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
+    _listing(_session().request("GET", "/integrations").json(), ["name", "allowed_hosts", "created_time"],
+             "external access integrations", as_json)
 
 
 @integration_app.command("drop")
@@ -399,19 +534,22 @@ def integration_drop(name: str) -> None:
 
 
 def _env_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    import datetime as dt
-
-    return [{**r, "requirements": " ".join(r["requirements"]) or "-", "size": f"{r['size_bytes'] / 2**20:.1f} MiB",
-             "last_used": dt.datetime.fromtimestamp(r["last_used"]).isoformat(timespec="seconds")} for r in rows]
+    return [{**r, "requirements": " ".join(r["requirements"]) or "-", "size": out.format_bytes(r["size_bytes"]),
+             "last_used": out.format_ago(r["last_used"])} for r in rows]
 
 
 ENV_COLUMNS = ["key", "python_version", "requirements", "size", "last_used", "in_use"]
+ENV_KEYS = ["key", "python_version", "requirements", "size_bytes", "last_used", "in_use", "path"]
 
 
 @env_app.command("list")
-def env_list() -> None:
+def env_list(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
     """Cached environments, most recently used first."""
-    _table(_env_rows(_session().request("GET", "/environments").json()), ENV_COLUMNS, "job environments")
+    rows = _session().request("GET", "/environments").json()
+    if as_json:
+        out.print_json(out.json_records(rows, ENV_KEYS))
+    else:
+        _table(_env_rows(rows), ENV_COLUMNS, "job environments")
 
 
 @env_app.command("prune")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["JOB_STATUS", "TERMINAL", "ACTIVE", "CANCELABLE", "TRANSITIONS", "can_transition"]
+__all__ = ["JOB_STATUS", "TERMINAL", "ACTIVE", "CANCELABLE", "TERMINAL_VALUES", "ACTIVE_VALUES", "CANCELABLE_VALUES",
+           "TRANSITIONS", "can_transition", "INSTANCE_STATUS", "LIVE_INSTANCE"]
 
 
 class JOB_STATUS(str, enum.Enum):  # noqa: N801 - mirrors the reference API's name
@@ -27,6 +28,10 @@ S = JOB_STATUS
 TERMINAL: frozenset[JOB_STATUS] = frozenset({S.DONE, S.FAILED, S.CANCELLED, S.INTERNAL_ERROR, S.DELETED})
 ACTIVE: frozenset[JOB_STATUS] = frozenset({S.PENDING, S.RUNNING, S.CANCELLING})
 CANCELABLE: frozenset[JOB_STATUS] = frozenset({S.PENDING, S.RUNNING})
+# the same groups as the strings the store and the API hold
+TERMINAL_VALUES: frozenset[str] = frozenset(s.value for s in TERMINAL)
+ACTIVE_VALUES: frozenset[str] = frozenset(s.value for s in ACTIVE)
+CANCELABLE_VALUES: frozenset[str] = frozenset(s.value for s in CANCELABLE)
 
 # from -> the states it may move to. Terminal states move nowhere (DELETED is a tombstone that
 # only the delete path writes, and it is terminal too).
@@ -45,3 +50,19 @@ TRANSITIONS: dict[JOB_STATUS, frozenset[JOB_STATUS]] = {
 def can_transition(old: JOB_STATUS, new: JOB_STATUS) -> bool:
     """Whether a job in ``old`` may move to ``new``."""
     return new in TRANSITIONS[old]
+
+
+class INSTANCE_STATUS(str, enum.Enum):  # noqa: N801 - named like JOB_STATUS
+    """One instance's share of a job: STARTING (asked of the provider) -> RUNNING (its handle known)
+    -> EXITED (its exit recorded, once)."""
+
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    EXITED = "EXITED"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# the statuses of an instance before its exit is recorded, as the store holds them
+LIVE_INSTANCE: frozenset[str] = frozenset({INSTANCE_STATUS.STARTING.value, INSTANCE_STATUS.RUNNING.value})

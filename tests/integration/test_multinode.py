@@ -18,6 +18,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
@@ -132,6 +133,8 @@ def test_three_nodes_spread_logs_and_dashboard(lite):
     assert "3 of 3 instance(s) joined" in logs
     url = job.get_ray_dashboard_url()
     assert url == "http://10.211.0.1:8265"
+    page = httpx.get(f"{lite.url}/jobs/{job.id}", timeout=30)  # the web dashboard links it while it runs
+    assert page.status_code == 200 and f'id="ray-link" target="_blank" rel="noopener">{url}</a>' in page.text
     # Ray listens only inside the job's namespaces: nothing new in the machine's own.
     new = [(a, p, pid) for a, p, pid in _host_listeners() if (a, p) not in before]
     ray_pids = {p.pid for p in _ray_processes()}

@@ -29,7 +29,7 @@ def _job(status: str, **kw) -> dict:
 def test_describe_says_id_status_time_and_why():
     pending = _job("PENDING", message="pool busy: 1/1 nodes in use, 2 job(s) ahead in the queue")
     assert pr.describe(pending, now=T0 + 75) == \
-        "MLJOB_A PENDING for 1m15s: pool busy: 1/1 nodes in use, 2 job(s) ahead in the queue"
+        "MLJOB_A PENDING for 1m 15s: pool busy: 1/1 nodes in use, 2 job(s) ahead in the queue"
     running = _job("RUNNING", name="train", started_time=_iso(T0 + 5), target_instances=3,
                    instances=[{"status": "RUNNING"}, {"status": "STARTING"}, {"status": "EXITED"}])
     assert pr.describe(running, now=T0 + 7.25, phase="starting its Ray cluster", phase_since=T0 + 6) == \
@@ -39,7 +39,16 @@ def test_describe_says_id_status_time_and_why():
     failed = _job("FAILED", started_time=_iso(T0), completed_time=_iso(T0 + 1), message="ValueError: bad")
     assert pr.describe(failed).endswith("ran 1.0s): ValueError: bad")
     cancelled = _job("CANCELLED", completed_time=_iso(T0 + 4000), message="cancelled before it started")
-    assert pr.describe(cancelled) == "MLJOB_A CANCELLED after 1h06m: cancelled before it started"
+    assert pr.describe(cancelled) == "MLJOB_A CANCELLED after 1h 06m: cancelled before it started"
+
+
+def test_human_durations_and_ages():
+    assert [pr.format_duration(s) for s in (4.24, 42, 72, 7500, 3 * 86400 + 4 * 3600 + 5)] == \
+        ["4.2s", "42s", "1m 12s", "2h 05m", "3d 4h"]
+    ages = [pr.format_ago(_iso(T0 - ago), now=T0) for ago in (1, 40, 185, 5 * 3600 + 10, 86400 + 5, 3 * 86400)]
+    assert ages == ["just now", "40s ago", "3 min ago", "5 h ago", "1 day ago", "3 days ago"]
+    assert pr.format_ago(T0 - 60 * 86400, now=T0) == "2026-11-16" and pr.format_ago(None) == ""
+    assert pr.parse_time("2026-11-25T11:32:48") == pr.parse_time("2026-11-25T11:32:48+00:00")
 
 
 def test_phase_from_the_heads_log():
@@ -48,7 +57,7 @@ def test_phase_from_the_heads_log():
            "2026-11-25T11:32:47.905165Z [sys] Resolved 1 package in 96ms"]
     phase, since, started = pr._phase(env)
     assert phase == "installing its environment (humanize==4.9.0)" and not started
-    assert since == pytest.approx(pr._parse_time("2026-11-25T11:32:47.570351Z"))
+    assert since == pytest.approx(pr.parse_time("2026-11-25T11:32:47.570351Z"))
     built = env + ["2026-11-25T11:32:47.933066Z [sys] environment ddbace built in 0.37 s"]
     assert pr._phase(built) == (None, None, False)
     assert pr._phase(built + ["2026-11-25T11:32:48.001949Z [out] hi 1"]) == (None, None, True)
@@ -56,7 +65,7 @@ def test_phase_from_the_heads_log():
            "2026-11-25T11:32:50Z [sys] waiting for instances: 1 of 3 joined (need 3), 700 s left"]
     phase, since, started = pr._phase(ray)
     assert phase == "starting its Ray cluster (1 of 3 instances joined, need 3)" and not started
-    assert since == pr._parse_time("2026-11-25T11:32:48Z")
+    assert since == pr.parse_time("2026-11-25T11:32:48Z")
     assert pr._phase(ray + ["2026-11-25T11:32:55Z [sys] 3 of 3 instance(s) joined after 7.0 s; running the "
                             "payload"])[2]
 

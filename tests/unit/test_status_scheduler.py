@@ -96,6 +96,25 @@ def test_store_transitions_are_compare_and_set(store):
         store.transition(jid, S.CANCELLED)
 
 
+def test_every_status_a_job_takes_is_an_event_in_order_and_a_refused_move_is_none(store):
+    jid = _insert(store)
+    assert store.start_job(jid, [0])
+    store.transition(jid, S.CANCELLING, message="cancelled by me")
+    with pytest.raises(InvalidTransitionError):
+        store.transition(jid, S.PENDING)  # refused: writes no event
+    assert store.record_exit(jid, 0, {"exit_code": -15, "ended_time": utcnow()}, S.CANCELLED,
+                             expected=[S.CANCELLING], message="cancelled by me")
+    assert not store.record_exit(jid, 0, {"exit_code": 0}, S.DONE, expected=[S.CANCELLED])  # ended already
+    events = store.job_events(jid)
+    assert [e["status"] for e in events] == ["PENDING", "RUNNING", "CANCELLING", "CANCELLED"]
+    assert [e["message"] for e in events] == ["", "1 instance(s) started", "cancelled by me", "cancelled by me"]
+    times = [e["time"] for e in events]
+    assert times == sorted(times) and all(t.tzinfo is not None for t in times)
+    assert times[-1] == store.get_job(jid)["completed_time"]
+    store.delete_job(jid)
+    assert store.job_events(jid) == []
+
+
 def test_queue_position_and_start_are_consistent_with_the_queue(store):
     ids = [_insert(store) for _ in range(5)]
     assert [j["id"] for j in store.pending_jobs("P")] == ids

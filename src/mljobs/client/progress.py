@@ -22,7 +22,7 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["open_view", "JobProgress", "in_notebook", "format_duration", "describe"]
+__all__ = ["open_view", "JobProgress", "in_notebook", "format_duration", "format_ago", "parse_time", "describe"]
 
 POLL_S = 1.0  # how often a shown progress line is refreshed from the server
 _LOG_TAIL = 200  # lines of the head's verbose log read to tell the phase before the payload runs
@@ -48,18 +48,42 @@ def _isatty(stream: Any) -> bool:
 
 
 def format_duration(seconds: float) -> str:
+    """A span for people: ``4.2s``, ``42s``, ``1m 12s``, ``2h 05m``, ``3d 4h``."""
     s = max(0.0, seconds)
     if s < 10:
         return f"{s:.1f}s"
     if s < 60:
         return f"{s:.0f}s"
     if s < 3600:
-        return f"{int(s // 60)}m{int(s % 60):02d}s"
-    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
+        return f"{int(s // 60)}m {int(s % 60):02d}s"
+    if s < 86400:
+        return f"{int(s // 3600)}h {int(s % 3600 // 60):02d}m"
+    return f"{int(s // 86400)}d {int(s % 86400 // 3600)}h"
 
 
-def _parse_time(value: Any) -> float | None:
-    """A server timestamp (ISO, UTC) as epoch seconds."""
+def format_ago(value: Any, now: float | None = None) -> str:
+    """How long ago a server timestamp (ISO, or epoch seconds) was: ``just now``, ``40s ago``,
+    ``3 min ago``, ``5 h ago``, ``2 days ago``; past 30 days the date. Empty for no time."""
+    t = float(value) if isinstance(value, (int, float)) else parse_time(value)
+    if t is None:
+        return ""
+    ago = (time.time() if now is None else now) - t
+    if ago < 5:
+        return "just now"
+    if ago < 60:
+        return f"{ago:.0f}s ago"
+    if ago < 3600:
+        return f"{int(ago // 60)} min ago"
+    if ago < 86400:
+        return f"{int(ago // 3600)} h ago"
+    if ago < 30 * 86400:
+        days = int(ago // 86400)
+        return f"{days} day{'s' if days > 1 else ''} ago"
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%d")
+
+
+def parse_time(value: Any) -> float | None:
+    """A server timestamp (ISO; UTC when it names no zone) as epoch seconds; None for none."""
     if not value:
         return None
     try:
@@ -86,17 +110,17 @@ def _phase(lines: list[str]) -> tuple[str | None, float | None, bool]:
         if text.startswith("building environment "):
             reqs = text.partition(": ")[2]
             phase = "installing its environment" + (f" ({_shorten(reqs, 80)})" if reqs else "")
-            since = _parse_time(stamp)
+            since = parse_time(stamp)
         elif text.startswith("environment ") and (" built in " in text or "reused from the cache" in text):
             phase, since = None, None
         elif text.startswith("starting the Ray head node"):
-            phase, since = "starting its Ray cluster", _parse_time(stamp)
+            phase, since = "starting its Ray cluster", parse_time(stamp)
         elif text.startswith("waiting for instances: "):
             joined = text.removeprefix("waiting for instances: ").split(",")[0]  # "1 of 3 joined (need 3)"
             phase = f"starting its Ray cluster ({joined.replace(' joined (', ' instances joined, ').rstrip(')')})"
-            since = since or _parse_time(stamp)
+            since = since or parse_time(stamp)
         elif text.startswith("joining the Ray cluster"):
-            phase, since = "joining its Ray cluster", _parse_time(stamp)
+            phase, since = "joining its Ray cluster", parse_time(stamp)
         elif "running the payload" in text:
             return None, None, True
     return phase, since, False
@@ -113,8 +137,8 @@ def describe(info: dict[str, Any], now: float | None = None, phase: str | None =
     now = time.time() if now is None else now
     status = str(info.get("status", "?"))
     who = info["id"] + (f" ({info['name']})" if info.get("name") and info["name"] != info["id"] else "")
-    created, started = _parse_time(info.get("created_time")), _parse_time(info.get("started_time"))
-    completed = _parse_time(info.get("completed_time"))
+    created, started = parse_time(info.get("created_time")), parse_time(info.get("started_time"))
+    completed = parse_time(info.get("completed_time"))
     message = info.get("message") or ""
     if completed is not None:  # terminal: how long it queued and ran
         parts = [f"{who} {status} after {format_duration(completed - (created or completed))}"]
@@ -294,7 +318,7 @@ class _LineView(_View):
 
     def show(self, p: JobProgress, final: bool = False) -> None:
         info = p.info or {}
-        key = (info.get("status"), p.phase, info.get("message"), final)
+        key = (info.get("status"), p.phase, info.get("message"))  # a final line already said is not repeated
         if key != self._said:
             print("mljobs: " + p.text(), file=sys.stderr, flush=True)
             self._said = key

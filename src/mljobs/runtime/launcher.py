@@ -3,9 +3,12 @@
 The envelope is a plain-pickled dict, written to a temporary file and renamed into place, so a
 half-written result is never read::
 
-    {"ok": True, "value": <cloudpickle bytes>}
+    {"ok": True, "value": <cloudpickle bytes>, "repr": <the value's repr, at most REPR_CHARS>}
     {"ok": False, "exc_type": "mod.Name", "exc_message": str, "traceback": str,
      "exc_pickle": <cloudpickle bytes> | None, "exit_code": int | None}
+
+Both hold only builtins (dicts, strings, bytes, ints), so the server reads the summary fields
+with :func:`summarize_envelope`, which refuses every global and never unpickles the value.
 
 ``main`` can run in-process (forked from the supervisor, or called by a test) or as
 ``python -m mljobs.runtime.launcher RUN_DIR`` in another interpreter.
@@ -13,9 +16,11 @@ half-written result is never read::
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
+import reprlib
 import runpy
 import subprocess
 import sys
@@ -27,7 +32,10 @@ import cloudpickle
 
 from mljobs.paths import FUNCTION_PAYLOAD, IMPORTS_DIR
 
-__all__ = ["main", "run_payload", "check_versions", "write_envelope", "read_envelope", "exception_envelope"]
+__all__ = ["main", "run_payload", "check_versions", "write_envelope", "read_envelope", "exception_envelope",
+           "summarize_envelope", "bounded_repr", "REPR_CHARS"]
+
+REPR_CHARS = 4000  # the most of a result's repr an envelope keeps (for the dashboard)
 
 _INTERNAL_FILES = {os.path.abspath(__file__), os.path.abspath(runpy.__file__), "<frozen runpy>"}
 
@@ -155,6 +163,32 @@ def read_envelope(data: bytes) -> dict[str, Any]:
     return pickle.loads(data)
 
 
+class _BuiltinsOnly(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"the envelope names {module}.{name}; an envelope holds only builtins")
+
+
+def summarize_envelope(data: bytes) -> dict[str, Any]:
+    """An envelope's fields without its value or exception object, safe to read in the server: the
+    outer pickle may hold only builtins (anything else raises ``pickle.UnpicklingError``), and the
+    job's own pickles inside it stay bytes, never loaded."""
+    env = _BuiltinsOnly(io.BytesIO(data)).load()
+    if not isinstance(env, dict) or "ok" not in env:
+        raise pickle.UnpicklingError("not a result envelope")
+    return {k: v for k, v in env.items() if k not in ("value", "exc_pickle")}
+
+
+def bounded_repr(value: Any, limit: int = REPR_CHARS) -> str:
+    """``repr(value)`` shortened to ``limit`` characters (containers abbreviated by reprlib first)."""
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxset, r.maxstring, r.maxother = 4, 50, 50, 50, 50, 2000, limit
+    try:
+        text = r.repr(value)
+    except Exception as e:  # a broken __repr__ must not cost the job its result
+        text = f"<{type(value).__name__} whose repr failed: {type(e).__name__}: {e}>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _session_factory() -> Any:
     # Imported here, not at the top: the client (httpx) costs ~100 ms and only payloads that
     # ask for a session need it.
@@ -193,7 +227,7 @@ def main(launch: dict[str, Any]) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
     try:
-        envelope = {"ok": True, "value": cloudpickle.dumps(value)}
+        envelope = {"ok": True, "value": cloudpickle.dumps(value), "repr": bounded_repr(value)}
     except Exception as e:  # noqa: BLE001
         err = TypeError(f"the job's result of type {type(value).__name__} cannot be pickled: {e}")
         write_envelope(result_path, exception_envelope(err))

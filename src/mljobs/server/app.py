@@ -24,12 +24,13 @@ from pydantic import TypeAdapter, ValidationError
 from mljobs import __version__, errors, logformat
 from mljobs.providers.base import InstanceReport, UnsupportedError
 from mljobs.server import schemas as S
+from mljobs.server import dashboard
 from mljobs.server.auth import Principal
-from mljobs.server.logs import follow_lines, iter_lines
+from mljobs.server.logs import follow_lines, iter_lines, tail_lines
 from mljobs.server.service import ControlPlane
 from mljobs.spec import JobSpec
 from mljobs.stages import parse_stage_path
-from mljobs.status import TERMINAL
+from mljobs.status import JOB_STATUS, TERMINAL_VALUES
 
 __all__ = ["create_app"]
 
@@ -39,7 +40,6 @@ _STATUS = {
     errors.VersionMismatchError: 400, UnsupportedError: 400, errors.NotFoundError: 404,
     errors.ConflictError: 409, errors.InvalidTransitionError: 409,
 }
-_TERMINAL = {s.value for s in TERMINAL}
 _JOB_SPEC = TypeAdapter(JobSpec)
 _SPEC_FIELDS = {f.name for f in dataclasses.fields(JobSpec)}
 _OCTETS = "application/octet-stream"
@@ -71,8 +71,14 @@ _bearer = HTTPBearer(auto_error=False, description="a user's token (`mljobs user
 
 
 def _caller(request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Principal:
-    """The request's principal (a route dependency: routes say ``who: Who``)."""
-    return request.app.state.cp.auth.authenticate(creds.credentials if creds else None)
+    """The request's principal (a route dependency: routes say ``who: Who``).
+
+    A bearer token first; else, for reads only (GET, HEAD), the dashboard's login cookie, so the
+    dashboard's pages stream logs from the same routes. A change (POST, PUT, PATCH, DELETE)
+    never acts on a cookie.
+    """
+    token = creds.credentials if creds else dashboard.cookie_token(request)
+    return request.app.state.cp.auth.authenticate(token)
 
 
 Who = Annotated[Principal, Depends(_caller)]
@@ -159,8 +165,12 @@ def create_app(cp: ControlPlane, on_shutdown: Any = None) -> FastAPI:
 
     @app.get(api + "/jobs", response_model=list[S.JobSummary])
     def list_jobs(who: Who, limit: _Limit = 10, database: Annotated[str | None, Query(max_length=255)] = None,
-                  schema: Annotated[str | None, Query(max_length=255)] = None) -> list[dict[str, Any]]:
-        return cp.list_jobs(limit, database, schema, who)
+                  schema: Annotated[str | None, Query(max_length=255)] = None,
+                  status: Annotated[list[JOB_STATUS] | None, Query(description="only these; repeatable")] = None,
+                  pool: Annotated[str | None, Query(max_length=255)] = None,
+                  owner: Annotated[str | None, Query(max_length=255)] = None) -> list[dict[str, Any]]:
+        return cp.list_jobs(limit, database, schema, who, statuses=[s.value for s in status] if status else None,
+                            pool=pool, owner=owner)
 
     @app.post(api + "/jobs/prune", response_model=S.PrunedJobs)
     def prune_jobs(body: S.PruneJobsIn, who: Who) -> dict[str, Any]:
@@ -181,7 +191,7 @@ def create_app(cp: ControlPlane, on_shutdown: Any = None) -> FastAPI:
             fut = cp.notifier.register(job["id"])
             view = await run_in_threadpool(lambda: cp.job_view(cp.store.get_job(job["id"])))
             left = deadline - time.monotonic()
-            if view["status"] in _TERMINAL or left <= 0:
+            if view["status"] in TERMINAL_VALUES or left <= 0:
                 cp.notifier.discard(job["id"], fut)
                 return view
             await cp.notifier.wait(job["id"], fut, left)
@@ -202,6 +212,11 @@ def create_app(cp: ControlPlane, on_shutdown: Any = None) -> FastAPI:
         if chunks is None:
             return _error(404, errors.NotFoundError(f"instance {instance_id} of job {ref} left no result"))
         return StreamingResponse(chunks, media_type=_OCTETS)
+
+    @app.get(api + "/jobs/{ref}/events", response_model=list[S.JobEvent])
+    def job_events(ref: str, who: Who) -> list[dict[str, Any]]:
+        """Every status the job took, oldest first, with its time and message."""
+        return cp.job_events(ref, who)
 
     @app.get(api + "/jobs/{ref}/metrics", response_model=list[S.MetricRow], response_model_exclude_unset=True)
     def job_metrics(ref: str, who: Who) -> list[dict[str, Any]]:
@@ -230,21 +245,37 @@ def create_app(cp: ControlPlane, on_shutdown: Any = None) -> FastAPI:
 
     @app.get(api + "/jobs/{ref}/logs", response_class=StreamingResponse, responses={200: {"content": {_TEXT: {}}}})
     async def logs(ref: str, who: Who, instance: Annotated[int, Query(ge=0, le=100_000)] = 0, limit: _Limit = -1,
-                   verbose: bool = False, follow: bool = False) -> StreamingResponse:
+                   verbose: bool = False, follow: bool = False,
+                   before: Annotated[int | None, Query(ge=0, description="page back: the lines that end before "
+                                                       "this byte offset (a response's X-Log-Start)")] = None
+                   ) -> StreamingResponse:
+        """An instance's log: all of it, its last ``limit`` lines, or (``follow``) those and then
+        every line written until the job ends. A tail (``limit`` > 0) says in ``X-Log-Start`` the
+        byte offset where its first line starts (0: nothing earlier), to page back with ``before``."""
+        if before is not None and (follow or limit <= 0):
+            raise errors.InvalidArgumentError(
+                f"before={before} pages back through a log: it needs a limit > 0 (got {limit}) and no follow")
         job = await run_in_threadpool(cp.resolve, ref, who)
         if instance >= max(job["target_instances"], 1):
             raise errors.InvalidArgumentError(
                 f"instance {instance} does not exist: job {job['id']} has instances 0..{job['target_instances'] - 1}")
         path = cp.home.log_file(job["id"], instance)
+        tail = None
+        headers: dict[str, str] = {}
+        if limit > 0:
+            lines, start, end = await run_in_threadpool(tail_lines, path, limit, verbose, before)
+            tail, headers = (lines, end), {"X-Log-Start": str(start), "X-Log-End": str(end)}
         if not follow:
-            return StreamingResponse(iter_lines(path, limit, verbose), media_type=_TEXT)
+            body = iter(tail[0]) if tail is not None else iter_lines(path, limit, verbose)
+            return StreamingResponse(body, media_type=_TEXT, headers=headers)
 
         def finished() -> bool:
             status = cp.store.job_owner_status(job["id"])
-            return status is None or status[1] in _TERMINAL
+            return status is None or status[1] in TERMINAL_VALUES
 
         keepalive = min(cp.settings.log_keepalive_s, logformat.KEEPALIVE_S)
-        return StreamingResponse(follow_lines(path, finished, verbose, limit, keepalive_s=keepalive), media_type=_TEXT)
+        return StreamingResponse(follow_lines(path, finished, verbose, limit, keepalive_s=keepalive, tail=tail),
+                                 media_type=_TEXT, headers=headers)
 
     # -- pools --------------------------------------------------------------------------------
     @app.post(api + "/pools", response_model=S.PoolOut)
@@ -325,6 +356,7 @@ def create_app(cp: ControlPlane, on_shutdown: Any = None) -> FastAPI:
         stage_name, rel = parse_stage_path(f"@{name}/{path}")
         return cp.stage(stage_name, create=False, who=who).list(rel)
 
+    dashboard.register(app, cp, _caller)
     return app
 
 

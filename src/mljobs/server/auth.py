@@ -26,7 +26,7 @@ from typing import Any
 from mljobs.errors import AuthenticationError, InvalidArgumentError, PermissionDeniedError
 from mljobs.server.store import Store
 from mljobs.spec import is_job_id
-from mljobs.status import TERMINAL
+from mljobs.status import TERMINAL_VALUES
 
 __all__ = ["Principal", "Authenticator", "hash_token", "make_user", "is_loopback", "USER_TOKEN_PREFIX",
            "JOB_TOKEN_PREFIX"]
@@ -34,7 +34,6 @@ __all__ = ["Principal", "Authenticator", "hash_token", "make_user", "is_loopback
 USER_TOKEN_PREFIX = "mlu_"
 JOB_TOKEN_PREFIX = "mlj_"
 _CACHE_S = 2.0  # how long a looked-up user or "no users yet" is trusted without asking the store
-_TERMINAL = {s.value for s in TERMINAL}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +155,6 @@ class Authenticator:
         if not is_job_id(job_id) or not hmac.compare_digest(mac, self._mac(job_id)):
             raise AuthenticationError("invalid job token (it is not one this server signed)")
         job = self.store.job_owner_status(job_id)
-        if job is None or job[1] in _TERMINAL:
+        if job is None or job[1] in TERMINAL_VALUES:
             raise AuthenticationError(f"the token of job {job_id} is no longer valid: the job has ended")
         return Principal(job[0], admin=False, job_id=job_id)

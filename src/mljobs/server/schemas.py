@@ -17,7 +17,7 @@ from mljobs.status import JOB_STATUS
 
 __all__ = ["Name", "PoolIn", "PoolAlter", "IntegrationIn", "PruneEnvsIn", "StageIn", "UserIn", "PruneJobsIn",
            "JobSummary", "JobOut", "InstanceOut", "PoolOut", "IntegrationOut", "StageOut", "StageFileOut",
-           "EnvOut", "UserOut", "UserCreated", "Ok", "RayInfoOut", "HealthOut", "WhoAmI", "PrunedJobs", "MetricRow"]
+           "EnvOut", "UserOut", "UserCreated", "Ok", "RayInfoOut", "HealthOut", "WhoAmI", "PrunedJobs", "MetricRow", "JobEvent"]
 
 # Names of pools, stages and integrations; the service checks their form and says how to fix it.
 Name = Annotated[str, StringConstraints(min_length=1, max_length=255)]
@@ -197,6 +197,14 @@ class HealthOut(BaseModel):
     store: str
     auth: str  # "local-admin" (no users, loopback) or "tokens"
     containment: dict[str, Any] = {}  # per provider: how a job's processes are kept and ended
+
+
+class JobEvent(BaseModel):
+    """One status a job took: when, and why (``message``)."""
+
+    time: dt.datetime
+    status: JOB_STATUS
+    message: str = ""
 
 
 class MetricRow(BaseModel):

@@ -13,6 +13,7 @@ import fnmatch
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import sys
 import threading
@@ -41,13 +42,25 @@ from mljobs.server.scheduler import pending_reason, plan_starts, plan_top_ups
 from mljobs.server.store import Store, utcnow
 from mljobs.spec import DEFAULT_POOL, INSTANCE_FAMILIES, JobSpec, PayloadKind, PoolSpec, PoolState, check_identifier, check_stage_name, is_job_id, new_job_id
 from mljobs.stages import Stage, parse_stage_path
-from mljobs.status import ACTIVE, JOB_STATUS, TERMINAL
+from mljobs.status import (ACTIVE, ACTIVE_VALUES, INSTANCE_STATUS, JOB_STATUS, LIVE_INSTANCE, TERMINAL,
+                           TERMINAL_VALUES)
 
-__all__ = ["ControlPlane"]
+__all__ = ["ControlPlane", "safe_ray_info"]
 
-LIVE = ("STARTING", "RUNNING")  # an instance's statuses before it is recorded EXITED
 
+_HTTP_URL = re.compile(r"https?://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~/\-]*)?")
+_HOST_PORT = re.compile(r"[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}")
 log = logging.getLogger("mljobs.server")
+
+
+def safe_ray_info(info: Any) -> dict[str, str | None]:
+    """The Ray addresses a job's own head wrote, passed on only as an http(s) URL and a host:port:
+    never something a browser would run (a ``javascript:`` link on the dashboard) or a client
+    would trip on."""
+    info = info if isinstance(info, dict) else {}
+    url, gcs = info.get("dashboard_url"), info.get("gcs_address")
+    return {"gcs_address": gcs if isinstance(gcs, str) and _HOST_PORT.fullmatch(gcs) else None,
+            "dashboard_url": url if isinstance(url, str) and _HTTP_URL.fullmatch(url) else None}
 # Built in: the public package index (the simple API and the file host).
 PYPI_ACCESS = ("PYPI_ACCESS", ["pypi.org", "files.pythonhosted.org"])
 DEFAULT_INDEX = "https://pypi.org/simple"
@@ -91,7 +104,7 @@ class ControlPlane:
 
     def _sweep(self) -> None:
         """Kill what jobs that already ended left behind (a server that died mid-finish)."""
-        terminal = {s.value for s in TERMINAL}
+        terminal = TERMINAL_VALUES
 
         def ended(job_id: str) -> bool:
             try:
@@ -130,7 +143,7 @@ class ControlPlane:
                 job = self.store.get_job(job["id"])
                 insts = self.store.instances_of(job["id"])
                 if job["status"] in (JOB_STATUS.CANCELLING.value, JOB_STATUS.RUNNING.value) and not any(
-                        i["status"] in ("STARTING", "RUNNING") for i in insts):
+                        i["status"] in LIVE_INSTANCE for i in insts):
                     self._complete(job, insts, None)
                 else:
                     continue
@@ -138,7 +151,7 @@ class ControlPlane:
 
     def _record_found(self, handle: InstanceHandle) -> None:
         """reconcile_once found a running instance whose handle was never stored."""
-        self.store.update_instance(handle.job_id, handle.instance_id, status="RUNNING", handle=handle.to_dict())
+        self.store.update_instance(handle.job_id, handle.instance_id, status=INSTANCE_STATUS.RUNNING.value, handle=handle.to_dict())
 
     def stop(self, cancel_jobs: bool = False) -> None:
         self._stop.set()
@@ -505,7 +518,7 @@ class ControlPlane:
     def _top_up(self, pool: dict[str, Any]) -> None:
         """Late instances join running multi-node jobs that started with fewer than their target."""
         short = [j for j in self.store.short_jobs(pool["name"]) if not j["spec"].get("parallel") and any(
-            i["instance_id"] == 0 and i["status"] == "RUNNING" for i in self.store.instances_of(j["id"]))]
+            i["instance_id"] == 0 and i["status"] == INSTANCE_STATUS.RUNNING.value for i in self.store.instances_of(j["id"]))]
         if not short:
             if self._maybe_short is None:
                 self._maybe_short = {p["name"] for p in self.store.list_pools() if self.store.short_jobs(p["name"])}
@@ -540,21 +553,21 @@ class ControlPlane:
             except Exception as e:  # noqa: BLE001
                 log.exception("start %s/%d", job["id"], i)
                 if first_id > 0:  # a late instance: the running job goes on without it
-                    self.store.update_instance(job["id"], i, status="EXITED", ended_time=utcnow())
+                    self.store.update_instance(job["id"], i, status=INSTANCE_STATUS.EXITED.value, ended_time=utcnow())
                     self._append_note(job, f"late instance {i} could not start: {e}")
                     continue
                 for inst in self.store.instances_of(job["id"]):  # the ones started already stop too
                     if inst["handle"]:
                         provider.cancel(InstanceHandle.from_dict(inst["handle"]), self.settings.grace_period_s)
                     else:
-                        self.store.update_instance(job["id"], inst["instance_id"], status="EXITED",
+                        self.store.update_instance(job["id"], inst["instance_id"], status=INSTANCE_STATUS.EXITED.value,
                                                    ended_time=utcnow())
                 self._finish(self.store.get_job(job["id"]), None,
                              f"could not start instance {i} on pool {pool['name']}: {e}")
                 if not any(inst["handle"] for inst in self.store.instances_of(job["id"])):
                     provider.finish_job(job["id"])
                 return
-            self.store.update_instance(job["id"], i, status="RUNNING", handle=handle.to_dict())
+            self.store.update_instance(job["id"], i, status=INSTANCE_STATUS.RUNNING.value, handle=handle.to_dict())
             if not provider.watch(handle, self.instance_exited):
                 self.instance_exited(handle)
 
@@ -568,7 +581,7 @@ class ControlPlane:
         inst = next((i for i in self.store.instances_of(job_id) if i["instance_id"] == instance_id), None)
         if inst is None:
             raise NotFoundError(f"job {job_id} has no instance {instance_id}")
-        if job["status"] in {s.value for s in TERMINAL} or inst["status"] == "EXITED":
+        if job["status"] in TERMINAL_VALUES or inst["status"] == INSTANCE_STATUS.EXITED.value:
             return {"action": "stop"}
         provider = self.provider(job["compute_pool"])
         # the agent may report before the server stored the handle its start returned
@@ -585,7 +598,7 @@ class ControlPlane:
             except NotFoundError:
                 return
             insts = self.store.instances_of(job["id"])
-            if not any(i["instance_id"] == handle.instance_id and i["status"] in LIVE for i in insts):
+            if not any(i["instance_id"] == handle.instance_id and i["status"] in LIVE_INSTANCE for i in insts):
                 return  # recorded already
             pool = job["compute_pool"]
             provider = self.provider(pool)
@@ -596,7 +609,7 @@ class ControlPlane:
             now = utcnow()
             values = {"exit_code": exit_.exit_code, "ended_time": now, "exit_record": exit_.to_record(),
                       **metrics.instance_values(provider.metrics(handle), exit_.usage, now.timestamp())}
-            live = [i for i in insts if i["status"] in LIVE and i["instance_id"] != handle.instance_id]
+            live = [i for i in insts if i["status"] in LIVE_INSTANCE and i["instance_id"] != handle.instance_id]
             if live:
                 if self.store.record_exit(job["id"], handle.instance_id, values) and (
                         job["target_instances"] > 1 and job["status"] == JOB_STATUS.RUNNING.value):
@@ -812,7 +825,7 @@ class ControlPlane:
         job = self.resolve(ref, who)
         out: list[dict[str, Any]] = []
         for inst in self.store.instances_of(job["id"]):
-            if inst["status"] == "EXITED" or not inst["handle"]:
+            if inst["status"] == INSTANCE_STATUS.EXITED.value or not inst["handle"]:
                 rows = metrics.decode(inst["metrics"])
             else:
                 rows = self.provider(job["compute_pool"]).metrics(InstanceHandle.from_dict(inst["handle"]))
@@ -826,17 +839,27 @@ class ControlPlane:
         if job["target_instances"] < 2 or job["spec"].get("parallel"):
             raise InvalidArgumentError(f"job {job['id']} runs no Ray cluster (only multi-node jobs without "
                                        "parallel=True do)")
-        info = None
-        if head and head["handle"] and head["status"] in ("STARTING", "RUNNING"):
+        info: Any = None
+        if head and head["handle"] and head["status"] in LIVE_INSTANCE:
             info = self.provider(job["compute_pool"]).ray_info(InstanceHandle.from_dict(head["handle"]))
-        return {"job_id": job["id"], "status": job["status"], **(info or {"gcs_address": None, "dashboard_url": None})}
+        return {"job_id": job["id"], "status": job["status"], **safe_ray_info(info)}
 
     def get_job(self, ref: str, who: Principal) -> dict[str, Any]:
         return self.job_view(self.resolve(ref, who))
 
-    def list_jobs(self, limit: int, database: str | None, schema: str | None, who: Principal) -> list[dict[str, Any]]:
-        """Newest first: ``who``'s jobs, or everyone's for an admin, with their resource use."""
-        rows = self.store.list_jobs(limit, database, schema, owner=who.owner_filter, with_spec=False)
+    def job_events(self, ref: str, who: Principal) -> list[dict[str, Any]]:
+        """The statuses the job took, oldest first (none for jobs made before the store kept them)."""
+        return self.store.job_events(self.resolve(ref, who)["id"])
+
+    def list_jobs(self, limit: int, database: str | None, schema: str | None, who: Principal, *,
+                  statuses: list[str] | None = None, pool: str | None = None,
+                  owner: str | None = None) -> list[dict[str, Any]]:
+        """Newest first: ``who``'s jobs, or everyone's for an admin, with their resource use;
+        only those in ``statuses``, on ``pool`` or of ``owner`` when given."""
+        if owner is not None and who.owner_filter is not None and owner != who.owner_filter:
+            return []  # a user sees only their own jobs, whoever they ask for
+        rows = self.store.list_jobs(limit, database, schema, statuses=statuses, owner=who.owner_filter or owner,
+                                    with_spec=False, pool=pool)
         usage = metrics.usage_by_job(self.store, [r["id"] for r in rows])
         return [{**r, **usage.get(r["id"], {"peak_rss_bytes": None, "cpu_seconds": None})} for r in rows]
 
@@ -858,7 +881,7 @@ class ControlPlane:
                     return self.job_view(self.store.get_job(job["id"]))
                 provider = self.provider(job["compute_pool"])
                 for inst in self.store.instances_of(job["id"]):
-                    if inst["status"] in ("STARTING", "RUNNING") and inst["handle"]:
+                    if inst["status"] in LIVE_INSTANCE and inst["handle"]:
                         provider.cancel(InstanceHandle.from_dict(inst["handle"]), self.settings.grace_period_s)
         self.notifier.notify(job["id"])
         return self.job_view(self.store.get_job(job["id"]))
@@ -866,9 +889,12 @@ class ControlPlane:
     def result(self, ref: str, who: Principal, instance_id: int | None = None) -> Iterator[bytes] | None:
         """The job's result envelope, or one instance's (parallel multi-node jobs), in chunks."""
         job = self.resolve(ref, who)
-        if job["status"] not in {s.value for s in TERMINAL}:
+        if job["status"] not in TERMINAL_VALUES:
             raise InvalidTransitionError(job["id"], job["status"], "a result (the job has not finished)")
-        stage = self.stage(job["stage_name"])
+        try:
+            stage = self.stage(job["stage_name"], create=False)  # reading must not make a dropped stage anew
+        except NotFoundError:
+            return None  # its stage was dropped, and the result with it
         paths = StagePaths(job["id"])
         path = paths.result if instance_id is None else paths.instance_result(instance_id)
         return stage.iter_chunks(path) if stage.exists(path) else None
@@ -876,10 +902,10 @@ class ControlPlane:
     def delete(self, ref: str, who: Principal, wait_s: float = 30.0) -> None:
         """Stop the job if it runs, then remove it, its logs and its stage files."""
         job = self.resolve(ref, who)
-        if job["status"] in {s.value for s in ACTIVE}:
+        if job["status"] in ACTIVE_VALUES:
             self.cancel(job["id"], who)
             deadline = utcnow().timestamp() + wait_s
-            while self.store.get_job(job["id"])["status"] not in {s.value for s in TERMINAL}:
+            while self.store.get_job(job["id"])["status"] not in TERMINAL_VALUES:
                 if utcnow().timestamp() > deadline:
                     raise InvalidTransitionError(job["id"], "CANCELLING", "DELETED (still stopping; try again)")
                 self._stop.wait(0.05)

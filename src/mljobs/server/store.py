@@ -19,13 +19,17 @@ from alembic.config import Config
 from sqlalchemy.engine import Engine
 
 from mljobs.errors import ConflictError, InvalidTransitionError, NotFoundError
-from mljobs.server.tables import instances, integrations, jobs, pools, secrets, stages, users
+from mljobs.server.tables import instances, integrations, job_events, jobs, pools, secrets, stages, users
 from mljobs.spec import PoolSpec
-from mljobs.status import ACTIVE, JOB_STATUS, TERMINAL, can_transition
+from mljobs.status import ACTIVE, INSTANCE_STATUS, JOB_STATUS, LIVE_INSTANCE, TERMINAL, can_transition
 
 __all__ = ["Store", "utcnow", "normalize_url"]
 
-LIVE_INSTANCE = ("STARTING", "RUNNING")
+
+
+def _event(c: sa.Connection, job_id: str, status: str, message: str = "", time: dt.datetime | None = None) -> None:
+    """Note a status the job took, in the transaction that moved it there."""
+    c.execute(job_events.insert().values(job_id=job_id, time=time or utcnow(), status=status, message=message))
 
 
 def utcnow() -> dt.datetime:
@@ -196,6 +200,7 @@ class Store:
     def insert_job(self, row: dict[str, Any]) -> None:
         with self.engine.begin() as c:
             c.execute(jobs.insert().values(**row))
+            _event(c, row["id"], row["status"], row.get("message") or "", row.get("created_time"))
 
     def get_job(self, job_id: str) -> dict[str, Any]:
         with self.engine.connect() as c:
@@ -226,12 +231,14 @@ class Store:
 
     def list_jobs(self, limit: int, database: str | None = None, schema: str | None = None,
                   statuses: Iterable[str] | None = None, owner: str | None = None,
-                  with_spec: bool = True) -> list[dict[str, Any]]:
+                  with_spec: bool = True, pool: str | None = None) -> list[dict[str, Any]]:
         """Newest first; ``with_spec=False`` leaves out the spec (the one large column)."""
         cols = jobs.c if with_spec else [c for c in jobs.c if c.name != "spec"]
         q = sa.select(*cols).order_by(jobs.c.created_time.desc())
         if owner is not None:
             q = q.where(jobs.c.owner == owner)
+        if pool is not None:
+            q = q.where(jobs.c.compute_pool == pool)
         if database:
             q = q.where(jobs.c.database_name == database)
         if schema:
@@ -280,6 +287,8 @@ class Store:
                 jobs.update().where(jobs.c.id == job_id, jobs.c.status.in_([s.value for s in sources]))
                 .values(**values)
             )
+            if res.rowcount:
+                _event(c, job_id, new.value, message or "", values.get("completed_time"))
         current = self.get_job(job_id)
         if res.rowcount == 0:
             raise InvalidTransitionError(job_id, current["status"], new.value)
@@ -296,10 +305,18 @@ class Store:
                                     instances_ran=len(slots)))
             if res.rowcount == 0:
                 return False
+            _event(c, job_id, JOB_STATUS.RUNNING.value, f"{len(slots)} instance(s) started", now)
             c.execute(instances.insert(), [
-                {"job_id": job_id, "instance_id": i, "slot": s, "status": "STARTING", "started_time": now}
+                {"job_id": job_id, "instance_id": i, "slot": s, "status": INSTANCE_STATUS.STARTING.value, "started_time": now}
                 for i, s in enumerate(slots)])
         return True
+
+    def job_events(self, job_id: str) -> list[dict[str, Any]]:
+        """The statuses the job took, oldest first: time, status, message."""
+        q = (sa.select(job_events.c.time, job_events.c.status, job_events.c.message)
+             .where(job_events.c.job_id == job_id).order_by(job_events.c.id))
+        with self.engine.connect() as c:
+            return [{"time": _aware(r.time), "status": r.status, "message": r.message} for r in c.execute(q)]
 
     def set_message(self, job_id: str, message: str) -> None:
         with self.engine.begin() as c:
@@ -324,7 +341,7 @@ class Store:
                               .where(instances.c.job_id == job_id)).scalar_one()
             now = utcnow()
             c.execute(instances.insert(), [
-                {"job_id": job_id, "instance_id": i, "slot": s, "status": "STARTING", "started_time": now}
+                {"job_id": job_id, "instance_id": i, "slot": s, "status": INSTANCE_STATUS.STARTING.value, "started_time": now}
                 for i, s in enumerate(slots, start=first)])
             return int(first)
 
@@ -342,6 +359,7 @@ class Store:
 
     def delete_job(self, job_id: str) -> None:
         with self.engine.begin() as c:
+            c.execute(job_events.delete().where(job_events.c.job_id == job_id))
             c.execute(instances.delete().where(instances.c.job_id == job_id))
             c.execute(jobs.delete().where(jobs.c.id == job_id))
 
@@ -350,7 +368,7 @@ class Store:
         now = utcnow()
         with self.engine.begin() as c:
             c.execute(instances.insert(), [
-                {"job_id": job_id, "instance_id": i, "slot": s, "status": "STARTING", "started_time": now}
+                {"job_id": job_id, "instance_id": i, "slot": s, "status": INSTANCE_STATUS.STARTING.value, "started_time": now}
                 for i, s in enumerate(slots, start=first_id)
             ])
 
@@ -369,13 +387,15 @@ class Store:
         with self.engine.begin() as c:
             res = c.execute(instances.update().where(
                 instances.c.job_id == job_id, instances.c.instance_id == instance_id,
-                instances.c.status.in_(LIVE_INSTANCE)).values(status="EXITED", **values))
+                instances.c.status.in_(sorted(LIVE_INSTANCE))).values(status=INSTANCE_STATUS.EXITED.value, **values))
             if res.rowcount == 0:
                 return False
             if job_status is not None:
                 sources = [s.value for s in expected if can_transition(s, job_status)]
-                c.execute(jobs.update().where(jobs.c.id == job_id, jobs.c.status.in_(sources)).values(
-                    status=job_status.value, message=message, completed_time=utcnow()))
+                now = utcnow()
+                if c.execute(jobs.update().where(jobs.c.id == job_id, jobs.c.status.in_(sources)).values(
+                        status=job_status.value, message=message, completed_time=now)).rowcount:
+                    _event(c, job_id, job_status.value, message, now)
         return True
 
     def instances_of(self, job_id: str) -> list[dict[str, Any]]:
@@ -385,12 +405,12 @@ class Store:
 
     def live_instances(self) -> list[dict[str, Any]]:
         with self.engine.connect() as c:
-            q = sa.select(instances).where(instances.c.status.in_(LIVE_INSTANCE))
+            q = sa.select(instances).where(instances.c.status.in_(sorted(LIVE_INSTANCE)))
             return [_row(r) for r in c.execute(q)]
 
     def used_slots(self, pool: str) -> set[int]:
         q = (sa.select(instances.c.slot).join(jobs, jobs.c.id == instances.c.job_id)
-             .where(jobs.c.compute_pool == pool, instances.c.status.in_(LIVE_INSTANCE)))
+             .where(jobs.c.compute_pool == pool, instances.c.status.in_(sorted(LIVE_INSTANCE))))
         with self.engine.connect() as c:
             return {r[0] for r in c.execute(q)}
 
@@ -399,7 +419,7 @@ class Store:
         out: dict[str, dict[str, int]] = {}
         with self.engine.connect() as c:
             q = (sa.select(jobs.c.compute_pool, sa.func.count()).join(instances, jobs.c.id == instances.c.job_id)
-                 .where(instances.c.status.in_(LIVE_INSTANCE)).group_by(jobs.c.compute_pool))
+                 .where(instances.c.status.in_(sorted(LIVE_INSTANCE))).group_by(jobs.c.compute_pool))
             for pool, n in c.execute(q):
                 out.setdefault(pool, {"nodes_in_use": 0, "queued": 0, "running": 0})["nodes_in_use"] = n
             q = (sa.select(jobs.c.compute_pool, jobs.c.status, sa.func.count())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-__all__ = ["metadata", "pools", "jobs", "instances", "stages", "integrations", "users", "secrets"]
+__all__ = ["metadata", "pools", "jobs", "instances", "job_events", "stages", "integrations", "users", "secrets"]
 
 metadata = sa.MetaData()
 
@@ -65,6 +65,16 @@ instances = sa.Table(
     # How it ended (InstanceExit.to_record: exit code, cancelled, lost, error, oom, usage, log tail,
     # has_result), written by the UPDATE that marks it EXITED: completion never needs its files again.
     sa.Column("exit_record", sa.JSON),
+)
+
+job_events = sa.Table(  # every status a job took, when, and why: its timeline
+    "job_events", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("job_id", sa.String(64), sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("time", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("status", sa.String(32), nullable=False),
+    sa.Column("message", sa.Text, nullable=False, default=""),
+    sa.Index("ix_job_events_job", "job_id", "id"),
 )
 
 stages = sa.Table(
