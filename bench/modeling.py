@@ -399,6 +399,9 @@ def main() -> None:
         if key in rows:
             verdict = "meets" if rows[key]["ratio"] <= 1.3 else "MISSES"
             print(f"{labels[key][1]}: {rows[key]['ratio']:.2f}x the library's time: {verdict} the 1.3x goal")
+    if os.getloadavg()[0] > (os.cpu_count() or 1) and a.threads > 1:
+        print(f"note: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs: with {a.threads} threads a side, "
+              "spinning OpenMP threads make single fits vary several-fold; --threads 1 gives a ratio that holds")
     if "job_s" in meta:
         print(f"job {meta['job_id']}: {meta['job_s']} s from submit to result, nodes {meta['nodes']}")
     print(f"load: {meta['load_before']} -> {meta.get('load_after_job') or meta.get('load_after_local')}")
