@@ -81,7 +81,7 @@ def test_from_dataframe_round_trips(kind):
     if kind == "pandas":
         src: Any = df
     elif kind == "polars":
-        pl = pytest.importorskip("polars")
+        import polars as pl
         src = pl.from_pandas(df)
     elif kind == "arrow_table":
         src = pa.Table.from_pandas(df, preserve_index=False)
@@ -212,7 +212,7 @@ def test_csv_gz_and_parquet_mixed(tmp_path):
 
 
 def test_fsspec_url(tmp_path):
-    fsspec = pytest.importorskip("fsspec")
+    import fsspec
     fs = fsspec.filesystem("memory")
     root = f"/mljobs-test-{tmp_path.name}"
     try:
@@ -336,7 +336,7 @@ def test_stage_url_and_unknown_stage_error(tmp_path):
 
 # -- SQL -------------------------------------------------------------------------------------------
 def test_from_sql_duckdb():
-    duckdb = pytest.importorskip("duckdb")
+    import duckdb
     con = duckdb.connect()
     try:
         con.sql("CREATE TABLE t(id BIGINT, x DOUBLE, s VARCHAR, ok BOOLEAN)")
@@ -354,7 +354,7 @@ def test_from_sql_duckdb():
 
 
 def test_from_sql_sqlalchemy_url_and_engine(tmp_path):
-    sa = pytest.importorskip("sqlalchemy")
+    import sqlalchemy as sa
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     engine = sa.create_engine(url)
     try:
@@ -554,12 +554,14 @@ def test_torch_column_kinds():
 def test_to_huggingface_dataset(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    pytest.importorskip("datasets")
+    import datasets
+
     dc = id_parts(tmp_path, "files", [7, 1, 20])
     ds = dc.to_huggingface_dataset()
-    assert ds.num_rows == 28 and ds.column_names == ["id", "x"]
+    assert isinstance(ds, datasets.Dataset) and ds.num_rows == 28 and ds.column_names == ["id", "x"]
     assert ds["id"][:3] == [0, 1, 2] and ds[27]["x"] == 13.5
     stream = dc.to_huggingface_dataset(streaming=True)
+    assert isinstance(stream, datasets.IterableDataset)
     rows = list(stream)
     assert len(rows) == 28 and set(rows[0]) == {"id", "x"}
     assert [r["id"] for r in rows] == list(range(28))

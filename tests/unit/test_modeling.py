@@ -53,10 +53,27 @@ def test_text_columns_without_an_encoding_are_named(frame):
         XGBEstimator(n_estimators=2).fit(frame, input_cols=["a"], label_col="label_text")
 
 
-def test_gpu_asked_for_where_there_is_none(frame, monkeypatch):
+@pytest.mark.parametrize("estimator, config", [(XGBEstimator, XGBScalingConfig),
+                                               (LightGBMEstimator, LightGBMScalingConfig)])
+def test_gpu_asked_for_where_there_is_none(frame, monkeypatch, estimator, config):
     monkeypatch.setattr(cluster, "local_gpus", lambda: 0)
     with pytest.raises(InvalidArgumentError, match="use_gpu=True, but this machine has no GPU"):
-        XGBEstimator(n_estimators=2, scaling_config=XGBScalingConfig(use_gpu=True)).fit(frame, label_col="y")
+        estimator(n_estimators=2, scaling_config=config(use_gpu=True)).fit(frame, label_col="y")
+
+
+@pytest.mark.parametrize("estimator", [XGBEstimator, LightGBMEstimator])
+def test_eval_set_is_checked_like_the_training_data_before_training(estimator, frame, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started before eval_set was checked")
+
+    monkeypatch.setattr(tabular, "plan_workers", no_training)
+    text = frame.assign(b=["x", "y"] * 1000)
+    with pytest.raises(InvalidArgumentError, match=r"eval_set: input column\(s\) 'b' \((string|large_string)\)"):
+        estimator(n_estimators=2).fit(frame, input_cols=["a", "b"], label_col="y", eval_set=text)
+    with pytest.raises(InvalidArgumentError, match="eval_set: input column 'b' not in the data; the columns are: a, c, y"):
+        estimator(n_estimators=2).fit(frame, input_cols=["a", "b"], label_col="y", eval_set=frame.drop(columns="b"))
+    with pytest.raises(InvalidArgumentError, match="eval_set: the data set has no rows"):
+        estimator(n_estimators=2).fit(frame, input_cols=["a", "b"], label_col="y", eval_set=frame.iloc[:0])
 
 
 @pytest.mark.parametrize("bad", [dict(num_workers=0), dict(num_workers=-2), dict(num_cpu_per_worker=0),

@@ -16,7 +16,7 @@ from mljobs.data import DataConnector
 from mljobs.errors import InvalidArgumentError
 from mljobs.modeling import cluster
 
-__all__ = ["require", "ScalingConfig", "Plan", "as_connector", "check_inputs", "features", "plan_workers", "fit_on_workers"]
+__all__ = ["require", "ScalingConfig", "Plan", "as_connector", "check_inputs", "check_eval_set", "features", "plan_workers", "fit_on_workers"]
 
 
 @dataclass
@@ -94,6 +94,14 @@ def check_inputs(data: DataConnector, input_cols: list[str] | None, label_col: s
     if data.count_rows() == 0:
         raise InvalidArgumentError("the data set has no rows")
     return input_cols
+
+
+def check_eval_set(evals: DataConnector, input_cols: list[str], label_col: str) -> None:
+    """The evaluation data pass the same checks as the training data (before any worker starts)."""
+    try:
+        check_inputs(evals, input_cols, label_col)
+    except InvalidArgumentError as e:
+        raise InvalidArgumentError(f"eval_set: {e}") from None
 
 
 def features(data: DataConnector, input_cols: list[str], label_col: str,

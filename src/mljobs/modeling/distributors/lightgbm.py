@@ -53,7 +53,7 @@ class LightGBMEstimator:
         cols = tabular.check_inputs(data, input_cols, label_col)
         evals = tabular.as_connector(eval_set, "eval_set") if eval_set is not None else None
         if evals is not None:
-            evals.check_columns([*cols, label_col], "eval_set column")
+            tabular.check_eval_set(evals, cols, label_col)
         plan = tabular.plan_workers(self.scaling_config)
         shared = dict(input_cols=cols, label_col=label_col, params=self.params, rounds=self.n_estimators,
                       callbacks=self.callbacks, cpus=plan.cpus, gpu=bool(plan.gpus),
