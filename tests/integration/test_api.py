@@ -191,3 +191,18 @@ def test_no_input_makes_a_server_error(api):
     print(f"schemathesis: {examples} examples over {operations} operations, {len(errors)} server error(s)")
     assert operations >= 25 and examples >= 300
     assert not errors, "\n".join(errors[:10])
+
+
+def test_tokenless_calls_naming_another_host_get_no_data(sqlite_server):
+    """DNS rebinding: a page of evil.example whose name now points at 127.0.0.1 sends Host: evil.example."""
+    url = sqlite_server.url
+    rebound = {"host": "evil.example:" + url.rsplit(":", 1)[1]}
+    r = httpx.get(url + "/api/v1/jobs", headers=rebound, timeout=30)
+    assert r.status_code == 401 and "Host 'evil.example:" in r.json()["detail"], r.text
+    r = httpx.post(url + "/api/v1/pools", json={"name": "P", "instance_family": "CPU_X64_XS"}, headers=rebound,
+                   timeout=30)
+    assert r.status_code == 401
+    page = httpx.get(url + "/", headers=rebound, timeout=30)
+    assert page.status_code == 401 and "DEFAULT_POOL" not in page.text and 'name="token"' in page.text
+    assert httpx.get(url + "/api/v1/jobs", timeout=30).status_code == 200  # 127.0.0.1 itself still works
+    assert [p["name"] for p in httpx.get(url + "/api/v1/pools", timeout=30).json()] == ["DEFAULT_POOL"]

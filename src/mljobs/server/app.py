@@ -78,7 +78,7 @@ def _caller(request: Request, creds: Annotated[HTTPAuthorizationCredentials | No
     never acts on a cookie.
     """
     token = creds.credentials if creds else dashboard.cookie_token(request)
-    return request.app.state.cp.auth.authenticate(token)
+    return request.app.state.cp.auth.authenticate(token, request.headers.get("host"))
 
 
 Who = Annotated[Principal, Depends(_caller)]

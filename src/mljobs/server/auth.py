@@ -28,7 +28,7 @@ from mljobs.server.store import Store
 from mljobs.spec import is_job_id
 from mljobs.status import TERMINAL_VALUES
 
-__all__ = ["Principal", "Authenticator", "hash_token", "make_user", "is_loopback", "USER_TOKEN_PREFIX",
+__all__ = ["Principal", "Authenticator", "hash_token", "make_user", "is_loopback", "host_name", "USER_TOKEN_PREFIX",
            "JOB_TOKEN_PREFIX"]
 
 USER_TOKEN_PREFIX = "mlu_"
@@ -71,6 +71,13 @@ def make_user(store: Store, name: str, admin: bool) -> dict[str, Any]:
     token = USER_TOKEN_PREFIX + secrets.token_urlsafe(32)
     store.create_user(name, hash_token(token), admin)
     return {"name": name, "admin": admin, "token": token}
+
+
+def host_name(host: str) -> str:
+    """The name in a ``Host`` header, without its port ("[::1]:80" -> "::1", "a:8080" -> "a")."""
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 def is_loopback(host: str) -> bool:
@@ -120,9 +127,16 @@ class Authenticator:
             self._users.clear()
             self._no_users = (0.0, False)
 
-    def authenticate(self, token: str | None) -> Principal:
+    def authenticate(self, token: str | None, host: str | None = None) -> Principal:
+        """The principal of a request with ``token`` (None: none sent) and the ``Host`` header ``host``."""
         if not token:
             if self.anonymous_allowed():
+                if host is not None and not is_loopback(host_name(host)):
+                    # A page of another site that rebinds its DNS name to 127.0.0.1 reaches this
+                    # server with its own name as Host: only loopback names get the local admin.
+                    raise AuthenticationError(
+                        f"a call without a token is answered only at a loopback address, and this one named "
+                        f"Host {host!r}: use http://127.0.0.1:<port>/ (or localhost), or send a token")
                 return self.local_admin
             raise AuthenticationError(
                 "this server needs a token: set MLJOBS_TOKEN (or Session(token=...)) to the token printed by "

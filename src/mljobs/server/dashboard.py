@@ -200,7 +200,7 @@ def register(app: FastAPI, cp: ControlPlane, api_caller: Callable[..., Principal
 
     def caller(request: Request) -> Principal | None:
         try:
-            return cp.auth.authenticate(request.cookies.get(COOKIE) or None)
+            return cp.auth.authenticate(request.cookies.get(COOKIE) or None, request.headers.get("host"))
         except errors.AuthenticationError:
             return None
 
