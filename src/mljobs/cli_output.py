@@ -23,6 +23,7 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from mljobs.client.progress import format_ago, format_duration, parse_time
+from mljobs.units import format_bytes
 
 __all__ = ["Column", "make_console", "is_terminal", "print_table", "print_json", "json_records", "iso_time", "job_duration",
            "JOB_KEYS", "JOB_DETAIL_KEYS", "INSTANCE_KEYS", "POOL_KEYS", "JOB_COLUMNS", "POOL_COLUMNS",
@@ -113,15 +114,6 @@ def job_duration(r: dict[str, Any], now: float | None = None) -> float | None:
         return None
     ended = parse_time(r.get("completed_time"))
     return (ended if ended is not None else (time.time() if now is None else now)) - started
-
-
-def format_bytes(n: Any) -> str:
-    if n is None:
-        return ""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
 
 
 def json_records(rows: Sequence[dict[str, Any]], keys: Sequence[str],

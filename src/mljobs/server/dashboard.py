@@ -40,6 +40,7 @@ from mljobs.runtime.launcher import summarize_envelope
 from mljobs.server.auth import Principal
 from mljobs.server.service import ControlPlane
 from mljobs.status import CANCELABLE_VALUES, JOB_STATUS, TERMINAL_VALUES
+from mljobs.units import format_bytes
 
 __all__ = ["register", "cookie_token", "LoginCodes", "COOKIE", "LOGIN_CODE_TTL_S"]
 
@@ -95,16 +96,6 @@ def _when(value: Any) -> str:
         return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     if isinstance(value, (int, float)) and value:
         return dt.datetime.fromtimestamp(value, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    return ""
-
-
-def _size(n: int | None) -> str:
-    if n is None:
-        return ""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
     return ""
 
 
@@ -188,7 +179,7 @@ def register(app: FastAPI, cp: ControlPlane, api_caller: Callable[..., Principal
     ``api_caller`` is the API's own dependency that names a bearer token's principal."""
     templates = Jinja2Templates(directory=str(_HERE / "templates"))
     templates.env.filters["when"] = _when
-    templates.env.filters["size"] = _size
+    templates.env.filters["size"] = format_bytes
     app.mount("/dashboard/static", StaticFiles(directory=str(_HERE / "static")), name="dashboard-static")
     codes = LoginCodes()
     keys: dict[str, bytes] = {}
