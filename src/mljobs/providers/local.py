@@ -28,7 +28,7 @@ from typing import Any
 
 import psutil
 
-from mljobs import logformat
+from mljobs import logformat, trace
 from mljobs.config import Settings
 from mljobs.errors import InvalidArgumentError
 from mljobs.paths import HomePaths, InstancePaths
@@ -305,6 +305,7 @@ class LocalProvider(Provider):
         for d in (p.run_dir, p.work_dir, p.log_file.parent):
             d.mkdir(parents=True, exist_ok=True)
         launch.stage.download_dir(f"{launch.job_id}/app/", p.work_dir)
+        trace.mark(launch.job_id, "provider.workdir.ready")
         cpus, gpus = self._slice(launch)
         env = {var: str(len(cpus)) for var in containment.THREAD_VARS}
         if launch.family.gpus:
@@ -319,7 +320,9 @@ class LocalProvider(Provider):
             python=launch.spec.runtime_python or sys.executable, multinode=multinode, netns=ns,
             containment=self.plan.to_dict(), metrics_file=str(p.metrics_file), metrics=self._metrics, gpus=gpus)
         p.launch.write_text(json.dumps(doc))
+        trace.mark(launch.job_id, "provider.launch.written")
         pid = self._spawner.spawn(str(p.run_dir), str(p.supervisor_log))
+        trace.mark(launch.job_id, "provider.spawned")
         found = self.find(launch.job_id, launch.instance_id)  # the spawner wrote the pid file before answering
         started = found.pid_start if found is not None and found.pid == pid else None
         return InstanceHandle(launch.job_id, launch.instance_id, pid, started, {"cpus": cpus, "gpus": gpus})

@@ -30,6 +30,7 @@ from typing import Any
 
 import cloudpickle
 
+from mljobs import trace
 from mljobs.paths import FUNCTION_PAYLOAD, IMPORTS_DIR
 
 __all__ = ["main", "run_payload", "check_versions", "write_envelope", "read_envelope", "exception_envelope",
@@ -207,6 +208,7 @@ def main(launch: dict[str, Any]) -> int:
         write_envelope(result_path, envelope)
         print(problem, file=sys.stderr)
         return 1
+    trace.mark(launch.get("job_id", ""), "launcher.start")
     try:
         value = run_payload(launch, _session_factory)
     except SystemExit as e:
@@ -233,7 +235,9 @@ def main(launch: dict[str, Any]) -> int:
         write_envelope(result_path, exception_envelope(err))
         print(err, file=sys.stderr)
         return 1
+    trace.mark(launch.get("job_id", ""), "launcher.payload.returned")
     write_envelope(result_path, envelope)
+    trace.mark(launch.get("job_id", ""), "launcher.result.written")
     return 0
 
 

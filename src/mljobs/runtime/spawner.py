@@ -26,6 +26,7 @@ import cloudpickle  # noqa: F401 - imported here so every job's fork has it alre
 import psutil
 import setproctitle
 
+from mljobs import trace
 from mljobs.paths import PID_FILE
 from mljobs.runtime import launcher, supervisor  # noqa: F401 - the same: warm imports
 
@@ -88,6 +89,7 @@ def serve(label: str = "", requests: int = 0, replies: int = 1) -> None:
                 continue
             if pid == 0:
                 _run_supervisor(req["run_dir"], req["stderr"])
+            trace.mark(os.path.basename(os.path.dirname(req["run_dir"])), "spawner.forked")
             try:
                 _record_pid(req["run_dir"], pid)
             except Exception as e:  # noqa: BLE001 - an instance nobody could find again must not run

@@ -31,7 +31,7 @@ from typing import Any
 
 import setproctitle
 
-from mljobs import logformat
+from mljobs import logformat, trace
 from mljobs.errors import EnvironmentBuildError
 from mljobs.runtime import containment, environment, launcher, multinode
 from mljobs.runtime.containment import descendants
@@ -110,6 +110,7 @@ def _child(launch: dict[str, Any], out_w: int, err_w: int, cgroup: containment.I
         setproctitle.setproctitle(f"mljobs-payload {launch['run_dir']}")
         if cgroup is not None:
             cgroup.enter()
+        trace.mark(launch.get("job_id", ""), "payload.in.cgroup")
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != parent:  # the supervisor died before the signal was armed
             os._exit(70)
@@ -189,6 +190,7 @@ def _write_exit(path: Path, record: dict[str, Any]) -> None:
 
 def supervise(launch: dict[str, Any]) -> dict[str, Any]:
     """Run one instance to its end; returns (and writes) the exit record."""
+    trace.mark(launch.get("job_id", ""), "supervisor.start")
     grace = float(launch.get("grace_period_s", 3.0))
     log = _LogWriter(launch["log_file"])
     _set_subreaper()
@@ -222,6 +224,7 @@ def supervise(launch: dict[str, Any]) -> dict[str, Any]:
         forwarder = multinode.enter_netns(launch["netns"], launch["env"].get("MLJOBS_URL"))
     plan = containment.Plan.from_dict(launch.get("containment"))
     cgroup, limit = _make_cgroup(launch, plan, log)
+    trace.mark(launch.get("job_id", ""), "supervisor.cgroup.made")
     watch = bool(limit) and (cgroup is None or cgroup.memory_dir is None)
     me = os.getpid()
     pid = os.fork()
@@ -229,6 +232,7 @@ def supervise(launch: dict[str, Any]) -> dict[str, Any]:
         os.close(out_r), os.close(err_r)
         _child(launch, out_w, err_w, cgroup, me)
     os.close(out_w), os.close(err_w)
+    trace.mark(launch.get("job_id", ""), "supervisor.forked")
     if forwarder is not None:  # started after the fork: the child gets no thread
         forwarder.start()
     sampler = Sampler(launch["metrics_file"], me, cgroup, limit_bytes=limit, watch_memory=watch,
@@ -272,6 +276,7 @@ def supervise(launch: dict[str, Any]) -> dict[str, Any]:
             log.system(f"out of memory: the instance's processes use {used} bytes, over its limit of {limit}; "
                        "stopping them")
             _kill_now(cgroup)
+    trace.mark(launch.get("job_id", ""), "supervisor.streams.closed")
     if pid not in _REAPED:
         try:
             _REAPED[pid] = os.waitpid(pid, 0)[1]
@@ -336,6 +341,7 @@ def _finish(launch: dict[str, Any], log: _LogWriter, record: dict[str, Any]) -> 
                + (" (cancelled)" if record["cancelled"] else ""))
     log.close()
     _write_exit(run_dir / "exit.json", record)
+    trace.mark(launch.get("job_id", ""), "supervisor.exit.written")
     return record
 
 

@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import TypeAdapter, ValidationError
 
-from mljobs import __version__, errors, logformat
+from mljobs import __version__, errors, logformat, trace
 from mljobs.providers.base import InstanceReport, UnsupportedError
 from mljobs.server import schemas as S
 from mljobs.server import dashboard
@@ -193,6 +193,7 @@ def create_app(cp: ControlPlane, on_shutdown: Any = None) -> FastAPI:
             left = deadline - time.monotonic()
             if view["status"] in TERMINAL_VALUES or left <= 0:
                 cp.notifier.discard(job.id, fut)
+                trace.mark(job.id, "server.wait.answered")
                 return view
             await cp.notifier.wait(job.id, fut, left)
 

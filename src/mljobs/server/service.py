@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import cloudpickle
 import sqlalchemy as sa
 
-from mljobs import __version__, logformat
+from mljobs import __version__, logformat, trace
 from mljobs.config import Settings
 from mljobs.errors import (ConflictError, InvalidArgumentError, InvalidTransitionError, NotFoundError,
                            PermissionDeniedError, VersionMismatchError)
@@ -430,6 +430,7 @@ class ControlPlane:
         The job belongs to ``who``. A second submission with the same ``idempotency_key`` (a
         client retrying after a lost response) returns the job the first one made.
         """
+        began = time.time()
         spec.owner = who.name
         if idempotency_key:
             done = self.store.job_by_key(who.name, idempotency_key)
@@ -438,6 +439,7 @@ class ControlPlane:
         pool = self._check_submission(spec)
         stage = self.stage(spec.stage_name, who=who)
         job_id = new_job_id()
+        trace.mark(job_id, "server.submit.begin", began)
         paths = StagePaths(job_id)
         try:
             if spec.payload_kind == PayloadKind.STAGE:
@@ -452,6 +454,7 @@ class ControlPlane:
                         f"entrypoint {entry!r} is not in the uploaded payload ({len(names)} files)")
                 if spec.payload_kind == PayloadKind.DIRECTORY and "requirements.txt" in names:
                     self._add_requirements_file(spec, stage, f"{paths.app}requirements.txt")
+            trace.mark(job_id, "server.payload.staged")
             self.store.insert_job({
                 "id": job_id, "name": spec.name or job_id, "status": JOB_STATUS.PENDING.value, "message": "",
                 "database_name": spec.database, "schema_name": spec.schema, "owner": spec.owner,
@@ -466,8 +469,11 @@ class ControlPlane:
             if first is not None:  # the same submission raced itself: the first one stands
                 return self.job_view(first)
             raise
+        trace.mark(job_id, "server.job.inserted")
         self.schedule(pool["name"])
-        return self.job_view(self.store.get_job(job_id))
+        view = self.job_view(self.store.get_job(job_id))
+        trace.mark(job_id, "server.submit.end")
+        return view
 
     def _copy_stage_payload(self, spec: JobSpec, dst: Stage, app_prefix: str, who: Principal) -> None:
         if not spec.source:
@@ -509,6 +515,7 @@ class ControlPlane:
             for job, slots in plan:
                 if not self.store.start_job(job.id, slots):
                     continue  # cancelled meanwhile
+                trace.mark(job.id, "server.job.started")
                 if len(slots) < job.target_instances and self._maybe_short is not None:
                     self._maybe_short.add(pool["name"])
                 self._start_instances(job, pool, slots)
@@ -569,6 +576,7 @@ class ControlPlane:
                     provider.finish_job(job.id)
                 return
             self.store.update_instance(job.id, i, status=INSTANCE_STATUS.RUNNING.value, handle=handle.to_dict())
+            trace.mark(job.id, "server.instance.recorded")
             if not provider.watch(handle, self.instance_exited):
                 self.instance_exited(handle)
 
@@ -593,6 +601,7 @@ class ControlPlane:
     def instance_exited(self, handle: InstanceHandle) -> None:
         """Record an instance's end (once: the exit watcher and the monitor may both report it);
         when it was the job's last, finish the job in the same store transaction."""
+        trace.mark(handle.job_id, "server.exit.seen")
         with self._lock:
             try:
                 job = self.store.get_job(handle.job_id)
@@ -606,7 +615,9 @@ class ControlPlane:
             exit_ = provider.poll(handle)  # without a pid too: the provider reads any exit record first
             if exit_ is None:  # still running after all (spurious wake-up)
                 return
+            trace.mark(job.id, "server.exit.polled")
             self._keep_result(job, handle.instance_id, exit_)  # on the stage before the row says EXITED
+            trace.mark(job.id, "server.result.kept")
             now = utcnow()
             values = {"exit_code": exit_.exit_code, "ended_time": now, "exit_record": exit_.to_record(),
                       **metrics.instance_values(provider.metrics(handle), exit_.usage, now.timestamp())}
@@ -631,6 +642,7 @@ class ControlPlane:
         # Processes and namespaces go first, so that a job seen ended runs nothing any more;
         # its local files after, off the path to the user's result.
         provider.finish_job(job.id)
+        trace.mark(job.id, "server.job.finished")
         new, msg = self._status_for(job, exit_, None)
         active = [JOB_STATUS(job.status)] if job.status in (
             JOB_STATUS.RUNNING.value, JOB_STATUS.CANCELLING.value) else []
@@ -641,10 +653,12 @@ class ControlPlane:
                 self.store.transition(job.id, new, expected=active, message=msg)
             except InvalidTransitionError:
                 pass  # already finished by another path
+        trace.mark(job.id, "server.job.recorded")
         self.notifier.notify(job.id)
         handles = [InstanceHandle.from_dict(i["handle"]) for i in insts if i["handle"]]
         for h in handles or [InstanceHandle(job.id, 0)]:
             provider.cleanup(h)
+        trace.mark(job.id, "server.job.cleaned")
 
     def _exits(self, job: JobRecord, insts: list[dict[str, Any]],
                last: tuple[int, dict[str, Any], InstanceExit] | None) -> dict[int, tuple[InstanceExit, bool]]:
