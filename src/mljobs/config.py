@@ -51,6 +51,7 @@ class Settings:
     # "cgroup2", "cgroup1" or "fallback" (parent-death signal and a sweep by the job's marker).
     containment: str = "auto"
     metrics: bool = True  # sample each instance's CPU, memory and GPU use while it runs
+    warm_supervisors: int = 2  # supervisors the local provider keeps forked ahead, cgroups made (0: none)
     # Remote instances (Slurm, Ray): how often they report, and how long one may stay silent
     # before its node counts as lost.
     heartbeat_s: float = 5.0
@@ -101,6 +102,7 @@ def load_settings(home: str | os.PathLike[str] | None = None) -> Settings:
         store_busy_timeout_s=float(env.get("MLJOBS_STORE_BUSY_TIMEOUT_S") or server.get("store_busy_timeout_s", 30.0)),
         containment=(env.get("MLJOBS_CONTAINMENT") or server.get("containment") or "auto").lower(),
         metrics=_flag(env.get("MLJOBS_METRICS", server.get("metrics", "1"))),
+        warm_supervisors=int(env.get("MLJOBS_WARM_SUPERVISORS") or server.get("warm_supervisors", 2)),
         heartbeat_s=float(env.get("MLJOBS_HEARTBEAT_S") or server.get("heartbeat_s", 5.0)),
         heartbeat_timeout_s=float(env.get("MLJOBS_HEARTBEAT_TIMEOUT_S") or server.get("heartbeat_timeout_s", 30.0)),
         start_timeout_s=float(env.get("MLJOBS_START_TIMEOUT_S") or server.get("start_timeout_s", 120.0)),

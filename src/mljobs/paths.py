@@ -10,6 +10,7 @@ __all__ = ["StagePaths", "HomePaths", "InstancePaths", "FUNCTION_PAYLOAD", "IMPO
 
 FUNCTION_PAYLOAD = "function.pkl"  # inside app/ for function payloads
 IMPORTS_DIR = ".imports"  # inside app/: roots added to sys.path for `imports=`
+CGROUP_FILE = "cgroup"  # inside a run dir: the name of the instance's cgroups when they are not <job>.<i>
 PID_FILE = "supervisor.pid"  # inside an instance's run dir: "<pid> <start time>", written by the spawner
 
 
@@ -57,6 +58,11 @@ class InstancePaths:
     @property
     def pid_file(self) -> Path:
         return self.run_dir / PID_FILE
+
+    @property
+    def cgroup_file(self) -> Path:
+        """The name of the instance's cgroups when a warm supervisor made them ahead (``spare-<pid>``)."""
+        return self.run_dir / CGROUP_FILE
 
     @property
     def exit_file(self) -> Path:
@@ -129,8 +135,13 @@ class HomePaths:
     def log_file(self, job_id: str, instance: int) -> Path:
         return self.job_logs(job_id) / f"{instance}.log"
 
+    @property
+    def runs(self) -> Path:
+        """Every job's run dirs (one folder a job)."""
+        return self.root / "run"
+
     def job_run(self, job_id: str) -> Path:
-        return self.root / "run" / job_id
+        return self.runs / job_id
 
     def allocation_file(self, job_id: str) -> Path:
         """A remote job's allocation on its engine (a Slurm job id, a Ray submission id)."""

@@ -60,6 +60,10 @@ class Stage:
     def exists(self, path: str) -> bool:
         return self.fs.exists(self._p(path))
 
+    def size(self, path: str) -> int:
+        """A file's size in bytes (FileNotFoundError when it is not there)."""
+        return int(self.fs.size(self._p(path)))
+
     def isdir(self, path: str) -> bool:
         return self.fs.isdir(self._p(path))
 

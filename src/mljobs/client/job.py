@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import importlib
 import logging
@@ -120,6 +121,10 @@ class MLJob:
         progress line, the reason a pending job waits is logged (logger ``mljobs``) each time it
         changes.
         """
+        return self._wait(timeout, progress, with_result=False)
+
+    def _wait(self, timeout: float, progress: bool | None, *, with_result: bool) -> JOB_STATUS:
+        """:meth:`wait`; ``with_result``: the server sends an ended job's result along (into ``_info``)."""
         deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
         said = None
         shown = _progress.open_view(self, progress)  # shows nothing until the job is seen active
@@ -139,7 +144,10 @@ class MLJob:
                 if first and shown is not None:
                     left = 0  # the line appears at once, not after the first poll
                 first = False
-                info = self._session.request("GET", f"/jobs/{self._id}/wait", params={"timeout": max(left, 0)},
+                params: dict[str, Any] = {"timeout": max(left, 0)}
+                if with_result:
+                    params["result"] = "true"
+                info = self._session.request("GET", f"/jobs/{self._id}/wait", params=params,
                                              timeout=max(left, 0) + 30).json()
                 self._info = info
                 if info["status"] in TERMINAL:
@@ -161,11 +169,12 @@ class MLJob:
         """The job's return value; re-raises the job's exception with its remote traceback.
 
         ``progress`` as for :meth:`wait`."""
-        status = self.wait(timeout, progress=progress)
-        resp = self._session.request("GET", f"/jobs/{self._id}/result") if status != JOB_STATUS.DELETED else None
-        if resp is None:
+        status = self._wait(timeout, progress, with_result=True)
+        if status == JOB_STATUS.DELETED:
             raise JobFailedError(f"job {self._id} was deleted", job_id=self._id, status=status.value)
-        envelope = pickle.loads(resp.content)
+        inline = self._info.pop("result", None) if self._info else None
+        data = base64.b64decode(inline) if inline else self._session.request("GET", f"/jobs/{self._id}/result").content
+        envelope = pickle.loads(data)
         if envelope["ok"]:
             return cloudpickle.loads(envelope["value"])
         raise _rebuild_exception(envelope) from RemoteTraceback(envelope["traceback"])

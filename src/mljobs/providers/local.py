@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import selectors
 import shutil
 import socket
@@ -31,7 +32,7 @@ import psutil
 from mljobs import logformat, trace
 from mljobs.config import Settings
 from mljobs.errors import InvalidArgumentError
-from mljobs.paths import HomePaths, InstancePaths
+from mljobs.paths import CGROUP_FILE, HomePaths, InstancePaths
 from mljobs.providers import netns
 from mljobs.runtime import containment, multinode
 from mljobs.runtime.metrics import read_samples
@@ -131,8 +132,11 @@ class _ExitWatcher:
 class _Spawner:
     """The provider's side of :mod:`mljobs.runtime.spawner`: start it lazily, ask it for forks."""
 
-    def __init__(self, home: HomePaths) -> None:
+    def __init__(self, home: HomePaths, plan: containment.Plan, spares: int) -> None:
         self._home = home
+        # sent as the first line, not as arguments: a supervisor's title replaces the spawner's
+        # argv in place, and `ps` shows it whole only when it is longer than that argv was
+        self._config = json.dumps({"plan": plan.to_dict(), "spares": spares}).encode() + b"\n"
         self._stderr_path = str(home.root / "spawner.log")
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
@@ -143,7 +147,12 @@ class _Spawner:
         with open(self._stderr_path, "ab") as err:
             proc = subprocess.Popen([sys.executable, "-m", "mljobs.runtime.spawner", str(self._home.root)], stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, stderr=err, start_new_session=True, close_fds=True)
-        assert proc.stdout is not None
+        assert proc.stdout is not None and proc.stdin is not None
+        try:
+            proc.stdin.write(self._config)
+            proc.stdin.flush()
+        except OSError:
+            pass  # it exited: said below
         if proc.stdout.readline() != b"ready\n":
             proc.kill()
             proc.wait()
@@ -151,14 +160,22 @@ class _Spawner:
         self._proc = proc
         return proc
 
-    def spawn(self, run_dir: str, stderr_path: str) -> int:
-        """The pid of a new supervisor for ``run_dir`` (one retry with a fresh spawner)."""
+    @property
+    def pid(self) -> int | None:
+        """The running spawner's pid (None before the first instance starts it)."""
+        proc = self._proc
+        return proc.pid if proc is not None and proc.poll() is None else None
+
+    def spawn(self, run_dir: str, stderr_path: str, cold: bool = False) -> int:
+        """The pid of the supervisor of ``run_dir``: a warm one, or (``cold``, or none ready) a new
+        fork (one retry with a fresh spawner)."""
         with self._lock:
             for attempt in (1, 2):
                 proc = self._ensure()
                 assert proc.stdin is not None and proc.stdout is not None
                 try:
-                    proc.stdin.write(json.dumps({"run_dir": run_dir, "stderr": stderr_path}).encode() + b"\n")
+                    proc.stdin.write(json.dumps({"run_dir": run_dir, "stderr": stderr_path, "cold": cold}).encode()
+                                     + b"\n")
                     proc.stdin.flush()
                     reply = proc.stdout.readline().decode().strip()
                 except OSError:
@@ -182,6 +199,46 @@ class _Spawner:
                     self._proc.kill()
                     self._proc.wait()
                 self._proc = None
+
+
+class _Tidier:
+    """One thread that removes what ended instances leave (cgroups, folders), in order, off the
+    path of every job's result; :meth:`close` waits until all of it is done."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Callable[[], Any] | None] = queue.SimpleQueue()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="mljobs-tidier", daemon=True)
+        self._thread.start()
+
+    def put(self, task: Callable[[], Any]) -> None:
+        with self._lock:
+            self._pending += 1
+            self._idle.clear()
+        self._queue.put(task)
+
+    def _run(self) -> None:
+        while (task := self._queue.get()) is not None:
+            try:
+                task()
+            except Exception:  # noqa: BLE001 - one failure must not stop the rest
+                log.exception("cleaning up after an instance failed")
+            with self._lock:
+                self._pending -= 1
+                if not self._pending:
+                    self._idle.set()
+
+    def wait(self, timeout: float = 60.0) -> None:
+        """Until everything queued so far is done."""
+        self._idle.wait(timeout)
+
+    def close(self) -> None:
+        self.wait()
+        self._queue.put(None)
+        self._thread.join(timeout=5)
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
@@ -227,7 +284,8 @@ class LocalProvider(Provider):
         self.plan = containment.detect(home.root, settings.containment if settings else "auto")
         self._metrics = settings.metrics if settings else True
         self._watcher = _ExitWatcher()
-        self._spawner = _Spawner(home)
+        self._spawner = _Spawner(home, self.plan, settings.warm_supervisors if settings else 2)
+        self._tidier = _Tidier()
 
     # -- pools -------------------------------------------------------------------------------
     def validate_pool(self, pool: PoolSpec) -> None:
@@ -321,7 +379,7 @@ class LocalProvider(Provider):
             containment=self.plan.to_dict(), metrics_file=str(p.metrics_file), metrics=self._metrics, gpus=gpus)
         p.launch.write_text(json.dumps(doc))
         trace.mark(launch.job_id, "provider.launch.written")
-        pid = self._spawner.spawn(str(p.run_dir), str(p.supervisor_log))
+        pid = self._spawner.spawn(str(p.run_dir), str(p.supervisor_log), cold=ns is not None)
         trace.mark(launch.job_id, "provider.spawned")
         found = self.find(launch.job_id, launch.instance_id)  # the spawner wrote the pid file before answering
         started = found.pid_start if found is not None and found.pid == pid else None
@@ -366,16 +424,21 @@ class LocalProvider(Provider):
         if self._running(handle):
             return None
         p = self.paths(handle)
-        tail = read_log_tail(p.log_file, 10)
         try:
             record = json.loads(p.exit_file.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
-            return InstanceExit(exit_code=None, lost=True, log_tail=tail)
-        error = None
-        if p.error.exists():
+            return InstanceExit(exit_code=None, lost=True, log_tail=read_log_tail(p.log_file, 10))
+        try:
             error = json.loads(p.error.read_text())
-        result = p.result.read_bytes() if p.result.exists() else None
-        return InstanceExit(record.get("exit_code"), bool(record.get("cancelled")), False, error, result, tail,
+        except FileNotFoundError:
+            error = None
+        try:
+            result: bytes | None = p.result.read_bytes()
+        except FileNotFoundError:
+            result = None
+        code = record.get("exit_code")
+        tail = read_log_tail(p.log_file, 10) if code != 0 or error is not None else []  # for the job's message
+        return InstanceExit(code, bool(record.get("cancelled")), False, error, result, tail,
                             bool(record.get("released")), record.get("oom"), record.get("usage"))
 
     def metrics(self, handle: InstanceHandle) -> list[dict[str, Any]]:
@@ -428,35 +491,62 @@ class LocalProvider(Provider):
         t.start()
 
     def cleanup(self, handle: InstanceHandle) -> None:
+        """Remove the instance's folders, in the background (after any cgroups queued before)."""
         p = self.paths(handle)
-        shutil.rmtree(p.work_dir, ignore_errors=True)
-        shutil.rmtree(ray_temp_dir(p.run_dir), ignore_errors=True)
-        shutil.rmtree(p.run_dir, ignore_errors=True)
+        self._tidier.put(lambda: [shutil.rmtree(d, ignore_errors=True)
+                                  for d in (p.work_dir, ray_temp_dir(p.run_dir), p.run_dir)])
+
+    def _spare_owners(self, job_id: str | None = None) -> dict[str, str]:
+        """Cgroups a warm supervisor made ahead, by name, and the job whose instance took them (as
+        the instances' run dirs name them; only ``job_id``'s when given)."""
+        runs = [self.home.job_run(job_id)] if job_id else [d for d in self.home.runs.glob("*") if d.is_dir()]
+        out: dict[str, str] = {}
+        for run in runs:
+            for f in run.glob(f"*/{CGROUP_FILE}"):
+                try:
+                    out[f.read_text().strip()] = run.name
+                except OSError:
+                    pass
+        return out
 
     def _cgroups_of(self, job_id: str | None = None) -> dict[str, list[containment.InstanceCgroup]]:
-        """This server's instance cgroups that still exist, by job (only ``job_id``'s when given)."""
+        """This server's instance cgroups that still exist, by job (only ``job_id``'s when given);
+        warm supervisors' ``spare-*`` cgroups that no instance took come under the job ``""``."""
         out: dict[str, list[containment.InstanceCgroup]] = {}
+        owners: dict[str, str] | None = None
         for root in dict.fromkeys([self.plan.kill_dir, self.plan.memory_dir]):
             try:
                 names = os.listdir(root) if root else []
             except FileNotFoundError:
                 continue
             for name in names:
-                job, _, inst = name.rpartition(".")
-                if job and inst.isdigit() and (job_id is None or job == job_id):
+                if name.startswith(containment.SPARE_PREFIX):
+                    if owners is None:
+                        owners = self._spare_owners(job_id)
+                    job = owners.get(name, "")
+                    if job_id is not None and job != job_id:
+                        continue
+                    cg = containment.InstanceCgroup(self.plan, name=name)
+                else:
+                    job, _, inst = name.rpartition(".")
+                    if not (job and inst.isdigit() and (job_id is None or job == job_id)):
+                        continue
                     cg = containment.InstanceCgroup(self.plan, job, inst)
-                    if all(c.dirs != cg.dirs for c in out.get(job, [])):
-                        out.setdefault(job, []).append(cg)
+                if all(c.dirs != cg.dirs for c in out.get(job, [])):
+                    out.setdefault(job, []).append(cg)
         return out
 
     def finish_job(self, job_id: str) -> None:
         """Kill whatever of the job is left and wait until it is gone: its instances' cgroups
-        (a supervisor that ended normally removed its own); by the job's marker where an instance
+        (a supervisor that ended normally emptied its own); by the job's marker where an instance
         had no cgroup and lost its supervisor, or on a loopback multi-node job (a lost head's Ray
-        node); a multi-node job's namespaces."""
+        node); a multi-node job's namespaces. The emptied cgroups are removed in the background:
+        removing one waits for an RCU grace period (~10 ms), which no result should wait for."""
         for cg in self._cgroups_of(job_id).get(job_id, []):
-            if not cg.remove():
+            if not cg.kill():
                 log.warning("job %s: cgroups %s still hold processes after SIGKILL", job_id, cg.dirs)
+            self._tidier.put(lambda cg=cg: cg.remove() or log.warning(
+                "job %s: could not remove its cgroups %s", job_id, cg.dirs))
         with self._net_lock:
             self._networks.pop(job_id, None)
         path = self._network_file(job_id)
@@ -483,18 +573,27 @@ class LocalProvider(Provider):
         return any(not (d / "exit.json").exists() for d in dirs)
 
     def sweep(self, ended: Callable[[str], bool]) -> list[str]:
-        """Finish ended jobs that left processes: from this server's cgroups, and by marker."""
-        jobs = set(self._cgroups_of())
+        """Finish ended jobs that left processes: from this server's cgroups, and by marker. Warm
+        supervisors' cgroups that no instance took and that our own spawner did not make belong
+        to an earlier server's spawner: they are emptied and removed."""
+        found = self._cgroups_of()
+        ours = f"{containment.SPARE_PREFIX}{self._spawner.pid}-" if self._spawner.pid else None
+        for cg in found.pop("", []):
+            if not (ours and cg.name.startswith(ours)):
+                cg.remove()
+        jobs = set(found)
         jobs.update(containment.marked_processes().values())
         done = sorted(j for j in jobs if j and ended(j))
         for job_id in done:
             self.finish_job(job_id)
             containment.kill_marked(job_id)
+        self._tidier.wait()
         return done
 
     def close(self) -> None:
         self._watcher.close()
         self._spawner.close()
+        self._tidier.close()
         for root in dict.fromkeys([self.plan.kill_dir, self.plan.memory_dir]):
             if root:  # only when empty: instances still running keep theirs
                 try:

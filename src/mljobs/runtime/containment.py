@@ -16,9 +16,12 @@ cgroup when the memory controller is delegated there; else (``rss``) the supervi
 resident memory of the instance's tree and ends it at the limit.
 
 Per-instance cgroups live under one folder per server home, ``mlj-<tag>``, named
-``<job_id>.<instance>``, so a server finds what its own jobs left behind after a restart and never
-touches another server's. The supervisor moves the payload in from its forked child, before the
-launcher runs, so every descendant is inside, and removes the cgroups when the instance ends.
+``<job_id>.<instance>`` (or ``spare-<spawner pid>-<pid>-<hex>`` when a warm supervisor made them ahead; the
+instance's run dir then names them), so a server finds what its own jobs left behind after a
+restart and never touches another server's. The payload process enters them before the launcher
+runs, so every descendant is inside. When the instance ends its supervisor empties them and the
+server removes them in the background (a removal waits for an RCU grace period, as does a move
+into a cgroup: both are kept off the path of a job's result).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["Plan", "InstanceCgroup", "detect", "home_tag", "parse_mountinfo", "parse_proc_cgroup",
-           "candidates", "descendants", "marked_processes", "kill_marked", "MECHANISMS", "THREAD_VARS"]
+           "candidates", "descendants", "marked_processes", "kill_marked", "MECHANISMS", "THREAD_VARS", "SPARE_PREFIX"]
 
 # Thread-pool sizes of the numeric libraries, set to an instance's CPU count so that a payload
 # does not start a thread per CPU of the whole machine.
@@ -41,6 +44,7 @@ THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NU
 
 MECHANISMS = ("auto", "cgroup2", "cgroup1", "fallback")
 _PREFIX = "mlj-"
+SPARE_PREFIX = "spare-"  # cgroups a warm supervisor made ahead (``spare-<spawner pid>-<pid>-<hex>``)
 
 
 def home_tag(home: str | os.PathLike[str]) -> str:
@@ -216,9 +220,9 @@ def _keyed(text: str) -> dict[str, int]:
 class InstanceCgroup:
     """One instance's cgroups (kill and memory), made by its supervisor, ended by either side."""
 
-    def __init__(self, plan: Plan, job_id: str, instance_id: int | str) -> None:
+    def __init__(self, plan: Plan, job_id: str = "", instance_id: int | str = "", *, name: str | None = None) -> None:
         self.plan = plan
-        name = f"{job_id}.{instance_id}"
+        self.name = name = name or f"{job_id}.{instance_id}"
         self.kill_dir = os.path.join(plan.kill_dir, name) if plan.kill_dir else None
         self.memory_dir = os.path.join(plan.memory_dir, name) if plan.memory_dir else None
         if self.memory_dir == self.kill_dir:
@@ -232,6 +236,10 @@ class InstanceCgroup:
         """Make the folders and set the memory limit (raises OSError if the machine refuses)."""
         for d in self.dirs:
             os.makedirs(d, exist_ok=True)
+        self.set_memory_limit(memory_bytes)
+
+    def set_memory_limit(self, memory_bytes: int | None) -> None:
+        """Limit the resident memory of what is inside (raises OSError if the machine refuses)."""
         if memory_bytes and self.memory_dir:
             if self.plan.memory == "cgroup2":
                 Path(self.memory_dir, "memory.max").write_text(str(memory_bytes))
@@ -261,6 +269,8 @@ class InstanceCgroup:
     def kill(self, timeout: float = 5.0) -> bool:
         """SIGKILL everything inside and wait until it is empty; True if it is."""
         deadline = time.monotonic() + timeout
+        if not self.pids():  # writing cgroup.kill waits for an RCU grace period (~10 ms): only when needed
+            return True
         if self.kill_dir and self.plan.kind == "cgroup2":
             try:
                 Path(self.kill_dir, "cgroup.kill").write_text("1")
@@ -269,6 +279,7 @@ class InstanceCgroup:
             except OSError:
                 pass  # an old kernel without cgroup.kill: the loop below does it
         freezer = self.kill_dir if self.plan.kind == "cgroup1" else None
+        pause = 0.0005  # a task that just exited stays listed for a few ms: look again soon, then less often
         while True:
             pids = self.pids()
             if not pids:
@@ -284,7 +295,8 @@ class InstanceCgroup:
                     pass
             if freezer:
                 _write_quiet(os.path.join(freezer, "freezer.state"), "THAWED")
-            time.sleep(0.005)
+            time.sleep(pause)
+            pause = min(pause * 2, 0.01)
 
     def remove(self) -> bool:
         """Kill what is left and remove the folders; True when none is left."""
@@ -293,12 +305,13 @@ class InstanceCgroup:
         self.kill()
         ok = True
         for d in self.dirs:
-            for _ in range(100):  # the kernel lets go of a cgroup shortly after its last task
-                if _rmdir(d):
+            deadline, pause = time.monotonic() + 1.0, 0.0005
+            while not _rmdir(d):  # the kernel lets go of a cgroup shortly after its last task
+                if time.monotonic() > deadline:
+                    ok = False
                     break
-                time.sleep(0.01)
-            else:
-                ok = False
+                time.sleep(pause)
+                pause = min(pause * 2, 0.01)
         return ok
 
     # -- statistics --------------------------------------------------------------------------

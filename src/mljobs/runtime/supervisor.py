@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import secrets
 import selectors
 import signal
 import sys
@@ -34,10 +35,11 @@ import setproctitle
 from mljobs import logformat, trace
 from mljobs.errors import EnvironmentBuildError
 from mljobs.runtime import containment, environment, launcher, multinode
+from mljobs.paths import CGROUP_FILE
 from mljobs.runtime.containment import descendants
 from mljobs.runtime.metrics import Sampler
 
-__all__ = ["main", "supervise", "descendants", "kill_tree"]
+__all__ = ["main", "supervise", "descendants", "kill_tree", "Spare"]
 
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_PDEATHSIG = 1
@@ -102,15 +104,73 @@ def _reap() -> None:
         _REAPED[pid] = status
 
 
-def _child(launch: dict[str, Any], out_w: int, err_w: int, cgroup: containment.InstanceCgroup | None,
-           parent: int) -> None:
-    """In the forked child: enter the instance's cgroups, die with the supervisor, set up the
-    environment, then run the launcher."""
+class Spare:
+    """A payload process forked ahead of its job, already inside cgroups of its own.
+
+    Moving a process into a cgroup waits for an RCU grace period (about 12 ms here, the largest
+    single cost of a trivial job), so a warm supervisor (:mod:`mljobs.runtime.spawner`) makes its
+    cgroups and forks its payload process before any job is assigned; the process enters them
+    and then waits on a pipe for its launch record. The cgroups are named ``spare-<spawner's
+    pid>-<pid>-<random>``; once assigned, the instance's run dir names them (``cgroup`` there), which
+    is how the server finds them for :meth:`mljobs.providers.local.LocalProvider.finish_job`.
+    """
+
+    def __init__(self, plan: containment.Plan) -> None:
+        # the spawner's pid first: a server tells its own spawner's spares from an earlier one's
+        self.name = f"{containment.SPARE_PREFIX}{os.getppid()}-{os.getpid()}-{secrets.token_hex(4)}"
+        self.cgroup: containment.InstanceCgroup | None = None
+        if not (plan.kind == "fallback" and plan.memory == "rss"):
+            cgroup = containment.InstanceCgroup(plan, name=self.name)
+            try:
+                cgroup.create(None)
+                self.cgroup = cgroup
+            except OSError:
+                cgroup.remove()  # the instance then runs as a cold one would without cgroups
+        self.out_r, out_w = os.pipe()
+        self.err_r, err_w = os.pipe()
+        go_r, self.go_w = os.pipe()
+        me = os.getpid()
+        self.pid = os.fork()
+        if self.pid == 0:
+            os.close(self.out_r), os.close(self.err_r), os.close(self.go_w)
+            _child_prepare(out_w, err_w, self.cgroup, me, go_r, "spare")
+            try:
+                with os.fdopen(_GO_FD, "rb") as go:
+                    data = go.readline()
+                if not data:  # the supervisor gave up on this spare
+                    os._exit(0)
+                _child_run(json.loads(data))
+            except BaseException as e:  # noqa: BLE001 - never return into the supervisor's code
+                _child_failed(e)
+        os.close(out_w), os.close(err_w), os.close(go_r)
+
+    def go(self, launch: dict[str, Any]) -> None:
+        """Hand the payload process its launch record: it runs the launcher at once."""
+        with os.fdopen(self.go_w, "wb") as go:
+            go.write(json.dumps(launch).encode() + b"\n")
+
+    def discard(self) -> None:
+        """Stop the unused payload process and remove its cgroups (the spawner went away)."""
+        _signal_all([self.pid], signal.SIGKILL)
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+        if self.cgroup is not None:
+            self.cgroup.remove()
+
+
+_GO_FD = 3  # where a spare payload process keeps the read end of its go pipe
+
+
+def _child_prepare(out_w: int, err_w: int, cgroup: containment.InstanceCgroup | None, parent: int,
+                   go_r: int | None, title: str) -> None:
+    """In the forked payload process, before its launch: enter the cgroups, die with the
+    supervisor, own process group, default signals, stdio on the supervisor's pipes."""
     try:
-        setproctitle.setproctitle(f"mljobs-payload {launch['run_dir']}")
+        setproctitle.setproctitle(f"mljobs-payload {title}")
         if cgroup is not None:
             cgroup.enter()
-        trace.mark(launch.get("job_id", ""), "payload.in.cgroup")
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != parent:  # the supervisor died before the signal was armed
             os._exit(70)
@@ -123,7 +183,25 @@ def _child(launch: dict[str, Any], out_w: int, err_w: int, cgroup: containment.I
         os.dup2(devnull, 0)
         os.dup2(out_w, 1)
         os.dup2(err_w, 2)
-        os.closerange(3, 256)
+        if go_r is not None:
+            os.dup2(go_r, _GO_FD)
+        os.closerange(3 if go_r is None else _GO_FD + 1, 256)
+    except BaseException as e:  # noqa: BLE001
+        _child_failed(e)
+
+
+def _child_failed(e: BaseException) -> None:
+    try:
+        os.write(2, f"mljobs: the launcher could not start: {e!r}\n".encode())
+    finally:
+        os._exit(70)
+
+
+def _child_run(launch: dict[str, Any]) -> None:
+    """In the payload process, with its launch record: set up the environment, run the launcher."""
+    try:
+        trace.mark(launch.get("job_id", ""), "payload.go")
+        setproctitle.setproctitle(f"mljobs-payload {launch['run_dir']}")
         os.chdir(launch["work_dir"])
         os.environ.update(launch["env"])
         cpus = launch.get("cpus")
@@ -142,10 +220,7 @@ def _child(launch: dict[str, Any], out_w: int, err_w: int, cgroup: containment.I
         sys.stderr = io.TextIOWrapper(open(2, "wb", 0, closefd=False), write_through=True, line_buffering=True)
         code = multinode.main(launch) if mn else launcher.main(launch)
     except BaseException as e:  # noqa: BLE001 - never return into the supervisor's code
-        try:
-            os.write(2, f"mljobs: the launcher could not start: {e!r}\n".encode())
-        finally:
-            os._exit(70)
+        _child_failed(e)
     os._exit(code)
 
 
@@ -188,8 +263,9 @@ def _write_exit(path: Path, record: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def supervise(launch: dict[str, Any]) -> dict[str, Any]:
-    """Run one instance to its end; returns (and writes) the exit record."""
+def supervise(launch: dict[str, Any], spare: Spare | None = None) -> dict[str, Any]:
+    """Run one instance to its end; returns (and writes) the exit record. ``spare``: a payload
+    process forked ahead (a warm supervisor's), used unless the instance needs its own network."""
     trace.mark(launch.get("job_id", ""), "supervisor.start")
     grace = float(launch.get("grace_period_s", 3.0))
     log = _LogWriter(launch["log_file"])
@@ -200,8 +276,9 @@ def supervise(launch: dict[str, Any]) -> dict[str, Any]:
     signal.set_wakeup_fd(wake_w)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1):
         signal.signal(sig, lambda *_: None)
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
+    if spare is not None and launch.get("netns"):  # its payload process is not in the job's network
+        spare.discard()
+        spare = None
     log.system(
         f"instance {launch['instance_id']} of job {launch['job_id']} starting "
         f"(cpus {launch.get('cpus')}, memory limit {launch.get('memory_bytes')} bytes)"
@@ -212,26 +289,38 @@ def supervise(launch: dict[str, Any]) -> dict[str, Any]:
             env_lock = _prepare_environment(launch, log)
         except _Cancelled:
             log.system("cancel requested while the environment was being prepared")
+            if spare is not None:
+                spare.discard()
             return _finish(launch, log, {"exit_code": -signal.SIGTERM, "cancelled": True})
         except EnvironmentBuildError as e:
             log.system(str(e))
             launcher.write_envelope(Path(launch["result_file"]), {
                 "ok": False, "exc_type": "mljobs.errors.EnvironmentBuildError", "exc_message": str(e),
                 "traceback": f"mljobs.errors.EnvironmentBuildError: {e}\n", "exc_pickle": None, "exit_code": 1})
+            if spare is not None:
+                spare.discard()
             return _finish(launch, log, {"exit_code": 1, "cancelled": False})
     forwarder = None
     if launch.get("netns"):  # after the install, which may need the outside network
         forwarder = multinode.enter_netns(launch["netns"], launch["env"].get("MLJOBS_URL"))
     plan = containment.Plan.from_dict(launch.get("containment"))
-    cgroup, limit = _make_cgroup(launch, plan, log)
-    trace.mark(launch.get("job_id", ""), "supervisor.cgroup.made")
-    watch = bool(limit) and (cgroup is None or cgroup.memory_dir is None)
     me = os.getpid()
-    pid = os.fork()
-    if pid == 0:
-        os.close(out_r), os.close(err_r)
-        _child(launch, out_w, err_w, cgroup, me)
-    os.close(out_w), os.close(err_w)
+    if spare is not None:  # its payload process is forked, and in its cgroups
+        cgroup, limit, watch = _assign_cgroup(launch, spare, log)
+        pid, out_r, err_r = spare.pid, spare.out_r, spare.err_r
+        spare.go(launch)
+    else:
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        cgroup, limit = _make_cgroup(launch, plan, log)
+        watch = bool(limit) and (cgroup is None or cgroup.memory_dir is None)
+        trace.mark(launch.get("job_id", ""), "supervisor.cgroup.made")
+        pid = os.fork()
+        if pid == 0:
+            os.close(out_r), os.close(err_r)
+            _child_prepare(out_w, err_w, cgroup, me, None, launch["run_dir"])
+            _child_run(launch)
+        os.close(out_w), os.close(err_w)
     trace.mark(launch.get("job_id", ""), "supervisor.forked")
     if forwarder is not None:  # started after the fork: the child gets no thread
         forwarder.start()
@@ -288,11 +377,13 @@ def supervise(launch: dict[str, Any]) -> dict[str, Any]:
         what = "this instance's Ray node" if launch.get("multinode") else "the payload left running"
         log.system(f"stopping {len(leftover)} process(es): {what}")
         kill_tree(os.getpid(), grace)
-    if cgroup is not None:
+    trace.mark(launch.get("job_id", ""), "supervisor.tree.checked")
+    if cgroup is not None:  # emptied, not removed: removing waits ~10 ms; the server does it later
         oom = oom or _cgroup_oom(cgroup, sampler)
-        if not cgroup.remove():
-            log.system(f"could not remove the instance's cgroups {cgroup.dirs}; the server retries")
+        if not cgroup.kill():
+            log.system(f"processes are left in the instance's cgroups {cgroup.dirs}; the server kills them")
         _reap()
+    trace.mark(launch.get("job_id", ""), "supervisor.cgroup.emptied")
     code = os.waitstatus_to_exitcode(status) if status is not None else None
     if env_lock is not None:
         env_lock.release()
@@ -317,6 +408,27 @@ def _make_cgroup(launch: dict[str, Any], plan: containment.Plan,
         cgroup.remove()
         return None, limit
     return cgroup, limit
+
+
+def _assign_cgroup(launch: dict[str, Any], spare: Spare,
+                   log: _LogWriter) -> tuple[containment.InstanceCgroup | None, int | None, bool]:
+    """Make a spare's cgroups the instance's: its run dir names them (before the payload runs,
+    so the server can always find them), and they get the instance's memory limit. The flag:
+    whether the supervisor must watch resident memory itself (no memory cgroup limits it)."""
+    limit = launch.get("memory_bytes")
+    cgroup = spare.cgroup
+    if cgroup is None:
+        return None, limit, bool(limit)
+    path = Path(launch["run_dir"]) / CGROUP_FILE
+    path.with_name(CGROUP_FILE + ".tmp").write_text(spare.name)
+    os.replace(path.with_name(CGROUP_FILE + ".tmp"), path)
+    try:
+        cgroup.set_memory_limit(limit)
+    except OSError as e:
+        log.system(f"could not set the memory limit on the instance's cgroups ({e}); the supervisor watches "
+                   "resident memory instead")
+        return cgroup, limit, bool(limit)
+    return cgroup, limit, bool(limit) and cgroup.memory_dir is None
 
 
 def _kill_now(cgroup: containment.InstanceCgroup | None) -> None:
@@ -371,13 +483,13 @@ def _prepare_environment(launch: dict[str, Any], log: _LogWriter) -> environment
     return env
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, spare: Spare | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     run_dir = Path(argv[0])
     setproctitle.setproctitle(f"mljobs-supervisor {run_dir}")  # `ps` names the instance
     with open(run_dir / "launch.json") as f:
         launch = json.load(f)
-    supervise(launch)
+    supervise(launch, spare)
     return 0
 
 

@@ -8,6 +8,7 @@ submission), every route but ``/health`` names its caller (:mod:`mljobs.server.a
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import json
 import time
@@ -181,9 +182,10 @@ def create_app(cp: ControlPlane, on_shutdown: Any = None) -> FastAPI:
     def get_job(ref: str, who: Who) -> dict[str, Any]:
         return cp.get_job(ref, who)
 
-    @app.get(api + "/jobs/{ref}/wait", response_model=S.JobOut)
-    async def wait(ref: str, who: Who, timeout: Annotated[float, Query(ge=0, le=300, allow_inf_nan=False)] = 30.0
-                   ) -> dict[str, Any]:
+    @app.get(api + "/jobs/{ref}/wait", response_model=S.JobWaitOut, response_model_exclude_none=True)
+    async def wait(ref: str, who: Who, timeout: Annotated[float, Query(ge=0, le=300, allow_inf_nan=False)] = 30.0,
+                   result: Annotated[bool, Query(description="an ended job's result envelope (up to 1 MiB) "
+                                                 "comes along, saving a request")] = False) -> dict[str, Any]:
         """Return the job once it is terminal, or when ``timeout`` s pass (long poll)."""
         job = await run_in_threadpool(cp.resolve, ref, who)
         deadline = time.monotonic() + timeout
@@ -193,6 +195,9 @@ def create_app(cp: ControlPlane, on_shutdown: Any = None) -> FastAPI:
             left = deadline - time.monotonic()
             if view["status"] in TERMINAL_VALUES or left <= 0:
                 cp.notifier.discard(job.id, fut)
+                if result and view["status"] in TERMINAL_VALUES:
+                    data = await run_in_threadpool(cp.small_result, job.id)
+                    view["result"] = base64.b64encode(data).decode() if data is not None else None
                 trace.mark(job.id, "server.wait.answered")
                 return view
             await cp.notifier.wait(job.id, fut, left)

@@ -112,6 +112,13 @@ class JobOut(JobSummary):
     instances: list[InstanceOut] = []
 
 
+class JobWaitOut(JobOut):
+    """A job as a wait returns it; asked with ``result=true``, an ended job's result comes along."""
+
+    result: str | None = Field(None, description="the result envelope, base64 (what GET .../result returns): "
+                               "only when asked for, the job ended with one, and it is at most 1 MiB")
+
+
 class PoolOut(BaseModel):
     name: str
     instance_family: str

@@ -916,6 +916,21 @@ class ControlPlane:
         path = paths.result if instance_id is None else paths.instance_result(instance_id)
         return stage.iter_chunks(path) if stage.exists(path) else None
 
+    def small_result(self, job_id: str, max_bytes: int = 1 << 20) -> bytes | None:
+        """An ended job's result envelope when it has one of at most ``max_bytes`` (a wait brings
+        it along), else None. The caller has resolved the job for its user."""
+        try:
+            stage = self.stage(self.store.get_job(job_id).stage_name, create=False)
+        except NotFoundError:
+            return None
+        path = StagePaths(job_id).result
+        try:
+            if stage.size(path) > max_bytes:
+                return None
+            return stage.get_bytes(path)
+        except (FileNotFoundError, NotFoundError):
+            return None
+
     def delete(self, ref: str, who: Principal, wait_s: float = 30.0) -> None:
         """Stop the job if it runs, then remove it, its logs and its stage files."""
         job = self.resolve(ref, who)
