@@ -123,9 +123,14 @@ def test_a_limit_smaller_than_the_interpreter_fails_fast(tmp_path, mechanism):
         subprocess.run([sys.executable, "-m", "mljobs.runtime.supervisor", str(run)], timeout=60, check=True,
                        env=dict(os.environ, PYTHONPATH=path))
     finally:
+        # the supervisor empties its cgroups and leaves their removal to the server: do it here
+        cg = containment.InstanceCgroup(plan, "MLJOB_UNIT", 0)
+        left = cg.pids()
+        cg.remove()
         for d in (plan.kill_dir, plan.memory_dir):
             if d:
-                os.rmdir(d)  # fails (and the test with it) if an instance cgroup was left inside
+                os.rmdir(d)  # fails (and the test with it) if another cgroup was left inside
+    assert left == [], "the supervisor left processes in its cgroups"
     record = json.loads((run / "exit.json").read_text())
     assert time.monotonic() - t0 < 30
     assert record["exit_code"] != 0 and record["oom"]["limit_bytes"] == 8 << 20, record
