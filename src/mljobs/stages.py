@@ -60,6 +60,12 @@ class Stage:
     def exists(self, path: str) -> bool:
         return self.fs.exists(self._p(path))
 
+    def local_path(self, path: str) -> str | None:
+        """Where ``path`` is on this machine's file system, for a stage that is a local folder
+        (None for any other fsspec URL)."""
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        return self._p(path) if protocol in ("file", "local") else None
+
     def size(self, path: str) -> int:
         """A file's size in bytes (FileNotFoundError when it is not there)."""
         return int(self.fs.size(self._p(path)))

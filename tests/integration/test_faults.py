@@ -99,6 +99,11 @@ def _finished_while_server_down(srv: ServerProc, s) -> tuple[mljobs.MLJob, str]:
     _pool(s, "DOWN", max_nodes=1)
     job = _napper(s, "DOWN")(7, 1.0)
     wait_status(job, {"RUNNING"})
+    pid_file = srv.home / "run" / job.id / "0" / "supervisor.pid"  # RUNNING is recorded just before the spawn
+    deadline = time.monotonic() + 30
+    while not pid_file.exists():
+        assert time.monotonic() < deadline, "the instance was not spawned"
+        time.sleep(0.01)
     srv.kill(signal.SIGKILL)
     exit_file = srv.home / "run" / job.id / "0" / "exit.json"
     deadline = time.monotonic() + 30

@@ -191,9 +191,12 @@ def test_supervisors_come_from_a_warm_spawner_that_is_replaced_when_killed(sqlit
         return [p for p in psutil.process_iter(["cmdline"])
                 if " ".join(p.info["cmdline"] or []).startswith(f"{prefix} {sqlite_server.home}")]
 
+    deadline = time.monotonic() + 10  # RUNNING is recorded just before the supervisor is asked for
+    while not (sups := [p for p in named("mljobs-supervisor") if job.id in " ".join(p.info["cmdline"])]):
+        assert time.monotonic() < deadline, "no supervisor for the running job"
+        time.sleep(0.02)
     spawners = named("mljobs-spawner")
     assert len(spawners) == 1
-    sups = [p for p in named("mljobs-supervisor") if job.id in " ".join(p.info["cmdline"])]
     assert len(sups) == 1 and sups[0].ppid() == spawners[0].pid  # ps names each instance's supervisor
     spawners[0].kill()
     assert job.result(timeout=60) == 5  # a running job does not depend on the spawner

@@ -66,25 +66,38 @@ def session_parameter(fn: Callable[..., Any], session_cls: type) -> str | None:
     return None
 
 
+# roots -> {module name: (the module, whether it is local to those roots)}
+_LOCAL_CACHE: dict[frozenset[str], dict[str, tuple[object, bool]]] = {}
+
+
 def _local_modules() -> list[types.ModuleType]:
     """Top-level modules and packages imported from the caller's own folder: the working directory
     (a notebook's) or the running script's. A job's runtime cannot import them (its ``sys.path``
-    has neither folder), so whatever a call uses from them must travel by value."""
+    has neither folder), so whatever a call uses from them must travel by value. Each module is
+    looked at once per set of folders (a process imports thousands; a call looks only at new ones)."""
     here = os.getcwd()
     roots = {here, os.path.realpath(here)}
     main_file = getattr(sys.modules.get("__main__"), "__file__", None)
     if main_file:
         roots |= {os.path.dirname(os.path.abspath(main_file)), os.path.dirname(os.path.realpath(main_file))}
+    seen = _LOCAL_CACHE.setdefault(frozenset(roots), {})
     out = []
     for name, module in list(sys.modules.items()):
-        path = getattr(module, "__file__", None)
-        if "." in name or name == "__main__" or not isinstance(module, types.ModuleType) or not path:
-            continue
-        path = os.path.abspath(path)
-        top = os.path.dirname(os.path.dirname(path) if os.path.basename(path) == "__init__.py" else path)
-        if top in roots and _is_user_module(module):
+        entry = seen.get(name)
+        if entry is None or entry[0] is not module:  # new, or the name now holds another module
+            entry = seen[name] = (module, _is_local(name, module, roots))
+        if entry[1]:
             out.append(module)
     return out
+
+
+def _is_local(name: str, module: object, roots: set[str]) -> bool:
+    path = getattr(module, "__file__", None)
+    if "." in name or name == "__main__" or not isinstance(module, types.ModuleType) or not path:
+        return False
+    path = os.path.abspath(path)
+    top = os.path.dirname(os.path.dirname(path) if os.path.basename(path) == "__init__.py" else path)
+    return top in roots and _is_user_module(module)
 
 
 def _registered_by_value(module: types.ModuleType) -> bool:

@@ -175,6 +175,11 @@ class Provider(abc.ABC):
         stored (it stopped in between), from the provider's own records; None if there is none."""
         return None
 
+    def never_started(self, job_id: str, instance_id: int) -> bool:
+        """Whether this provider is sure it never started the instance: the server stopped between
+        recording the start and asking the provider (then the server starts it after all)."""
+        return False
+
     def release(self, handle: InstanceHandle, grace_period_s: float) -> None:
         """Tell a worker instance its head has finished: it stops its node and ends as done."""
         self.cancel(handle, grace_period_s)

@@ -38,7 +38,7 @@ from mljobs.runtime import containment, multinode
 from mljobs.runtime.metrics import read_samples
 from mljobs.providers.base import (ExitCallback, InstanceExit, InstanceHandle, InstanceLaunch, Provider,
                                    launch_document)
-from mljobs.spec import PoolSpec
+from mljobs.spec import PayloadKind, PoolSpec
 
 log = logging.getLogger("mljobs.server")
 
@@ -362,7 +362,12 @@ class LocalProvider(Provider):
         p = self.paths(launch)
         for d in (p.run_dir, p.work_dir, p.log_file.parent):
             d.mkdir(parents=True, exist_ok=True)
-        launch.stage.download_dir(f"{launch.job_id}/app/", p.work_dir)
+        app_prefix = f"{launch.job_id}/app/"
+        # A function's payload (its pickle and any imports) is only read: on a local stage the
+        # launcher reads it in place. Files and folders are copied, since a script may change them.
+        app_dir = launch.stage.local_path(app_prefix) if launch.spec.payload_kind == PayloadKind.FUNCTION else None
+        if app_dir is None:
+            launch.stage.download_dir(app_prefix, p.work_dir)
         trace.mark(launch.job_id, "provider.workdir.ready")
         cpus, gpus = self._slice(launch)
         env = {var: str(len(cpus)) for var in containment.THREAD_VARS}
@@ -373,7 +378,7 @@ class LocalProvider(Provider):
             multinode, mn_env, ns = self._multinode(launch, p)
             env.update(mn_env)
         doc = launch_document(
-            launch, env, run_dir=str(p.run_dir), work_dir=str(p.work_dir), app_dir=str(p.work_dir),
+            launch, env, run_dir=str(p.run_dir), work_dir=str(p.work_dir), app_dir=app_dir or str(p.work_dir),
             log_file=str(p.log_file), result_file=str(p.result), cpus=cpus,
             python=launch.spec.runtime_python or sys.executable, multinode=multinode, netns=ns,
             containment=self.plan.to_dict(), metrics_file=str(p.metrics_file), metrics=self._metrics, gpus=gpus)
@@ -403,6 +408,13 @@ class LocalProvider(Provider):
             pid = started = None
         gpus = [int(g) for g in launch["env"].get("CUDA_VISIBLE_DEVICES", "").split(",") if g]
         return InstanceHandle(job_id, instance_id, pid, started, {"cpus": launch["cpus"], "gpus": gpus})
+
+    def never_started(self, job_id: str, instance_id: int) -> bool:
+        """No supervisor was ever spawned for it: the spawner writes the pid file before it
+        answers (and finishes a request whose server died), and a supervisor's end leaves an exit
+        record."""
+        p = self.home.instance(job_id, instance_id)
+        return not (p.pid_file.exists() or p.exit_file.exists())
 
     def _running(self, handle: InstanceHandle) -> bool:
         if handle.pid is None:
@@ -541,7 +553,16 @@ class LocalProvider(Provider):
         (a supervisor that ended normally emptied its own); by the job's marker where an instance
         had no cgroup and lost its supervisor, or on a loopback multi-node job (a lost head's Ray
         node); a multi-node job's namespaces. The emptied cgroups are removed in the background:
-        removing one waits for an RCU grace period (~10 ms), which no result should wait for."""
+        removing one waits for an RCU grace period (~10 ms), which no result should wait for.
+
+        Where every instance's supervisor saw its cgroups empty at the end (``emptied`` in its exit
+        record) and the job had no network of its own, nothing can be left: the cgroups are only
+        queued for removal, without looking through every cgroup of the server."""
+        if self._all_emptied(job_id):
+            for cg in self._instance_cgroups(job_id):
+                self._tidier.put(lambda cg=cg: cg.remove() or log.warning(
+                    "job %s: could not remove its cgroups %s", job_id, cg.dirs))
+            return
         for cg in self._cgroups_of(job_id).get(job_id, []):
             if not cg.kill():
                 log.warning("job %s: cgroups %s still hold processes after SIGKILL", job_id, cg.dirs)
@@ -559,6 +580,35 @@ class LocalProvider(Provider):
         if (net is not None and not net.get("netns")) or self._lost_uncontained(job_id):
             containment.kill_marked(job_id)
         path.unlink(missing_ok=True)
+
+    def _instance_dirs(self, job_id: str) -> list[Path]:
+        try:
+            return [d for d in self.home.job_run(job_id).iterdir() if d.name.isdigit()]
+        except FileNotFoundError:
+            return []
+
+    def _all_emptied(self, job_id: str) -> bool:
+        dirs = self._instance_dirs(job_id)
+        if not dirs or self._network_file(job_id).exists():
+            return False
+        for d in dirs:
+            try:
+                if not json.loads((d / "exit.json").read_text()).get("emptied"):
+                    return False
+            except (FileNotFoundError, ValueError):
+                return False
+        return True
+
+    def _instance_cgroups(self, job_id: str) -> list[containment.InstanceCgroup]:
+        """The cgroups of the job's instances, by the names their run dirs give (or ``<job>.<i>``)."""
+        out = []
+        for d in self._instance_dirs(job_id):
+            try:
+                name = (d / CGROUP_FILE).read_text().strip()
+            except FileNotFoundError:
+                name = f"{job_id}.{d.name}"
+            out.append(containment.InstanceCgroup(self.plan, name=name))
+        return out
 
     def _lost_uncontained(self, job_id: str) -> bool:
         """Whether an instance of the job ran without a cgroup and its supervisor left no exit record

@@ -378,9 +378,11 @@ def supervise(launch: dict[str, Any], spare: Spare | None = None) -> dict[str, A
         log.system(f"stopping {len(leftover)} process(es): {what}")
         kill_tree(os.getpid(), grace)
     trace.mark(launch.get("job_id", ""), "supervisor.tree.checked")
+    emptied = False
     if cgroup is not None:  # emptied, not removed: removing waits ~10 ms; the server does it later
         oom = oom or _cgroup_oom(cgroup, sampler)
-        if not cgroup.kill():
+        emptied = cgroup.kill()
+        if not emptied:
             log.system(f"processes are left in the instance's cgroups {cgroup.dirs}; the server kills them")
         _reap()
     trace.mark(launch.get("job_id", ""), "supervisor.cgroup.emptied")
@@ -388,7 +390,7 @@ def supervise(launch: dict[str, Any], spare: Spare | None = None) -> dict[str, A
     if env_lock is not None:
         env_lock.release()
     record = {"exit_code": 0 if released else code, "cancelled": cancelled, "released": released,
-              "usage": sampler.finish()}
+              "usage": sampler.finish(), "emptied": emptied}
     if oom is not None and not cancelled:
         record["oom"] = oom
     return _finish(launch, log, record)

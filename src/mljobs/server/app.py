@@ -104,16 +104,7 @@ def create_app(cp: ControlPlane, on_shutdown: Any = None) -> FastAPI:
         return _error(503, errors.StoreBusyError(
             f"the server's store is unavailable ({exc.orig}); nothing was changed, try again shortly"))
 
-    @app.middleware("http")
-    async def _cap_uploads(request: Request, call_next: Any) -> Any:
-        """Refuse an upload whose declared size is over the cap before reading any of it."""
-        size = request.headers.get("content-length")
-        if request.method in ("POST", "PUT") and size and size.isdigit() and int(size) > (
-                cp.settings.max_payload_bytes + (1 << 20)):
-            return _error(413, errors.PayloadTooLargeError(
-                f"the request has {int(size)} bytes, more than the server accepts ({cp.settings.max_payload_bytes}); "
-                "an admin raises the cap with MLJOBS_MAX_PAYLOAD_MB"))
-        return await call_next(request)
+    app.add_middleware(_UploadCap, max_bytes=cp.settings.max_payload_bytes)
 
     @app.on_event("startup")
     async def _bind() -> None:
@@ -196,7 +187,7 @@ def create_app(cp: ControlPlane, on_shutdown: Any = None) -> FastAPI:
             if view["status"] in TERMINAL_VALUES or left <= 0:
                 cp.notifier.discard(job.id, fut)
                 if result and view["status"] in TERMINAL_VALUES:
-                    data = await run_in_threadpool(cp.small_result, job.id)
+                    data = await run_in_threadpool(cp.small_result, job.id, view["stage_name"])
                     view["result"] = base64.b64encode(data).decode() if data is not None else None
                 trace.mark(job.id, "server.wait.answered")
                 return view
@@ -364,6 +355,25 @@ def create_app(cp: ControlPlane, on_shutdown: Any = None) -> FastAPI:
 
     dashboard.register(app, cp, _caller)
     return app
+
+
+class _UploadCap:
+    """Refuse an upload whose declared size is over the cap before reading any of it. Plain ASGI
+    (not ``@app.middleware("http")``, whose wrapper costs every request a task and a stream)."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT"):
+            size = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
+            if size.isdigit() and int(size) > self.max_bytes + (1 << 20):
+                response = _error(413, errors.PayloadTooLargeError(
+                    f"the request has {int(size)} bytes, more than the server accepts ({self.max_bytes}); "
+                    "an admin raises the cap with MLJOBS_MAX_PAYLOAD_MB"))
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class _BodyReader:

@@ -24,13 +24,16 @@ def reconcile_once(
     attach: bool = False,
     starting_grace: dt.timedelta = dt.timedelta(seconds=60),
     on_found: Callable[[InstanceHandle], None] | None = None,
+    on_never_started: Callable[[dict[str, Any]], bool] | None = None,
 ) -> list[InstanceHandle]:
     """Finish every instance the store thinks is live but its provider says has ended.
 
     With ``attach`` (after a server start) also watch the ones still running, so their exit is
     noticed without polling. An instance without a stored handle (the server stopped between
     recording and starting it) is looked up with the provider's ``find``; ``on_found`` records
-    the handle found. Errors are isolated per instance. Returns the handles finished.
+    the handle found. With ``attach``, one the provider is sure it never started goes to
+    ``on_never_started`` (which starts it and says whether it did). Errors are isolated per
+    instance. Returns the handles finished.
     """
     finished = []
     for inst in live_instances:
@@ -38,6 +41,9 @@ def reconcile_once(
             provider = provider_for(pool_of(inst["job_id"]))
             if inst["handle"] is None:
                 found = provider.find(inst["job_id"], inst["instance_id"])
+                if found is None and attach and on_never_started is not None and provider.never_started(
+                        inst["job_id"], inst["instance_id"]) and on_never_started(inst):
+                    continue
                 if found is None:
                     started = inst["started_time"]
                     if started is not None and now - started < starting_grace:

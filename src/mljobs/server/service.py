@@ -83,6 +83,11 @@ class ControlPlane:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
+        # pools whose queue may start something: the scheduler thread takes them, so a submission
+        # answers once its job is recorded and a start never waits behind the submissions
+        self._to_schedule: set[str] = set()
+        self._schedule_wake = threading.Condition()
+        self._scheduler: threading.Thread | None = None
         # Pools that may hold a running job with fewer instances than its target (None: unknown,
         # as after a start), so that scheduling asks the store about late instances only then.
         self._maybe_short: set[str] | None = None
@@ -100,8 +105,34 @@ class ControlPlane:
         self._sweep()
         for pool in self.store.list_pools():
             self.schedule(pool["name"])
+        self._scheduler = threading.Thread(target=self._scheduler_loop, name="mljobs-scheduler", daemon=True)
+        self._scheduler.start()
         self._monitor = threading.Thread(target=self._monitor_loop, name="mljobs-monitor", daemon=True)
         self._monitor.start()
+
+    def request_schedule(self, pool_name: str) -> None:
+        """Have the scheduler thread look at ``pool_name``'s queue now (at once, in this thread,
+        before :meth:`start` made one)."""
+        if self._scheduler is None:
+            self.schedule(pool_name)
+            return
+        with self._schedule_wake:
+            self._to_schedule.add(pool_name)
+            self._schedule_wake.notify()
+
+    def _scheduler_loop(self) -> None:
+        while not self._stop.is_set():
+            with self._schedule_wake:
+                while not self._to_schedule and not self._stop.is_set():
+                    self._schedule_wake.wait(1.0)
+                pools, self._to_schedule = self._to_schedule, set()
+            for name in sorted(pools):
+                try:
+                    self.schedule(name)
+                except NotFoundError:
+                    pass  # the pool was dropped meanwhile
+                except Exception:  # noqa: BLE001 - the next request or the monitor tries again
+                    log.exception("scheduling pool %s", name)
 
     def _sweep(self) -> None:
         """Kill what jobs that already ended left behind (a server that died mid-finish)."""
@@ -123,6 +154,8 @@ class ControlPlane:
         while not self._stop.wait(5.0):
             try:
                 self.reconcile(attach=False)
+                for pool in self.store.list_pools():  # a start that failed for a while is tried again
+                    self.request_schedule(pool["name"])
                 ttl_s = self.settings.job_ttl_days * 86400.0
                 if ttl_s > 0 and time.monotonic() >= next_prune:
                     # small batches, so a long backlog never holds the store for long; a full
@@ -135,7 +168,8 @@ class ControlPlane:
     def reconcile(self, attach: bool) -> None:
         live = self.store.live_instances()
         reconcile_once(live, self.provider, lambda j: self.store.get_job(j).compute_pool,
-                       self.instance_exited, utcnow(), attach=attach, on_found=self._record_found)
+                       self.instance_exited, utcnow(), attach=attach, on_found=self._record_found,
+                       on_never_started=self._start_again)
         # A job whose instances all ended but that is still active: the server died (or its exit
         # callback failed) between recording the last exit and moving the job. Complete it now,
         # from what the provider's files say, as instance_exited would have.
@@ -150,12 +184,29 @@ class ControlPlane:
                     continue
             self.schedule(job.compute_pool)
 
+    def _start_again(self, inst: dict[str, Any]) -> bool:
+        """After a restart: start the instance of a one-instance job that the server recorded as
+        started but stopped before asking the provider for it (a job RUNNING in the store whose
+        payload never ran). True if it was started (or the job is over); False leaves it to the
+        usual rule (lost after a grace period)."""
+        with self._lock:
+            job = self.store.get_job(inst["job_id"])
+            if job.status != JOB_STATUS.RUNNING.value or job.target_instances != 1 or inst["instance_id"] != 0:
+                return False
+            log.warning("job %s: its instance was never started (the server stopped first); starting it now", job.id)
+            self._start_instances(job, self.store.get_pool(job.compute_pool), [inst["slot"]])
+            return True
+
     def _record_found(self, handle: InstanceHandle) -> None:
         """reconcile_once found a running instance whose handle was never stored."""
         self.store.update_instance(handle.job_id, handle.instance_id, status=INSTANCE_STATUS.RUNNING.value, handle=handle.to_dict())
 
     def stop(self, cancel_jobs: bool = False) -> None:
         self._stop.set()
+        with self._schedule_wake:
+            self._schedule_wake.notify()
+        if self._scheduler is not None:
+            self._scheduler.join(timeout=30)
         if cancel_jobs:
             for job in self.store.list_jobs(0, statuses=[s.value for s in ACTIVE]):
                 try:
@@ -470,7 +521,7 @@ class ControlPlane:
                 return self.job_view(first)
             raise
         trace.mark(job_id, "server.job.inserted")
-        self.schedule(pool["name"])
+        self.request_schedule(pool["name"])
         view = self.job_view(self.store.get_job(job_id))
         trace.mark(job_id, "server.submit.end")
         return view
@@ -628,7 +679,7 @@ class ControlPlane:
                     self._multinode_exit(job, handle.instance_id, exit_, live)
                 return
             self._complete(job, insts, (handle.instance_id, values, exit_))
-        self.schedule(pool)
+        self.request_schedule(pool)
 
     def _complete(self, job: JobRecord, insts: list[dict[str, Any]],
                   last: tuple[int, dict[str, Any], InstanceExit] | None) -> None:
@@ -916,11 +967,11 @@ class ControlPlane:
         path = paths.result if instance_id is None else paths.instance_result(instance_id)
         return stage.iter_chunks(path) if stage.exists(path) else None
 
-    def small_result(self, job_id: str, max_bytes: int = 1 << 20) -> bytes | None:
+    def small_result(self, job_id: str, stage_name: str, max_bytes: int = 1 << 20) -> bytes | None:
         """An ended job's result envelope when it has one of at most ``max_bytes`` (a wait brings
         it along), else None. The caller has resolved the job for its user."""
         try:
-            stage = self.stage(self.store.get_job(job_id).stage_name, create=False)
+            stage = self.stage(stage_name, create=False)
         except NotFoundError:
             return None
         path = StagePaths(job_id).result

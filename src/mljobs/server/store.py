@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets as pysecrets
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -69,8 +70,16 @@ def _row(r: Any) -> dict[str, Any]:
 
 
 class Store:
+    # How long a pool's row is reused without asking the database: every job reads its pool
+    # several times, pools change rarely, and this server's own changes clear it at once (another
+    # server sharing a PostgreSQL store is seen within this time).
+    POOL_CACHE_S = 1.0
+
     def __init__(self, url: str, busy_timeout_s: float = 30.0) -> None:
         self.url = normalize_url(url)
+        self._pools: dict[str, tuple[float, dict[str, Any]]] = {}  # name -> (when read, row)
+        self._stages: dict[str, dict[str, Any]] = {}  # stage rows never change once made
+        self._integrations: tuple[float, list[dict[str, Any]]] | None = None  # (when read, rows), as pools
         if self.url.startswith("sqlite"):
             self.engine: Engine = sa.create_engine(
                 self.url, connect_args={"check_same_thread": False, "timeout": busy_timeout_s}, pool_size=8,
@@ -118,9 +127,13 @@ class Store:
                     f"`mljobs pool drop {spec.name}` first"
                 )
             c.execute(pools.insert().values(**spec.to_dict(), suspended=False, created_time=utcnow(), owner=owner))
+        self._pools.pop(spec.name, None)
         return True
 
     def get_pool(self, name: str) -> dict[str, Any]:
+        hit = self._pools.get(name)
+        if hit is not None and time.monotonic() - hit[0] < self.POOL_CACHE_S:
+            return dict(hit[1])
         with self.engine.connect() as c:
             r = c.execute(sa.select(pools).where(pools.c.name == name)).first()
         if r is None:
@@ -128,18 +141,31 @@ class Store:
                 f"compute pool {name!r} does not exist; `mljobs pool list` shows the pools, "
                 f"create_compute_pool({name!r}, instance_family=...) makes one"
             )
-        return _pool_row(r)
+        row = _pool_row(r)
+        self._pools[name] = (time.monotonic(), row)
+        return dict(row)
 
     def list_pools(self) -> list[dict[str, Any]]:
         with self.engine.connect() as c:
             return [_pool_row(r) for r in c.execute(sa.select(pools).order_by(pools.c.name))]
 
     def update_pool(self, name: str, **values: Any) -> None:
-        with self.engine.begin() as c:
-            if c.execute(pools.update().where(pools.c.name == name).values(**values)).rowcount == 0:
-                self.get_pool(name)
+        try:
+            with self.engine.begin() as c:
+                if c.execute(pools.update().where(pools.c.name == name).values(**values)).rowcount == 0:
+                    self._pools.pop(name, None)
+                    self.get_pool(name)
+        finally:
+            self._pools.pop(name, None)
 
     def drop_pool(self, name: str) -> None:
+        try:
+            self._drop_pool(name)
+        finally:
+            self._pools.pop(name, None)
+
+    def _drop_pool(self, name: str) -> None:
+        self._pools.pop(name, None)
         with self.engine.begin() as c:
             active = c.execute(
                 sa.select(sa.func.count()).select_from(jobs).where(
@@ -155,9 +181,14 @@ class Store:
 
     # -- stages -------------------------------------------------------------------------------
     def get_stage(self, name: str) -> dict[str, Any] | None:
+        if name in self._stages:
+            return dict(self._stages[name])
         with self.engine.connect() as c:
             r = c.execute(sa.select(stages).where(stages.c.name == name)).first()
-        return _row(r) if r else None
+        if r is None:
+            return None
+        self._stages[name] = _row(r)
+        return dict(self._stages[name])
 
     def create_stage(self, name: str, url: str, if_not_exists: bool = True, owner: str | None = None) -> dict[str, Any]:
         try:
@@ -179,6 +210,12 @@ class Store:
     def create_integration(self, name: str, allowed_hosts: list[str], *, replace: bool = False,
                            if_not_exists: bool = False) -> bool:
         """True if it was created (or replaced); False if it existed and ``if_not_exists``."""
+        try:
+            return self._create_integration(name, allowed_hosts, replace, if_not_exists)
+        finally:
+            self._integrations = None
+
+    def _create_integration(self, name: str, allowed_hosts: list[str], replace: bool, if_not_exists: bool) -> bool:
         with self.engine.begin() as c:
             exists = c.execute(sa.select(integrations.c.name).where(integrations.c.name == name)).first()
             if exists and if_not_exists:
@@ -193,14 +230,22 @@ class Store:
         return True
 
     def list_integrations(self) -> list[dict[str, Any]]:
+        hit = self._integrations
+        if hit is not None and time.monotonic() - hit[0] < self.POOL_CACHE_S:
+            return [dict(r) for r in hit[1]]
         with self.engine.connect() as c:
-            return [_row(r) for r in c.execute(sa.select(integrations).order_by(integrations.c.name))]
+            rows = [_row(r) for r in c.execute(sa.select(integrations).order_by(integrations.c.name))]
+        self._integrations = (time.monotonic(), rows)
+        return [dict(r) for r in rows]
 
     def drop_integration(self, name: str) -> None:
-        with self.engine.begin() as c:
-            if c.execute(integrations.delete().where(integrations.c.name == name)).rowcount == 0:
-                raise NotFoundError(f"external access integration {name} does not exist; "
-                                    "`mljobs integration list` shows them")
+        try:
+            with self.engine.begin() as c:
+                if c.execute(integrations.delete().where(integrations.c.name == name)).rowcount == 0:
+                    raise NotFoundError(f"external access integration {name} does not exist; "
+                                        "`mljobs integration list` shows them")
+        finally:
+            self._integrations = None
 
     def insert_job(self, row: dict[str, Any]) -> None:
         with self.engine.begin() as c:
