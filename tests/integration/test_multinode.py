@@ -222,8 +222,14 @@ def test_instances_that_cannot_join_time_out(lite):
         return "ran"
 
     job = never_runs()
-    # Cut instance 1 off the job's network before it can reach the head (whose start takes seconds).
-    subprocess.run(["ip", "-n", netns.namespace(job.id, 1), "link", "set", "eth0", "down"], check=True)
+    # Cut instance 1 off the job's network before it can reach the head (whose start takes seconds),
+    # as soon as the scheduler has made the job's namespaces.
+    ns = netns.namespace(job.id, 1)
+    deadline = time.monotonic() + 30
+    while subprocess.run(["ip", "-n", ns, "link", "show", "eth0"], capture_output=True).returncode != 0:
+        assert time.monotonic() < deadline, f"namespace {ns} was not made"
+        time.sleep(0.01)
+    subprocess.run(["ip", "-n", ns, "link", "set", "eth0", "down"], check=True)
     assert job.wait(timeout=180) == JOB_STATUS.FAILED
     msg = job.message
     assert "only 1 of 2 instance(s) joined the job's Ray cluster within 5 s (min_instances=2)" in msg, msg
