@@ -285,3 +285,31 @@ def test_client_on_310_forced_onto_the_server_python_is_refused(lite, sqlite_ser
     with pytest.raises(InvalidArgumentError, match="has no Python 3.99"):
         mljobs.submit_file(__file__, "DEFAULT_POOL", stage_name="envs", runtime_environment="3.99", session=lite)
     assert VersionMismatchError  # the refusal type, raised in the 3.10 client above
+
+
+def test_an_environment_over_the_server_python_is_whole_inside_the_job(lite):
+    """A cached environment layered on the server's interpreter is activated in the job's own
+    (forked) process, not by starting its interpreter: the job still sees it as a started one
+    would, its subprocesses (through sys.executable and PATH) included."""
+
+    @mljobs.remote("DEFAULT_POOL", stage_name="envs", session=lite, pip_requirements=["humanize==4.9.0"])
+    def inside():
+        import os
+        import subprocess
+        import sys
+
+        import humanize
+
+        child = subprocess.run([sys.executable, "-c", "import humanize, sys; print(humanize.__version__, sys.prefix)"],
+                               capture_output=True, text=True, check=True).stdout.split()
+        on_path = subprocess.run(["python", "-c", "import humanize; print(humanize.__version__)"],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+        with open("/proc/self/cmdline", "rb") as f:
+            title = f.read().split(b"\0")[0].decode()  # a started interpreter would show `python -m ...`
+        return humanize.__version__, sys.executable, os.environ.get("VIRTUAL_ENV"), sys.prefix, child, on_path, title
+
+    for _ in range(2):  # built, then reused from the cache
+        version, executable, venv, prefix, child, on_path, title = inside().result(timeout=240)
+        assert version == "4.9.0" and venv and executable == os.path.join(venv, "bin", "python")
+        assert prefix == venv and child == ["4.9.0", venv] and on_path == "4.9.0"
+        assert title.startswith("mljobs-payload "), title

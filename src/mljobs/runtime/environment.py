@@ -22,6 +22,7 @@ import dataclasses
 import fcntl
 import glob
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -159,6 +160,45 @@ def find_interpreter(version: str) -> str | None:
             except (OSError, subprocess.SubprocessError):
                 continue
     return None
+
+
+def activate_in_process(python: str) -> bool:
+    """Make this (warm, forked) process run as ``python`` of a job environment would, without
+    starting that interpreter: True when done, False when only a new interpreter will do.
+
+    Possible when the environment's ``bin/python`` is this very interpreter (a layer over the
+    server's packages) and none of the packages it installs is already imported here (a pin of one
+    would not take effect). Its site-packages then go first on ``sys.path`` (its ``.pth`` files
+    read, as a start would), and ``sys.executable``, ``sys.prefix``, ``VIRTUAL_ENV`` and ``PATH``
+    point at it, so that subprocesses and multiprocessing use the environment too.
+    """
+    venv = Path(python).parent.parent
+    if not is_server_python(python) or not (venv / META).is_file():
+        return False
+    try:
+        site_dir = EnvCache._site_packages(venv)
+        names = {_top_name(entry) for entry in os.listdir(site_dir)}
+    except (OSError, EnvironmentBuildError):
+        return False
+    if any(name in sys.modules for name in names if name):
+        return False
+    before = list(sys.path)
+    site.addsitedir(str(site_dir))  # adds it (at the end) and runs its .pth files
+    added = [p for p in sys.path if p not in before]
+    sys.path[:] = [str(site_dir)] + [p for p in added if p != str(site_dir)] + before
+    importlib.invalidate_caches()
+    sys.executable = python
+    sys.prefix = sys.exec_prefix = str(venv)
+    os.environ["VIRTUAL_ENV"] = str(venv)
+    os.environ["PATH"] = os.pathsep.join([str(venv / "bin"), os.environ.get("PATH", "")])
+    return True
+
+
+def _top_name(entry: str) -> str:
+    """The importable top-level name a site-packages entry provides ('' for metadata and the like)."""
+    if entry.endswith((".dist-info", ".egg-info", ".pth", ".data")) or entry.startswith("__") or entry == META:
+        return ""
+    return entry[:-3] if entry.endswith(".py") else entry.split(".")[0]
 
 
 def available_versions() -> list[str]:

@@ -209,8 +209,9 @@ def _child_run(launch: dict[str, Any]) -> None:
             os.sched_setaffinity(0, cpus)
         mn = launch.get("multinode")
         python = launch.get("python") or sys.executable
-        # Not realpath: a job environment's bin/python links to the same binary, yet its site differs.
-        if os.path.abspath(python) != os.path.abspath(sys.executable):
+        # Not realpath: a job environment's bin/python links to the same binary, yet its site differs;
+        # one layered over this interpreter is activated here instead of started (~50 ms less).
+        if os.path.abspath(python) != os.path.abspath(sys.executable) and not environment.activate_in_process(python):
             module = "mljobs.runtime.multinode" if mn else "mljobs.runtime.launcher"
             os.execv(python, [python, "-m", module, launch["run_dir"]])
         import io
