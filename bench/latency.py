@@ -15,9 +15,9 @@ client all run that tree's code). It prints both sides' p50, p90 and jobs/s, the
 run-to-run spread of each side (the largest relative difference between its rounds); a change
 worse by more than 10% beyond that spread is flagged. ``--env K=V`` sets server variables for
 every half (``MLJOBS_CONTAINMENT=fallback``, ``MLJOBS_METRICS=0``); ``--database-url`` puts the
-store on PostgreSQL (each half gets a fresh schema-less database state: its tables are dropped
-first). ``--timeline`` runs the working tree once more with ``MLJOBS_TRACE`` on and prints the
-median time of every mark (:mod:`mljobs.trace`) from the client's submit (docs/performance.md).
+store on that PostgreSQL (each half in a new schema of its own, dropped after). ``--timeline``
+runs the working tree once more with ``MLJOBS_TRACE`` on and prints the median time of every mark
+(:mod:`mljobs.trace`) from the client's submit (docs/performance.md).
 ``--ray``: the same hello world through Ray Jobs (JobSubmissionClient on a local ``ray start
 --head``), inside a network namespace this script creates (needs root and iproute2).
 """
@@ -56,16 +56,26 @@ def bare_start(n: int = 20) -> float:
 
 
 # -- one half, in its own process (the tree under test first on sys.path) -----------------------
-def _reset_database(url: str) -> None:
+def _fresh_schema(url: str) -> tuple[str, Any]:
+    """A new empty schema on the PostgreSQL at ``url`` for one half: its URL, and how to drop it."""
+    import uuid
+
     import sqlalchemy as sa
 
     from mljobs.server.store import normalize_url
 
+    schema = "mljobs_bench_" + uuid.uuid4().hex[:10]
     eng = sa.create_engine(normalize_url(url))
     with eng.begin() as c:
-        c.execute(sa.text("DROP SCHEMA public CASCADE"))
-        c.execute(sa.text("CREATE SCHEMA public"))
-    eng.dispose()
+        c.execute(sa.text(f"CREATE SCHEMA {schema}"))
+
+    def drop() -> None:
+        with eng.begin() as c:
+            c.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+        eng.dispose()
+
+    sep = "&" if "?" in url else "?"
+    return f"{url}{sep}options=-csearch_path%3D{schema}", drop
 
 
 def half(tree: Path, runs: int, jobs: int, env: dict[str, str], database_url: str | None,
@@ -75,8 +85,9 @@ def half(tree: Path, runs: int, jobs: int, env: dict[str, str], database_url: st
 
     import mljobs
 
+    drop_schema = None
     if database_url:
-        _reset_database(database_url)
+        database_url, drop_schema = _fresh_schema(database_url)
     home = Path(tempfile.mkdtemp(prefix="mljobs-bench-"))
     srv = ServerProc(home, database_url=database_url, extra_env=env)
     srv.start()
@@ -116,6 +127,8 @@ def half(tree: Path, runs: int, jobs: int, env: dict[str, str], database_url: st
     finally:
         srv.stop()
         shutil.rmtree(home, ignore_errors=True)
+        if drop_schema is not None:
+            drop_schema()
     if trace_file:
         with open(trace_file, "a") as f:
             f.writelines(f"{at:.6f} 0 {jid} {point}\n" for jid, point, at in marks)

@@ -83,16 +83,40 @@ def server_stop() -> None:
         return
     import httpx
 
+    from mljobs.client.session import Session
+
     headers = {"authorization": f"Bearer {settings.token}"} if settings.token else {}
-    httpx.post(url + "/api/v1/server/shutdown", headers=headers, timeout=30)
+    try:
+        resp = httpx.post(url + "/api/v1/server/shutdown", headers=headers, timeout=30)
+    except httpx.HTTPError as e:
+        raise errors.ServerUnavailableError(f"no mljobs server answers at {url} ({e}); nothing was stopped") from None
+    if resp.status_code in (401, 403):
+        why = Session._error(resp)
+        raise type(why)(f"the server at {url} was not stopped: {why}. Stopping it needs an admin's token: "
+                        "MLJOBS_TOKEN=<admin token> mljobs server stop")
+    if resp.status_code >= 400:
+        raise Session._error(resp)
+    # said only once seen: the local server's process gone, or a remote one no longer answering
     pid = (read_server_info(home) or {}).get("pid") if not settings.url else None
     deadline = time.monotonic() + 60
-    while pid and time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
+    while time.monotonic() < deadline:
+        if pid:
+            import psutil
+
+            try:
+                if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                    break  # it has exited; its parent has not collected it yet
+            except psutil.NoSuchProcess:
+                break
+        else:
+            try:
+                httpx.get(url + "/health", timeout=2)
+            except httpx.HTTPError:
+                break
         time.sleep(0.05)
+    else:
+        raise errors.MLJobsError(f"the server at {url} accepted the shutdown but still runs after 60 s"
+                                 + (f" (pid {pid})" if pid else "") + "; its log says why")
     console.print(f"stopped the mljobs server at {url}")
 
 

@@ -65,7 +65,15 @@ def hash_token(token: str) -> str:
 
 
 def make_user(store: Store, name: str, admin: bool) -> dict[str, Any]:
-    """Record a user; the answer holds their token, which exists nowhere else (only its hash is kept)."""
+    """Record a user; the answer holds their token, which exists nowhere else (only its hash is kept).
+
+    The first user must be an admin: once a user exists, a call without a token is refused, so a
+    plain first user would leave nobody able to make another (or to stop the server)."""
+    if not admin and not store.has_users():
+        raise InvalidArgumentError(
+            f"user {name!r} would be this server's first user, and the first user must be an admin: once a "
+            f"user exists only tokens are accepted, and a plain user cannot make others. Make an admin first: "
+            f"mljobs user create {name} --admin (or another name with --admin, then {name} with its token)")
     if not isinstance(name, str) or not (0 < len(name) <= 64) or not all(c.isalnum() or c in "._-@" for c in name):
         raise InvalidArgumentError(f"invalid user name {name!r}: use 1 to 64 letters, digits, '.', '_', '-' or '@'")
     token = USER_TOKEN_PREFIX + secrets.token_urlsafe(32)
