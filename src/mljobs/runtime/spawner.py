@@ -60,16 +60,25 @@ def _run_supervisor(run_dir: str, stderr_path: str) -> None:
         sys.stderr = open(2, "w", closefd=False, buffering=1)  # noqa: SIM115
         code = supervisor.main([run_dir])
     except BaseException as e:  # noqa: BLE001 - a fork must never return into the spawner's loop
-        try:
-            os.write(2, f"mljobs: the supervisor could not start: {e!r}\n".encode())
-        except OSError:
-            pass
+        _say_failed(e)
     finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
+        _exit_fork(code)
+
+
+def _say_failed(e: BaseException) -> None:
+    try:
+        os.write(2, f"mljobs: the supervisor could not start: {e!r}\n".encode())
+    except OSError:
+        pass
+
+
+def _exit_fork(code: int) -> None:
+    """End a forked supervisor with ``code``, its output flushed, never returning."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
 
 
 def _run_spare(cmd_r: int, plan: containment.Plan) -> None:
@@ -97,16 +106,9 @@ def _run_spare(cmd_r: int, plan: containment.Plan) -> None:
         _stdio_to(req["stderr"])
         code = supervisor.main([req["run_dir"]], spare)
     except BaseException as e:  # noqa: BLE001 - a fork must never return into the spawner's loop
-        try:
-            os.write(2, f"mljobs: the supervisor could not start: {e!r}\n".encode())
-        except OSError:
-            pass
+        _say_failed(e)
     finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
+        _exit_fork(code)
 
 
 _CMD_FD = 3  # where a warm supervisor reads its instance from
