@@ -118,6 +118,27 @@ def leftover_processes(home: Path) -> list[psutil.Process]:
     return out
 
 
+def host_pids(inner: list[int], job_id: str) -> list[int]:
+    """Pids a job recorded (``os.getpid()``, ``Popen.pid``) as this machine numbers them: in its
+    sandbox a job sees the numbers of its own PID namespace (the last of each process's NSpid).
+    The namespace is found by a child of the job (the payload's own environment is set after
+    its exec, so its child processes are the ones that show ``MLJOBS_JOB_ID``)."""
+    procs: dict[int, tuple[str, int]] = {}  # host pid -> (its PID namespace, its pid there)
+    ns_of_job = None
+    for p in psutil.process_iter():
+        try:
+            with open(f"/proc/{p.pid}/status") as f:
+                nspid = next(line for line in f if line.startswith("NSpid:")).split()[1:]
+            procs[p.pid] = (os.readlink(f"/proc/{p.pid}/ns/pid"), int(nspid[-1]))
+            if p.environ().get("MLJOBS_JOB_ID") == job_id:
+                ns_of_job = procs[p.pid][0]
+        except (psutil.Error, OSError, StopIteration):
+            continue
+    assert ns_of_job is not None, f"no process of job {job_id} found"
+    host = {inner_pid: pid for pid, (ns, inner_pid) in procs.items() if ns == ns_of_job}
+    return [host[i] for i in inner]
+
+
 def assert_no_leftovers(home: Path, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while (left := leftover_processes(home)) and time.monotonic() < deadline:

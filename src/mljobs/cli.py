@@ -62,11 +62,17 @@ def _listing(rows: list[dict[str, Any]], columns: list[str], title: str, as_json
 # -- server -----------------------------------------------------------------------------------
 @server_app.command("start")
 def server_start(host: str = typer.Option("127.0.0.1", help="address to bind"),
-                 port: int = typer.Option(0, help="port (0: the previous one if free, else any)")) -> None:
+                 port: int = typer.Option(0, help="port (0: the previous one if free, else any)"),
+                 no_isolation: bool = typer.Option(False, "--no-isolation",
+                                                   help="run jobs unsandboxed, with the server's identity and view "
+                                                        "(MLJOBS_ISOLATION=none; docs/isolation.md)")) -> None:
     """Run the control plane in the foreground (the SDK starts one in the background by itself)."""
+    import dataclasses
+
     from mljobs.server.run import serve
 
-    serve(load_settings(), host, port)
+    settings = load_settings()
+    serve(dataclasses.replace(settings, isolation="none") if no_isolation else settings, host, port)
 
 
 @server_app.command("stop")
@@ -122,7 +128,8 @@ def server_stop() -> None:
 
 @server_app.command("status")
 def server_status() -> None:
-    """Say whether a server answers, and where, and how it contains jobs (``containment``)."""
+    """Say whether a server answers, and where, and how it contains (``containment``) and
+    sandboxes (``isolation``) jobs."""
     from mljobs.client.embedded import find_server
 
     settings = load_settings()

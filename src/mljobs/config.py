@@ -19,6 +19,16 @@ else:  # pragma: no cover - exercised on 3.10 clients
 __all__ = ["Settings", "load_settings", "default_home"]
 
 
+def _uid_range(text: str) -> tuple[int, int]:
+    try:
+        first, last = (int(x) for x in str(text).split("-"))
+    except ValueError:
+        raise ValueError(f"MLJOBS_JOB_UIDS={text!r} is not a uid range; write FIRST-LAST, e.g. 300000-399999") from None
+    if not 0 < first <= last:
+        raise ValueError(f"MLJOBS_JOB_UIDS={text!r}: the range must be FIRST-LAST with 0 < FIRST <= LAST")
+    return first, last
+
+
 def default_home() -> Path:
     return Path(os.environ.get("MLJOBS_HOME") or Path.home() / ".mljobs").expanduser()
 
@@ -52,6 +62,10 @@ class Settings:
     containment: str = "auto"
     metrics: bool = True  # sample each instance's CPU, memory and GPU use while it runs
     warm_supervisors: int = 2  # supervisors the local provider keeps forked ahead, cgroups made (0: none)
+    # What a job may see (mljobs.runtime.sandbox): "auto" (a personal sandbox without users, a
+    # shared one once the server has users), "personal", "shared", or "none" (no sandbox).
+    isolation: str = "auto"
+    job_uids: tuple[int, int] = (300000, 399999)  # the uids users' sandboxed jobs run as (server as root)
     # Remote instances (Slurm, Ray): how often they report, and how long one may stay silent
     # before its node counts as lost.
     heartbeat_s: float = 5.0
@@ -103,6 +117,8 @@ def load_settings(home: str | os.PathLike[str] | None = None) -> Settings:
         containment=(env.get("MLJOBS_CONTAINMENT") or server.get("containment") or "auto").lower(),
         metrics=_flag(env.get("MLJOBS_METRICS", server.get("metrics", "1"))),
         warm_supervisors=int(env.get("MLJOBS_WARM_SUPERVISORS") or server.get("warm_supervisors", 2)),
+        isolation=(env.get("MLJOBS_ISOLATION") or server.get("isolation") or "auto").lower(),
+        job_uids=_uid_range(env.get("MLJOBS_JOB_UIDS") or server.get("job_uids") or "300000-399999"),
         heartbeat_s=float(env.get("MLJOBS_HEARTBEAT_S") or server.get("heartbeat_s", 5.0)),
         heartbeat_timeout_s=float(env.get("MLJOBS_HEARTBEAT_TIMEOUT_S") or server.get("heartbeat_timeout_s", 30.0)),
         start_timeout_s=float(env.get("MLJOBS_START_TIMEOUT_S") or server.get("start_timeout_s", 120.0)),

@@ -17,6 +17,7 @@ __all__ = [
     "VersionMismatchError",
     "PayloadError",
     "EnvironmentBuildError",
+    "SandboxError",
     "InstancesUnavailableError",
     "JobFailedError",
     "RemoteError",
@@ -86,6 +87,10 @@ class PayloadError(MLJobsError, ValueError):
 
 class EnvironmentBuildError(MLJobsError):
     """A job's pip requirements could not be installed; the message names them and says why."""
+
+
+class SandboxError(MLJobsError):
+    """A job's sandbox (bubblewrap) could not be made; the message names the cause and the fix."""
 
 
 class InstancesUnavailableError(MLJobsError):

@@ -94,6 +94,7 @@ def test_submit_directory_entrypoint_hidden_files_and_pycache(session, tmp_path)
     (root / "src").mkdir()
     (root / "src" / "main.py").write_text(textwrap.dedent("""
         import os, sys
+        sys.dont_write_bytecode = True  # whatever the server's environment says: only what was uploaded
         sys.path.insert(0, os.getcwd())
         import pkg
         files = sorted(os.path.relpath(os.path.join(d, f)) for d, _, fs in os.walk(".") for f in fs)

@@ -13,7 +13,7 @@ import pytest
 
 import mljobs
 from mljobs import JOB_STATUS
-from tests.conftest import wait_status
+from tests.conftest import host_pids, wait_status
 
 
 def _sleeper(session, pool="P1", seconds=30.0, **kw):
@@ -74,7 +74,7 @@ def test_cancel_kills_whole_tree(session, tmp_path):
     deadline = time.monotonic() + 30
     while not (pids.exists() and pids.with_suffix(".gc").exists()) and time.monotonic() < deadline:
         time.sleep(0.05)
-    tree = [int(p) for p in pids.read_text().split()] + [int(pids.with_suffix(".gc").read_text())]
+    tree = host_pids([int(p) for p in pids.read_text().split()] + [int(pids.with_suffix(".gc").read_text())], job.id)
     assert all(psutil.pid_exists(p) for p in tree)
     queued = _sleeper(session, seconds=0.1)
     t0 = time.monotonic()

@@ -39,6 +39,8 @@ class InstanceLaunch:
     # "max_bytes", "timeout_s"}; the instance builds or reuses it before the payload starts.
     environment: dict[str, Any] | None = None
     pool: PoolSpec | None = None  # the pool, with its provider_options
+    # How the payload is sandboxed (mljobs.runtime.sandbox.Policy as a dict); None: it is not.
+    sandbox: dict[str, Any] | None = None
 
 
 def launch_document(launch: InstanceLaunch, env: dict[str, str], **node: Any) -> dict[str, Any]:

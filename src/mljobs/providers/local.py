@@ -34,7 +34,7 @@ from mljobs.config import Settings
 from mljobs.errors import InvalidArgumentError
 from mljobs.paths import CGROUP_FILE, HomePaths, InstancePaths
 from mljobs.providers import netns
-from mljobs.runtime import containment, multinode
+from mljobs.runtime import containment, multinode, sandbox
 from mljobs.runtime.metrics import read_samples
 from mljobs.providers.base import (ExitCallback, InstanceExit, InstanceHandle, InstanceLaunch, Provider,
                                    launch_document)
@@ -134,9 +134,8 @@ class _Spawner:
 
     def __init__(self, home: HomePaths, plan: containment.Plan, spares: int) -> None:
         self._home = home
-        # sent as the first line, not as arguments: a supervisor's title replaces the spawner's
-        # argv in place, and `ps` shows it whole only when it is longer than that argv was
-        self._config = json.dumps({"plan": plan.to_dict(), "spares": spares}).encode() + b"\n"
+        self._plan, self._spares = plan, spares
+        self._box: dict[str, Any] | None = None  # the sandbox template of the latest instance
         self._stderr_path = str(home.root / "spawner.log")
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
@@ -149,7 +148,10 @@ class _Spawner:
                                     stdout=subprocess.PIPE, stderr=err, start_new_session=True, close_fds=True)
         assert proc.stdout is not None and proc.stdin is not None
         try:
-            proc.stdin.write(self._config)
+            # sent as the first line, not as arguments: a supervisor's title replaces the spawner's
+            # argv in place, and `ps` shows it whole only when it is longer than that argv was
+            proc.stdin.write(json.dumps({"plan": self._plan.to_dict(), "spares": self._spares,
+                                         "box": self._box}).encode() + b"\n")
             proc.stdin.flush()
         except OSError:
             pass  # it exited: said below
@@ -166,16 +168,18 @@ class _Spawner:
         proc = self._proc
         return proc.pid if proc is not None and proc.poll() is None else None
 
-    def spawn(self, run_dir: str, stderr_path: str, cold: bool = False) -> int:
+    def spawn(self, run_dir: str, stderr_path: str, cold: bool = False, box: dict[str, Any] | None = None) -> int:
         """The pid of the supervisor of ``run_dir``: a warm one, or (``cold``, or none ready) a new
-        fork (one retry with a fresh spawner)."""
+        fork (one retry with a fresh spawner). ``box``: the sandbox template spares are made in
+        from now on (:meth:`mljobs.runtime.sandbox.Policy.template`)."""
         with self._lock:
+            self._box = box
             for attempt in (1, 2):
                 proc = self._ensure()
                 assert proc.stdin is not None and proc.stdout is not None
                 try:
-                    proc.stdin.write(json.dumps({"run_dir": run_dir, "stderr": stderr_path, "cold": cold}).encode()
-                                     + b"\n")
+                    proc.stdin.write(json.dumps({"run_dir": run_dir, "stderr": stderr_path, "cold": cold,
+                                                 "box": box}).encode() + b"\n")
                     proc.stdin.flush()
                     reply = proc.stdout.readline().decode().strip()
                 except OSError:
@@ -289,6 +293,10 @@ class LocalProvider(Provider):
 
     # -- pools -------------------------------------------------------------------------------
     def validate_pool(self, pool: PoolSpec) -> None:
+        try:
+            sandbox.parse_mounts(pool.provider_options.get("mounts"), pool.name)
+        except ValueError as e:
+            raise InvalidArgumentError(str(e)) from None
         fam = pool.family
         if fam.gpus and fam.gpus * pool.max_nodes > self.gpus:
             raise InvalidArgumentError(
@@ -377,18 +385,22 @@ class LocalProvider(Provider):
         if launch.spec.target_instances > 1:
             multinode, mn_env, ns = self._multinode(launch, p)
             env.update(mn_env)
+        box = launch.sandbox if multinode is None else None  # multi-node instances: not sandboxed yet
         doc = launch_document(
             launch, env, run_dir=str(p.run_dir), work_dir=str(p.work_dir), app_dir=app_dir or str(p.work_dir),
             log_file=str(p.log_file), result_file=str(p.result), cpus=cpus,
             python=launch.spec.runtime_python or sys.executable, multinode=multinode, netns=ns,
-            containment=self.plan.to_dict(), metrics_file=str(p.metrics_file), metrics=self._metrics, gpus=gpus)
+            containment=self.plan.to_dict(), metrics_file=str(p.metrics_file), metrics=self._metrics, gpus=gpus,
+            sandbox=box, isolation=sandbox.Policy.from_dict(box).describe() if box else "none")
         p.launch.write_text(json.dumps(doc))
         trace.mark(launch.job_id, "provider.launch.written")
-        pid = self._spawner.spawn(str(p.run_dir), str(p.supervisor_log), cold=ns is not None)
+        template = sandbox.Policy.from_dict(box).template().to_dict() if box else None
+        pid = self._spawner.spawn(str(p.run_dir), str(p.supervisor_log), cold=ns is not None, box=template)
         trace.mark(launch.job_id, "provider.spawned")
         found = self.find(launch.job_id, launch.instance_id)  # the spawner wrote the pid file before answering
         started = found.pid_start if found is not None and found.pid == pid else None
-        return InstanceHandle(launch.job_id, launch.instance_id, pid, started, {"cpus": cpus, "gpus": gpus})
+        return InstanceHandle(launch.job_id, launch.instance_id, pid, started,
+                              {"cpus": cpus, "gpus": gpus, "isolation": doc["isolation"]})
 
     def find(self, job_id: str, instance_id: int) -> InstanceHandle | None:
         """From the pid file, which the spawner writes before it answers; without one, an exit
@@ -407,7 +419,8 @@ class LocalProvider(Provider):
                 return None  # never started
             pid = started = None
         gpus = [int(g) for g in launch["env"].get("CUDA_VISIBLE_DEVICES", "").split(",") if g]
-        return InstanceHandle(job_id, instance_id, pid, started, {"cpus": launch["cpus"], "gpus": gpus})
+        return InstanceHandle(job_id, instance_id, pid, started, {"cpus": launch["cpus"], "gpus": gpus,
+                                                                  "isolation": launch.get("isolation", "none")})
 
     def never_started(self, job_id: str, instance_id: int) -> bool:
         """No supervisor was ever spawned for it: the spawner writes the pid file before it
@@ -631,6 +644,7 @@ class LocalProvider(Provider):
         for cg in found.pop("", []):
             if not (ours and cg.name.startswith(ours)):
                 cg.remove()
+        self._remove_dead_slots()
         jobs = set(found)
         jobs.update(containment.marked_processes().values())
         done = sorted(j for j in jobs if j and ended(j))
@@ -639,6 +653,18 @@ class LocalProvider(Provider):
             containment.kill_marked(job_id)
         self._tidier.wait()
         return done
+
+    def _remove_dead_slots(self) -> None:
+        """Sandboxed spares' folders (``spares/spare-<spawner>-<supervisor>-<random>``) whose
+        supervisor is gone: it was killed before it could remove them."""
+        try:
+            slots = list((self.home.root / "spares").iterdir())
+        except FileNotFoundError:
+            return
+        for slot in slots:
+            parts = slot.name[len(containment.SPARE_PREFIX):].split("-")
+            if len(parts) == 3 and parts[1].isdigit() and not psutil.pid_exists(int(parts[1])):
+                shutil.rmtree(slot, ignore_errors=True)
 
     def close(self) -> None:
         self._watcher.close()

@@ -38,7 +38,7 @@ import setproctitle
 
 from mljobs import trace
 from mljobs.paths import PID_FILE
-from mljobs.runtime import containment, launcher, supervisor  # noqa: F401 - launcher: a warm import too
+from mljobs.runtime import containment, launcher, sandbox, supervisor  # noqa: F401 - launcher: a warm import too
 
 __all__ = ["serve"]
 
@@ -81,7 +81,7 @@ def _exit_fork(code: int) -> None:
         os._exit(code)
 
 
-def _run_spare(cmd_r: int, plan: containment.Plan) -> None:
+def _run_spare(cmd_r: int, plan: containment.Plan, box: sandbox.Policy | None) -> None:
     """In the fork: a warm supervisor. It makes its cgroups and forks its payload process now,
     then waits for an instance (one JSON line on ``cmd_r``); EOF means the spawner is gone."""
     code = 70
@@ -95,7 +95,7 @@ def _run_spare(cmd_r: int, plan: containment.Plan) -> None:
         os.dup2(cmd_r, _CMD_FD)
         os.closerange(_CMD_FD + 1, 256)
         setproctitle.setproctitle("mljobs-supervisor (spare)")
-        spare = supervisor.Spare(plan)
+        spare = supervisor.Spare(plan, box)
         with os.fdopen(_CMD_FD, "rb") as cmd:
             line = cmd.readline()
         if not line:
@@ -127,8 +127,9 @@ def _stdio_to(stderr_path: str) -> None:
 class _Spares:
     """The warm supervisors: ``count`` of them ready at any time, each with its pipe."""
 
-    def __init__(self, plan: containment.Plan, count: int) -> None:
+    def __init__(self, plan: containment.Plan, count: int, box: dict[str, Any] | None) -> None:
         self.plan, self.count = plan, count
+        self.box = box  # the sandbox template spares are made in (the latest request's)
         self.ready: collections.deque[tuple[int, int]] = collections.deque()  # (pid, pipe's write end)
 
     def fill(self) -> None:
@@ -137,7 +138,7 @@ class _Spares:
             pid = os.fork()
             if pid == 0:
                 os.close(cmd_w)
-                _run_spare(cmd_r, self.plan)
+                _run_spare(cmd_r, self.plan, sandbox.Policy.from_dict(self.box) if self.box else None)
             os.close(cmd_r)
             self.ready.append((pid, cmd_w))
 
@@ -196,13 +197,16 @@ def serve(label: str = "", requests: int = 0, replies: int = 1) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C aimed at the server is not ours
     with os.fdopen(requests, "rb") as rd, os.fdopen(replies, "wb", buffering=0) as wr:
         config = json.loads(rd.readline() or b"{}")
-        warm = _Spares(containment.Plan.from_dict(config.get("plan")), int(config.get("spares", 0)))
+        warm = _Spares(containment.Plan.from_dict(config.get("plan")), int(config.get("spares", 0)), config.get("box"))
         try:
             warm.fill()
             wr.write(b"ready\n")
             for line in rd:
                 try:
                     req = json.loads(line)
+                    if req.get("box") != warm.box:  # the server's isolation changed: spares made for it
+                        warm.close(timeout=0)
+                        warm.box = req.get("box")
                     pid = None if req.get("cold") else warm.assign(req)
                     if pid is None:
                         pid = os.fork()

@@ -24,6 +24,7 @@ import json
 import os
 import secrets
 import selectors
+import shutil
 import signal
 import sys
 import time
@@ -34,7 +35,7 @@ import setproctitle
 
 from mljobs import logformat, trace
 from mljobs.errors import EnvironmentBuildError
-from mljobs.runtime import containment, environment, launcher, multinode
+from mljobs.runtime import containment, environment, launcher, multinode, sandbox
 from mljobs.paths import CGROUP_FILE
 from mljobs.runtime.containment import descendants
 from mljobs.runtime.metrics import Sampler
@@ -115,7 +116,7 @@ class Spare:
     is how the server finds them for :meth:`mljobs.providers.local.LocalProvider.finish_job`.
     """
 
-    def __init__(self, plan: containment.Plan) -> None:
+    def __init__(self, plan: containment.Plan, box: sandbox.Policy | None = None) -> None:
         # the spawner's pid first: a server tells its own spawner's spares from an earlier one's
         self.name = f"{containment.SPARE_PREFIX}{os.getppid()}-{os.getpid()}-{secrets.token_hex(4)}"
         self.cgroup: containment.InstanceCgroup | None = None
@@ -126,23 +127,51 @@ class Spare:
                 self.cgroup = cgroup
             except OSError:
                 cgroup.remove()  # the instance then runs as a cold one would without cgroups
+        # sandboxed (box): the payload process is bubblewrap running the sandbox's entry, its
+        # folders bound to this slot's, its interpreter started and its imports done
+        self.box = box
+        self.slot = sandbox.spare_slot(box.home, self.name) if box is not None else None
+        argv: list[str] = []
+        if box is not None and self.slot is not None:
+            for d in ("work", "out", "app"):
+                (self.slot / d).mkdir(parents=True)
+            argv = sandbox.payload_argv(box, work=str(self.slot / "work"), app=str(self.slot / "app"),
+                                        out=str(self.slot / "out"), gpus=None)
         self.out_r, out_w = os.pipe()
         self.err_r, err_w = os.pipe()
         go_r, self.go_w = os.pipe()
+        self.ready_r, ready_w = os.pipe() if box is not None else (None, None)
         me = os.getpid()
         self.pid = os.fork()
         if self.pid == 0:
             os.close(self.out_r), os.close(self.err_r), os.close(self.go_w)
-            _child_prepare(out_w, err_w, self.cgroup, me, go_r, "spare")
+            if self.ready_r is not None:
+                os.close(self.ready_r)
+            _child_prepare(out_w, err_w, self.cgroup, me, go_r, "spare", ready_w)
             try:
-                with os.fdopen(_GO_FD, "rb") as go:
+                if box is not None:
+                    os.execve(argv[0], argv, {**sandbox.payload_env(box, {}), "MLJOBS_SPARE_READY": "1"})
+                with os.fdopen(GO_FD, "rb") as go:
                     data = go.readline()
                 if not data:  # the supervisor gave up on this spare
                     os._exit(0)
-                _child_run(json.loads(data))
+                child_run(json.loads(data))
             except BaseException as e:  # noqa: BLE001 - never return into the supervisor's code
-                _child_failed(e)
+                child_failed(e)
         os.close(out_w), os.close(err_w), os.close(go_r)
+        if ready_w is not None:
+            os.close(ready_w)
+
+    def wait_sandbox(self) -> bool:
+        """Wait until the sandbox's folders are bound (its entry says so); False: it never was
+        (bubblewrap failed, or the process died)."""
+        if self.ready_r is None:
+            return True
+        try:
+            return os.read(self.ready_r, 1) == b"r"
+        finally:
+            os.close(self.ready_r)
+            self.ready_r = None
 
     def go(self, launch: dict[str, Any]) -> None:
         """Hand the payload process its launch record: it runs the launcher at once."""
@@ -150,7 +179,7 @@ class Spare:
             go.write(json.dumps(launch).encode() + b"\n")
 
     def discard(self) -> None:
-        """Stop the unused payload process and remove its cgroups (the spawner went away)."""
+        """Stop the unused payload process and remove its cgroups and slot (the spawner went away)."""
         _signal_all([self.pid], signal.SIGKILL)
         try:
             os.waitpid(self.pid, 0)
@@ -158,13 +187,54 @@ class Spare:
             pass
         if self.cgroup is not None:
             self.cgroup.remove()
+        self.remove_slot()
+
+    def takes(self, launch: dict[str, Any], box: sandbox.Policy | None) -> bool:
+        """Whether this spare's payload process can run ``launch`` (same sandbox, same network,
+        its sandbox made)."""
+        if launch.get("netns"):
+            return False
+        if box is None or self.box is None:
+            return box is None and self.box is None
+        return self.box.takes(box, launch.get("gpus")) and self.wait_sandbox()
+
+    def fill_slot(self, launch: dict[str, Any], box: sandbox.Policy) -> None:
+        """Make the slot's folders the instance's: what the provider put in its work folder moves
+        into the slot's, which is then renamed into place (the sandbox's bind follows it); the
+        payload is linked into the slot's ``app`` when it lives elsewhere (a stage's folder)."""
+        assert self.slot is not None
+        work, run_dir = Path(launch["work_dir"]), Path(launch["run_dir"])
+        for entry in os.scandir(work):
+            os.rename(entry.path, self.slot / "work" / entry.name)
+        os.rmdir(work)
+        os.rename(self.slot / "work", work)
+        os.rename(self.slot / "out", run_dir / "out")
+        if launch["app_dir"] != launch["work_dir"]:
+            _link_tree(Path(launch["app_dir"]), self.slot / "app")
+        sandbox.own_for(box, work, run_dir / "out")
+
+    def remove_slot(self) -> None:
+        if self.slot is not None:
+            shutil.rmtree(self.slot, ignore_errors=True)
 
 
-_GO_FD = 3  # where a spare payload process keeps the read end of its go pipe
+GO_FD = 3  # where a spare payload process keeps the read end of its go pipe
+READY_FD = 4  # where a sandboxed spare says its sandbox is made (one byte, then closed)
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """``src``'s files in ``dst`` as hard links (a copy where links cannot be made)."""
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    shutil.copytree(src, dst, copy_function=link, dirs_exist_ok=True)
 
 
 def _child_prepare(out_w: int, err_w: int, cgroup: containment.InstanceCgroup | None, parent: int,
-                   go_r: int | None, title: str) -> None:
+                   go_r: int | None, title: str, ready_w: int | None = None) -> None:
     """In the forked payload process, before its launch: enter the cgroups, die with the
     supervisor, own process group, default signals, stdio on the supervisor's pipes."""
     try:
@@ -184,24 +254,30 @@ def _child_prepare(out_w: int, err_w: int, cgroup: containment.InstanceCgroup | 
         os.dup2(out_w, 1)
         os.dup2(err_w, 2)
         if go_r is not None:
-            os.dup2(go_r, _GO_FD)
-        os.closerange(3 if go_r is None else _GO_FD + 1, 256)
+            os.dup2(go_r, GO_FD)
+        if ready_w is not None:
+            os.dup2(ready_w, READY_FD)
+        os.closerange(READY_FD + 1 if ready_w is not None else 3 if go_r is None else GO_FD + 1, 256)
     except BaseException as e:  # noqa: BLE001
-        _child_failed(e)
+        child_failed(e)
 
 
-def _child_failed(e: BaseException) -> None:
+def child_failed(e: BaseException) -> None:
     try:
-        os.write(2, f"mljobs: the launcher could not start: {e!r}\n".encode())
+        import traceback
+
+        where = traceback.extract_tb(e.__traceback__)[-1:] if e.__traceback__ else []
+        at = f" (at {where[0].filename}:{where[0].lineno})" if where else ""
+        os.write(2, f"mljobs: the launcher could not start: {e!r}{at}\n".encode())
     finally:
         os._exit(70)
 
 
-def _child_run(launch: dict[str, Any]) -> None:
+def child_run(launch: dict[str, Any]) -> None:
     """In the payload process, with its launch record: set up the environment, run the launcher."""
     try:
         trace.mark(launch.get("job_id", ""), "payload.go")
-        setproctitle.setproctitle(f"mljobs-payload {launch['run_dir']}")
+        setproctitle.setproctitle(f"mljobs-payload {launch.get('title') or launch['run_dir']}")
         os.chdir(launch["work_dir"])
         os.environ.update(launch["env"])
         cpus = launch.get("cpus")
@@ -213,6 +289,8 @@ def _child_run(launch: dict[str, Any]) -> None:
         # one layered over this interpreter is activated here instead of started (~50 ms less).
         if os.path.abspath(python) != os.path.abspath(sys.executable) and not environment.activate_in_process(python):
             module = "mljobs.runtime.multinode" if mn else "mljobs.runtime.launcher"
+            if launch.get("sandboxed"):  # inside, the run dir is the instance's out folder
+                Path(launch["run_dir"], "launch.json").write_text(json.dumps(launch))
             os.execv(python, [python, "-m", module, launch["run_dir"]])
         import io
 
@@ -221,7 +299,7 @@ def _child_run(launch: dict[str, Any]) -> None:
         sys.stderr = io.TextIOWrapper(open(2, "wb", 0, closefd=False), write_through=True, line_buffering=True)
         code = multinode.main(launch) if mn else launcher.main(launch)
     except BaseException as e:  # noqa: BLE001 - never return into the supervisor's code
-        _child_failed(e)
+        child_failed(e)
     os._exit(code)
 
 
@@ -230,6 +308,7 @@ class _LogWriter:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.f = open(path, "a", encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
         self.partial: dict[str, bytes] = {}
+        self.bwrap_error = ""  # the first line bubblewrap wrote, when it could not make the sandbox
 
     def system(self, text: str) -> None:
         self.f.write(logformat.format_record(logformat.SYS, text))
@@ -242,6 +321,8 @@ class _LogWriter:
             lines.append(rest)
             rest = b""
         self.partial[stream] = rest
+        if lines and stream == logformat.ERR and not self.bwrap_error and lines[0].startswith(b"bwrap: "):
+            self.bwrap_error = lines[0].decode("utf-8", "backslashreplace").strip()
         if lines:
             now = logformat.now_iso()
             self.f.write("".join(
@@ -277,9 +358,11 @@ def supervise(launch: dict[str, Any], spare: Spare | None = None) -> dict[str, A
     signal.set_wakeup_fd(wake_w)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1):
         signal.signal(sig, lambda *_: None)
-    if spare is not None and launch.get("netns"):  # its payload process is not in the job's network
+    box = sandbox.Policy.from_dict(launch["sandbox"]) if launch.get("sandbox") else None
+    if spare is not None and not spare.takes(launch, box):  # not in the job's network, or another sandbox
         spare.discard()
         spare = None
+    trace.mark(launch.get("job_id", ""), "supervisor.spare.checked")
     log.system(
         f"instance {launch['instance_id']} of job {launch['job_id']} starting "
         f"(cpus {launch.get('cpus')}, memory limit {launch.get('memory_bytes')} bytes)"
@@ -309,19 +392,36 @@ def supervise(launch: dict[str, Any], spare: Spare | None = None) -> dict[str, A
     if spare is not None:  # its payload process is forked, and in its cgroups
         cgroup, limit, watch = _assign_cgroup(launch, spare, log)
         pid, out_r, err_r = spare.pid, spare.out_r, spare.err_r
-        spare.go(launch)
+        if box is not None:
+            trace.mark(launch.get("job_id", ""), "supervisor.spare.taken")
+            spare.fill_slot(launch, box)
+            trace.mark(launch.get("job_id", ""), "supervisor.slot.filled")
+        spare.go(_inner_launch(launch, box) if box is not None else launch)
     else:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         cgroup, limit = _make_cgroup(launch, plan, log)
         watch = bool(limit) and (cgroup is None or cgroup.memory_dir is None)
         trace.mark(launch.get("job_id", ""), "supervisor.cgroup.made")
+        boxed = _sandboxed(launch, box) if box is not None else None
+        go_r, go_w = os.pipe() if boxed is not None else (None, None)
         pid = os.fork()
         if pid == 0:
             os.close(out_r), os.close(err_r)
-            _child_prepare(out_w, err_w, cgroup, me, None, launch["run_dir"])
-            _child_run(launch)
+            if go_w is not None:
+                os.close(go_w)
+            _child_prepare(out_w, err_w, cgroup, me, go_r, launch["run_dir"])
+            if boxed is not None:
+                try:
+                    os.execve(boxed[0][0], boxed[0], boxed[1])
+                except BaseException as e:  # noqa: BLE001
+                    child_failed(e)
+            child_run(launch)
         os.close(out_w), os.close(err_w)
+        if boxed is not None and go_r is not None and go_w is not None:
+            os.close(go_r)
+            with os.fdopen(go_w, "wb") as go:
+                go.write(json.dumps(boxed[2]).encode() + b"\n")
     trace.mark(launch.get("job_id", ""), "supervisor.forked")
     if forwarder is not None:  # started after the fork: the child gets no thread
         forwarder.start()
@@ -373,7 +473,15 @@ def supervise(launch: dict[str, Any], spare: Spare | None = None) -> dict[str, A
         except ChildProcessError:
             pass
     status = _REAPED.get(pid)
+    trace.mark(launch.get("job_id", ""), "supervisor.reaped")
     leftover = descendants(os.getpid())
+    if box is not None:  # bubblewrap leaves its namespace's init to us (a subreaper), exiting or a zombie
+        settle = time.monotonic() + 0.1
+        while leftover and time.monotonic() < settle:
+            _reap()
+            leftover = descendants(os.getpid())
+            if leftover:
+                time.sleep(0.001)
     if leftover:
         what = "this instance's Ray node" if launch.get("multinode") else "the payload left running"
         log.system(f"stopping {len(leftover)} process(es): {what}")
@@ -388,6 +496,13 @@ def supervise(launch: dict[str, Any], spare: Spare | None = None) -> dict[str, A
         _reap()
     trace.mark(launch.get("job_id", ""), "supervisor.cgroup.emptied")
     code = os.waitstatus_to_exitcode(status) if status is not None else None
+    if box is not None and code is not None and 128 < code < 128 + signal.NSIG:
+        code = 128 - code  # bubblewrap exits 128 + N for a payload killed by signal N: say the signal
+    if box is not None:
+        _sandbox_result(launch, log, code)
+    if spare is not None:
+        spare.remove_slot()
+    trace.mark(launch.get("job_id", ""), "supervisor.sandbox.done")
     if env_lock is not None:
         env_lock.release()
     record = {"exit_code": 0 if released else code, "cancelled": cancelled, "released": released,
@@ -395,6 +510,48 @@ def supervise(launch: dict[str, Any], spare: Spare | None = None) -> dict[str, A
     if oom is not None and not cancelled:
         record["oom"] = oom
     return _finish(launch, log, record)
+
+
+def _sandboxed(launch: dict[str, Any], box: sandbox.Policy) -> tuple[list[str], dict[str, str], dict[str, Any]]:
+    """A cold sandbox's command line, environment and launch record."""
+    run_dir, work = Path(launch["run_dir"]), Path(launch["work_dir"])
+    out = run_dir / "out"
+    out.mkdir(exist_ok=True)
+    sandbox.own_for(box, work, out)
+    app = launch["app_dir"] if launch["app_dir"] != launch["work_dir"] else None
+    argv = sandbox.payload_argv(box, work=str(work), app=app, out=str(out), gpus=launch.get("gpus"))
+    return argv, sandbox.payload_env(box, {}), _inner_launch(launch, box)
+
+
+def _inner_launch(launch: dict[str, Any], box: sandbox.Policy) -> dict[str, Any]:
+    """The launch record a sandboxed payload gets: its paths as it sees them (its folders under
+    MLJOBS_HOME/job), the uid to take; the job's variables are applied inside."""
+    into = sandbox.inside(box.home)
+    app = into["app"] if launch["app_dir"] != launch["work_dir"] else into["work"]
+    env = launch["env"]
+    if box.uid is not None:  # a uid the system's user database does not know: say who it is
+        env = {"USER": box.user or "mljobs", "LOGNAME": box.user or "mljobs", **env}
+    return {**launch, "env": env, "work_dir": into["work"], "app_dir": app, "run_dir": into["out"], "log_file": None,
+            "result_file": os.path.join(into["out"], "result.pkl"), "uid": box.uid, "sandboxed": True,
+            "title": launch["run_dir"]}  # `ps` names the instance by its run dir outside
+
+
+def _sandbox_result(launch: dict[str, Any], log: _LogWriter, code: int | None) -> None:
+    """After a sandboxed payload: its result to where the server reads it; a sandbox that never
+    started (bubblewrap said why on stderr) becomes the job's error, naming the cause and the fix."""
+    run_dir = Path(launch["run_dir"])
+    why = sandbox.take_result(run_dir / "out", run_dir / "result.pkl")
+    if why:
+        log.system(why)
+    if code in (None, 0) or (run_dir / "result.pkl").exists() or not log.bwrap_error:
+        return
+    msg = (f"the job's sandbox could not start: {log.bwrap_error}. Check that what it names exists and that "
+           "bubblewrap can run here (`bwrap --ro-bind / / true`), or run the server without isolation "
+           "(`mljobs server start --no-isolation`, MLJOBS_ISOLATION=none)")
+    log.system(msg)
+    launcher.write_envelope(run_dir / "result.pkl", {
+        "ok": False, "exc_type": "mljobs.errors.SandboxError", "exc_message": msg,
+        "traceback": f"mljobs.errors.SandboxError: {msg}\n", "exc_pickle": None, "exit_code": code})
 
 
 def _make_cgroup(launch: dict[str, Any], plan: containment.Plan,

@@ -80,6 +80,7 @@ class InstanceOut(BaseModel):
     ended_time: dt.datetime | None = None
     cpu_seconds: float | None = None
     peak_rss_bytes: int | None = None
+    isolation: str | None = None  # the sandbox it ran in ("sandbox (shared, uid N (alice))", "none")
 
 
 class JobSummary(BaseModel):
@@ -204,6 +205,7 @@ class HealthOut(BaseModel):
     store: str
     auth: str  # "local-admin" (no users, loopback) or "tokens"
     containment: dict[str, Any] = {}  # per provider: how a job's processes are kept and ended
+    isolation: dict[str, Any] = {}  # the job sandbox in force: setting, mode, and any warning
 
 
 class JobEvent(BaseModel):

@@ -27,7 +27,7 @@ import sqlalchemy as sa
 
 from mljobs import __version__, logformat, trace
 from mljobs.config import Settings
-from mljobs.errors import (ConflictError, InvalidArgumentError, InvalidTransitionError, NotFoundError,
+from mljobs.errors import (ConflictError, InvalidArgumentError, InvalidTransitionError, NotFoundError, SandboxError,
                            PermissionDeniedError, VersionMismatchError)
 from mljobs.paths import HomePaths, StagePaths
 from mljobs.providers.base import (InstanceExit, InstanceHandle, InstanceLaunch, InstanceReport, Provider,
@@ -36,6 +36,7 @@ from mljobs.runtime import environment as envs
 from mljobs.runtime.launcher import check_versions
 from mljobs.server import metrics
 from mljobs.server.auth import Authenticator, Principal, make_user
+from mljobs.server.isolation import Isolation
 from mljobs.server.monitor import reconcile_once
 from mljobs.server.notify import Notifier
 from mljobs.server.records import JobRecord
@@ -97,6 +98,8 @@ class ControlPlane:
         """Migrate, create the default pool, reattach to live instances, start the monitor."""
         self.store.migrate()
         self.auth = Authenticator(self.store, loopback=self.loopback, server_token=self.settings.token)
+        self.isolation = Isolation(self.settings, self.store, self.home.root, self.home.root / "envs")
+        self.isolation.check_start()
         if self.settings.create_default_pool:
             self.create_pool(DEFAULT_POOL, instance_family="CPU_X64_XS", min_nodes=1,
                              max_nodes=max(1, len(os.sched_getaffinity(0))), if_not_exists=True)
@@ -234,6 +237,7 @@ class ControlPlane:
             "store": self.store.engine.dialect.name,
             "auth": "local-admin" if self.auth.anonymous_allowed() else "tokens",
             "containment": {name: p.containment() for name, p in self._providers.items()},
+            "isolation": self.isolation.describe(),
         }
 
     # -- pools --------------------------------------------------------------------------------
@@ -244,6 +248,9 @@ class ControlPlane:
         The provider checks the pool (its options, that its engine answers and its nodes fit the
         family) before anything is recorded."""
         spec = PoolSpec(name, instance_family, min_nodes, max_nodes, provider, provider_options or {})
+        if spec.provider_options.get("mounts") and who is not None and not who.admin:
+            raise PermissionDeniedError(f"compute pool {name}: only an admin names the host folders jobs may see "
+                                        "(the mounts option)")
         cls = get_provider_class(spec.provider)
         if spec.provider not in self._providers:
             self._providers[spec.provider] = cls(self.home, self.settings)
@@ -608,6 +615,9 @@ class ControlPlane:
             launch = InstanceLaunch(job.id, i, count, spec, family, slot, stage, env,
                                     self.settings.grace_period_s, environment, PoolSpec.from_dict(pool))
             try:
+                if not provider.remote:
+                    launch.sandbox = self.isolation.policy(job.owner, (pool["provider_options"] or {}).get("mounts"),
+                                                           pool["name"])
                 handle = provider.start(launch)
             except Exception as e:  # noqa: BLE001
                 log.exception("start %s/%d", job.id, i)
@@ -622,7 +632,7 @@ class ControlPlane:
                         self.store.update_instance(job.id, inst["instance_id"], status=INSTANCE_STATUS.EXITED.value,
                                                    ended_time=utcnow())
                 self._finish(self.store.get_job(job.id), None,
-                             f"could not start instance {i} on pool {pool['name']}: {e}")
+                             f"could not start instance {i} on pool {pool['name']}: {e}", isinstance(e, SandboxError))
                 if not any(inst["handle"] for inst in self.store.instances_of(job.id)):
                     provider.finish_job(job.id)
                 return
@@ -795,9 +805,13 @@ class ControlPlane:
             stage.put_bytes(paths.result, stage.get_bytes(paths.instance_result(first)))
         return exits[first][0]
 
-    def _finish(self, job: JobRecord, exit_: InstanceExit | None, platform_error: str | None) -> None:
-        """Move ``job`` to the status ``exit_`` or ``platform_error`` gives it."""
+    def _finish(self, job: JobRecord, exit_: InstanceExit | None, platform_error: str | None,
+                its_own: bool = False) -> None:
+        """Move ``job`` to the status ``exit_`` or ``platform_error`` gives it (``its_own``: the error
+        is the job's or its pool's, e.g. a sandbox it cannot have: FAILED, not INTERNAL_ERROR)."""
         new, msg = self._status_for(job, exit_, platform_error)
+        if its_own and platform_error is not None and new == JOB_STATUS.INTERNAL_ERROR:
+            new = JOB_STATUS.FAILED
         try:
             self.store.transition(job.id, new, expected=[JOB_STATUS(job.status)] if job.status in (
                 JOB_STATUS.RUNNING.value, JOB_STATUS.CANCELLING.value) else None, message=msg)
@@ -879,8 +893,9 @@ class ControlPlane:
             ahead = self.store.jobs_ahead(job)
             view["message"] = pending_reason(pool, len(self.store.used_slots(pool["name"])), ahead)
         view["instances"] = [
-            {k: i[k] for k in ("instance_id", "status", "exit_code", "started_time", "ended_time", "cpu_seconds",
-                               "peak_rss_bytes")}
+            {**{k: i[k] for k in ("instance_id", "status", "exit_code", "started_time", "ended_time", "cpu_seconds",
+                                  "peak_rss_bytes")},
+             "isolation": ((i["handle"].get("extra") or {}).get("isolation") or "none") if i["handle"] else None}
             for i in self.store.instances_of(job.id)
         ]
         view["parallel"] = job.parallel
@@ -1033,6 +1048,7 @@ class ControlPlane:
             who.require_admin("creating users")
         made = make_user(self.store, name, admin)
         self.auth.forget()
+        self.isolation.users_changed()
         return made
 
     def list_users(self, who: Principal) -> list[dict[str, Any]]:
@@ -1043,6 +1059,7 @@ class ControlPlane:
         who.require_admin("deleting users")
         self.store.delete_user(name)
         self.auth.forget()
+        self.isolation.users_changed()
 
 
 def _signal_hint(code: int | None) -> str:

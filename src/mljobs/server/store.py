@@ -504,6 +504,28 @@ class Store:
         with self.engine.connect() as c:
             return c.execute(sa.select(users.c.name).limit(1)).first() is not None
 
+    def user_uid(self, name: str, first: int, last: int) -> int:
+        """The uid ``name``'s sandboxed jobs run as: given on first use, the lowest free one in
+        ``first..last``, and kept (a deleted user's uid is not given again while its row lives)."""
+        for _ in range(5):
+            with self.engine.connect() as c:
+                r = c.execute(sa.select(users.c.uid).where(users.c.name == name)).first()
+                if r is None:
+                    raise NotFoundError(f"user {name!r} does not exist")
+                if r[0] is not None:
+                    return int(r[0])
+                top = c.execute(sa.select(sa.func.max(users.c.uid))).scalar()
+            uid = first if top is None or top < first else int(top) + 1
+            if uid > last:
+                raise ConflictError(f"no uid is left for user {name!r} in the job uid range {first}-{last}; "
+                                    "widen it (MLJOBS_JOB_UIDS=FIRST-LAST)")
+            try:
+                with self.engine.begin() as c:
+                    c.execute(users.update().where(users.c.name == name, users.c.uid.is_(None)).values(uid=uid))
+            except sa.exc.IntegrityError:  # another server took that uid first: look again
+                continue
+        raise ConflictError(f"could not give user {name!r} a uid; try again")
+
     def delete_user(self, name: str) -> None:
         with self.engine.begin() as c:
             if c.execute(users.delete().where(users.c.name == name)).rowcount == 0:

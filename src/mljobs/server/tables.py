@@ -98,6 +98,7 @@ users = sa.Table(  # people (and services) with their own tokens; only a SHA-256
     sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
     sa.Column("admin", sa.Boolean, nullable=False),
     sa.Column("created_time", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("uid", sa.Integer, unique=True),  # what their sandboxed jobs run as (server as root); given on first use
 )
 
 secrets = sa.Table(  # the server's own keys (the one that signs job tokens)

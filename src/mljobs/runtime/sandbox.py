@@ -1,0 +1,289 @@
+"""A sandbox per instance, made by bubblewrap (``bwrap``): what a job's payload sees and touches.
+
+The supervisor stays outside (logs, metrics, exit record, cgroups); the payload process it forks
+enters the instance's cgroups, then runs ``bwrap ... python -m mljobs.runtime.sandbox``, which
+reads its launch record from fd 3 (the go pipe), takes the job's identity and runs the launcher.
+
+Two modes (docs/isolation.md):
+
+- ``personal`` (the embedded default: loopback, no users): the payload runs as the person and
+  sees their files as they do, ``/tmp`` included; the network is open. Hidden: the server's own
+  state under ``MLJOBS_HOME`` (the store, other jobs' folders, logs, stages) and the server's
+  environment variables.
+- ``shared`` (a server with users): only the system folders, the interpreter and its packages,
+  the environment cache (read-only) and the pool's ``mounts`` exist; a private ``/tmp``; only the
+  instance's GPUs' device nodes; and, when the server runs as root, a uid of the job owner's own.
+
+In both, the payload has its own PID and IPC namespaces (its ``/proc`` lists its own processes),
+holds no capabilities, and sees ``MLJOBS_HOME`` as a fresh tmpfs that holds only ``job/work`` (its
+working directory), ``job/app`` (its payload, read-only) and ``job/out`` (its result), plus the
+environment cache read-only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Policy", "probe", "inside", "spare_slot", "payload_argv", "payload_env", "own_for", "take_result",
+           "parse_mounts", "main"]
+
+MODES = ("personal", "shared")
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
+GPU_NODES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia-modeset")
+# what the payload keeps of the server's environment (beyond the job's own variables)
+KEEP_ENV = ("PATH", "LANG", "LANGUAGE", "TZ", "TERM", "PYTHONPATH", "PYTHONDONTWRITEBYTECODE", "MLJOBS_TRACE", "SSL_CERT_FILE",
+            "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
+PERSONAL_ENV = ("HOME", "USER", "LOGNAME", "SHELL")
+INSTALL_HINT = "install bubblewrap (`apt-get install bubblewrap`, `dnf install bubblewrap`)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """How one instance is sandboxed; decided by the control plane, carried in ``launch.json``."""
+
+    mode: str  # "personal" or "shared"
+    home: str  # MLJOBS_HOME: hidden behind a tmpfs
+    uid: int | None = None  # the job's identity (shared mode, server as root); None: the server's own
+    mounts: tuple[tuple[str, bool], ...] = ()  # (path, writable): what an admin lets jobs of a pool see
+    readable: tuple[str, ...] = ()  # the environment cache and other folders the payload reads
+    user: str | None = None  # the job owner's name (USER, LOGNAME) where the uid is one of ours
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "home": self.home, "uid": self.uid,
+                "mounts": [list(m) for m in self.mounts], "readable": list(self.readable), "user": self.user}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Policy:
+        return cls(d["mode"], d["home"], d.get("uid"), tuple((str(p), bool(w)) for p, w in d.get("mounts") or ()),
+                   tuple(d.get("readable") or ()), d.get("user"))
+
+    def describe(self) -> str:
+        who = f", uid {self.uid}" + (f" ({self.user})" if self.user else "") if self.uid is not None else ""
+        return f"sandbox ({self.mode}{who})"
+
+    def template(self) -> Policy:
+        """What a payload process started ahead of its job (a spare) is made with: all but the uid,
+        which it takes when its launch record comes."""
+        return dataclasses.replace(self, uid=None, user=None)
+
+    def takes(self, job: Policy, gpus: list[int] | None) -> bool:
+        """Whether a spare made with this template can run ``job``'s payload (a shared sandbox
+        binds only its instance's GPUs, so an instance with GPUs gets a sandbox of its own)."""
+        return self == job.template() and not (job.mode == "shared" and gpus)
+
+    def keeps_setuid(self) -> bool:
+        """Whether the payload entry gets CAP_SETUID/CAP_SETGID to take the job's uid (and nothing else)."""
+        return self.uid is not None or (self.mode == "shared" and os.geteuid() == 0)
+
+
+@functools.lru_cache(maxsize=1)
+def probe() -> str | None:
+    """Why no sandbox can be made here (None: bubblewrap works): run a trivial one once."""
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        return f"bubblewrap is not installed: {INSTALL_HINT}"
+    try:
+        out = subprocess.run([bwrap, "--ro-bind", "/", "/", "--unshare-pid", "--unshare-ipc", "--die-with-parent",
+                              "true"], capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"bubblewrap ({bwrap}) could not run: {e}"
+    if out.returncode != 0:
+        return (f"bubblewrap ({bwrap}) cannot make a sandbox here: {out.stderr.strip()[-300:]} (it needs user "
+                "namespaces, or root)")
+    return None
+
+
+def spare_slot(home: str, name: str) -> Path:
+    """A spare's folders (``work``, ``out``, ``app``), bound where its job's will be; at assignment
+    the instance's work and out folders are these, renamed into place."""
+    return Path(home, "spares", name)
+
+
+def inside(home: str) -> dict[str, str]:
+    """Where the instance's own folders appear inside its sandbox."""
+    job = os.path.join(home, "job")
+    return {"work": os.path.join(job, "work"), "app": os.path.join(job, "app"), "out": os.path.join(job, "out")}
+
+
+def interpreter_paths() -> list[str]:
+    """The folders this interpreter and its packages live in (a shared sandbox binds them)."""
+    found: list[str] = []
+    cwd = os.getcwd()
+    for p in [sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable)), *sys.path]:
+        if p and p != cwd and os.path.isdir(p) and os.path.realpath(p) != "/":  # not the server's cwd
+            found.append(os.path.realpath(p))
+    out: list[str] = []
+    for p in sorted(set(found), key=len):  # a folder inside one already kept is kept with it
+        if not any(p == q or p.startswith(q.rstrip("/") + "/") for q in out):
+            out.append(p)
+    return out
+
+
+class _Argv:
+    """A bwrap command line; the folders a mount point needs are made 0755 (bwrap makes them 0700,
+    which a job with a uid of its own could not walk through)."""
+
+    def __init__(self, bwrap: str) -> None:
+        self.a = [bwrap]
+        self.there: dict[str, str] = {}  # what is mounted or made inside: path -> "bind", "tmpfs" or "dir"
+
+    def _exists(self, path: str) -> bool:
+        under = [t for t in self.there if path == t or t == "/" or path.startswith(t + "/")]
+        if not under:
+            return False
+        top = max(under, key=len)
+        if top == path:
+            return True
+        return self.there[top] == "bind" and os.path.isdir(path)  # a host folder shows its own
+
+    def mount(self, how: str, src: str, dest: str) -> None:
+        parents = []
+        d = os.path.dirname(dest)
+        while not self._exists(d) and d != "/":
+            parents.append(d)
+            d = os.path.dirname(d)
+        for d in reversed(parents):
+            self.a += ["--perms", "0755", "--dir", d]
+            self.there[d] = "dir"
+        self.a += [how, src, dest] if src else [how, dest]
+        self.there = {t: k for t, k in self.there.items() if not t.startswith(dest.rstrip("/") + "/")}
+        self.there[dest] = "tmpfs" if how in ("--tmpfs", "--dev", "--proc") else "bind"
+
+
+def payload_argv(policy: Policy, *, work: str, app: str | None, out: str, gpus: list[int] | None,
+                 python: str = sys.executable) -> list[str]:
+    """The bwrap command line that runs the payload entry (:func:`main`) in the instance's sandbox."""
+    home = policy.home
+    into = inside(home)
+    b = _Argv(shutil.which("bwrap") or "bwrap")
+    b.a += ["--die-with-parent", "--unshare-pid", "--unshare-ipc", "--cap-drop", "ALL"]
+    if policy.keeps_setuid():  # the entry takes the job's uid, which drops these too
+        b.a += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+    if policy.mode == "personal":
+        b.mount("--bind", "/", "/")
+        b.mount("--dev-bind", "/dev", "/dev")
+        b.mount("--proc", "", "/proc")
+    else:
+        for d in SYSTEM_DIRS:
+            if os.path.islink(d):
+                b.a += ["--symlink", os.readlink(d), d]
+            elif os.path.isdir(d):
+                b.mount("--ro-bind", d, d)
+        b.mount("--dev", "", "/dev")
+        b.mount("--proc", "", "/proc")
+        b.a += ["--perms", "1777"]
+        b.mount("--tmpfs", "", "/tmp")
+        for g in gpus or []:
+            if os.path.exists(f"/dev/nvidia{g}"):
+                b.mount("--dev-bind", f"/dev/nvidia{g}", f"/dev/nvidia{g}")
+        for n in GPU_NODES if gpus else ():
+            if os.path.exists(n):
+                b.mount("--dev-bind", n, n)
+        for p in interpreter_paths():
+            b.mount("--ro-bind", p, p)
+        for p, writable in policy.mounts:
+            b.mount("--bind" if writable else "--ro-bind", p, p)
+        trace_file = os.environ.get("MLJOBS_TRACE")
+        if trace_file and os.path.isfile(trace_file):
+            b.mount("--bind", trace_file, trace_file)
+    b.mount("--tmpfs", "", home)
+    for p in policy.readable:
+        if os.path.isdir(p):
+            b.mount("--ro-bind", p, p)
+    b.mount("--bind", work, into["work"])
+    b.mount("--bind", out, into["out"])
+    if app is not None:
+        b.mount("--ro-bind", app, into["app"])
+    return b.a + ["--chdir", into["work"], "--", python, "-m", "mljobs.runtime.sandbox"]
+
+
+def payload_env(policy: Policy, job_env: dict[str, str]) -> dict[str, str]:
+    """The payload's whole environment: a few of the server's variables, then the job's own."""
+    keep = KEEP_ENV + (PERSONAL_ENV if policy.mode == "personal" else ())
+    env = {k: v for k, v in os.environ.items() if k in keep or k.startswith("LC_")}
+    if policy.mode == "shared":
+        env["HOME"] = inside(policy.home)["work"]
+    return {**env, **job_env}
+
+
+def own_for(policy: Policy, *folders: Path) -> None:
+    """Give the job's uid the folders it writes (and what is in them)."""
+    if policy.uid is None:
+        return
+    for top in folders:
+        os.chown(top, policy.uid, policy.uid)
+        for root, dirs, files in os.walk(top):
+            for name in dirs + files:
+                os.chown(os.path.join(root, name), policy.uid, policy.uid, follow_symlinks=False)
+
+
+def take_result(out: Path, result: Path) -> str | None:
+    """Move the result the payload left in its ``out`` folder to where the server reads it; a
+    link or anything but a plain file is refused (the payload owns that folder). Returns why not."""
+    src = out / result.name
+    try:
+        st = os.lstat(src)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        os.unlink(src)
+        return f"the payload left {result.name} as something other than a plain file; it was ignored"
+    os.replace(src, result)
+    return None
+
+
+def main() -> None:
+    """Inside the sandbox: read the launch record from fd 3, take the job's identity, run it."""
+    import json
+
+    from mljobs.runtime import supervisor
+
+    try:
+        if os.environ.pop("MLJOBS_SPARE_READY", None):  # a spare's: its folders are bound, they may be filled
+            os.write(supervisor.READY_FD, b"r")
+            os.close(supervisor.READY_FD)
+        with os.fdopen(supervisor.GO_FD, "rb") as go:
+            data = go.readline()
+        if not data:
+            os._exit(0)
+        launch = json.loads(data)
+        uid = launch.get("uid")
+        if uid is not None:
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+    except BaseException as e:  # noqa: BLE001
+        supervisor.child_failed(e)
+    supervisor.child_run(launch)
+
+
+if __name__ == "__main__":
+    main()
+
+
+def parse_mounts(value: Any, pool: str = "") -> tuple[tuple[str, bool], ...]:
+    """A pool's ``mounts`` option: a list of ``"PATH"`` (read-only) or ``"PATH:rw"``/``"PATH:ro"``;
+    each PATH absolute and existing. Raises ValueError naming the bad entry and the form."""
+    where = f"compute pool {pool}: " if pool else ""
+    form = "mounts is a list of absolute folders, each 'PATH' (read-only) or 'PATH:rw', e.g. ['/data', '/scratch:rw']"
+    if value in (None, ""):
+        return ()
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise ValueError(f"{where}{form}; got {value!r}")
+    out = []
+    for item in value:
+        path, _, how = str(item).rpartition(":") if str(item).endswith((":rw", ":ro")) else (str(item), "", "ro")
+        if not os.path.isabs(path):
+            raise ValueError(f"{where}mount {item!r} is not an absolute path; {form}")
+        if not os.path.exists(path):
+            raise ValueError(f"{where}mount {item!r}: {path} does not exist on this machine")
+        out.append((os.path.realpath(path), how == "rw"))
+    return tuple(out)

@@ -1,0 +1,109 @@
+"""What the control plane decides about a job's sandbox (:mod:`mljobs.runtime.sandbox`).
+
+The mode comes from the ``isolation`` setting: ``auto`` is ``personal`` on a server without users
+and ``shared`` once it has some; ``none`` turns the sandbox off (``--no-isolation``). A personal
+server without bubblewrap runs jobs unsandboxed and says so; a shared one refuses to start jobs
+(and to start at all) without it, naming the fix.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from mljobs.config import Settings
+from mljobs.errors import ConflictError, InvalidArgumentError, NotFoundError, SandboxError
+from mljobs.runtime import sandbox
+
+__all__ = ["Isolation", "SETTINGS"]
+
+log = logging.getLogger("mljobs.server")
+SETTINGS = ("auto", "personal", "shared", "none")
+_USERS_TTL_S = 1.0
+NO_ISOLATION = "mljobs server start --no-isolation (MLJOBS_ISOLATION=none)"
+
+
+class Isolation:
+    """Decides, per instance, which sandbox a job's payload runs in."""
+
+    def __init__(self, settings: Settings, store: Any, home: Path, env_cache: Path) -> None:
+        if settings.isolation not in SETTINGS:
+            raise InvalidArgumentError(f"isolation {settings.isolation!r} is not one of {', '.join(SETTINGS)} "
+                                       "(MLJOBS_ISOLATION)")
+        self.setting = settings.isolation
+        self.store = store
+        self.home = str(home)
+        env_cache.mkdir(parents=True, exist_ok=True)  # bound read-only into every sandbox, spares' too
+        self.readable = (str(env_cache),)
+        self.uids = settings.job_uids
+        self.problem = None if self.setting == "none" else sandbox.probe()
+        self._lock = threading.Lock()
+        self._users: tuple[float, bool] = (0.0, False)
+
+    def users_changed(self) -> None:
+        with self._lock:
+            self._users = (0.0, False)
+
+    def mode(self) -> str:
+        """``none``, ``personal`` or ``shared``, as in force now."""
+        if self.setting != "auto":
+            return self.setting
+        with self._lock:
+            at, has = self._users
+        if time.monotonic() - at > _USERS_TTL_S:
+            has = self.store.has_users()
+            with self._lock:
+                self._users = (time.monotonic(), has)
+        return "shared" if has else "personal"
+
+    def check_start(self) -> None:
+        """A shared server without a working sandbox does not start (unless isolation is off)."""
+        if self.problem and self.mode() == "shared":
+            raise ConflictError(f"this server has users, so its jobs must run sandboxed, and {self.problem}. "
+                                f"To run every job with the server's identity and view anyway: {NO_ISOLATION}")
+        if self.problem:
+            log.warning("jobs run unsandboxed: %s", self.problem)
+        if self.setting == "none":
+            log.warning("isolation is off (--no-isolation): every job runs with the server's identity and sees "
+                        "all it sees, the store included")
+
+    def policy(self, owner: str, mounts: Any = None, pool: str = "") -> dict[str, Any] | None:
+        """The sandbox of an instance of ``owner``'s job on a pool with ``mounts`` (None: no sandbox)."""
+        mode = self.mode()
+        if mode == "none":
+            return None
+        if self.problem:
+            if mode == "shared":
+                raise SandboxError(f"the job cannot run sandboxed: {self.problem}; or turn isolation off: "
+                                   f"{NO_ISOLATION}")
+            return None
+        uid = None
+        if mode == "shared" and os.geteuid() == 0:
+            try:
+                uid = self.store.user_uid(owner, *self.uids)
+            except NotFoundError:  # no such user (shared mode forced on a server without users)
+                uid = self.uids[1]
+        try:
+            binds = sandbox.parse_mounts(mounts, pool) if mode == "shared" else ()
+        except ValueError as e:
+            raise SandboxError(f"the job's sandbox cannot be made: {e}. An admin fixes the pool's mounts "
+                               f"(alter_compute_pool), or the server runs without isolation ({NO_ISOLATION})") from None
+        return sandbox.Policy(mode, self.home, uid, binds, self.readable, owner if uid is not None else None).to_dict()
+
+    def describe(self) -> dict[str, Any]:
+        """For /health and ``mljobs server status``."""
+        mode = self.mode()
+        out: dict[str, Any] = {"setting": self.setting, "mode": mode}
+        if mode == "none":
+            out["warning"] = "isolation is off: jobs run with the server's identity and see all it sees"
+        elif self.problem:
+            out["warning"] = (f"jobs cannot start: {self.problem}" if mode == "shared"
+                              else f"jobs run unsandboxed: {self.problem}")
+            out["mode"] = mode if mode == "shared" else "none"
+        else:
+            out["sandbox"] = "bubblewrap"
+        return out

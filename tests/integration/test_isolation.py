@@ -1,0 +1,233 @@
+"""Isolation on a real server: each job runs in a bubblewrap sandbox (docs/isolation.md).
+
+A server with users runs jobs in *shared* sandboxes: no server state, no other user's files, its own
+processes only, a uid of the job owner's own, none of the server's environment. A server without
+users runs *personal* ones: the person's files as they see them, the server's state hidden.
+bubblewrap is a system package; ``scripts/test`` installs it, and these tests fail without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import mljobs
+from mljobs.client.session import Session
+from mljobs.runtime import sandbox
+from tests.conftest import ServerProc, assert_no_leftovers
+
+SECRET = "server-secret-4711"
+
+
+def _stop(srv: ServerProc, token: str | None) -> None:
+    import httpx
+
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    httpx.post(srv.url + "/api/v1/server/shutdown", headers=headers, timeout=30)
+    assert srv.proc is not None
+    srv.proc.wait(60)
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """A server (as root, which these tests run as) with an admin and the users alice and bob."""
+    assert sandbox.probe() is None, f"these tests need bubblewrap: {sandbox.probe()}"
+    home = tmp_path_factory.mktemp("mlh")
+    srv = ServerProc(home, extra_env={"MLJOBS_SERVER_SECRET_FOR_TEST": SECRET, "MLJOBS_JOB_UIDS": "310000-310099"})
+    srv.start()
+    local = Session(url=srv.url)
+    root = local.request("POST", "/users", json={"name": "root", "admin": True}).json()["token"]
+    sessions = {"root": Session(url=srv.url, token=root)}
+    for name in ("alice", "bob"):
+        token = sessions["root"].request("POST", "/users", json={"name": name}).json()["token"]
+        sessions[name] = Session(url=srv.url, token=token)
+    yield srv, sessions
+    for s in sessions.values():
+        s.close()
+    _stop(srv, root)
+    assert_no_leftovers(home)
+    assert not list((home / "spares").glob("*")), "sandboxed spares' folders left behind"
+
+
+def _probe(paths: list[str], server_pid: int) -> dict:
+    """What a job sees and may do (runs inside the job)."""
+    import os
+
+    def can_read(p):
+        try:
+            with open(p, "rb") as f:
+                f.read(1)
+            return True
+        except OSError:
+            return False
+
+    def can_write(d):
+        try:
+            with open(os.path.join(d, "planted"), "w") as f:
+                f.write("x")
+            return True
+        except OSError:
+            return False
+
+    home = os.environ.get("MLJOBS_HOME_FOR_PROBE", "")
+    return {
+        "uid": os.getuid(), "euid": os.geteuid(), "gid": os.getgid(),
+        "readable": [p for p in paths if can_read(p)],
+        "home_listing": sorted(os.listdir(home)) if home and os.path.isdir(home) else None,
+        "pids": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
+        "server_visible": os.path.exists(f"/proc/{server_pid}/environ") and can_read(f"/proc/{server_pid}/environ"),
+        "env": dict(os.environ),
+        "home_writable": bool(home) and can_write(home),
+        "cwd_writable": can_write(os.getcwd()),
+        "tmp_writable": can_write("/tmp"),
+        "root_listing": sorted(os.listdir("/")),
+    }
+
+
+def _run(session: Session, fn, *args, stage: str, env: dict | None = None):
+    job = mljobs.remote("DEFAULT_POOL", stage_name=stage, session=session, env_vars=env)(fn)(*args)
+    return job, job.result(timeout=120)
+
+
+def test_a_users_job_reaches_nothing_of_the_server_or_other_users(shared, tmp_path):
+    srv, s = shared
+    home = srv.home
+    script = tmp_path / "bobs.py"
+    script.write_text("__return__ = 'bob-result-0815'\n# bob-stage-secret\n")
+    bob_job = mljobs.submit_file(str(script), "DEFAULT_POOL", stage_name="bob_stage", session=s["bob"])
+    assert bob_job.result(timeout=120) == "bob-result-0815"
+    bobs = [str(p) for p in home.rglob("*") if p.is_file() and bob_job.id in str(p)]
+    assert any("BOB_STAGE" in p for p in bobs), bobs  # his payload and result, on his stage
+    store = [str(home / n) for n in os.listdir(home) if n.startswith("mljobs.db")]
+    assert store
+    server_pid = srv.proc.pid
+    paths = store + bobs + [str(home / "server.json"), str(home / "server.log")]
+
+    alice_job, seen = _run(s["alice"], _probe, paths, server_pid, stage="alice_stage",
+                           env={"MLJOBS_HOME_FOR_PROBE": str(home)})
+    assert seen["readable"] == [], "the job read the server's state or bob's files"
+    assert seen["home_listing"] == ["envs", "job"], "only its own folders (and the read-only env cache) are there"
+    assert not seen["home_writable"] and not (home / "planted").exists(), "the job wrote into the server's state"
+    assert seen["cwd_writable"] and seen["tmp_writable"]
+    assert not seen["server_visible"] and max(seen["pids"]) < 10, seen["pids"]  # its own PID namespace
+    assert SECRET not in repr(seen["env"]) and "MLJOBS_SERVER_SECRET_FOR_TEST" not in seen["env"]
+    assert seen["env"]["MLJOBS_TOKEN"].startswith("mlj_")  # it still reaches the control plane as alice
+    assert seen["env"]["USER"] == "alice"
+    assert 310000 <= seen["uid"] <= 310099 and seen["uid"] == seen["euid"] == seen["gid"], seen["uid"]
+    # "/" holds the system, and the way to the interpreter and the job's folders: nothing else of the host
+    bound = [*sandbox.SYSTEM_DIRS, "/dev", "/proc", "/tmp", *sandbox.interpreter_paths(), str(home)]
+    assert set(seen["root_listing"]) <= {p.split("/")[1] for p in bound}, seen["root_listing"]
+    assert set(os.listdir("/")) - set(seen["root_listing"]), "the host's / has more than the sandbox's"
+
+    _, bob_seen = _run(s["bob"], _probe, [], server_pid, stage="bob_stage")
+    assert bob_seen["uid"] != seen["uid"] and 310000 <= bob_seen["uid"] <= 310099  # a uid per user, kept
+    _, again = _run(s["alice"], _probe, [], server_pid, stage="alice_stage")
+    assert again["uid"] == seen["uid"]
+
+    info = s["alice"].request("GET", f"/jobs/{alice_job.id}").json()
+    assert info["instances"][0]["isolation"] == f"sandbox (shared, uid {seen['uid']} (alice))"
+    health = s["alice"].server_info()
+    assert health["isolation"]["mode"] == "shared" and health["isolation"]["sandbox"] == "bubblewrap"
+
+
+def test_what_a_job_writes_on_a_mount_belongs_to_its_user(shared, tmp_path):
+    srv, s = shared
+    data = tmp_path / "data"
+    scratch = tmp_path / "scratch"
+    data.mkdir()
+    scratch.mkdir()
+    scratch.chmod(0o777)
+    (data / "train.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(mljobs.PermissionDeniedError, match="only an admin"):
+        mljobs.create_compute_pool("MOUNTED", instance_family="CPU_X64_XS", max_nodes=1,
+                                   provider_options={"mounts": [str(data)]}, session=s["alice"])
+    with pytest.raises(mljobs.InvalidArgumentError, match="does not exist"):
+        mljobs.create_compute_pool("MOUNTED", instance_family="CPU_X64_XS", max_nodes=1,
+                                   provider_options={"mounts": [str(tmp_path / "nope")]}, session=s["root"])
+    with pytest.raises(mljobs.InvalidArgumentError, match="absolute"):
+        mljobs.create_compute_pool("MOUNTED", instance_family="CPU_X64_XS", max_nodes=1,
+                                   provider_options={"mounts": ["data:rw"]}, session=s["root"])
+    assert "MOUNTED" not in list(mljobs.list_compute_pools(session=s["root"])["name"])
+    mljobs.create_compute_pool("MOUNTED", instance_family="CPU_X64_XS", max_nodes=1,
+                               provider_options={"mounts": [str(data), f"{scratch}:rw"]}, session=s["root"])
+
+    @mljobs.remote("MOUNTED", stage_name="alice_stage", session=s["alice"])
+    def use(data: str, scratch: str):
+        import os
+
+        text = open(os.path.join(data, "train.csv")).read()
+        try:
+            open(os.path.join(data, "x"), "w").close()
+            data_writable = True
+        except OSError:
+            data_writable = False
+        with open(os.path.join(scratch, "model.bin"), "w") as f:
+            f.write("weights")
+        return text, data_writable, os.getuid()
+
+    text, data_writable, uid = use(str(data), str(scratch)).result(timeout=120)
+    assert text == "a,b\n1,2\n" and not data_writable
+    assert (scratch / "model.bin").stat().st_uid == uid != 0
+
+    # a mount that went away between the pool's creation and the job: the job fails, saying why
+    (scratch / "model.bin").unlink()
+    scratch.rmdir()
+    job = use(str(data), str(scratch))
+    assert job.wait(timeout=120) == "FAILED"
+    with pytest.raises(mljobs.JobFailedError) as err:
+        job.result()
+    assert "sandbox cannot be made" in str(err.value) and str(scratch) in str(err.value)
+    assert "--no-isolation" in str(err.value)
+    mljobs.drop_compute_pool("MOUNTED", session=s["root"])
+
+
+def test_personal_sandbox_sees_the_persons_files_not_the_servers(tmp_path):
+    """A server without users: the job runs as the person, reads their files by path, writes /tmp,
+    but sees nothing of MLJOBS_HOME but its own folders, and not the server's environment."""
+    home = tmp_path / "mlh"
+    srv = ServerProc(home, extra_env={"MLJOBS_SERVER_SECRET_FOR_TEST": SECRET})
+    srv.start()
+    try:
+        s = Session(url=srv.url)
+        mine = tmp_path / "dataset.txt"
+        mine.write_text("my data")
+        store = [str(home / n) for n in os.listdir(home) if n.startswith("mljobs.db")]
+        job, seen = _run(s, _probe, [str(mine), *store], srv.proc.pid, stage="st",
+                         env={"MLJOBS_HOME_FOR_PROBE": str(home)})
+        assert seen["readable"] == [str(mine)]
+        assert seen["uid"] == os.getuid() and seen["home_listing"] == ["envs", "job"]
+        assert seen["tmp_writable"]
+        # MLJOBS_HOME is a tmpfs of its own in there: what the job writes into it never reaches the server's
+        assert not (home / "planted").exists()
+        assert not seen["server_visible"] and max(seen["pids"]) < 10
+        assert "MLJOBS_SERVER_SECRET_FOR_TEST" not in seen["env"] and seen["env"].get("HOME") == os.environ["HOME"]
+        info = s.request("GET", f"/jobs/{job.id}").json()
+        assert info["instances"][0]["isolation"] == "sandbox (personal)"
+        assert s.server_info()["isolation"]["mode"] == "personal"
+    finally:
+        _stop(srv, None)
+    assert_no_leftovers(home)
+
+
+def test_no_isolation_is_said_and_shown(tmp_path):
+    """``mljobs server start --no-isolation`` runs jobs as before, and says so where it is asked."""
+    home = tmp_path / "mlh"
+    srv = ServerProc(home, args=["--no-isolation"])
+    srv.start()
+    try:
+        s = Session(url=srv.url)
+        job, seen = _run(s, _probe, [], srv.proc.pid, stage="st")
+        assert seen["server_visible"]  # the whole machine, as the warning says
+        iso = s.server_info()["isolation"]
+        assert iso["mode"] == "none" and "isolation is off" in iso["warning"]
+        assert s.request("GET", f"/jobs/{job.id}").json()["instances"][0]["isolation"] == "none"
+        out = subprocess.run([sys.executable, "-m", "mljobs", "server", "status"], env=srv.env(), capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 0 and json.loads(out.stdout)["isolation"]["mode"] == "none", out.stdout
+    finally:
+        _stop(srv, None)
+    assert_no_leftovers(home)

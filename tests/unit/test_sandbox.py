@@ -1,0 +1,106 @@
+"""The sandbox's command line and policy (mljobs.runtime.sandbox), without running bubblewrap."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from mljobs.runtime import sandbox
+
+
+def _pairs(argv: list[str], flag: str) -> list[tuple[str, str]]:
+    return [(argv[i + 1], argv[i + 2]) for i, a in enumerate(argv) if a == flag]
+
+
+def test_shared_binds_only_the_system_the_interpreter_and_the_jobs_folders(tmp_path):
+    home = str(tmp_path / "home")
+    mount = tmp_path / "data"
+    mount.mkdir()
+    box = sandbox.Policy("shared", home, 300001, ((str(mount), False),), (home + "/envs",), "alice")
+    argv = sandbox.payload_argv(box, work="/w", app="/a", out="/o", gpus=None)
+    assert ("/", "/") not in _pairs(argv, "--bind")  # not the whole machine
+    assert ["--tmpfs", home] == argv[argv.index(home) - 1:argv.index(home) + 1]
+    into = sandbox.inside(home)
+    assert ("/w", into["work"]) in _pairs(argv, "--bind") and ("/o", into["out"]) in _pairs(argv, "--bind")
+    assert ("/a", into["app"]) in _pairs(argv, "--ro-bind") and (str(mount), str(mount)) in _pairs(argv, "--ro-bind")
+    assert ["--cap-drop", "ALL"] == argv[argv.index("--cap-drop"):argv.index("--cap-drop") + 2]
+    assert "CAP_SETUID" in argv  # the entry takes the uid, which drops it
+    assert "--unshare-pid" in argv and "--unshare-ipc" in argv and "--die-with-parent" in argv
+    # every folder bwrap must make on the way to a mount point is made walkable (0755), in order
+    made = [argv[i + 3] for i, a in enumerate(argv) if a == "--perms" and argv[i + 1] == "0755"]
+    assert os.path.join(home, "job") in made
+    for p in sandbox.interpreter_paths():  # the folders on the way to the interpreter, unless bound
+        parent = os.path.dirname(p)
+        assert parent in made or parent in ("/", *sandbox.SYSTEM_DIRS) or parent.startswith(
+            tuple(d + "/" for d in sandbox.SYSTEM_DIRS)) or any(parent.startswith(q + "/") or parent == q
+                                                                 for q in sandbox.interpreter_paths()), p
+
+
+def test_personal_binds_the_machine_but_hides_the_servers_home(tmp_path):
+    home = str(tmp_path / "home")
+    box = sandbox.Policy("personal", home)
+    argv = sandbox.payload_argv(box, work="/w", app=None, out="/o", gpus=[0])
+    assert ("/", "/") in _pairs(argv, "--bind") and "--tmpfs" in argv
+    assert argv.index(home) > argv.index("/")  # hidden after the machine is bound
+    assert "CAP_SETUID" not in argv and "--cap-drop" in argv
+    made = [argv[i + 1] for i, a in enumerate(argv) if a == "--dir"]
+    assert made == [os.path.join(home, "job")]  # nothing of the host is made or changed
+
+
+def test_only_the_instances_gpus_are_bound(monkeypatch, tmp_path):
+    real = os.path.exists
+    monkeypatch.setattr(os.path, "exists", lambda p: p.startswith("/dev/nvidia") or real(p))
+    box = sandbox.Policy("shared", str(tmp_path))
+    argv = sandbox.payload_argv(box, work="/w", app=None, out="/o", gpus=[1, 3])
+    devs = [src for src, _ in _pairs(argv, "--dev-bind")]
+    assert "/dev/nvidia1" in devs and "/dev/nvidia3" in devs and "/dev/nvidia0" not in devs
+    assert "/dev/nvidiactl" in devs
+    assert not any(d.startswith("/dev/nvidia") for d, _ in
+                   _pairs(sandbox.payload_argv(box, work="/w", app=None, out="/o", gpus=None), "--dev-bind"))
+
+
+def test_environment_is_the_jobs_not_the_servers(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
+    monkeypatch.setenv("PATH", "/usr/bin")
+    shared = sandbox.payload_env(sandbox.Policy("shared", "/h"), {"MLJOBS_TOKEN": "t"})
+    assert "AWS_SECRET_ACCESS_KEY" not in shared and shared["PATH"] == "/usr/bin" and shared["MLJOBS_TOKEN"] == "t"
+    assert shared["HOME"] == sandbox.inside("/h")["work"]
+    personal = sandbox.payload_env(sandbox.Policy("personal", "/h"), {})
+    assert "AWS_SECRET_ACCESS_KEY" not in personal and personal.get("HOME") == os.environ.get("HOME")
+
+
+def test_policy_round_trip_and_spares():
+    box = sandbox.Policy("shared", "/h", 300005, (("/data", True),), ("/h/envs",), "bob")
+    assert sandbox.Policy.from_dict(box.to_dict()) == box
+    spare = box.template()
+    assert spare.uid is None and spare.user is None
+    assert spare.takes(box, None) and spare.takes(sandbox.Policy("shared", "/h", 300009, (("/data", True),),
+                                                                 ("/h/envs",), "eve"), [])
+    assert not spare.takes(box, [0])  # a shared instance with GPUs binds its own devices
+    assert not spare.takes(sandbox.Policy("shared", "/h", 1, (), ("/h/envs",)), None)  # other mounts
+    personal = sandbox.Policy("personal", "/h")
+    assert personal.template().takes(personal, [0])
+    assert box.describe() == "sandbox (shared, uid 300005 (bob))" and personal.describe() == "sandbox (personal)"
+
+
+def test_mounts_are_checked(tmp_path):
+    assert sandbox.parse_mounts(None) == ()
+    assert sandbox.parse_mounts([str(tmp_path), f"{tmp_path}:rw"]) == ((str(tmp_path), False), (str(tmp_path), True))
+    with pytest.raises(ValueError, match="absolute"):
+        sandbox.parse_mounts(["data"], "P")
+    with pytest.raises(ValueError, match="does not exist"):
+        sandbox.parse_mounts([str(tmp_path / "nope")], "P")
+    with pytest.raises(ValueError, match="list"):
+        sandbox.parse_mounts(str(tmp_path), "P")
+
+
+def test_take_result_refuses_a_link(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "result.pkl").symlink_to("/etc/shadow")
+    why = sandbox.take_result(out, tmp_path / "result.pkl")
+    assert why and "plain file" in why and not (tmp_path / "result.pkl").exists()
+    (out / "result.pkl").write_bytes(b"ok")
+    assert sandbox.take_result(out, tmp_path / "result.pkl") is None
+    assert (tmp_path / "result.pkl").read_bytes() == b"ok"
