@@ -66,6 +66,9 @@ class Settings:
     # shared one once the server has users), "personal", "shared", or "none" (no sandbox).
     isolation: str = "auto"
     job_uids: tuple[int, int] = (300000, 399999)  # the uids users' sandboxed jobs run as (server as root)
+    # A shared sandbox's network: "integrations" (its own namespace, out only through a proxy that
+    # follows the job's external access integrations) or "open" (the host's network).
+    egress: str = "integrations"
     # Remote instances (Slurm, Ray): how often they report, and how long one may stay silent
     # before its node counts as lost.
     heartbeat_s: float = 5.0
@@ -119,6 +122,7 @@ def load_settings(home: str | os.PathLike[str] | None = None) -> Settings:
         warm_supervisors=int(env.get("MLJOBS_WARM_SUPERVISORS") or server.get("warm_supervisors", 2)),
         isolation=(env.get("MLJOBS_ISOLATION") or server.get("isolation") or "auto").lower(),
         job_uids=_uid_range(env.get("MLJOBS_JOB_UIDS") or server.get("job_uids") or "300000-399999"),
+        egress=(env.get("MLJOBS_EGRESS") or server.get("egress") or "integrations").lower(),
         heartbeat_s=float(env.get("MLJOBS_HEARTBEAT_S") or server.get("heartbeat_s", 5.0)),
         heartbeat_timeout_s=float(env.get("MLJOBS_HEARTBEAT_TIMEOUT_S") or server.get("heartbeat_timeout_s", 30.0)),
         start_timeout_s=float(env.get("MLJOBS_START_TIMEOUT_S") or server.get("start_timeout_s", 120.0)),

@@ -152,6 +152,7 @@ def test_result_traceback_spec_filters_pools_and_404(sqlite_server: ServerProc, 
     assert page.inner_text("#job-status") == "DONE"
     assert "API_KEY" in page.inner_text("#env-vars") and "hunter2" not in page.content()  # names, never values
     assert "function" in page.inner_text("#spec") and "DEFAULT_POOL" in page.inner_text("#spec")
+    assert page.inner_text("#isolation") == "sandbox (personal)"  # the sandbox it ran in (docs/isolation.md)
     timeline = page.inner_text("#timeline")
     assert timeline.index("submitted") < timeline.index("started") < timeline.index("ended")
     page.locator("#log").filter(has_text="computing 42").wait_for()

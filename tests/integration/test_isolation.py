@@ -129,7 +129,7 @@ def test_a_users_job_reaches_nothing_of_the_server_or_other_users(shared, tmp_pa
     assert again["uid"] == seen["uid"]
 
     info = s["alice"].request("GET", f"/jobs/{alice_job.id}").json()
-    assert info["instances"][0]["isolation"] == f"sandbox (shared, uid {seen['uid']} (alice))"
+    assert info["instances"][0]["isolation"] == f"sandbox (shared, uid {seen['uid']} (alice), egress by integrations)"
     health = s["alice"].server_info()
     assert health["isolation"]["mode"] == "shared" and health["isolation"]["sandbox"] == "bubblewrap"
 
@@ -231,3 +231,80 @@ def test_no_isolation_is_said_and_shown(tmp_path):
     finally:
         _stop(srv, None)
     assert_no_leftovers(home)
+
+
+class _Internet:
+    """A local HTTP server on 127.0.0.1 standing in for a host on the internet."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        class Hello(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                body = f"hello from {self.path}".encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _fetch(urls: list[str]) -> dict:
+    """Inside the job: each URL through the job's proxy (HTTP_PROXY), and the same host directly."""
+    import os
+    import socket
+    import urllib.parse
+    import urllib.request
+
+    out = {"proxy": os.environ.get("HTTP_PROXY")}
+    for url in urls:
+        try:
+            out[url] = urllib.request.urlopen(url, timeout=20).read().decode()
+        except Exception as e:  # noqa: BLE001
+            out[url] = f"{type(e).__name__}: {getattr(e, 'code', '')} {e}"
+    parts = urllib.parse.urlsplit(urls[0])
+    try:  # around the proxy: the sandbox's own loopback has nothing on that port
+        socket.create_connection((parts.hostname, parts.port), timeout=5).close()
+        out["direct"] = "connected"
+    except OSError as e:
+        out["direct"] = type(e).__name__
+    return out
+
+
+def test_a_shared_job_reaches_only_what_its_integrations_allow(shared):
+    srv, s = shared
+    net = _Internet()
+    try:
+        allowed = f"http://127.0.0.1:{net.port}/data"
+        blocked = "http://blocked.invalid/x"  # refused by the proxy, never looked up
+        mljobs.create_external_access_integration("LOCALNET", allowed_hosts=[f"127.0.0.1:{net.port}"],
+                                                  session=s["root"])
+        job, seen = _run(s["alice"], _fetch, [allowed, blocked], stage="alice_stage")
+        assert seen["proxy"] == "http://127.0.0.1:3128"
+        assert seen[allowed].startswith("HTTPError: 403") and seen[blocked].startswith("HTTPError: 403")
+        assert seen["direct"] == "ConnectionRefusedError"
+        log = job.get_logs(verbose=True)
+        assert f"egress refused: 127.0.0.1:{net.port} is not allowed" in log
+        assert "blocked.invalid:80" in log and "create_external_access_integration" in log
+
+        job = mljobs.remote("DEFAULT_POOL", stage_name="alice_stage", session=s["alice"],
+                            external_access_integrations=["LOCALNET"])(_fetch)([allowed, blocked])
+        seen = job.result(timeout=120)
+        assert seen[allowed] == "hello from /data"
+        assert seen[blocked].startswith("HTTPError: 403") and seen["direct"] == "ConnectionRefusedError"
+        info = s["alice"].request("GET", f"/jobs/{job.id}").json()
+        assert info["instances"][0]["isolation"].endswith("egress by integrations)")
+    finally:
+        net.close()
+        mljobs.drop_external_access_integration("LOCALNET", session=s["root"])

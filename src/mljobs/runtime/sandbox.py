@@ -55,24 +55,28 @@ class Policy:
     mounts: tuple[tuple[str, bool], ...] = ()  # (path, writable): what an admin lets jobs of a pool see
     readable: tuple[str, ...] = ()  # the environment cache and other folders the payload reads
     user: str | None = None  # the job owner's name (USER, LOGNAME) where the uid is one of ours
+    net: str = "open"  # "open": the host's network; "proxy": its own, out only through mljobs.runtime.egress
+    allowed: tuple[str, ...] = ()  # with "proxy": the hosts the job's external access integrations allow
 
     def to_dict(self) -> dict[str, Any]:
         return {"mode": self.mode, "home": self.home, "uid": self.uid,
-                "mounts": [list(m) for m in self.mounts], "readable": list(self.readable), "user": self.user}
+                "mounts": [list(m) for m in self.mounts], "readable": list(self.readable), "user": self.user,
+                "net": self.net, "allowed": list(self.allowed)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Policy:
         return cls(d["mode"], d["home"], d.get("uid"), tuple((str(p), bool(w)) for p, w in d.get("mounts") or ()),
-                   tuple(d.get("readable") or ()), d.get("user"))
+                   tuple(d.get("readable") or ()), d.get("user"), d.get("net", "open"), tuple(d.get("allowed") or ()))
 
     def describe(self) -> str:
         who = f", uid {self.uid}" + (f" ({self.user})" if self.user else "") if self.uid is not None else ""
-        return f"sandbox ({self.mode}{who})"
+        net = ", egress by integrations" if self.net == "proxy" else ""
+        return f"sandbox ({self.mode}{who}{net})"
 
     def template(self) -> Policy:
         """What a payload process started ahead of its job (a spare) is made with: all but the uid,
         which it takes when its launch record comes."""
-        return dataclasses.replace(self, uid=None, user=None)
+        return dataclasses.replace(self, uid=None, user=None, allowed=())
 
     def takes(self, job: Policy, gpus: list[int] | None) -> bool:
         """Whether a spare made with this template can run ``job``'s payload (a shared sandbox
@@ -102,7 +106,7 @@ def probe() -> str | None:
 
 
 def spare_slot(home: str, name: str) -> Path:
-    """A spare's folders (``work``, ``out``, ``app``), bound where its job's will be; at assignment
+    """A spare's folders (``work``, ``out``, ``app``, ``net``), bound where its job's will be; at assignment
     the instance's work and out folders are these, renamed into place."""
     return Path(home, "spares", name)
 
@@ -110,7 +114,8 @@ def spare_slot(home: str, name: str) -> Path:
 def inside(home: str) -> dict[str, str]:
     """Where the instance's own folders appear inside its sandbox."""
     job = os.path.join(home, "job")
-    return {"work": os.path.join(job, "work"), "app": os.path.join(job, "app"), "out": os.path.join(job, "out")}
+    return {"work": os.path.join(job, "work"), "app": os.path.join(job, "app"), "out": os.path.join(job, "out"),
+            "net": os.path.join(job, "net")}
 
 
 def interpreter_paths() -> list[str]:
@@ -159,7 +164,7 @@ class _Argv:
 
 
 def payload_argv(policy: Policy, *, work: str, app: str | None, out: str, gpus: list[int] | None,
-                 python: str = sys.executable) -> list[str]:
+                 net: str | None = None, python: str = sys.executable) -> list[str]:
     """The bwrap command line that runs the payload entry (:func:`main`) in the instance's sandbox."""
     home = policy.home
     into = inside(home)
@@ -202,6 +207,10 @@ def payload_argv(policy: Policy, *, work: str, app: str | None, out: str, gpus: 
     b.mount("--bind", out, into["out"])
     if app is not None:
         b.mount("--ro-bind", app, into["app"])
+    if policy.net == "proxy":  # its own network namespace (loopback only); the egress socket's folder
+        b.a.append("--unshare-net")
+        if net is not None:
+            b.mount("--ro-bind", net, into["net"])
     return b.a + ["--chdir", into["work"], "--", python, "-m", "mljobs.runtime.sandbox"]
 
 
@@ -241,16 +250,19 @@ def take_result(out: Path, result: Path) -> str | None:
 
 
 def main() -> None:
-    """Inside the sandbox: read the launch record from fd 3, take the job's identity, run it."""
+    """Inside the sandbox: read the launch record from fd 3, take the job's identity, run it.
+    Imports only the launcher (and cloudpickle with it) before it waits: a spare starts lean."""
     import json
 
-    from mljobs.runtime import supervisor
+    import setproctitle  # noqa: F401 - imported now, used at the go
+
+    from mljobs.runtime import launcher
 
     try:
         if os.environ.pop("MLJOBS_SPARE_READY", None):  # a spare's: its folders are bound, they may be filled
-            os.write(supervisor.READY_FD, b"r")
-            os.close(supervisor.READY_FD)
-        with os.fdopen(supervisor.GO_FD, "rb") as go:
+            os.write(launcher.READY_FD, b"r")
+            os.close(launcher.READY_FD)
+        with os.fdopen(launcher.GO_FD, "rb") as go:
             data = go.readline()
         if not data:
             os._exit(0)
@@ -260,9 +272,31 @@ def main() -> None:
             os.setgroups([])
             os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)
+        if launch.get("egress_sock"):
+            _start_forwarder(launch["egress_sock"], launch["egress_url"])
     except BaseException as e:  # noqa: BLE001
-        supervisor.child_failed(e)
-    supervisor.child_run(launch)
+        launcher.start_failed(e)
+    launcher.enter(launch)
+
+
+def _start_forwarder(sock: str, control_url: str) -> None:
+    """Fork the process that carries the job's connections out (its ports listen before the payload starts)."""
+    from mljobs.runtime import egress
+
+    socks = egress.listeners(control_url)
+    if os.fork() == 0:
+        try:
+            import setproctitle
+
+            setproctitle.setproctitle("mljobs-egress-forwarder")
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            egress.serve_forwarder(socks, sock)
+        finally:
+            os._exit(0)
+    for s, _ in socks:
+        s.close()
 
 
 if __name__ == "__main__":

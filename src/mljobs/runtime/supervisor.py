@@ -27,6 +27,7 @@ import selectors
 import shutil
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ import setproctitle
 
 from mljobs import logformat, trace
 from mljobs.errors import EnvironmentBuildError
-from mljobs.runtime import containment, environment, launcher, multinode, sandbox
+from mljobs.runtime import containment, egress, environment, launcher, multinode, sandbox
 from mljobs.paths import CGROUP_FILE
 from mljobs.runtime.containment import descendants
 from mljobs.runtime.metrics import Sampler
@@ -133,10 +134,10 @@ class Spare:
         self.slot = sandbox.spare_slot(box.home, self.name) if box is not None else None
         argv: list[str] = []
         if box is not None and self.slot is not None:
-            for d in ("work", "out", "app"):
+            for d in ("work", "out", "app", "net"):
                 (self.slot / d).mkdir(parents=True)
             argv = sandbox.payload_argv(box, work=str(self.slot / "work"), app=str(self.slot / "app"),
-                                        out=str(self.slot / "out"), gpus=None)
+                                        out=str(self.slot / "out"), gpus=None, net=str(self.slot / "net"))
         self.out_r, out_w = os.pipe()
         self.err_r, err_w = os.pipe()
         go_r, self.go_w = os.pipe()
@@ -155,9 +156,9 @@ class Spare:
                     data = go.readline()
                 if not data:  # the supervisor gave up on this spare
                     os._exit(0)
-                child_run(json.loads(data))
+                launcher.enter(json.loads(data))
             except BaseException as e:  # noqa: BLE001 - never return into the supervisor's code
-                child_failed(e)
+                launcher.start_failed(e)
         os.close(out_w), os.close(err_w), os.close(go_r)
         if ready_w is not None:
             os.close(ready_w)
@@ -218,8 +219,7 @@ class Spare:
             shutil.rmtree(self.slot, ignore_errors=True)
 
 
-GO_FD = 3  # where a spare payload process keeps the read end of its go pipe
-READY_FD = 4  # where a sandboxed spare says its sandbox is made (one byte, then closed)
+GO_FD, READY_FD = launcher.GO_FD, launcher.READY_FD
 
 
 def _link_tree(src: Path, dst: Path) -> None:
@@ -259,48 +259,7 @@ def _child_prepare(out_w: int, err_w: int, cgroup: containment.InstanceCgroup | 
             os.dup2(ready_w, READY_FD)
         os.closerange(READY_FD + 1 if ready_w is not None else 3 if go_r is None else GO_FD + 1, 256)
     except BaseException as e:  # noqa: BLE001
-        child_failed(e)
-
-
-def child_failed(e: BaseException) -> None:
-    try:
-        import traceback
-
-        where = traceback.extract_tb(e.__traceback__)[-1:] if e.__traceback__ else []
-        at = f" (at {where[0].filename}:{where[0].lineno})" if where else ""
-        os.write(2, f"mljobs: the launcher could not start: {e!r}{at}\n".encode())
-    finally:
-        os._exit(70)
-
-
-def child_run(launch: dict[str, Any]) -> None:
-    """In the payload process, with its launch record: set up the environment, run the launcher."""
-    try:
-        trace.mark(launch.get("job_id", ""), "payload.go")
-        setproctitle.setproctitle(f"mljobs-payload {launch.get('title') or launch['run_dir']}")
-        os.chdir(launch["work_dir"])
-        os.environ.update(launch["env"])
-        cpus = launch.get("cpus")
-        if cpus and hasattr(os, "sched_setaffinity"):
-            os.sched_setaffinity(0, cpus)
-        mn = launch.get("multinode")
-        python = launch.get("python") or sys.executable
-        # Not realpath: a job environment's bin/python links to the same binary, yet its site differs;
-        # one layered over this interpreter is activated here instead of started (~50 ms less).
-        if os.path.abspath(python) != os.path.abspath(sys.executable) and not environment.activate_in_process(python):
-            module = "mljobs.runtime.multinode" if mn else "mljobs.runtime.launcher"
-            if launch.get("sandboxed"):  # inside, the run dir is the instance's out folder
-                Path(launch["run_dir"], "launch.json").write_text(json.dumps(launch))
-            os.execv(python, [python, "-m", module, launch["run_dir"]])
-        import io
-
-        sys.stdin = open(0, closefd=False)  # noqa: SIM115
-        sys.stdout = io.TextIOWrapper(open(1, "wb", 0, closefd=False), write_through=True, line_buffering=True)
-        sys.stderr = io.TextIOWrapper(open(2, "wb", 0, closefd=False), write_through=True, line_buffering=True)
-        code = multinode.main(launch) if mn else launcher.main(launch)
-    except BaseException as e:  # noqa: BLE001 - never return into the supervisor's code
-        child_failed(e)
-    os._exit(code)
+        launcher.start_failed(e)
 
 
 class _LogWriter:
@@ -309,12 +268,18 @@ class _LogWriter:
         self.f = open(path, "a", encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
         self.partial: dict[str, bytes] = {}
         self.bwrap_error = ""  # the first line bubblewrap wrote, when it could not make the sandbox
+        self.lock = threading.Lock()  # the egress proxy's thread writes system lines too
 
     def system(self, text: str) -> None:
-        self.f.write(logformat.format_record(logformat.SYS, text))
-        self.f.flush()
+        with self.lock:
+            self.f.write(logformat.format_record(logformat.SYS, text))
+            self.f.flush()
 
     def feed(self, stream: str, data: bytes) -> None:
+        with self.lock:
+            self._feed(stream, data)
+
+    def _feed(self, stream: str, data: bytes) -> None:
         buf = self.partial.get(stream, b"") + data
         *lines, rest = buf.split(b"\n")
         if len(rest) > _LINE_LIMIT:
@@ -389,6 +354,7 @@ def supervise(launch: dict[str, Any], spare: Spare | None = None) -> dict[str, A
         forwarder = multinode.enter_netns(launch["netns"], launch["env"].get("MLJOBS_URL"))
     plan = containment.Plan.from_dict(launch.get("containment"))
     me = os.getpid()
+    proxy = _egress_proxy(launch, box, spare, log) if box is not None and box.net == "proxy" else None
     if spare is not None:  # its payload process is forked, and in its cgroups
         cgroup, limit, watch = _assign_cgroup(launch, spare, log)
         pid, out_r, err_r = spare.pid, spare.out_r, spare.err_r
@@ -415,14 +381,16 @@ def supervise(launch: dict[str, Any], spare: Spare | None = None) -> dict[str, A
                 try:
                     os.execve(boxed[0][0], boxed[0], boxed[1])
                 except BaseException as e:  # noqa: BLE001
-                    child_failed(e)
-            child_run(launch)
+                    launcher.start_failed(e)
+            launcher.enter(launch)
         os.close(out_w), os.close(err_w)
         if boxed is not None and go_r is not None and go_w is not None:
             os.close(go_r)
             with os.fdopen(go_w, "wb") as go:
                 go.write(json.dumps(boxed[2]).encode() + b"\n")
     trace.mark(launch.get("job_id", ""), "supervisor.forked")
+    if proxy is not None:  # after the fork: the payload process gets no thread
+        proxy.start()
     if forwarder is not None:  # started after the fork: the child gets no thread
         forwarder.start()
     sampler = Sampler(launch["metrics_file"], me, cgroup, limit_bytes=limit, watch_memory=watch,
@@ -487,6 +455,8 @@ def supervise(launch: dict[str, Any], spare: Spare | None = None) -> dict[str, A
         log.system(f"stopping {len(leftover)} process(es): {what}")
         kill_tree(os.getpid(), grace)
     trace.mark(launch.get("job_id", ""), "supervisor.tree.checked")
+    if proxy is not None:
+        proxy.close()
     emptied = False
     if cgroup is not None:  # emptied, not removed: removing waits ~10 ms; the server does it later
         oom = oom or _cgroup_oom(cgroup, sampler)
@@ -500,8 +470,6 @@ def supervise(launch: dict[str, Any], spare: Spare | None = None) -> dict[str, A
         code = 128 - code  # bubblewrap exits 128 + N for a payload killed by signal N: say the signal
     if box is not None:
         _sandbox_result(launch, log, code)
-    if spare is not None:
-        spare.remove_slot()
     trace.mark(launch.get("job_id", ""), "supervisor.sandbox.done")
     if env_lock is not None:
         env_lock.release()
@@ -509,7 +477,18 @@ def supervise(launch: dict[str, Any], spare: Spare | None = None) -> dict[str, A
               "usage": sampler.finish(), "emptied": emptied}
     if oom is not None and not cancelled:
         record["oom"] = oom
-    return _finish(launch, log, record)
+    record = _finish(launch, log, record)
+    if spare is not None:  # after the exit record: the job does not wait for it
+        spare.remove_slot()
+    return record
+
+
+def _egress_proxy(launch: dict[str, Any], box: sandbox.Policy, spare: Spare | None,
+                  log: _LogWriter) -> egress.Proxy:
+    """The instance's way out (its socket in the folder bound at the sandbox's ``job/net``)."""
+    net = spare.slot / "net" if spare is not None and spare.slot is not None else Path(launch["run_dir"]) / "net"
+    net.mkdir(exist_ok=True)
+    return egress.Proxy(str(net / egress.SOCKET), list(box.allowed), launch["env"].get("MLJOBS_URL", ""), log.system)
 
 
 def _sandboxed(launch: dict[str, Any], box: sandbox.Policy) -> tuple[list[str], dict[str, str], dict[str, Any]]:
@@ -519,7 +498,8 @@ def _sandboxed(launch: dict[str, Any], box: sandbox.Policy) -> tuple[list[str], 
     out.mkdir(exist_ok=True)
     sandbox.own_for(box, work, out)
     app = launch["app_dir"] if launch["app_dir"] != launch["work_dir"] else None
-    argv = sandbox.payload_argv(box, work=str(work), app=app, out=str(out), gpus=launch.get("gpus"))
+    argv = sandbox.payload_argv(box, work=str(work), app=app, out=str(out), gpus=launch.get("gpus"),
+                                net=str(run_dir / "net"))
     return argv, sandbox.payload_env(box, {}), _inner_launch(launch, box)
 
 
@@ -531,9 +511,14 @@ def _inner_launch(launch: dict[str, Any], box: sandbox.Policy) -> dict[str, Any]
     env = launch["env"]
     if box.uid is not None:  # a uid the system's user database does not know: say who it is
         env = {"USER": box.user or "mljobs", "LOGNAME": box.user or "mljobs", **env}
+    net: dict[str, Any] = {}
+    if box.net == "proxy":  # out only through the supervisor's proxy, which the forwarder inside reaches
+        url = env.get("MLJOBS_URL", "")
+        env = {**env, **egress.job_env(url)}
+        net = {"egress_sock": os.path.join(into["net"], egress.SOCKET), "egress_url": url}
     return {**launch, "env": env, "work_dir": into["work"], "app_dir": app, "run_dir": into["out"], "log_file": None,
             "result_file": os.path.join(into["out"], "result.pkl"), "uid": box.uid, "sandboxed": True,
-            "title": launch["run_dir"]}  # `ps` names the instance by its run dir outside
+            "title": launch["run_dir"], **net}  # `ps` names the instance by its run dir outside
 
 
 def _sandbox_result(launch: dict[str, Any], log: _LogWriter, code: int | None) -> None:

@@ -23,6 +23,7 @@ __all__ = ["Isolation", "SETTINGS"]
 
 log = logging.getLogger("mljobs.server")
 SETTINGS = ("auto", "personal", "shared", "none")
+EGRESS = ("integrations", "open")
 _USERS_TTL_S = 1.0
 NO_ISOLATION = "mljobs server start --no-isolation (MLJOBS_ISOLATION=none)"
 
@@ -34,6 +35,9 @@ class Isolation:
         if settings.isolation not in SETTINGS:
             raise InvalidArgumentError(f"isolation {settings.isolation!r} is not one of {', '.join(SETTINGS)} "
                                        "(MLJOBS_ISOLATION)")
+        if settings.egress not in EGRESS:
+            raise InvalidArgumentError(f"egress {settings.egress!r} is not one of {', '.join(EGRESS)} (MLJOBS_EGRESS)")
+        self.egress = settings.egress
         self.setting = settings.isolation
         self.store = store
         self.home = str(home)
@@ -60,6 +64,10 @@ class Isolation:
                 self._users = (time.monotonic(), has)
         return "shared" if has else "personal"
 
+    def filters_egress(self) -> bool:
+        """Whether jobs reach only what their integrations allow (a shared sandbox, egress not open)."""
+        return self.egress == "integrations" and self.mode() == "shared" and not self.problem
+
     def check_start(self) -> None:
         """A shared server without a working sandbox does not start (unless isolation is off)."""
         if self.problem and self.mode() == "shared":
@@ -71,8 +79,10 @@ class Isolation:
             log.warning("isolation is off (--no-isolation): every job runs with the server's identity and sees "
                         "all it sees, the store included")
 
-    def policy(self, owner: str, mounts: Any = None, pool: str = "") -> dict[str, Any] | None:
-        """The sandbox of an instance of ``owner``'s job on a pool with ``mounts`` (None: no sandbox)."""
+    def policy(self, owner: str, mounts: Any = None, pool: str = "", allowed: list[str] | None = None,
+               multinode: bool = False) -> dict[str, Any] | None:
+        """The sandbox of an instance of ``owner``'s job on a pool with ``mounts`` (None: no sandbox);
+        ``allowed``: the hosts its external access integrations allow (a shared sandbox's only way out)."""
         mode = self.mode()
         if mode == "none":
             return None
@@ -92,7 +102,9 @@ class Isolation:
         except ValueError as e:
             raise SandboxError(f"the job's sandbox cannot be made: {e}. An admin fixes the pool's mounts "
                                f"(alter_compute_pool), or the server runs without isolation ({NO_ISOLATION})") from None
-        return sandbox.Policy(mode, self.home, uid, binds, self.readable, owner if uid is not None else None).to_dict()
+        net = "proxy" if mode == "shared" and self.egress == "integrations" and not multinode else "open"
+        return sandbox.Policy(mode, self.home, uid, binds, self.readable, owner if uid is not None else None, net,
+                              tuple(allowed or ()) if net == "proxy" else ()).to_dict()
 
     def describe(self) -> dict[str, Any]:
         """For /health and ``mljobs server status``."""
@@ -106,4 +118,5 @@ class Isolation:
             out["mode"] = mode if mode == "shared" else "none"
         else:
             out["sandbox"] = "bubblewrap"
+            out["egress"] = "integrations" if mode == "shared" and self.egress == "integrations" else "open"
         return out

@@ -374,6 +374,13 @@ class ControlPlane:
             who.require_admin("pruning the server's environments")
         return self.env_cache().prune(max_bytes, recent_s=0.0)
 
+    def _allowed_hosts(self, names: list[str]) -> list[str]:
+        """The hosts a job's external access integrations allow (its sandbox's only way out)."""
+        if not names:
+            return []
+        known = {i["name"]: i["allowed_hosts"] for i in self.store.list_integrations()}
+        return [h for n in names for h in known.get(n.upper(), [])]
+
     def _check_egress(self, spec: JobSpec) -> None:
         """Unknown integrations are refused; in strict mode so are installs no integration allows."""
         known = {i["name"]: i["allowed_hosts"] for i in self.store.list_integrations()}
@@ -383,8 +390,8 @@ class ControlPlane:
             raise InvalidArgumentError(
                 f"unknown external access integration(s) {unknown}; known: {sorted(known)}. Create one with "
                 "create_external_access_integration(name, allowed_hosts=[...])")
-        if not (spec.pip_requirements and self.settings.strict_egress):
-            return
+        if not (spec.pip_requirements and (self.settings.strict_egress or self.isolation.filters_egress())):
+            return  # installs follow the job's integrations too where its payload's network does
         allowed = [h for n in names for h in known[n]]
         hosts = _index_hosts(spec)
         denied = [h for h in hosts if not any(fnmatch.fnmatch(h, pat) for pat in allowed)]
@@ -616,8 +623,9 @@ class ControlPlane:
                                     self.settings.grace_period_s, environment, PoolSpec.from_dict(pool))
             try:
                 if not provider.remote:
-                    launch.sandbox = self.isolation.policy(job.owner, (pool["provider_options"] or {}).get("mounts"),
-                                                           pool["name"])
+                    launch.sandbox = self.isolation.policy(
+                        job.owner, (pool["provider_options"] or {}).get("mounts"), pool["name"],
+                        self._allowed_hosts(spec.external_access_integrations), spec.target_instances > 1)
                 handle = provider.start(launch)
             except Exception as e:  # noqa: BLE001
                 log.exception("start %s/%d", job.id, i)

@@ -1,0 +1,261 @@
+"""What a sandboxed job reaches on the network: only the hosts its external access integrations allow.
+
+A shared sandbox has a network namespace of its own (bubblewrap's ``--unshare-net``: loopback
+only). Its one way out is a Unix socket, bound read-only into the sandbox, on which the instance's
+supervisor (outside) runs :class:`Proxy`. Inside, :func:`serve_forwarder` (a process the sandbox's
+entry forks before the payload) listens on ``127.0.0.1:3128``, the HTTP proxy the job's
+``HTTP_PROXY``/``HTTPS_PROXY`` name, and on the control plane's port, and carries each connection
+to the socket with a one-line tag saying which it is.
+
+The proxy speaks HTTP CONNECT (``https://``, and any TCP a client tunnels) and plain HTTP
+(absolute-form requests, one a connection). It allows a ``host:port`` when one of the job's
+integrations names it: ``pypi.org`` (any port), ``*.example.com`` (wildcards, as for installs),
+``10.0.0.5:8080`` (that port only); the control plane is always allowed. A refusal answers 403 and
+writes a system line into the job's log naming the host and how to allow it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import selectors
+import socket
+import threading
+from collections.abc import Callable
+from urllib.parse import urlsplit
+
+__all__ = ["PROXY_PORT", "allows", "Proxy", "listeners", "serve_forwarder", "job_env"]
+
+PROXY_PORT = 3128  # inside the sandbox: the job's HTTP(S) proxy
+SOCKET = "egress.sock"  # in the folder bound at the sandbox's job/net
+SERVER_TAG, PROXY_TAG = b"server\n", b"proxy\n"
+_HEAD_LIMIT = 64 * 1024
+_HOST_PORT = re.compile(r"^(?P<host>.+):(?P<port>\d+)$")
+
+
+def allows(patterns: list[str], host: str, port: int) -> bool:
+    """Whether an integration's ``allowed_hosts`` entry admits ``host:port``."""
+    host = host.lower().strip("[]")
+    for pat in patterns:
+        m = _HOST_PORT.match(pat)
+        name, want = (m["host"], int(m["port"])) if m else (pat, None)
+        if fnmatch.fnmatch(host, name.lower()) and (want is None or want == port):
+            return True
+    return False
+
+
+def job_env(control_url: str) -> dict[str, str]:
+    """The variables that send the job's traffic through its proxy, and its control plane URL as
+    seen inside (the forwarder on the same port of the sandbox's own loopback)."""
+    proxy = f"http://127.0.0.1:{PROXY_PORT}"
+    parts = urlsplit(control_url)
+    inside = f"http://127.0.0.1:{parts.port or 80}{parts.path}"
+    return {"HTTP_PROXY": proxy, "HTTPS_PROXY": proxy, "http_proxy": proxy, "https_proxy": proxy,
+            "NO_PROXY": "", "no_proxy": "", "MLJOBS_URL": inside}
+
+
+def _pump(a: socket.socket, b: socket.socket) -> None:
+    """Copy both ways until both sides are done, then close both."""
+    def one_way(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        try:
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=one_way, args=(b, a), daemon=True)
+    t.start()
+    one_way(a, b)
+    t.join()
+    a.close()
+    b.close()
+
+
+class Proxy:
+    """The supervisor's end: a Unix socket whose connections go where the job may go."""
+
+    def __init__(self, path: str, allowed: list[str], control_url: str, log: Callable[[str], None]) -> None:
+        self.path, self.allowed, self.log = path, list(allowed), log
+        parts = urlsplit(control_url)
+        self.control = (parts.hostname or "127.0.0.1", parts.port or 80)
+        self.refused: list[str] = []
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(path)
+        os.chmod(path, 0o666)  # the job's uid connects
+        self.sock.listen(64)
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Serve in a thread (after the supervisor's fork: the payload process gets no thread)."""
+        self._thread = threading.Thread(target=self._serve, name="egress-proxy", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        try:
+            head = self._read_head(conn)
+            if head is None:
+                conn.close()
+                return
+            tag, rest = head
+            if tag == SERVER_TAG:
+                _pump(conn, self._connect(*self.control, rest))
+            else:
+                self._proxy(conn, rest)
+        except OSError:
+            conn.close()
+
+    @staticmethod
+    def _read_head(conn: socket.socket) -> tuple[bytes, bytes] | None:
+        buf = b""
+        while b"\n" not in buf:
+            data = conn.recv(4096)
+            if not data:
+                return None
+            buf += data
+        tag, _, rest = buf.partition(b"\n")
+        return tag + b"\n", rest
+
+    @staticmethod
+    def _connect(host: str, port: int, first: bytes = b"") -> socket.socket:
+        up = socket.create_connection((host, port), timeout=30)
+        up.settimeout(None)
+        if first:
+            up.sendall(first)
+        return up
+
+    def _proxy(self, conn: socket.socket, buf: bytes) -> None:
+        while b"\r\n\r\n" not in buf:
+            if len(buf) > _HEAD_LIMIT:
+                return self._answer(conn, 431, "request head too large")
+            data = conn.recv(65536)
+            if not data:
+                conn.close()
+                return None
+            buf += data
+        head, _, body = buf.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        try:
+            method, target, version = lines[0].split(" ", 2)
+        except ValueError:
+            return self._answer(conn, 400, "not an HTTP proxy request")
+        if method.upper() == "CONNECT":
+            m = _HOST_PORT.match(target)
+            if not m:
+                return self._answer(conn, 400, f"CONNECT needs host:port, got {target!r}")
+            host, port = m["host"].strip("[]"), int(m["port"])
+        else:
+            parts = urlsplit(target)
+            if parts.scheme != "http" or not parts.hostname:
+                return self._answer(conn, 400, f"a proxy request names an absolute http:// URL, got {target!r}")
+            host, port = parts.hostname, parts.port or 80
+        if not self._may(host, port):
+            return self._refuse(conn, host, port)
+        dest = self.control if self._is_control(host, port) else (host, port)
+        try:
+            up = self._connect(*dest)
+        except OSError as e:
+            return self._answer(conn, 502, f"{host}:{port} could not be reached: {e}")
+        if method.upper() == "CONNECT":
+            conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            if body:
+                up.sendall(body)
+        else:  # origin-form, one request a connection (a kept-alive proxy connection could change host)
+            parts = urlsplit(target)
+            path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            kept = [ln for ln in lines[1:] if not ln.lower().startswith(("proxy-", "connection:", "keep-alive:"))]
+            up.sendall("\r\n".join([f"{method} {path} {version}", *kept, "Connection: close", "", ""])
+                       .encode("latin-1") + body)
+        _pump(conn, up)
+        return None
+
+    def _is_control(self, host: str, port: int) -> bool:
+        return port == self.control[1] and host in (self.control[0], "127.0.0.1", "localhost")
+
+    def _may(self, host: str, port: int) -> bool:
+        return self._is_control(host, port) or allows(self.allowed, host, port)
+
+    def _refuse(self, conn: socket.socket, host: str, port: int) -> None:
+        why = (f"egress refused: {host}:{port} is not allowed by the job's external access integrations; "
+               f"to allow it, create_external_access_integration('NAME', allowed_hosts=['{host}']) (an admin) "
+               "and submit with external_access_integrations=['NAME']")
+        self.refused.append(f"{host}:{port}")
+        self.log(why)
+        self._answer(conn, 403, why)
+
+    @staticmethod
+    def _answer(conn: socket.socket, code: int, text: str) -> None:
+        body = (text + "\n").encode()
+        reason = {400: "Bad Request", 403: "Forbidden", 431: "Request Header Fields Too Large",
+                  502: "Bad Gateway"}[code]
+        try:
+            conn.sendall(f"HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
+                         f"Connection: close\r\n\r\n".encode() + body)
+        except OSError:
+            pass
+        conn.close()
+
+
+def listeners(control_url: str) -> list[tuple[socket.socket, bytes]]:
+    """Inside the sandbox, before the payload starts: the proxy port and the control plane's port
+    on the sandbox's loopback, each with the tag its connections carry."""
+    out = []
+    for port, tag in ((PROXY_PORT, PROXY_TAG), (urlsplit(control_url).port or 80, SERVER_TAG)):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+        s.listen(64)
+        out.append((s, tag))
+    return out
+
+
+def serve_forwarder(socks: list[tuple[socket.socket, bytes]], path: str) -> None:
+    """Inside the sandbox (a process of its own): carry each connection to the supervisor's proxy."""
+    sel = selectors.DefaultSelector()
+    for s, tag in socks:
+        sel.register(s, selectors.EVENT_READ, tag)
+
+    def carry(conn: socket.socket, tag: bytes) -> None:
+        try:
+            out = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            out.connect(path)
+            out.sendall(tag)
+        except OSError:
+            conn.close()
+            return
+        _pump(conn, out)
+
+    while True:
+        for key, _ in sel.select():
+            try:
+                conn, _ = key.fileobj.accept()  # type: ignore[union-attr]
+            except OSError:
+                continue
+            threading.Thread(target=carry, args=(conn, key.data), daemon=True).start()

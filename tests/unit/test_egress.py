@@ -1,0 +1,95 @@
+"""The egress proxy (mljobs.runtime.egress) with real sockets: a Unix socket, a forwarder's tag, a
+local HTTP server on 127.0.0.1 standing in for the internet."""
+
+from __future__ import annotations
+
+import http.server
+import socket
+import threading
+
+import pytest
+
+from mljobs.runtime import egress
+
+
+def test_allows_host_patterns_and_ports():
+    pats = ["pypi.org", "*.example.com", "10.0.0.5:8080"]
+    assert egress.allows(pats, "pypi.org", 443) and egress.allows(pats, "PyPI.org", 80)
+    assert egress.allows(pats, "files.example.com", 443) and not egress.allows(pats, "example.com.evil", 443)
+    assert egress.allows(pats, "10.0.0.5", 8080) and not egress.allows(pats, "10.0.0.5", 22)
+    assert not egress.allows([], "pypi.org", 443)
+
+
+def test_job_env_points_at_the_proxy_and_the_control_plane_inside():
+    env = egress.job_env("http://127.0.0.1:4567")
+    assert env["HTTPS_PROXY"] == env["http_proxy"] == f"http://127.0.0.1:{egress.PROXY_PORT}"
+    assert env["MLJOBS_URL"] == "http://127.0.0.1:4567"
+    assert egress.job_env("http://server.example:80/base")["MLJOBS_URL"] == "http://127.0.0.1:80/base"
+
+
+@pytest.fixture
+def origin():
+    class Hello(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            body = f"{self.path} {self.headers.get('Connection')}".encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv.server_address[1]
+    srv.shutdown()
+    srv.server_close()
+
+
+def _through(path: str, tag: bytes, request: bytes) -> bytes:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(path)
+    s.sendall(tag + request)
+    out = b""
+    while data := s.recv(65536):
+        out += data
+    s.close()
+    return out
+
+
+def test_proxy_allows_refuses_and_says_why(tmp_path, origin):
+    said: list[str] = []
+    control = f"http://127.0.0.1:{origin}"  # the control plane: always allowed, also by its own tag
+    proxy = egress.Proxy(str(tmp_path / egress.SOCKET), [], control, said.append)
+    proxy.start()
+    try:
+        # plain HTTP, absolute form: rewritten to origin form, one request a connection
+        out = _through(proxy.path, egress.PROXY_TAG,
+                       f"GET http://127.0.0.1:{origin}/a?b=1 HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n"
+                       .encode())
+        assert out.startswith(b"HTTP/1.0 200") and out.endswith(b"/a?b=1 close")
+        out = _through(proxy.path, egress.SERVER_TAG, b"GET /direct HTTP/1.0\r\n\r\n")
+        assert out.endswith(b"/direct None")
+        out = _through(proxy.path, egress.PROXY_TAG, b"CONNECT pypi.org:443 HTTP/1.1\r\nHost: pypi.org:443\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 403") and b"pypi.org:443 is not allowed" in out
+        assert said and "create_external_access_integration('NAME', allowed_hosts=['pypi.org'])" in said[-1]
+        out = _through(proxy.path, egress.PROXY_TAG, b"GET /relative HTTP/1.1\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 400")
+    finally:
+        proxy.close()
+    assert not (tmp_path / egress.SOCKET).exists()
+
+
+def test_connect_tunnels_to_an_allowed_host(tmp_path, origin):
+    other = f"127.0.0.1:{origin}"
+    proxy = egress.Proxy(str(tmp_path / egress.SOCKET), [other], "http://127.0.0.1:1", lambda _: None)
+    proxy.start()
+    try:
+        out = _through(proxy.path, egress.PROXY_TAG,
+                       f"CONNECT {other} HTTP/1.1\r\n\r\nGET /tunnelled HTTP/1.0\r\n\r\n".encode())
+        assert out.startswith(b"HTTP/1.1 200 Connection established\r\n\r\nHTTP/1.0 200")
+        assert out.endswith(b"/tunnelled None")
+    finally:
+        proxy.close()
