@@ -104,17 +104,22 @@ def slurm(slurm_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 def test_function_job_returns_its_value_and_log(slurm: SlurmEnv) -> None:
     @mljobs.remote("HPC", stage_name="payload_stage", session=slurm.session)
-    def where(n: int) -> tuple[int, str]:
+    def where(n: int) -> tuple[int, str, int]:
+        import os
         import socket
 
         print("hello from", socket.gethostname())
-        return n * 2, socket.gethostname()
+        return n * 2, socket.gethostname(), os.getuid()
 
     job = where(21)
     assert job.wait(timeout=120) == JOB_STATUS.DONE, (job.message, job.get_logs(verbose=True))
-    value, host = job.result()
+    value, host, uid = job.result()
     assert value == 42 and host in slurm.cluster.nodes
     assert f"hello from {host}" in job.get_logs()
+    # the node's agent ran it in the job's sandbox (the server has users: shared, a uid of the
+    # owner's own, out only through its egress proxy; it still reached the control plane)
+    isolation = slurm.session.request("GET", f"/jobs/{job.id}").json()["instances"][0]["isolation"]
+    assert isolation == f"sandbox (shared, uid {uid} (admin), egress by integrations)" and uid != 0, isolation
 
 
 def test_file_job_returns_dunder_return(slurm: SlurmEnv, tmp_path: Path) -> None:

@@ -104,3 +104,20 @@ def test_take_result_refuses_a_link(tmp_path):
     (out / "result.pkl").write_bytes(b"ok")
     assert sandbox.take_result(out, tmp_path / "result.pkl") is None
     assert (tmp_path / "result.pkl").read_bytes() == b"ok"
+
+
+def test_a_node_agent_hides_its_own_folder_and_takes_a_uid_only_as_root(monkeypatch, tmp_path):
+    from mljobs.runtime import agent
+
+    box = sandbox.Policy("shared", "/server/home", 300002, (), ("/server/home/envs",), "bob", "proxy",
+                         ("pypi.org",)).to_dict()
+    monkeypatch.setattr(sandbox, "probe", lambda: None)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    node = agent._node_sandbox(box, tmp_path)
+    assert node["home"] == str(tmp_path) and node["readable"] == [str(tmp_path / "envs")]
+    assert node["uid"] == 300002 and node["net"] == "proxy" and node["allowed"] == ["pypi.org"]
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert agent._node_sandbox(box, tmp_path)["uid"] is None
+    monkeypatch.setattr(sandbox, "probe", lambda: "bubblewrap is not installed")
+    assert agent._node_sandbox(box, tmp_path) is None
+    assert agent._node_sandbox(None, tmp_path) is None

@@ -331,7 +331,11 @@ def _expand(source: str, fmt: str | None, options: dict[str, Any], session: Any)
     url = source
     if source.startswith("@"):
         stage, rel = parse_stage_path(source)
-        url = stage_url(stage, session).rstrip("/") + ("/" + rel if rel else "")
+        root = stage_url(stage, session).rstrip("/")
+        url = root + ("/" + rel if rel else "")
+        folder = root[len("file://"):] if root.startswith("file://") else root if "://" not in root else None
+        if folder is not None and not os.path.isdir(folder):
+            url = _fetched(stage, rel, session)  # a sandboxed job (or another machine) does not see it
     fs, path = fsspec.core.url_to_fs(url, **options)
     protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
     unstrip = (lambda p: p) if protocol in ("file", "local") else (lambda p: f"{protocol}://{p}")
@@ -361,6 +365,28 @@ def _expand(source: str, fmt: str | None, options: dict[str, Any], session: Any)
                                        "or format='csv' to read it anyway")
         out.append((unstrip(p), kind))
     return out
+
+
+def _fetched(stage: str, rel: str, session: Any) -> str:
+    """A local copy, through the control plane, of the stage files ``rel`` names (a file, a folder,
+    or a glob, whose folder is copied): for a stage whose storage is a folder this process cannot
+    see (a job's sandbox hides the server's; a client on another machine has none of it). The
+    copy lives in the working folder (a job's own, removed with it) and the glob applies to it."""
+    import tempfile
+
+    from mljobs.client.session import get_active_session
+
+    s = session or get_active_session()
+    glob_at = next((i for i, part in enumerate(rel.split("/")) if any(ch in part for ch in "*?[")), None)
+    fetch = "/".join(rel.split("/")[:glob_at]) + "/" if glob_at is not None else rel
+    where = tempfile.mkdtemp(prefix=f"stage-{stage.lower()}-", dir=os.getcwd() if os.environ.get("MLJOBS_JOB_ID")
+                             else None)
+    got = s.file.get(f"@{stage}/{fetch}", where)
+    if glob_at is not None:
+        return os.path.join(where, *rel.split("/")[glob_at:])
+    if len(got) == 1 and not rel.endswith("/") and os.path.basename(got[0]) == os.path.basename(rel):
+        return got[0]  # one file
+    return where
 
 
 def _count_rows_fn(table: pa.Table) -> int:

@@ -113,6 +113,7 @@ class InstanceExit:
     released: bool = False  # a multi-node worker stopped because its head had finished
     oom: dict[str, int] | None = None  # {"used_bytes", "limit_bytes"} when it ended over its memory
     usage: dict[str, Any] | None = None  # {"cpu_seconds", "peak_rss_bytes"} over its whole run
+    isolation: str | None = None  # the sandbox it ran in, as its supervisor says ("none": it was not)
 
     def to_record(self) -> dict[str, Any]:
         """What the store keeps (JSON): everything but the result envelope, which goes to the stage."""
@@ -139,6 +140,10 @@ class Provider(abc.ABC):
     # Instances run elsewhere and report over HTTP; payload and result travel through the stage,
     # so the job's stage must be one the nodes can read (s3://, or a shared folder).
     remote: ClassVar[bool] = False
+    # Whether its agents run the payload in the job's sandbox (docs/isolation.md). A Ray pool's
+    # payload is a Ray driver joining the node's raylet (its sockets under the node's /tmp/ray, its
+    # cluster network): not sandboxed yet.
+    sandboxes_payload: ClassVar[bool] = True
 
     @abc.abstractmethod
     def validate_pool(self, pool: PoolSpec) -> None:

@@ -464,7 +464,8 @@ class LocalProvider(Provider):
         code = record.get("exit_code")
         tail = read_log_tail(p.log_file, 10) if code != 0 or error is not None else []  # for the job's message
         return InstanceExit(code, bool(record.get("cancelled")), False, error, result, tail,
-                            bool(record.get("released")), record.get("oom"), record.get("usage"))
+                            bool(record.get("released")), record.get("oom"), record.get("usage"),
+                            record.get("isolation"))
 
     def metrics(self, handle: InstanceHandle) -> list[dict[str, Any]]:
         return read_samples(self.paths(handle).metrics_file)

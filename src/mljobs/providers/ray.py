@@ -83,6 +83,7 @@ def node_fits(node: dict[str, Any], fam: InstanceFamily) -> bool:
 
 class RayProvider(RemoteProvider):
     name = "ray"
+    sandboxes_payload = False  # the payload is a Ray driver on the node's raylet (docs/isolation.md)
     OPTIONS: ClassVar[dict[str, str]] = {
         "address": "the Ray cluster's job server (dashboard) URL, e.g. 'http://head:8265' (required)",
         **RemoteProvider.COMMON_OPTIONS,

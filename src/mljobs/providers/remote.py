@@ -131,7 +131,9 @@ class RemoteProvider(Provider):
         doc = launch_document(launch, {}, python=options.get("python") or spec.runtime_python or "",
                               metrics=self.settings.metrics, gpus_per_node=launch.family.gpus,
                               cpus_per_node=launch.family.cpus, heartbeat_s=self.settings.heartbeat_s,
-                              stage={"name": launch.stage.name, "url": launch.stage.url})
+                              stage={"name": launch.stage.name, "url": launch.stage.url},
+                              # the agent makes it where its node has bubblewrap (multi-node: not yet)
+                              sandbox=launch.sandbox if k == 1 else None)
         doc["env"].pop("MLJOBS_INSTANCE_ID", None)
         if k > 1:
             doc["multinode"] = {"count": k, "min_instances": min(spec.effective_min_instances, k),
@@ -304,7 +306,7 @@ class RemoteProvider(Provider):
         self._forget((handle.job_id, handle.instance_id))
         return InstanceExit(record.get("exit_code"), bool(record.get("cancelled")), False, error, result,
                             read_log_tail(p.log_file, 10), bool(record.get("released")), record.get("oom"),
-                            record.get("usage"))
+                            record.get("usage"), record.get("isolation"))
 
     def _forget(self, key: tuple[str, int]) -> None:
         with self._lock:

@@ -40,7 +40,7 @@ from urllib.parse import urlsplit
 
 from mljobs import logformat
 from mljobs.paths import StagePaths
-from mljobs.runtime import containment, multinode, supervisor
+from mljobs.runtime import containment, multinode, sandbox, supervisor
 from mljobs.stages import Stage
 
 __all__ = ["main", "own_address", "instance_id_from_env"]
@@ -161,7 +161,8 @@ def _node_launch(tpl: dict[str, Any], instance_id: int, node_dir: Path) -> dict[
     environment = tpl.get("environment")
     if environment:  # the node builds job environments in a cache of its own
         environment = {**environment, "cache_dir": str(node_dir.parent.parent / "envs")}
-    return {**tpl, "instance_id": instance_id, "run_dir": str(run_dir), "work_dir": str(work_dir),
+    return {**tpl, "sandbox": _node_sandbox(tpl.get("sandbox"), node_dir.parent.parent),
+            "instance_id": instance_id, "run_dir": str(run_dir), "work_dir": str(work_dir),
             "app_dir": str(work_dir), "log_file": str(run_dir / "instance.log"), "result_file": str(run_dir / "result.pkl"),
             "metrics_file": str(run_dir / "metrics.jsonl"), "cpus": cpus, "netns": None, "env": env,
             "python": tpl.get("python") or sys.executable, "environment": environment,
@@ -170,6 +171,19 @@ def _node_launch(tpl: dict[str, Any], instance_id: int, node_dir: Path) -> dict[
             # parent-death signal and watches resident memory against the family's limit
             "containment": containment.Plan("fallback", None, "rss", None, "a remote node: its engine contains the job")
             .to_dict()}
+
+
+def _node_sandbox(box: dict[str, Any] | None, base: Path) -> dict[str, Any] | None:
+    """The server's sandbox for this node: its folders hidden are the agent's (``base``: every
+    job's node folders and the node's environment cache, read-only); without bubblewrap here,
+    none (the exit record says so). A uid of the job owner's own only where the agent is root."""
+    if not box or sandbox.probe() is not None:
+        return None
+    box = {**box, "home": str(base), "readable": [str(base / "envs")]}
+    (base / "envs").mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        box.update(uid=None, user=None)
+    return box
 
 
 def _send_retrying(rep: Reporter, limit_s: float = 120.0, **fields: Any) -> dict[str, Any]:
@@ -210,6 +224,8 @@ def run(stage: Stage, job_id: str, instance_id: int) -> int:
     try:
         _send_retrying(rep, address=address, hostname=hostname)
         launch = _node_launch(tpl, instance_id, node_dir)
+        if tpl.get("sandbox") and not launch["sandbox"]:
+            rep.system(f"the payload runs unsandboxed on {hostname}: {sandbox.probe()}")
         stage.download_dir(StagePaths(job_id).app, launch["work_dir"])
         mn = launch.get("multinode")
         granted = int(os.environ.get("SLURM_JOB_NUM_NODES") or 0)

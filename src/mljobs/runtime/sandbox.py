@@ -42,6 +42,8 @@ GPU_NODES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev
 KEEP_ENV = ("PATH", "LANG", "LANGUAGE", "TZ", "TERM", "PYTHONPATH", "PYTHONDONTWRITEBYTECODE", "MLJOBS_TRACE", "SSL_CERT_FILE",
             "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
 PERSONAL_ENV = ("HOME", "USER", "LOGNAME", "SHELL")
+# the locale, and what Slurm tells a node's payload about its allocation
+KEEP_PREFIXES = ("LC_", "SLURM_")
 INSTALL_HINT = "install bubblewrap (`apt-get install bubblewrap`, `dnf install bubblewrap`)"
 
 
@@ -217,7 +219,7 @@ def payload_argv(policy: Policy, *, work: str, app: str | None, out: str, gpus: 
 def payload_env(policy: Policy, job_env: dict[str, str]) -> dict[str, str]:
     """The payload's whole environment: a few of the server's variables, then the job's own."""
     keep = KEEP_ENV + (PERSONAL_ENV if policy.mode == "personal" else ())
-    env = {k: v for k, v in os.environ.items() if k in keep or k.startswith("LC_")}
+    env = {k: v for k, v in os.environ.items() if k in keep or k.startswith(KEEP_PREFIXES)}
     if policy.mode == "shared":
         env["HOME"] = inside(policy.home)["work"]
     return {**env, **job_env}

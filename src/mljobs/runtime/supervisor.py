@@ -474,7 +474,7 @@ def supervise(launch: dict[str, Any], spare: Spare | None = None) -> dict[str, A
     if env_lock is not None:
         env_lock.release()
     record = {"exit_code": 0 if released else code, "cancelled": cancelled, "released": released,
-              "usage": sampler.finish(), "emptied": emptied}
+              "usage": sampler.finish(), "emptied": emptied, "isolation": box.describe() if box else "none"}
     if oom is not None and not cancelled:
         record["oom"] = oom
     record = _finish(launch, log, record)

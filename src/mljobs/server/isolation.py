@@ -80,13 +80,14 @@ class Isolation:
                         "all it sees, the store included")
 
     def policy(self, owner: str, mounts: Any = None, pool: str = "", allowed: list[str] | None = None,
-               multinode: bool = False) -> dict[str, Any] | None:
+               multinode: bool = False, remote: bool = False) -> dict[str, Any] | None:
         """The sandbox of an instance of ``owner``'s job on a pool with ``mounts`` (None: no sandbox);
-        ``allowed``: the hosts its external access integrations allow (a shared sandbox's only way out)."""
+        ``allowed``: the hosts its external access integrations allow (a shared sandbox's only way out).
+        ``remote``: for a node agent, which makes it where bubblewrap is installed there."""
         mode = self.mode()
         if mode == "none":
             return None
-        if self.problem:
+        if self.problem and not remote:
             if mode == "shared":
                 raise SandboxError(f"the job cannot run sandboxed: {self.problem}; or turn isolation off: "
                                    f"{NO_ISOLATION}")

@@ -622,10 +622,11 @@ class ControlPlane:
             launch = InstanceLaunch(job.id, i, count, spec, family, slot, stage, env,
                                     self.settings.grace_period_s, environment, PoolSpec.from_dict(pool))
             try:
-                if not provider.remote:
+                if provider.sandboxes_payload:
                     launch.sandbox = self.isolation.policy(
                         job.owner, (pool["provider_options"] or {}).get("mounts"), pool["name"],
-                        self._allowed_hosts(spec.external_access_integrations), spec.target_instances > 1)
+                        self._allowed_hosts(spec.external_access_integrations), spec.target_instances > 1,
+                        provider.remote)
                 handle = provider.start(launch)
             except Exception as e:  # noqa: BLE001
                 log.exception("start %s/%d", job.id, i)
@@ -902,8 +903,7 @@ class ControlPlane:
             view["message"] = pending_reason(pool, len(self.store.used_slots(pool["name"])), ahead)
         view["instances"] = [
             {**{k: i[k] for k in ("instance_id", "status", "exit_code", "started_time", "ended_time", "cpu_seconds",
-                                  "peak_rss_bytes")},
-             "isolation": ((i["handle"].get("extra") or {}).get("isolation") or "none") if i["handle"] else None}
+                                  "peak_rss_bytes")}, "isolation": _isolation_of(i)}
             for i in self.store.instances_of(job.id)
         ]
         view["parallel"] = job.parallel
@@ -1068,6 +1068,17 @@ class ControlPlane:
         self.store.delete_user(name)
         self.auth.forget()
         self.isolation.users_changed()
+
+
+def _isolation_of(inst: dict[str, Any]) -> str | None:
+    """The sandbox an instance ran in: its supervisor's exit record says (a node agent's too), else
+    what its provider said at the start; None before it started."""
+    said = (inst.get("exit_record") or {}).get("isolation")
+    if said:
+        return str(said)
+    if not inst["handle"]:
+        return None
+    return (inst["handle"].get("extra") or {}).get("isolation") or ("none" if inst["status"] == "EXITED" else None)
 
 
 def _signal_hint(code: int | None) -> str:
