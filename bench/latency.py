@@ -79,7 +79,7 @@ def _fresh_schema(url: str) -> tuple[str, Any]:
 
 
 def half(tree: Path, runs: int, jobs: int, env: dict[str, str], database_url: str | None,
-         trace_file: str | None) -> dict[str, Any]:
+         trace_file: str | None, gap_s: float = 0.0) -> dict[str, Any]:
     sys.path.insert(0, str(tree / "tests"))
     from conftest import ServerProc  # the tests' real-server helper, from the tree under test
 
@@ -104,6 +104,7 @@ def half(tree: Path, runs: int, jobs: int, env: dict[str, str], database_url: st
             hello("warm-up").result()
         lat = []
         for i in range(runs):
+            time.sleep(gap_s)  # 0: back to back; else the machine is idle between jobs, as between a user's
             t = time.perf_counter()
             t0 = time.time()
             job = hello(str(i))
@@ -139,7 +140,8 @@ def run_half(tree: Path, a: argparse.Namespace, trace_file: str | None = None) -
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree / "src"), os.environ.get("PYTHONPATH", "")]))
     if trace_file:
         env["MLJOBS_TRACE"] = trace_file
-    cmd = [sys.executable, __file__, "--half", str(tree), "--runs", str(a.runs), "--jobs", str(a.jobs)]
+    cmd = [sys.executable, __file__, "--half", str(tree), "--runs", str(a.runs), "--jobs", str(a.jobs),
+           "--gap-ms", str(a.gap_ms)]
     for kv in a.env:
         cmd += ["--env", kv]
     if a.database_url:
@@ -211,6 +213,9 @@ def main() -> None:
     ap.add_argument("--env", action="append", default=[], metavar="K=V", help="a server variable, every half")
     ap.add_argument("--database-url", help="the store's URL (PostgreSQL); default: each server's SQLite")
     ap.add_argument("--timeline", action="store_true", help="also print the per-stage timeline of a job")
+    ap.add_argument("--gap-ms", type=float, default=0.0,
+                    help="a pause before each latency job (default 0: back to back, the next job's warm "
+                         "process is made while this one runs; e.g. 400: each job finds the machine idle)")
     ap.add_argument("--json", help="write the figures here as JSON")
     ap.add_argument("--ray", action="store_true")
     ap.add_argument("--half", help=argparse.SUPPRESS)
@@ -221,7 +226,8 @@ def main() -> None:
         ray_inner(a.runs)
         return
     if a.half:
-        print(json.dumps(half(Path(a.half), a.runs, a.jobs, env, a.database_url, os.environ.get("MLJOBS_TRACE"))))
+        print(json.dumps(half(Path(a.half), a.runs, a.jobs, env, a.database_url, os.environ.get("MLJOBS_TRACE"),
+                              a.gap_ms / 1000)))
         return
     worktree = None
     sides: list[tuple[str, Path]] = [("working tree", ROOT)]
@@ -251,7 +257,8 @@ def main() -> None:
     where = "PostgreSQL" if a.database_url else "SQLite"
     extra = f", server env {env}" if env else ""
     print(f"\nfloor: bare `python -c 'import cloudpickle'` {floor:.1f} ms (median of {20 * len(floors)} starts "
-          f"across the run); store {where}{extra}; {a.rounds} round(s) per side, {a.runs} jobs each, "
+          f"across the run); store {where}{extra}; {a.rounds} round(s) per side, {a.runs} jobs each"
+          + (f" {a.gap_ms:g} ms apart" if a.gap_ms else " back to back") + ", "
           f"{a.jobs} trivial jobs on a pool of max_nodes 2")
     print(f"{'':28s} {'p50 ms':>8s} {'p90 ms':>8s} {'p50/floor':>9s} {'jobs/s':>8s} {'p50 spread':>10s} "
           f"{'rate spread':>11s}")
