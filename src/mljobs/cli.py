@@ -139,7 +139,19 @@ def server_status() -> None:
         raise typer.Exit(1)
     import httpx
 
-    console.print_json(json.dumps({"url": url, **httpx.get(url + "/health", timeout=5).json()}))
+    try:
+        resp = httpx.get(url + "/health", timeout=5)
+    except httpx.HTTPError as e:
+        console.print(f"no mljobs server answers at {url}: {e}")
+        raise typer.Exit(1) from None
+    if resp.status_code != 200:
+        console.print(f"the server at {url} answered {resp.status_code}: {resp.text[:300]}")
+        raise typer.Exit(1)
+    info = resp.json()
+    console.print_json(json.dumps({"url": url, **info}))
+    warning = (info.get("isolation") or {}).get("warning")
+    if warning:  # to stderr: the JSON on stdout stays parseable
+        typer.echo(f"warning: {warning}", err=True)
 
 
 # -- pools ------------------------------------------------------------------------------------

@@ -228,6 +228,7 @@ def test_no_isolation_is_said_and_shown(tmp_path):
         out = subprocess.run([sys.executable, "-m", "mljobs", "server", "status"], env=srv.env(), capture_output=True,
                              text=True, timeout=60)
         assert out.returncode == 0 and json.loads(out.stdout)["isolation"]["mode"] == "none", out.stdout
+        assert "warning: isolation is off" in out.stderr
     finally:
         _stop(srv, None)
     assert_no_leftovers(home)

@@ -10,6 +10,7 @@ worker ``i`` of ``n`` its own rows to read on its own node.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from mljobs.client.pools import stage_url
+from mljobs.client.session import get_active_session
 from mljobs.data.parts import (DEFAULT_BATCH_ROWS, FilePart, Part, RefPart, TablePart, concat_batches,
                                concat_tables, file_format, split_rows)
 from mljobs.errors import InvalidArgumentError, NotFoundError
@@ -372,10 +374,6 @@ def _fetched(stage: str, rel: str, session: Any) -> str:
     or a glob, whose folder is copied): for a stage whose storage is a folder this process cannot
     see (a job's sandbox hides the server's; a client on another machine has none of it). The
     copy lives in the working folder (a job's own, removed with it) and the glob applies to it."""
-    import tempfile
-
-    from mljobs.client.session import get_active_session
-
     s = session or get_active_session()
     glob_at = next((i for i, part in enumerate(rel.split("/")) if any(ch in part for ch in "*?[")), None)
     fetch = "/".join(rel.split("/")[:glob_at]) + "/" if glob_at is not None else rel

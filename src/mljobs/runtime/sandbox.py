@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import shutil
 import stat
@@ -31,6 +32,10 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+import setproctitle
+
+from mljobs.runtime import egress, entry
 
 __all__ = ["Policy", "probe", "inside", "spare_slot", "payload_argv", "payload_env", "own_for", "take_result",
            "parse_mounts", "main"]
@@ -254,17 +259,11 @@ def take_result(out: Path, result: Path) -> str | None:
 def main() -> None:
     """Inside the sandbox: read the launch record from fd 3, take the job's identity, run it.
     Imports only the launcher (and cloudpickle with it) before it waits: a spare starts lean."""
-    import json
-
-    import setproctitle  # noqa: F401 - imported now, used at the go
-
-    from mljobs.runtime import launcher
-
     try:
         if os.environ.pop("MLJOBS_SPARE_READY", None):  # a spare's: its folders are bound, they may be filled
-            os.write(launcher.READY_FD, b"r")
-            os.close(launcher.READY_FD)
-        with os.fdopen(launcher.GO_FD, "rb") as go:
+            os.write(entry.READY_FD, b"r")
+            os.close(entry.READY_FD)
+        with os.fdopen(entry.GO_FD, "rb") as go:
             data = go.readline()
         if not data:
             os._exit(0)
@@ -277,19 +276,15 @@ def main() -> None:
         if launch.get("egress_sock"):
             _start_forwarder(launch["egress_sock"], launch["egress_url"])
     except BaseException as e:  # noqa: BLE001
-        launcher.start_failed(e)
-    launcher.enter(launch)
+        entry.start_failed(e)
+    entry.enter(launch)
 
 
 def _start_forwarder(sock: str, control_url: str) -> None:
     """Fork the process that carries the job's connections out (its ports listen before the payload starts)."""
-    from mljobs.runtime import egress
-
     socks = egress.listeners(control_url)
     if os.fork() == 0:
         try:
-            import setproctitle
-
             setproctitle.setproctitle("mljobs-egress-forwarder")
             null = os.open(os.devnull, os.O_RDWR)
             for fd in (0, 1, 2):
@@ -301,8 +296,6 @@ def _start_forwarder(sock: str, control_url: str) -> None:
         s.close()
 
 
-if __name__ == "__main__":
-    main()
 
 
 def parse_mounts(value: Any, pool: str = "") -> tuple[tuple[str, bool], ...]:
@@ -323,3 +316,7 @@ def parse_mounts(value: Any, pool: str = "") -> tuple[tuple[str, bool], ...]:
             raise ValueError(f"{where}mount {item!r}: {path} does not exist on this machine")
         out.append((os.path.realpath(path), how == "rw"))
     return tuple(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -36,7 +36,7 @@ import setproctitle
 
 from mljobs import logformat, trace
 from mljobs.errors import EnvironmentBuildError
-from mljobs.runtime import containment, egress, environment, launcher, multinode, sandbox
+from mljobs.runtime import containment, egress, entry, environment, launcher, multinode, sandbox
 from mljobs.paths import CGROUP_FILE
 from mljobs.runtime.containment import descendants
 from mljobs.runtime.metrics import Sampler
@@ -156,9 +156,9 @@ class Spare:
                     data = go.readline()
                 if not data:  # the supervisor gave up on this spare
                     os._exit(0)
-                launcher.enter(json.loads(data))
+                entry.enter(json.loads(data))
             except BaseException as e:  # noqa: BLE001 - never return into the supervisor's code
-                launcher.start_failed(e)
+                entry.start_failed(e)
         os.close(out_w), os.close(err_w), os.close(go_r)
         if ready_w is not None:
             os.close(ready_w)
@@ -219,7 +219,7 @@ class Spare:
             shutil.rmtree(self.slot, ignore_errors=True)
 
 
-GO_FD, READY_FD = launcher.GO_FD, launcher.READY_FD
+GO_FD, READY_FD = entry.GO_FD, entry.READY_FD
 
 
 def _link_tree(src: Path, dst: Path) -> None:
@@ -259,7 +259,7 @@ def _child_prepare(out_w: int, err_w: int, cgroup: containment.InstanceCgroup | 
             os.dup2(ready_w, READY_FD)
         os.closerange(READY_FD + 1 if ready_w is not None else 3 if go_r is None else GO_FD + 1, 256)
     except BaseException as e:  # noqa: BLE001
-        launcher.start_failed(e)
+        entry.start_failed(e)
 
 
 class _LogWriter:
@@ -381,8 +381,8 @@ def supervise(launch: dict[str, Any], spare: Spare | None = None) -> dict[str, A
                 try:
                     os.execve(boxed[0][0], boxed[0], boxed[1])
                 except BaseException as e:  # noqa: BLE001
-                    launcher.start_failed(e)
-            launcher.enter(launch)
+                    entry.start_failed(e)
+            entry.enter(launch)
         os.close(out_w), os.close(err_w)
         if boxed is not None and go_r is not None and go_w is not None:
             os.close(go_r)
