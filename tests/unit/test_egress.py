@@ -48,14 +48,20 @@ def origin():
 
 
 def _through(path: str, tag: bytes, request: bytes) -> bytes:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(10)
-    s.connect(path)
-    s.sendall(tag + request)
+    """As the forwarder does: hand the proxy one end of a connection (its socket, with the tag of
+    the port it came in on), then speak on the other end."""
+    job, ours = socket.socketpair()
+    handoff = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    handoff.connect(path)
+    socket.send_fds(handoff, [tag], [job.fileno()])
+    handoff.close()
+    job.close()
+    ours.settimeout(10)
+    ours.sendall(request)
     out = b""
-    while data := s.recv(65536):
+    while data := ours.recv(65536):
         out += data
-    s.close()
+    ours.close()
     return out
 
 

@@ -4,8 +4,9 @@ A shared sandbox has a network namespace of its own (bubblewrap's ``--unshare-ne
 only). Its one way out is a Unix socket, bound read-only into the sandbox, on which the instance's
 supervisor (outside) runs :class:`Proxy`. Inside, :func:`serve_forwarder` (a process the sandbox's
 entry forks before the payload) listens on ``127.0.0.1:3128``, the HTTP proxy the job's
-``HTTP_PROXY``/``HTTPS_PROXY`` name, and on the control plane's port, and carries each connection
-to the socket with a one-line tag saying which it is.
+``HTTP_PROXY``/``HTTPS_PROXY`` name, and on the control plane's port, and hands each connection's
+socket to the proxy (SCM_RIGHTS) with a tag saying which port it came in on; the proxy serves it
+directly, copying in the kernel (splice) where it can.
 
 The proxy speaks HTTP CONNECT (``https://``, and any TCP a client tunnels) and plain HTTP
 (absolute-form requests, one a connection). It allows a ``host:port`` when one of the job's
@@ -16,6 +17,7 @@ writes a system line into the job's log naming the host and how to allow it.
 
 from __future__ import annotations
 
+import fcntl
 import fnmatch
 import os
 import re
@@ -31,6 +33,8 @@ PROXY_PORT = 3128  # inside the sandbox: the job's HTTP(S) proxy
 SOCKET = "egress.sock"  # in the folder bound at the sandbox's job/net
 SERVER_TAG, PROXY_TAG = b"server\n", b"proxy\n"
 _HEAD_LIMIT = 64 * 1024
+_CHUNK = 1 << 20  # what one copy moves at most
+_F_SETPIPE_SZ = 1031
 _HOST_PORT = re.compile(r"^(?P<host>.+):(?P<port>\d+)$")
 
 
@@ -55,22 +59,45 @@ def job_env(control_url: str) -> dict[str, str]:
             "NO_PROXY": "", "no_proxy": "", "MLJOBS_URL": inside}
 
 
+def _copy(src: socket.socket, dst: socket.socket) -> None:
+    """One way until EOF: in the kernel (splice through a pipe, no copy into Python) where it can,
+    else recv/sendall; then half-close ``dst``."""
+    moved = False
+    try:
+        if hasattr(os, "splice"):
+            r, w = os.pipe()
+            try:
+                try:
+                    fcntl.fcntl(w, _F_SETPIPE_SZ, _CHUNK)
+                except OSError:
+                    pass  # the default pipe size works too
+                while n := os.splice(src.fileno(), w, _CHUNK):
+                    moved = True
+                    while n:
+                        n -= os.splice(r, dst.fileno(), n)
+            finally:
+                os.close(r)
+                os.close(w)
+        else:
+            raise OSError("no splice")
+    except OSError:
+        if not moved:  # splice is not for these sockets: copy through Python
+            try:
+                while data := src.recv(_CHUNK):
+                    dst.sendall(data)
+            except OSError:
+                pass
+    try:
+        dst.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+
+
 def _pump(a: socket.socket, b: socket.socket) -> None:
     """Copy both ways until both sides are done, then close both."""
-    def one_way(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        try:
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-    t = threading.Thread(target=one_way, args=(b, a), daemon=True)
+    t = threading.Thread(target=_copy, args=(b, a), daemon=True)
     t.start()
-    one_way(a, b)
+    _copy(a, b)
     t.join()
     a.close()
     b.close()
@@ -119,36 +146,29 @@ class Proxy:
             threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 
     def _handle(self, conn: socket.socket) -> None:
+        """One connection of the job's: the forwarder passes its socket (SCM_RIGHTS) with the tag
+        of the port it came in on, so the bytes go job <-> proxy <-> host with no hop between."""
         try:
-            head = self._read_head(conn)
-            if head is None:
-                conn.close()
-                return
-            tag, rest = head
-            if tag == SERVER_TAG:
-                _pump(conn, self._connect(*self.control, rest))
-            else:
-                self._proxy(conn, rest)
+            tag, fds, _, _ = socket.recv_fds(conn, 64, 1)
         except OSError:
             conn.close()
+            return
+        conn.close()
+        if not fds:
+            return
+        job = socket.socket(fileno=fds[0])
+        try:
+            if tag == SERVER_TAG:
+                _pump(job, self._connect(*self.control))
+            else:
+                self._proxy(job, b"")
+        except OSError:
+            job.close()
 
     @staticmethod
-    def _read_head(conn: socket.socket) -> tuple[bytes, bytes] | None:
-        buf = b""
-        while b"\n" not in buf:
-            data = conn.recv(4096)
-            if not data:
-                return None
-            buf += data
-        tag, _, rest = buf.partition(b"\n")
-        return tag + b"\n", rest
-
-    @staticmethod
-    def _connect(host: str, port: int, first: bytes = b"") -> socket.socket:
+    def _connect(host: str, port: int) -> socket.socket:
         up = socket.create_connection((host, port), timeout=30)
         up.settimeout(None)
-        if first:
-            up.sendall(first)
         return up
 
     def _proxy(self, conn: socket.socket, buf: bytes) -> None:
@@ -237,25 +257,23 @@ def listeners(control_url: str) -> list[tuple[socket.socket, bytes]]:
 
 
 def serve_forwarder(socks: list[tuple[socket.socket, bytes]], path: str) -> None:
-    """Inside the sandbox (a process of its own): carry each connection to the supervisor's proxy."""
+    """Inside the sandbox (a process of its own): hand each connection's socket to the
+    supervisor's proxy (SCM_RIGHTS over its Unix socket), with the tag of the port it came in on."""
     sel = selectors.DefaultSelector()
     for s, tag in socks:
         sel.register(s, selectors.EVENT_READ, tag)
-
-    def carry(conn: socket.socket, tag: bytes) -> None:
-        try:
-            out = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            out.connect(path)
-            out.sendall(tag)
-        except OSError:
-            conn.close()
-            return
-        _pump(conn, out)
-
     while True:
         for key, _ in sel.select():
             try:
                 conn, _ = key.fileobj.accept()  # type: ignore[union-attr]
             except OSError:
                 continue
-            threading.Thread(target=carry, args=(conn, key.data), daemon=True).start()
+            out = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                out.connect(path)
+                socket.send_fds(out, [key.data], [conn.fileno()])
+            except OSError:
+                pass  # the supervisor is gone: the job's connection just closes
+            finally:
+                out.close()
+                conn.close()
