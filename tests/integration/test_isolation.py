@@ -268,12 +268,16 @@ def _fetch(urls: list[str]) -> dict:
     import urllib.parse
     import urllib.request
 
+    import requests
+
     out = {"proxy": os.environ.get("HTTP_PROXY")}
     for url in urls:
         try:
             out[url] = urllib.request.urlopen(url, timeout=20).read().decode()
         except Exception as e:  # noqa: BLE001
             out[url] = f"{type(e).__name__}: {getattr(e, 'code', '')} {e}"
+        r = requests.get(url, timeout=20)  # requests follows HTTP_PROXY too
+        out["requests " + url] = r.text if r.ok else f"HTTPError: {r.status_code}"
     parts = urllib.parse.urlsplit(urls[0])
     try:  # around the proxy: the sandbox's own loopback has nothing on that port
         socket.create_connection((parts.hostname, parts.port), timeout=5).close()
@@ -294,6 +298,7 @@ def test_a_shared_job_reaches_only_what_its_integrations_allow(shared):
         job, seen = _run(s["alice"], _fetch, [allowed, blocked], stage="alice_stage")
         assert seen["proxy"] == "http://127.0.0.1:3128"
         assert seen[allowed].startswith("HTTPError: 403") and seen[blocked].startswith("HTTPError: 403")
+        assert seen["requests " + allowed] == seen["requests " + blocked] == "HTTPError: 403"
         assert seen["direct"] == "ConnectionRefusedError"
         log = job.get_logs(verbose=True)
         assert f"egress refused: 127.0.0.1:{net.port} is not allowed" in log
@@ -302,7 +307,8 @@ def test_a_shared_job_reaches_only_what_its_integrations_allow(shared):
         job = mljobs.remote("DEFAULT_POOL", stage_name="alice_stage", session=s["alice"],
                             external_access_integrations=["LOCALNET"])(_fetch)([allowed, blocked])
         seen = job.result(timeout=120)
-        assert seen[allowed] == "hello from /data"
+        assert seen[allowed] == seen["requests " + allowed] == "hello from /data"
+        assert seen["requests " + blocked] == "HTTPError: 403"
         assert seen[blocked].startswith("HTTPError: 403") and seen["direct"] == "ConnectionRefusedError"
         info = s["alice"].request("GET", f"/jobs/{job.id}").json()
         assert info["instances"][0]["isolation"].endswith("egress by integrations)")
