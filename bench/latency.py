@@ -182,6 +182,7 @@ def verdict(base: dict[str, Any], head: dict[str, Any]) -> list[str]:
 def timeline(a: argparse.Namespace) -> None:
     fd, path = tempfile.mkstemp(prefix="mljobs-trace-", suffix=".txt")
     os.close(fd)
+    os.chmod(path, 0o666)  # a shared sandbox's payload marks it under a uid of its own
     try:
         run_half(ROOT, a, trace_file=path)
         sys.path.insert(0, str(ROOT / "src"))

@@ -33,7 +33,7 @@ PROXY_PORT = 3128  # inside the sandbox: the job's HTTP(S) proxy
 SOCKET = "egress.sock"  # in the folder bound at the sandbox's job/net
 SERVER_TAG, PROXY_TAG = b"server\n", b"proxy\n"
 _HEAD_LIMIT = 64 * 1024
-_CHUNK = 1 << 20  # what one copy moves at most
+_CHUNK = 1 << 18  # what one copy moves at most (256 KiB: measured best of 64 KiB-4 MiB)
 _F_SETPIPE_SZ = 1031
 _HOST_PORT = re.compile(r"^(?P<host>.+):(?P<port>\d+)$")
 
