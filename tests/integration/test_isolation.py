@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import subprocess
 import sys
 
@@ -73,8 +74,15 @@ def _probe(paths: list[str], server_pid: int) -> dict:
         except OSError:
             return False
 
+    import pwd
+
     home = os.environ.get("MLJOBS_HOME_FOR_PROBE", "")
+    try:
+        pw_name = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        pw_name = None
     return {
+        "pw_name": pw_name,
         "uid": os.getuid(), "euid": os.geteuid(), "gid": os.getgid(),
         "readable": [p for p in paths if can_read(p)],
         "home_listing": sorted(os.listdir(home)) if home and os.path.isdir(home) else None,
@@ -116,7 +124,7 @@ def test_a_users_job_reaches_nothing_of_the_server_or_other_users(shared, tmp_pa
     assert not seen["server_visible"] and max(seen["pids"]) < 10, seen["pids"]  # its own PID namespace
     assert SECRET not in repr(seen["env"]) and "MLJOBS_SERVER_SECRET_FOR_TEST" not in seen["env"]
     assert seen["env"]["MLJOBS_TOKEN"].startswith("mlj_")  # it still reaches the control plane as alice
-    assert seen["env"]["USER"] == "alice"
+    assert seen["env"]["USER"] == seen["pw_name"] == "alice"  # getpass and getpwuid both know the uid
     assert 310000 <= seen["uid"] <= 310099 and seen["uid"] == seen["euid"] == seen["gid"], seen["uid"]
     # "/" holds the system, and the way to the interpreter and the job's folders: nothing else of the host
     bound = [*sandbox.SYSTEM_DIRS, "/dev", "/proc", "/tmp", *sandbox.interpreter_paths(), str(home)]
@@ -127,6 +135,7 @@ def test_a_users_job_reaches_nothing_of_the_server_or_other_users(shared, tmp_pa
     assert bob_seen["uid"] != seen["uid"] and 310000 <= bob_seen["uid"] <= 310099  # a uid per user, kept
     _, again = _run(s["alice"], _probe, [], server_pid, stage="alice_stage")
     assert again["uid"] == seen["uid"]
+    assert bob_seen["pw_name"] == "bob" and again["pw_name"] == "alice"  # a spare's passwd is rewritten per job
 
     info = s["alice"].request("GET", f"/jobs/{alice_job.id}").json()
     assert info["instances"][0]["isolation"] == f"sandbox (shared, uid {seen['uid']} (alice), egress by integrations)"
@@ -200,6 +209,7 @@ def test_personal_sandbox_sees_the_persons_files_not_the_servers(tmp_path):
                          env={"MLJOBS_HOME_FOR_PROBE": str(home)})
         assert seen["readable"] == [str(mine)]
         assert seen["uid"] == os.getuid() and seen["home_listing"] == ["envs", "job"]
+        assert seen["pw_name"] == pwd.getpwuid(os.getuid()).pw_name
         assert seen["tmp_writable"]
         # MLJOBS_HOME is a tmpfs of its own in there: what the job writes into it never reaches the server's
         assert not (home / "planted").exists()

@@ -154,9 +154,18 @@ class Proxy:
             conn.close()
             return
         conn.close()
+        for extra in fds[1:]:
+            os.close(extra)
         if not fds:
             return
-        job = socket.socket(fileno=fds[0])
+        try:  # whatever the job passed must be a stream socket
+            job = socket.socket(fileno=fds[0])
+        except OSError:
+            os.close(fds[0])
+            return
+        if job.type != socket.SOCK_STREAM:
+            job.close()
+            return
         try:
             if tag == SERVER_TAG:
                 _pump(job, self._connect(*self.control))

@@ -37,8 +37,8 @@ import setproctitle
 
 from mljobs.runtime import egress, entry
 
-__all__ = ["Policy", "probe", "inside", "spare_slot", "payload_argv", "payload_env", "own_for", "take_result",
-           "parse_mounts", "main"]
+__all__ = ["Policy", "probe", "inside", "spare_slot", "payload_argv", "payload_env", "write_passwd", "own_for",
+           "take_result", "parse_mounts", "main"]
 
 MODES = ("personal", "shared")
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
@@ -171,7 +171,7 @@ class _Argv:
 
 
 def payload_argv(policy: Policy, *, work: str, app: str | None, out: str, gpus: list[int] | None,
-                 net: str | None = None, python: str = sys.executable) -> list[str]:
+                 net: str | None = None, passwd: str | None = None, python: str = sys.executable) -> list[str]:
     """The bwrap command line that runs the payload entry (:func:`main`) in the instance's sandbox."""
     home = policy.home
     into = inside(home)
@@ -206,6 +206,8 @@ def payload_argv(policy: Policy, *, work: str, app: str | None, out: str, gpus: 
         trace_file = os.environ.get("MLJOBS_TRACE")
         if trace_file and os.path.isfile(trace_file):
             b.mount("--bind", trace_file, trace_file)
+        if passwd is not None:  # the system's users and the job's own uid (write_passwd)
+            b.mount("--ro-bind", passwd, "/etc/passwd")
     b.mount("--tmpfs", "", home)
     for p in policy.readable:
         if os.path.isdir(p):
@@ -219,6 +221,23 @@ def payload_argv(policy: Policy, *, work: str, app: str | None, out: str, gpus: 
         if net is not None:
             b.mount("--ro-bind", net, into["net"])
     return b.a + ["--chdir", into["work"], "--", python, "-m", "mljobs.runtime.sandbox"]
+
+
+def write_passwd(path: Path, policy: Policy) -> None:
+    """The ``/etc/passwd`` a shared sandbox sees: the system's, plus the job owner's uid (one of
+    ours, which the system does not know) so that ``getpwuid`` answers for it. Written in place:
+    a spare's copy is bound already, and a bind follows the file, not its name."""
+    try:
+        system = Path("/etc/passwd").read_text()
+    except OSError:
+        system = ""
+    lines = [ln for ln in system.splitlines() if policy.uid is None or ln.split(":")[2:3] != [str(policy.uid)]]
+    if policy.uid is not None:
+        name = policy.user or "mljobs"
+        lines.append(f"{name}:x:{policy.uid}:{policy.uid}:{name} (an mljobs job):{inside(policy.home)['work']}:"
+                     "/bin/sh")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def payload_env(policy: Policy, job_env: dict[str, str]) -> dict[str, str]:

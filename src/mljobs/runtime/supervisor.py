@@ -136,8 +136,12 @@ class Spare:
         if box is not None and self.slot is not None:
             for d in ("work", "out", "app", "net"):
                 (self.slot / d).mkdir(parents=True)
+            passwd = self.slot / "passwd" if box.mode == "shared" else None
+            if passwd is not None:  # filled in for the job's uid at assignment
+                sandbox.write_passwd(passwd, box)
             argv = sandbox.payload_argv(box, work=str(self.slot / "work"), app=str(self.slot / "app"),
-                                        out=str(self.slot / "out"), gpus=None, net=str(self.slot / "net"))
+                                        out=str(self.slot / "out"), gpus=None, net=str(self.slot / "net"),
+                                        passwd=str(passwd) if passwd is not None else None)
         self.out_r, out_w = os.pipe()
         self.err_r, err_w = os.pipe()
         go_r, self.go_w = os.pipe()
@@ -212,6 +216,8 @@ class Spare:
         os.rename(self.slot / "out", run_dir / "out")
         if launch["app_dir"] != launch["work_dir"]:
             _link_tree(Path(launch["app_dir"]), self.slot / "app")
+        if box.mode == "shared":
+            sandbox.write_passwd(self.slot / "passwd", box)
         sandbox.own_for(box, work, run_dir / "out")
 
     def remove_slot(self) -> None:
@@ -498,8 +504,11 @@ def _sandboxed(launch: dict[str, Any], box: sandbox.Policy) -> tuple[list[str], 
     out.mkdir(exist_ok=True)
     sandbox.own_for(box, work, out)
     app = launch["app_dir"] if launch["app_dir"] != launch["work_dir"] else None
+    passwd = run_dir / "passwd" if box.mode == "shared" else None
+    if passwd is not None:
+        sandbox.write_passwd(passwd, box)
     argv = sandbox.payload_argv(box, work=str(work), app=app, out=str(out), gpus=launch.get("gpus"),
-                                net=str(run_dir / "net"))
+                                net=str(run_dir / "net"), passwd=str(passwd) if passwd is not None else None)
     return argv, sandbox.payload_env(box, {}), _inner_launch(launch, box)
 
 
