@@ -13,6 +13,7 @@ import os
 import pwd
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -325,3 +326,35 @@ def test_a_shared_job_reaches_only_what_its_integrations_allow(shared):
     finally:
         net.close()
         mljobs.drop_external_access_integration("LOCALNET", session=s["root"])
+
+
+def test_cancel_gives_a_sandboxed_payload_its_grace_period(shared):
+    """SIGTERM reaches the payload inside its sandbox (not bubblewrap, whose death would SIGKILL it),
+    so a training loop can save its state before the grace period ends."""
+    srv, s = shared
+
+    @mljobs.remote("DEFAULT_POOL", stage_name="alice_stage", session=s["alice"])
+    def careful():
+        import signal
+        import sys
+        import time
+
+        def save(*_):
+            print("got SIGTERM: saving the checkpoint", flush=True)
+            time.sleep(0.3)
+            print("saved", flush=True)
+            sys.exit(0)
+
+        signal.signal(signal.SIGTERM, save)
+        print("training", flush=True)
+        time.sleep(120)
+
+    job = careful()
+    deadline = time.monotonic() + 60
+    while "training" not in job.get_logs():
+        assert time.monotonic() < deadline, job.get_logs(verbose=True)
+        time.sleep(0.05)
+    job.cancel()
+    assert job.wait(timeout=60) == "CANCELLED"
+    log = job.get_logs()
+    assert "got SIGTERM: saving the checkpoint" in log and "saved" in log, job.get_logs(verbose=True)

@@ -24,7 +24,10 @@ def test_job_env_points_at_the_proxy_and_the_control_plane_inside():
     env = egress.job_env("http://127.0.0.1:4567")
     assert env["HTTPS_PROXY"] == env["http_proxy"] == f"http://127.0.0.1:{egress.PROXY_PORT}"
     assert env["MLJOBS_URL"] == "http://127.0.0.1:4567"
-    assert egress.job_env("http://server.example:80/base")["MLJOBS_URL"] == "http://127.0.0.1:80/base"
+    assert egress.job_env("http://server.example:8000/base")["MLJOBS_URL"] == "http://127.0.0.1:8000/base"
+    # a port the forwarder cannot listen on, or TLS: the URL as it is, through the proxy (CONNECT)
+    assert "MLJOBS_URL" not in egress.job_env("http://server.example/base")
+    assert "MLJOBS_URL" not in egress.job_env("https://mljobs.example.com")
 
 
 @pytest.fixture

@@ -35,6 +35,7 @@ from mljobs.errors import InvalidArgumentError
 from mljobs.paths import CGROUP_FILE, HomePaths, InstancePaths
 from mljobs.providers import netns
 from mljobs.runtime import containment, multinode, sandbox
+from mljobs.runtime.sandbox import UNSANDBOXED_MULTINODE
 from mljobs.runtime.metrics import read_samples
 from mljobs.providers.base import (ExitCallback, InstanceExit, InstanceHandle, InstanceLaunch, Provider,
                                    launch_document)
@@ -391,7 +392,8 @@ class LocalProvider(Provider):
             log_file=str(p.log_file), result_file=str(p.result), cpus=cpus,
             python=launch.spec.runtime_python or sys.executable, multinode=multinode, netns=ns,
             containment=self.plan.to_dict(), metrics_file=str(p.metrics_file), metrics=self._metrics, gpus=gpus,
-            sandbox=box, isolation=sandbox.Policy.from_dict(box).describe() if box else "none")
+            sandbox=box, isolation=sandbox.Policy.from_dict(box).describe() if box else "none",
+            isolation_note=UNSANDBOXED_MULTINODE if launch.sandbox and multinode is not None else None)
         p.launch.write_text(json.dumps(doc))
         trace.mark(launch.job_id, "provider.launch.written")
         template = sandbox.Policy.from_dict(box).template().to_dict() if box else None

@@ -24,6 +24,7 @@ import re
 import selectors
 import socket
 import threading
+import time
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
@@ -35,6 +36,7 @@ SERVER_TAG, PROXY_TAG = b"server\n", b"proxy\n"
 _HEAD_LIMIT = 64 * 1024
 _CHUNK = 1 << 18  # what one copy moves at most (256 KiB: measured best of 64 KiB-4 MiB)
 _F_SETPIPE_SZ = 1031
+_MAX_CONNECTIONS = 256  # open at once through one instance's proxy
 _HOST_PORT = re.compile(r"^(?P<host>.+):(?P<port>\d+)$")
 
 
@@ -51,12 +53,24 @@ def allows(patterns: list[str], host: str, port: int) -> bool:
 
 def job_env(control_url: str) -> dict[str, str]:
     """The variables that send the job's traffic through its proxy, and its control plane URL as
-    seen inside (the forwarder on the same port of the sandbox's own loopback)."""
+    seen inside: for ``http://`` on a port the forwarder can listen on, that port of the sandbox's
+    own loopback; else the URL as it is, which the job reaches through the proxy (CONNECT for
+    ``https://``: TLS end to end)."""
     proxy = f"http://127.0.0.1:{PROXY_PORT}"
+    env = {"HTTP_PROXY": proxy, "HTTPS_PROXY": proxy, "http_proxy": proxy, "https_proxy": proxy,
+           "NO_PROXY": "", "no_proxy": ""}
+    port = _forwarded_port(control_url)
+    if port is not None:
+        parts = urlsplit(control_url)
+        env["MLJOBS_URL"] = f"http://127.0.0.1:{port}{parts.path}"
+    return env
+
+
+def _forwarded_port(control_url: str) -> int | None:
+    """The control plane's port the forwarder listens on inside (plain HTTP, unprivileged ports)."""
     parts = urlsplit(control_url)
-    inside = f"http://127.0.0.1:{parts.port or 80}{parts.path}"
-    return {"HTTP_PROXY": proxy, "HTTPS_PROXY": proxy, "http_proxy": proxy, "https_proxy": proxy,
-            "NO_PROXY": "", "no_proxy": "", "MLJOBS_URL": inside}
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return port if parts.scheme == "http" and 1024 <= port != PROXY_PORT else None
 
 
 def _copy(src: socket.socket, dst: socket.socket) -> None:
@@ -109,7 +123,7 @@ class Proxy:
     def __init__(self, path: str, allowed: list[str], control_url: str, log: Callable[[str], None]) -> None:
         self.path, self.allowed, self.log = path, list(allowed), log
         parts = urlsplit(control_url)
-        self.control = (parts.hostname or "127.0.0.1", parts.port or 80)
+        self.control = (parts.hostname or "127.0.0.1", parts.port or (443 if parts.scheme == "https" else 80))
         self.refused: list[str] = []
         try:
             os.unlink(path)
@@ -120,6 +134,8 @@ class Proxy:
         os.chmod(path, 0o666)  # the job's uid connects
         self.sock.listen(64)
         self._thread: threading.Thread | None = None
+        self.closed = False
+        self._slots = threading.BoundedSemaphore(_MAX_CONNECTIONS)
 
     def start(self) -> None:
         """Serve in a thread (after the supervisor's fork: the payload process gets no thread)."""
@@ -127,6 +143,7 @@ class Proxy:
         self._thread.start()
 
     def close(self) -> None:
+        self.closed = True
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -138,17 +155,30 @@ class Proxy:
             pass
 
     def _serve(self) -> None:
-        while True:
+        while not self.closed:
             try:
                 conn, _ = self.sock.accept()
             except OSError:
-                return
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+                if self.closed:
+                    return
+                time.sleep(0.05)  # out of descriptors, say: a moment, then on
+                continue
+            if not self._slots.acquire(blocking=False):  # a job's own connections, not the supervisor's
+                conn.close()
+                continue
+            threading.Thread(target=self._handle_slot, args=(conn,), daemon=True).start()
+
+    def _handle_slot(self, conn: socket.socket) -> None:
+        try:
+            self._handle(conn)
+        finally:
+            self._slots.release()
 
     def _handle(self, conn: socket.socket) -> None:
         """One connection of the job's: the forwarder passes its socket (SCM_RIGHTS) with the tag
         of the port it came in on, so the bytes go job <-> proxy <-> host with no hop between."""
         try:
+            conn.settimeout(10)
             tag, fds, _, _ = socket.recv_fds(conn, 64, 1)
         except OSError:
             conn.close()
@@ -167,11 +197,13 @@ class Proxy:
             job.close()
             return
         try:
+            job.settimeout(30)  # for its request head; the copy after it waits as long as it takes
             if tag == SERVER_TAG:
+                job.settimeout(None)
                 _pump(job, self._connect(*self.control))
             else:
                 self._proxy(job, b"")
-        except OSError:
+        except Exception:  # noqa: BLE001 - a bad request ends its connection, never the proxy
             job.close()
 
     @staticmethod
@@ -210,8 +242,9 @@ class Proxy:
         dest = self.control if self._is_control(host, port) else (host, port)
         try:
             up = self._connect(*dest)
-        except OSError as e:
+        except (OSError, UnicodeError) as e:
             return self._answer(conn, 502, f"{host}:{port} could not be reached: {e}")
+        conn.settimeout(None)
         if method.upper() == "CONNECT":
             conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
             if body:
@@ -256,7 +289,8 @@ def listeners(control_url: str) -> list[tuple[socket.socket, bytes]]:
     """Inside the sandbox, before the payload starts: the proxy port and the control plane's port
     on the sandbox's loopback, each with the tag its connections carry."""
     out = []
-    for port, tag in ((PROXY_PORT, PROXY_TAG), (urlsplit(control_url).port or 80, SERVER_TAG)):
+    control = _forwarded_port(control_url)
+    for port, tag in ((PROXY_PORT, PROXY_TAG), *(((control, SERVER_TAG),) if control is not None else ())):
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))

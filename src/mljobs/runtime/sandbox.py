@@ -49,6 +49,8 @@ KEEP_ENV = ("PATH", "LANG", "LANGUAGE", "TZ", "TERM", "PYTHONPATH", "PYTHONDONTW
 PERSONAL_ENV = ("HOME", "USER", "LOGNAME", "SHELL")
 # the locale, and what Slurm tells a node's payload about its allocation
 KEEP_PREFIXES = ("LC_", "SLURM_")
+UNSANDBOXED_MULTINODE = ("this multi-node instance runs unsandboxed, with the server's identity and view "
+                         "(multi-node jobs are not sandboxed yet; docs/isolation.md)")
 INSTALL_HINT = "install bubblewrap (`apt-get install bubblewrap`, `dnf install bubblewrap`)"
 
 
@@ -90,9 +92,11 @@ class Policy:
         binds only its instance's GPUs, so an instance with GPUs gets a sandbox of its own)."""
         return self == job.template() and not (job.mode == "shared" and gpus)
 
-    def keeps_setuid(self) -> bool:
-        """Whether the payload entry gets CAP_SETUID/CAP_SETGID to take the job's uid (and nothing else)."""
-        return self.uid is not None or (self.mode == "shared" and os.geteuid() == 0)
+    def keeps_setuid(self, spare: bool = False) -> bool:
+        """Whether the payload entry gets CAP_SETUID/CAP_SETGID to take the job's uid (and nothing
+        else): it has a uid to take, or it is a shared spare of a root server (its job's uid comes
+        with the launch record, and the entry refuses to run one without)."""
+        return self.uid is not None or (spare and self.mode == "shared" and os.geteuid() == 0)
 
 
 @functools.lru_cache(maxsize=1)
@@ -171,13 +175,14 @@ class _Argv:
 
 
 def payload_argv(policy: Policy, *, work: str, app: str | None, out: str, gpus: list[int] | None,
-                 net: str | None = None, passwd: str | None = None, python: str = sys.executable) -> list[str]:
+                 net: str | None = None, passwd: str | None = None, spare: bool = False,
+                 python: str = sys.executable) -> list[str]:
     """The bwrap command line that runs the payload entry (:func:`main`) in the instance's sandbox."""
     home = policy.home
     into = inside(home)
     b = _Argv(shutil.which("bwrap") or "bwrap")
     b.a += ["--die-with-parent", "--unshare-pid", "--unshare-ipc", "--cap-drop", "ALL"]
-    if policy.keeps_setuid():  # the entry takes the job's uid, which drops these too
+    if policy.keeps_setuid(spare):  # the entry takes the job's uid, which drops these too
         b.a += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     if policy.mode == "personal":
         b.mount("--bind", "/", "/")
@@ -220,7 +225,11 @@ def payload_argv(policy: Policy, *, work: str, app: str | None, out: str, gpus: 
         b.a.append("--unshare-net")
         if net is not None:
             b.mount("--ro-bind", net, into["net"])
-    return b.a + ["--chdir", into["work"], "--", python, "-m", "mljobs.runtime.sandbox"]
+    # Started in "/" (``-m`` puts the working folder first on sys.path, and the job's files must not
+    # shadow a module before the entry has taken the job's uid), without the user site (HOME is the
+    # job's folder in a shared sandbox); the entry then moves into the work folder.
+    flags = ["-s"] if policy.mode == "shared" else []
+    return b.a + ["--chdir", "/", "--", python, *flags, "-m", "mljobs.runtime.sandbox"]
 
 
 def write_passwd(path: Path, policy: Policy) -> None:
@@ -292,11 +301,22 @@ def main() -> None:
             os.setgroups([])
             os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)
+        elif _capabilities():  # a spare made to take a uid, sent a job without one: never run it so
+            raise PermissionError("a sandbox that holds capabilities got no uid to run the job as")
         if launch.get("egress_sock"):
             _start_forwarder(launch["egress_sock"], launch["egress_url"])
     except BaseException as e:  # noqa: BLE001
         entry.start_failed(e)
     entry.enter(launch)
+
+
+def _capabilities() -> int:
+    """This process's effective capabilities (0: none)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
 
 
 def _start_forwarder(sock: str, control_url: str) -> None:

@@ -68,7 +68,9 @@ def kill_tree(root: int, grace_s: float, *, include_root: bool = False) -> None:
     pids = descendants(root) + ([root] if include_root else [])
     if not pids:
         return
-    _signal_all(pids, signal.SIGTERM)
+    # Not bubblewrap's own processes: they would die at once and take the sandbox with them (its
+    # init SIGKILLs the rest), so the payload would get no grace period; they end when it does.
+    _signal_all([p for p in pids if not _is_bwrap(p)], signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
         _reap()
@@ -82,6 +84,14 @@ def kill_tree(root: int, grace_s: float, *, include_root: bool = False) -> None:
         if not descendants(root):
             return
         time.sleep(0.01)
+
+
+def _is_bwrap(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip() == "bwrap"
+    except OSError:
+        return False
 
 
 def _alive(pid: int) -> bool:
@@ -141,7 +151,7 @@ class Spare:
                 sandbox.write_passwd(passwd, box)
             argv = sandbox.payload_argv(box, work=str(self.slot / "work"), app=str(self.slot / "app"),
                                         out=str(self.slot / "out"), gpus=None, net=str(self.slot / "net"),
-                                        passwd=str(passwd) if passwd is not None else None)
+                                        passwd=str(passwd) if passwd is not None else None, spare=True)
         self.out_r, out_w = os.pipe()
         self.err_r, err_w = os.pipe()
         go_r, self.go_w = os.pipe()
@@ -179,9 +189,9 @@ class Spare:
             self.ready_r = None
 
     def go(self, launch: dict[str, Any]) -> None:
-        """Hand the payload process its launch record: it runs the launcher at once."""
-        with os.fdopen(self.go_w, "wb") as go:
-            go.write(json.dumps(launch).encode() + b"\n")
+        """Hand the payload process its launch record: it runs the launcher at once (a payload
+        process that died meanwhile ends as any would: its exit status says how)."""
+        _send_launch(self.go_w, launch)
 
     def discard(self) -> None:
         """Stop the unused payload process and remove its cgroups and slot (the spawner went away)."""
@@ -226,6 +236,15 @@ class Spare:
 
 
 GO_FD, READY_FD = entry.GO_FD, entry.READY_FD
+
+
+def _send_launch(fd: int, launch: dict[str, Any]) -> None:
+    """Write the launch record on a go pipe and close it; a reader that is gone is not an error here."""
+    try:
+        with os.fdopen(fd, "wb") as go:
+            go.write(json.dumps(launch).encode() + b"\n")
+    except BrokenPipeError:
+        pass
 
 
 def _link_tree(src: Path, dst: Path) -> None:
@@ -334,6 +353,8 @@ def supervise(launch: dict[str, Any], spare: Spare | None = None) -> dict[str, A
         spare.discard()
         spare = None
     trace.mark(launch.get("job_id", ""), "supervisor.spare.checked")
+    if launch.get("isolation_note"):  # it runs without the sandbox its job would have had: say so
+        log.system(launch["isolation_note"])
     log.system(
         f"instance {launch['instance_id']} of job {launch['job_id']} starting "
         f"(cpus {launch.get('cpus')}, memory limit {launch.get('memory_bytes')} bytes)"
@@ -392,8 +413,7 @@ def supervise(launch: dict[str, Any], spare: Spare | None = None) -> dict[str, A
         os.close(out_w), os.close(err_w)
         if boxed is not None and go_r is not None and go_w is not None:
             os.close(go_r)
-            with os.fdopen(go_w, "wb") as go:
-                go.write(json.dumps(boxed[2]).encode() + b"\n")
+            _send_launch(go_w, boxed[2])  # bubblewrap may have failed already: its stderr says why
     trace.mark(launch.get("job_id", ""), "supervisor.forked")
     if proxy is not None:  # after the fork: the payload process gets no thread
         proxy.start()
@@ -534,9 +554,10 @@ def _sandbox_result(launch: dict[str, Any], log: _LogWriter, code: int | None) -
     """After a sandboxed payload: its result to where the server reads it; a sandbox that never
     started (bubblewrap said why on stderr) becomes the job's error, naming the cause and the fix."""
     run_dir = Path(launch["run_dir"])
-    why = sandbox.take_result(run_dir / "out", run_dir / "result.pkl")
-    if why:
-        log.system(why)
+    for name in ("result.pkl", "error.json"):  # the envelope, and a failure's summary beside it
+        why = sandbox.take_result(run_dir / "out", run_dir / name)
+        if why:
+            log.system(why)
     if code in (None, 0) or (run_dir / "result.pkl").exists() or not log.bwrap_error:
         return
     msg = (f"the job's sandbox could not start: {log.bwrap_error}. Check that what it names exists and that "
