@@ -77,3 +77,23 @@ def test_bad_settings_and_mounts_are_named(tmp_path, monkeypatch):
     shared = _iso(tmp_path, users=True, monkeypatch=monkeypatch)
     with pytest.raises(SandboxError, match="does not exist.*alter_compute_pool"):
         shared.policy("alice", [str(tmp_path / "gone")], "P")
+
+
+def test_a_users_uid_is_kept_and_never_given_to_another(tmp_path):
+    """On the real store (SQLite, migrated): a uid per user on first use, kept; a deleted user's
+    uid, which may still own files on a shared filesystem, is not given to the next user."""
+    from mljobs.server.store import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'mljobs.db'}")
+    store.migrate()
+    for name, token in (("root", "a" * 64), ("alice", "b" * 64), ("bob", "c" * 64)):
+        store.create_user(name, token, name == "root")
+    alice, bob = store.user_uid("alice", 310000, 310002), store.user_uid("bob", 310000, 310002)
+    assert (alice, bob) == (310000, 310001) and store.user_uid("alice", 310000, 310002) == alice
+    store.delete_user("bob")
+    store.create_user("carol", "d" * 64, False)
+    assert store.user_uid("carol", 310000, 310002) == 310002  # not bob's
+    store.create_user("dave", "e" * 64, False)
+    with pytest.raises(ConflictError, match="MLJOBS_JOB_UIDS"):
+        store.user_uid("dave", 310000, 310002)
+    store.engine.dispose()

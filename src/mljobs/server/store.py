@@ -69,6 +69,13 @@ def _row(r: Any) -> dict[str, Any]:
     return d
 
 
+_UID_HIGH = "job_uid_high"  # the highest uid a user's sandboxed jobs were given (never given again)
+
+
+class _Raced(Exception):
+    """Another server changed what a compare-and-set expected."""
+
+
 class Store:
     # How long a pool's row is reused without asking the database: every job reads its pool
     # several times, pools change rarely, and this server's own changes clear it at once (another
@@ -505,9 +512,10 @@ class Store:
             return c.execute(sa.select(users.c.name).limit(1)).first() is not None
 
     def user_uid(self, name: str, first: int, last: int) -> int:
-        """The uid ``name``'s sandboxed jobs run as: given on first use, the lowest free one in
-        ``first..last``, and kept (a deleted user's uid is not given again while its row lives)."""
-        for _ in range(5):
+        """The uid ``name``'s sandboxed jobs run as: given on first use, one more than any given
+        before (``job_uid_high`` in the secrets table: a deleted user's uid, which may still own
+        files on a shared filesystem, is never given to another user), and kept."""
+        for _ in range(10):
             with self.engine.connect() as c:
                 r = c.execute(sa.select(users.c.uid).where(users.c.name == name)).first()
                 if r is None:
@@ -515,14 +523,20 @@ class Store:
                 if r[0] is not None:
                     return int(r[0])
                 top = c.execute(sa.select(sa.func.max(users.c.uid))).scalar()
-            uid = first if top is None or top < first else int(top) + 1
+                high = c.execute(sa.select(secrets.c.value).where(secrets.c.name == _UID_HIGH)).scalar()
+            uid = max(first, (top or 0) + 1, int(high) + 1 if high is not None else 0)
             if uid > last:
                 raise ConflictError(f"no uid is left for user {name!r} in the job uid range {first}-{last}; "
                                     "widen it (MLJOBS_JOB_UIDS=FIRST-LAST)")
             try:
                 with self.engine.begin() as c:
+                    if high is None:
+                        c.execute(secrets.insert().values(name=_UID_HIGH, value=str(uid)))
+                    elif c.execute(secrets.update().where(secrets.c.name == _UID_HIGH, secrets.c.value == high)
+                                   .values(value=str(uid))).rowcount != 1:
+                        raise _Raced()
                     c.execute(users.update().where(users.c.name == name, users.c.uid.is_(None)).values(uid=uid))
-            except sa.exc.IntegrityError:  # another server took that uid first: look again
+            except (sa.exc.IntegrityError, _Raced):  # another server gave a uid meanwhile: look again
                 continue
         raise ConflictError(f"could not give user {name!r} a uid; try again")
 
