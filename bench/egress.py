@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import http.server
+import shutil
 import statistics
 import sys
 import tempfile
@@ -93,6 +94,7 @@ def main() -> None:
     finally:
         for srv in servers.values():
             srv.stop()
+            shutil.rmtree(srv.home, ignore_errors=True)
         net.shutdown()
     med = {label: statistics.median(v) for label, v in results.items()}
     print(f"\n{a.mb} MB from a local HTTP server, in a shared sandbox, median of {a.rounds}:")
