@@ -118,6 +118,41 @@ def leftover_processes(home: Path) -> list[psutil.Process]:
     return out
 
 
+def add_users(srv: ServerProc) -> dict[str, Any]:
+    """On a server without users: an admin ``root`` (made by the anonymous local admin) and the
+    plain users ``alice`` and ``bob``; a Session of each, by name."""
+    from mljobs.client.session import Session
+
+    root = Session(url=srv.url).request("POST", "/users", json={"name": "root", "admin": True}).json()["token"]
+    sessions = {"root": Session(url=srv.url, token=root)}
+    for name in ("alice", "bob"):
+        token = sessions["root"].request("POST", "/users", json={"name": name}).json()["token"]
+        sessions[name] = Session(url=srv.url, token=token)
+    return sessions
+
+
+def http_origin(body: Any) -> Any:
+    """A local HTTP server on 127.0.0.1 standing in for a host on the internet: it answers each
+    GET with ``body(handler)`` (bytes). Call ``shutdown()`` and ``server_close()`` when done."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            data = body(self)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
 def host_pids(inner: list[int], job_id: str) -> list[int]:
     """Pids a job recorded (``os.getpid()``, ``Popen.pid``) as this machine numbers them: in its
     sandbox a job sees the numbers of its own PID namespace (the last of each process's NSpid).

@@ -20,7 +20,7 @@ import pytest
 import mljobs
 from mljobs.client.session import Session
 from mljobs.runtime import sandbox
-from tests.conftest import ServerProc, assert_no_leftovers
+from tests.conftest import ServerProc, add_users, assert_no_leftovers, http_origin
 
 SECRET = "server-secret-4711"
 
@@ -41,16 +41,11 @@ def shared(tmp_path_factory):
     home = tmp_path_factory.mktemp("mlh")
     srv = ServerProc(home, extra_env={"MLJOBS_SERVER_SECRET_FOR_TEST": SECRET, "MLJOBS_JOB_UIDS": "310000-310099"})
     srv.start()
-    local = Session(url=srv.url)
-    root = local.request("POST", "/users", json={"name": "root", "admin": True}).json()["token"]
-    sessions = {"root": Session(url=srv.url, token=root)}
-    for name in ("alice", "bob"):
-        token = sessions["root"].request("POST", "/users", json={"name": name}).json()["token"]
-        sessions[name] = Session(url=srv.url, token=token)
+    sessions = add_users(srv)
     yield srv, sessions
     for s in sessions.values():
         s.close()
-    _stop(srv, root)
+    _stop(srv, sessions["root"].token)
     assert_no_leftovers(home)
     assert not list((home / "spares").glob("*")), "sandboxed spares' folders left behind"
 
@@ -245,33 +240,6 @@ def test_no_isolation_is_said_and_shown(tmp_path):
     assert_no_leftovers(home)
 
 
-class _Internet:
-    """A local HTTP server on 127.0.0.1 standing in for a host on the internet."""
-
-    def __init__(self) -> None:
-        import http.server
-        import threading
-
-        class Hello(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802
-                body = f"hello from {self.path}".encode()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def _fetch(urls: list[str]) -> dict:
     """Inside the job: each URL through the job's proxy (HTTP_PROXY), and the same host directly."""
     import os
@@ -300,11 +268,12 @@ def _fetch(urls: list[str]) -> dict:
 
 def test_a_shared_job_reaches_only_what_its_integrations_allow(shared):
     srv, s = shared
-    net = _Internet()
+    net = http_origin(lambda h: f"hello from {h.path}".encode())
+    port = net.server_address[1]
     try:
-        allowed = f"http://127.0.0.1:{net.port}/data"
+        allowed = f"http://127.0.0.1:{port}/data"
         blocked = "http://blocked.invalid/x"  # refused by the proxy, never looked up
-        mljobs.create_external_access_integration("LOCALNET", allowed_hosts=[f"127.0.0.1:{net.port}"],
+        mljobs.create_external_access_integration("LOCALNET", allowed_hosts=[f"127.0.0.1:{port}"],
                                                   session=s["root"])
         job, seen = _run(s["alice"], _fetch, [allowed, blocked], stage="alice_stage")
         assert seen["proxy"] == "http://127.0.0.1:3128"
@@ -312,7 +281,7 @@ def test_a_shared_job_reaches_only_what_its_integrations_allow(shared):
         assert seen["requests " + allowed] == seen["requests " + blocked] == "HTTPError: 403"
         assert seen["direct"] == "ConnectionRefusedError"
         log = job.get_logs(verbose=True)
-        assert f"egress refused: 127.0.0.1:{net.port} is not allowed" in log
+        assert f"egress refused: 127.0.0.1:{port} is not allowed" in log
         assert "blocked.invalid:80" in log and "create_external_access_integration" in log
 
         job = mljobs.remote("DEFAULT_POOL", stage_name="alice_stage", session=s["alice"],
@@ -324,7 +293,8 @@ def test_a_shared_job_reaches_only_what_its_integrations_allow(shared):
         info = s["alice"].request("GET", f"/jobs/{job.id}").json()
         assert info["instances"][0]["isolation"].endswith("egress by integrations)")
     finally:
-        net.close()
+        net.shutdown()
+        net.server_close()
         mljobs.drop_external_access_integration("LOCALNET", session=s["root"])
 
 

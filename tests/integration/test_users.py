@@ -11,7 +11,7 @@ import pytest
 
 import mljobs
 from mljobs.client.session import Session
-from tests.conftest import ServerProc, assert_no_leftovers
+from tests.conftest import ServerProc, add_users, assert_no_leftovers
 
 
 @pytest.fixture
@@ -20,17 +20,12 @@ def users(tmp_path_factory):
     home = tmp_path_factory.mktemp("mlh")
     srv = ServerProc(home)
     srv.start()
-    local = Session(url=srv.url)
-    assert local.request("GET", "/whoami").json()["admin"] is True  # no users yet: loopback is the local admin
-    root = local.request("POST", "/users", json={"name": "root", "admin": True}).json()["token"]
-    sessions = {"root": Session(url=srv.url, token=root)}
-    for name in ("alice", "bob"):
-        token = sessions["root"].request("POST", "/users", json={"name": name}).json()["token"]
-        sessions[name] = Session(url=srv.url, token=token)
+    assert Session(url=srv.url).request("GET", "/whoami").json()["admin"] is True  # no users yet: the local admin
+    sessions = add_users(srv)
     yield srv, sessions
     for s in sessions.values():
         s.close()
-    _stop_with_token(srv, root)  # shutdown needs an admin now
+    _stop_with_token(srv, sessions["root"].token)  # shutdown needs an admin now
     assert_no_leftovers(home)
 
 

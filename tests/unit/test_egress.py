@@ -3,13 +3,12 @@ local HTTP server on 127.0.0.1 standing in for the internet."""
 
 from __future__ import annotations
 
-import http.server
 import socket
-import threading
 
 import pytest
 
 from mljobs.runtime import egress
+from tests.conftest import http_origin
 
 
 def test_allows_host_patterns_and_ports():
@@ -32,19 +31,7 @@ def test_job_env_points_at_the_proxy_and_the_control_plane_inside():
 
 @pytest.fixture
 def origin():
-    class Hello(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            body = f"{self.path} {self.headers.get('Connection')}".encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    srv = http_origin(lambda h: f"{h.path} {h.headers.get('Connection')}".encode())
     yield srv.server_address[1]
     srv.shutdown()
     srv.server_close()

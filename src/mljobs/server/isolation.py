@@ -47,10 +47,12 @@ class Isolation:
         self.problem = None if self.setting == "none" else sandbox.probe()
         self._lock = threading.Lock()
         self._users: tuple[float, bool] = (0.0, False)
+        self._uids: dict[str, int] = {}  # a user's uid never changes once given: read once
 
     def users_changed(self) -> None:
         with self._lock:
             self._users = (0.0, False)
+            self._uids.clear()  # a deleted name may come back as a new user with a new uid
 
     def mode(self) -> str:
         """``none``, ``personal`` or ``shared``, as in force now."""
@@ -95,7 +97,11 @@ class Isolation:
         uid = None
         if mode == "shared" and os.geteuid() == 0:
             try:
-                uid = self.store.user_uid(owner, *self.uids)
+                uid = self._uids.get(owner)
+                if uid is None:
+                    uid = self.store.user_uid(owner, *self.uids)
+                    with self._lock:
+                        self._uids[owner] = uid
             except NotFoundError:  # no such user (shared mode forced on a server without users)
                 uid = self.uids[1]
         try:
