@@ -12,10 +12,14 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "remote": "mljobs.client.jobs", "submit_file": "mljobs.client.jobs",
+    "remote": "mljobs.client.definitions", "submit_file": "mljobs.client.jobs",
     "submit_directory": "mljobs.client.jobs", "submit_from_stage": "mljobs.client.jobs",
     "get_job": "mljobs.client.jobs", "list_jobs": "mljobs.client.jobs", "delete_job": "mljobs.client.jobs",
-    "MLJobDefinition": "mljobs.client.jobs", "MLJob": "mljobs.client.job",
+    "MLJobDefinition": "mljobs.client.definitions", "get_definition": "mljobs.client.definitions",
+    "list_definitions": "mljobs.client.definitions", "create_schedule": "mljobs.client.schedules",
+    "list_schedules": "mljobs.client.schedules", "pause_schedule": "mljobs.client.schedules",
+    "resume_schedule": "mljobs.client.schedules", "drop_schedule": "mljobs.client.schedules",
+    "get_schedule": "mljobs.client.schedules", "schedule_events": "mljobs.client.schedules", "MLJob": "mljobs.client.job",
     "DistributedResult": "mljobs.client.job", "InstancesUnavailableError": "mljobs.errors",
     "Session": "mljobs.client.session", "get_active_session": "mljobs.client.session",
     "create_compute_pool": "mljobs.client.pools", "alter_compute_pool": "mljobs.client.pools",
@@ -36,8 +40,10 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:
     from mljobs.client.job import DistributedResult, MLJob
-    from mljobs.client.jobs import (MLJobDefinition, delete_job, get_job, list_jobs, remote, submit_directory,
-                                    submit_file, submit_from_stage)
+    from mljobs.client.definitions import MLJobDefinition, get_definition, list_definitions, remote
+    from mljobs.client.jobs import delete_job, get_job, list_jobs, submit_directory, submit_file, submit_from_stage
+    from mljobs.client.schedules import (create_schedule, drop_schedule, get_schedule, list_schedules,
+                                         pause_schedule, resume_schedule, schedule_events)
     from mljobs.client.pools import (alter_compute_pool, create_compute_pool, create_external_access_integration,
                                      create_stage, describe_compute_pool, drop_compute_pool,
                                      drop_external_access_integration, list_compute_pools, list_environments,

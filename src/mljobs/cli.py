@@ -13,6 +13,7 @@ import typer
 
 from mljobs import errors
 from mljobs import cli_output as out
+from mljobs.cli_schedules import definition_app, schedule_app
 from mljobs.config import load_settings
 from mljobs.paths import HomePaths
 from mljobs.status import JOB_STATUS
@@ -33,6 +34,8 @@ app.add_typer(env_app, name="env")
 user_app = typer.Typer(help="Users and their tokens (admins only, or the server's own machine).", no_args_is_help=True)
 app.add_typer(user_app, name="user")
 app.add_typer(integration_app, name="integration")
+app.add_typer(schedule_app, name="schedule")
+app.add_typer(definition_app, name="definition")
 console = out.make_console()  # as wide as COLUMNS or the terminal; no wrapping when piped
 err = out.make_console(stderr=True)
 JSON_HELP = "print JSON for scripts (fixed keys, ISO 8601 UTC times)"

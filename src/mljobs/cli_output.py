@@ -147,9 +147,10 @@ def print_json(value: Any) -> None:
 # -- the records the commands show ------------------------------------------------------------
 JOB_KEYS = ["id", "name", "status", "message", "compute_pool", "database_name", "schema_name", "owner",
             "stage_name", "target_instances", "min_instances", "instances_ran", "created_time", "started_time",
-            "completed_time", "duration_s", "peak_rss_bytes", "cpu_seconds"]
+            "completed_time", "duration_s", "peak_rss_bytes", "cpu_seconds", "attempt", "schedule_name",
+            "scheduled_tick"]
 INSTANCE_KEYS = ["instance_id", "status", "exit_code", "started_time", "ended_time", "cpu_seconds", "peak_rss_bytes"]
-JOB_DETAIL_KEYS = [*JOB_KEYS, "payload_kind", "parallel", "instances"]
+JOB_DETAIL_KEYS = [*JOB_KEYS, "payload_kind", "parallel", "max_retries", "instances"]
 POOL_KEYS = ["name", "state", "instance_family", "family", "min_nodes", "max_nodes", "nodes_in_use", "queued",
              "running", "provider", "cpus_per_node", "memory_bytes_per_node", "gpus_per_node", "owner",
              "created_time"]
@@ -163,7 +164,8 @@ def _ran(r: dict[str, Any]) -> str:
 JOB_COLUMNS = [
     Column.key("id"),
     Column("name", lambda r: "" if r.get("name") == r.get("id") else r.get("name"), drop=5),
-    Column.key("status"),
+    Column("status", lambda r: r.get("status", "") + (f" (attempt {r['attempt']})" if (r.get("attempt") or 1) > 1
+                                                      else "")),
     Column.key("compute_pool", "pool", drop=4),
     Column("instances", lambda r: f"{r.get('instances_ran')}/{r.get('target_instances')}", drop=7),
     Column("created", lambda r: format_ago(r.get("created_time")), drop=1),

@@ -6,9 +6,12 @@ import dataclasses
 import os
 from pathlib import Path
 
-__all__ = ["StagePaths", "HomePaths", "InstancePaths", "FUNCTION_PAYLOAD", "IMPORTS_DIR", "PID_FILE"]
+__all__ = ["StagePaths", "DefinitionPaths", "HomePaths", "InstancePaths", "FUNCTION_PAYLOAD", "CALL_PAYLOAD", "CHECKPOINT_DIR", "IMPORTS_DIR",
+           "PID_FILE"]
 
 FUNCTION_PAYLOAD = "function.pkl"  # inside app/ for function payloads
+CALL_PAYLOAD = "call.pkl"  # inside app/ for a definition's call: the arguments, apart from the function
+CHECKPOINT_DIR = ".checkpoint"  # inside an instance's work dir: MLJOBS_CHECKPOINT_DIR
 IMPORTS_DIR = ".imports"  # inside app/: roots added to sys.path for `imports=`
 CGROUP_FILE = "cgroup"  # inside a run dir: the name of the instance's cgroups when they are not <job>.<i>
 PID_FILE = "supervisor.pid"  # inside an instance's run dir: "<pid> <start time>", written by the spawner
@@ -37,10 +40,23 @@ class StagePaths:
         upload theirs here before they report their exit)."""
         return f"{self.job_id}/results/{instance_id}"
 
+    def checkpoint(self, instance_id: int) -> str:
+        """An instance's checkpoint folder (``MLJOBS_CHECKPOINT_DIR``), kept across attempts."""
+        return f"{self.job_id}/checkpoint/{instance_id}/"
+
     @property
     def launch(self) -> str:
         """What a remote instance's agent reads to start (mljobs.runtime.agent)."""
         return f"{self.job_id}/run/launch.json"
+
+
+class DefinitionPaths:
+    """Where a job definition's payload is kept on its stage, one folder per version (an overwrite
+    writes the next and removes the last once it is recorded)."""
+
+    def __init__(self, owner: str, name: str, version: int) -> None:
+        self.root = f"_definitions/{owner}/{name}/"
+        self.app = f"{self.root}{version}/app/"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -169,6 +169,11 @@ class JobSpec:
     # head of a Ray cluster; and how long the head waits for min_instances nodes to join.
     parallel: bool = False
     join_timeout_s: float = 720.0
+    # Retries: a job whose instance is lost (node lost, killed from outside, an INTERNAL_ERROR of
+    # ours) runs again as its next attempt, up to max_retries times; with retry_on_failure its
+    # own failures (an exception, a non-zero exit) do too. A cancel never does.
+    max_retries: int = 0
+    retry_on_failure: bool = False
 
     def __post_init__(self) -> None:
         self.payload_kind = PayloadKind(self.payload_kind)
@@ -183,9 +188,8 @@ class JobSpec:
                 f"min_instances must be between 1 and target_instances ({self.target_instances}), "
                 f"got {self.min_instances!r}"
             )
-        if self.parallel and self.payload_kind == PayloadKind.FUNCTION:
-            raise InvalidArgumentError("parallel=True runs a file, directory or stage entrypoint on every "
-                                       "instance; a function runs on the head (use Ray inside it)")
+        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or not 0 <= self.max_retries <= 100:
+            raise InvalidArgumentError(f"max_retries must be an int from 0 to 100, got {self.max_retries!r}")
         if not isinstance(self.join_timeout_s, (int, float)) or not self.join_timeout_s > 0:
             raise InvalidArgumentError(f"join_timeout_s must be a number of seconds > 0, got {self.join_timeout_s!r}")
         self.args = [str(a) for a in self.args]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import posixpath
+import stat
 import tarfile
 from pathlib import Path
 from typing import IO, Any
@@ -156,9 +157,39 @@ class Stage:
             target.parent.mkdir(parents=True, exist_ok=True)
             self.fs.get_file(p, str(target))
 
+    def upload_dir(self, local_dir: str | os.PathLike[str], prefix: str) -> int:
+        """Make ``prefix`` hold exactly the regular files under ``local_dir`` (what was there goes
+        first); links and anything but plain files are left out, so a folder a job wrote can never
+        make this process copy a file it points at. Returns the file count."""
+        self.remove(prefix)
+        n = 0
+        root = Path(local_dir)
+        for dirpath, dirnames, filenames in os.walk(root):  # never follows links
+            rel = Path(dirpath).relative_to(root).as_posix()
+            for f in filenames:
+                path = os.path.join(dirpath, f)
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+                except OSError:
+                    continue  # a link, or gone
+                with os.fdopen(fd, "rb") as src:
+                    if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
+                        continue
+                    self.put_stream(f"{prefix.rstrip('/')}/{'' if rel == '.' else rel + '/'}{f}", src)
+                n += 1
+        return n
+
     def copy_dir(self, src_prefix: str, dst: Stage, dst_prefix: str) -> int:
-        """Copy a folder to another place (possibly another stage); returns the file count."""
+        """Copy a folder to another place (possibly another stage); returns the file count. Between
+        local folders on one file system the files are hard links (payload files are never changed
+        in place, only removed)."""
         base = self._p(src_prefix).rstrip("/")
+        src_local, dst_local = self.local_path(src_prefix), dst.local_path(dst_prefix)
+        if src_local is not None and dst_local is not None:
+            try:
+                return _link_tree(Path(src_local), Path(dst_local))
+            except OSError:
+                dst.remove(dst_prefix)  # another file system: copied below
         n = 0
         for p in self.fs.find(base):
             rel = p[len(base) + 1 :]
@@ -198,6 +229,19 @@ class Stage:
         full = self._p(prefix)
         if self.fs.exists(full):
             self.fs.rm(full, recursive=True)
+
+
+def _link_tree(src: Path, dst: Path) -> int:
+    n = 0
+    for dirpath, dirnames, filenames in os.walk(src):
+        dirnames[:] = [d for d in dirnames if not skip(d)]
+        rel = Path(dirpath).relative_to(src)
+        (dst / rel).mkdir(parents=True, exist_ok=True)
+        for f in filenames:
+            if not skip(f):
+                os.link(os.path.join(dirpath, f), dst / rel / f)
+                n += 1
+    return n
 
 
 def tar_bytes(files: dict[str, bytes]) -> bytes:

@@ -50,7 +50,7 @@ class FakeProvider(Provider):
     def cancel(self, handle: InstanceHandle, grace_period_s: float) -> None:
         pass
 
-    def cleanup(self, handle: InstanceHandle) -> None:
+    def cleanup(self, handle: InstanceHandle, now: bool = False) -> None:
         self.cleaned.add((handle.job_id, handle.instance_id))
 
 

@@ -19,7 +19,9 @@ S = JOB_STATUS
 def test_terminal_states_never_move():
     for t in TERMINAL:
         assert not any(can_transition(t, n) for n in S)
-    assert can_transition(S.PENDING, S.RUNNING) and not can_transition(S.RUNNING, S.PENDING)
+    assert can_transition(S.PENDING, S.RUNNING)
+    # back to the queue only from RUNNING (a retry: Store.requeue_job), never from a cancel
+    assert can_transition(S.RUNNING, S.PENDING) and not can_transition(S.CANCELLING, S.PENDING)
 
 
 def test_job_ids():

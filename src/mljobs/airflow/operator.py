@@ -25,7 +25,8 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from mljobs.airflow.hook import MLJobsHook, SessionSettings
 from mljobs.airflow.trigger import TIMED_OUT, MLJobTrigger
 from mljobs.client.job import MLJob
-from mljobs.client.jobs import get_job, remote, submit_directory, submit_file, submit_from_stage
+from mljobs.client.definitions import remote
+from mljobs.client.jobs import get_job, submit_directory, submit_file, submit_from_stage
 from mljobs.client.session import Session
 from mljobs.errors import (AuthenticationError, InvalidArgumentError, MLJobsError, NotFoundError, PayloadError,
                            PayloadTooLargeError, PermissionDeniedError, VersionMismatchError)

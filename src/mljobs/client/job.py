@@ -103,6 +103,11 @@ class MLJob:
         """How many instances the job actually got (0 until it starts; >= min_instances after)."""
         return self._refresh()["instances_ran"]
 
+    @property
+    def attempt(self) -> int:
+        """Which run of the job this is: 1, or more after an instance was lost (``max_retries``)."""
+        return int(self._refresh().get("attempt") or 1)
+
     def get_ray_dashboard_url(self) -> str | None:
         """The Ray dashboard of a running multi-node job (None before its head node is up, after
         it ended, or when the dashboard is not installed: pip install 'ray[default]').

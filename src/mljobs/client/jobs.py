@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import functools
 import getpass
-import inspect
 import json
 import os
 import sys
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
@@ -24,21 +22,19 @@ from mljobs.spec import JobSpec, PayloadKind
 if TYPE_CHECKING:  # pandas costs ~0.3 s to import: only the DataFrame-returning calls load it
     import pandas as pd
 
-__all__ = ["remote", "submit_file", "submit_directory", "submit_from_stage", "get_job", "list_jobs",
-           "delete_job", "MLJobDefinition", "LIST_JOBS_COLUMNS"]
+__all__ = ["submit_file", "submit_directory", "submit_from_stage", "get_job", "list_jobs", "delete_job",
+           "LIST_JOBS_COLUMNS"]
 
-P = ParamSpec("P")
-R = TypeVar("R")
 LIST_JOBS_COLUMNS = ["name", "status", "message", "database_name", "schema_name", "owner", "compute_pool",
                      "target_instances", "instances_ran", "created_time", "completed_time", "peak_rss_bytes",
-                     "cpu_seconds"]
+                     "cpu_seconds", "attempt", "schedule_name", "scheduled_tick"]
 
 
 def _options(compute_pool: str, stage_name: str, target_instances: int, min_instances: int | None,
              pip_requirements: Sequence[str] | None, external_access_integrations: Sequence[str] | None,
              env_vars: dict[str, str] | None, name: str | None, database: str | None, schema: str | None,
              session: Session, runtime_environment: str | None = None, parallel: bool = False,
-             join_timeout_s: float = 720.0) -> dict[str, Any]:
+             join_timeout_s: float = 720.0, max_retries: int = 0, retry_on_failure: bool = False) -> dict[str, Any]:
     if not isinstance(compute_pool, str) or not compute_pool:
         raise InvalidArgumentError(f"compute_pool must be a pool name, got {compute_pool!r}")
     if not stage_name:
@@ -52,7 +48,8 @@ def _options(compute_pool: str, stage_name: str, target_instances: int, min_inst
         name=name, database=(database or session.database).upper(), schema=(schema or session.schema).upper(),
         owner=getpass.getuser(), client_python="%d.%d.%d" % sys.version_info[:3],
         client_cloudpickle=cloudpickle.__version__, runtime_environment=runtime_environment,
-        parallel=parallel, join_timeout_s=join_timeout_s,
+        parallel=parallel, join_timeout_s=join_timeout_s, max_retries=max_retries,
+        retry_on_failure=retry_on_failure,
     )
 
 
@@ -64,74 +61,6 @@ def _submit(session: Session, spec: JobSpec, tar: bytes | None) -> MLJob:
     info = session.request("POST", "/jobs", data={"spec": json.dumps(spec.to_dict())}, files=files,
                            headers=headers).json()
     return MLJob(info["id"], session, info)
-
-
-class MLJobDefinition(Generic[P, R]):
-    """What ``@remote`` returns: call it to submit the function as a job."""
-
-    def __init__(self, fn: Callable[P, R], options: dict[str, Any], imports: Sequence[Any] | None,
-                 session: Session | None) -> None:
-        pl.check_function(fn)
-        self.fn, self.options, self.imports, self._session = fn, options, imports, session
-        self.session_param = pl.session_parameter(fn, Session)
-        self.signature = inspect.signature(fn)
-        functools.update_wrapper(self, fn)
-
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> MLJob:
-        try:
-            bound = self.signature.bind(*args, **kwargs)
-        except TypeError as e:
-            raise InvalidArgumentError(f"{self.fn.__qualname__}{self.signature}: {e}") from None
-        if self.session_param and isinstance(bound.arguments.get(self.session_param), Session):
-            bound.arguments[self.session_param] = None  # the job gets its own session
-        session = self._session or get_active_session()
-        opts = _options(session=session, **self.options)
-        spec = JobSpec(payload_kind=PayloadKind.FUNCTION, entrypoint=[self.fn.__qualname__],
-                       session_param=self.session_param, **opts)
-        # every parameter but positional-only ones travels by keyword, so the job can fill in its session
-        positional = [p.name for p in self.signature.parameters.values() if p.kind == p.POSITIONAL_ONLY]
-        args = tuple(bound.arguments[n] for n in positional if n in bound.arguments)
-        kwargs = {k: v for k, v in bound.arguments.items() if k not in positional}
-        pickled = pl.pickle_call(self.fn, args, kwargs)
-        return _submit(session, spec, pl.tar_call(pickled, self.imports))
-
-
-def remote(compute_pool: str, *, stage_name: str, target_instances: int = 1, min_instances: int | None = None,
-           pip_requirements: Sequence[str] | None = None, external_access_integrations: Sequence[str] | None = None,
-           env_vars: dict[str, str] | None = None, imports: Sequence[Any] | None = None, name: str | None = None,
-           database: str | None = None, schema: str | None = None, runtime_environment: str | None = None,
-           join_timeout_s: float = 720.0,
-           session: Session | None = None) -> Callable[[Callable[P, R]], MLJobDefinition[P, R]]:
-    """Turn a function into a job definition: calling it submits a job and returns an MLJob.
-
-    Args:
-        compute_pool: the pool to run on.
-        stage_name: the stage that keeps the payload and result.
-        target_instances: instances (nodes) to run on. With more than one, every instance starts
-            a Ray node (instance 0 the head) and the function runs on the head with Ray ready.
-        min_instances: start once this many are available (default: target_instances).
-        pip_requirements: packages to install for the job.
-        external_access_integrations: egress policies the job may use.
-        env_vars: environment variables for the job.
-        imports: local packages or modules to ship with the function.
-        name: a name for the job (default: its id).
-        database, schema: the job's namespace (default: the session's).
-        runtime_environment: the interpreter: by default the server's Python of the client's
-            major.minor when it has one, else its own; "server", "3.12" or a path pick one.
-        join_timeout_s: how long the head waits for ``min_instances`` nodes to join its Ray
-            cluster before the job fails.
-        session: the session to submit with (default: the active one).
-    """
-    options = dict(compute_pool=compute_pool, stage_name=stage_name, target_instances=target_instances,
-                   min_instances=min_instances, pip_requirements=pip_requirements,
-                   external_access_integrations=external_access_integrations, env_vars=env_vars, name=name,
-                   database=database, schema=schema, runtime_environment=runtime_environment,
-                   join_timeout_s=join_timeout_s)
-
-    def decorator(fn: Callable[P, R]) -> MLJobDefinition[P, R]:
-        return MLJobDefinition(fn, options, imports, session)
-
-    return decorator
 
 
 def _entrypoint(entrypoint: str | Sequence[str]) -> list[str]:
@@ -159,7 +88,8 @@ def submit_file(file_path: str | os.PathLike[str], compute_pool: str, *, stage_n
                 external_access_integrations: Sequence[str] | None = None, env_vars: dict[str, str] | None = None,
                 imports: Sequence[Any] | None = None, name: str | None = None, database: str | None = None,
                 schema: str | None = None, runtime_environment: str | None = None, parallel: bool = False,
-                join_timeout_s: float = 720.0, session: Session | None = None) -> MLJob:
+                join_timeout_s: float = 720.0, max_retries: int = 0, retry_on_failure: bool = False,
+                session: Session | None = None) -> MLJob:
     """Upload one script and run it; ``args`` reach ``sys.argv[1:]``; ``__return__`` is the result.
 
     With ``target_instances > 1`` the script runs on the head of a Ray cluster of that many nodes;
@@ -175,7 +105,7 @@ def submit_file(file_path: str | os.PathLike[str], compute_pool: str, *, stage_n
     session = session or get_active_session()
     opts = _options(compute_pool, stage_name, target_instances, min_instances, pip_requirements,
                     external_access_integrations, env_vars, name, database, schema, session, runtime_environment,
-                    parallel, join_timeout_s)
+                    parallel, join_timeout_s, max_retries, retry_on_failure)
     spec = JobSpec(payload_kind=PayloadKind.FILE, entrypoint=[path.name], args=list(args or []), **opts)
     return _submit(session, spec, pl.tar_file(path, imports))
 
@@ -187,7 +117,8 @@ def submit_directory(dir_path: str | os.PathLike[str], compute_pool: str, *, ent
                      env_vars: dict[str, str] | None = None, imports: Sequence[Any] | None = None,
                      name: str | None = None, database: str | None = None, schema: str | None = None,
                      runtime_environment: str | None = None, parallel: bool = False,
-                     join_timeout_s: float = 720.0, session: Session | None = None) -> MLJob:
+                     join_timeout_s: float = 720.0, max_retries: int = 0, retry_on_failure: bool = False,
+                     session: Session | None = None) -> MLJob:
     """Upload a directory (not ``__pycache__``/``*.pyc``) and run ``entrypoint`` inside it."""
     root = Path(dir_path)
     if not root.is_dir():
@@ -204,7 +135,7 @@ def submit_directory(dir_path: str | os.PathLike[str], compute_pool: str, *, ent
     session = session or get_active_session()
     opts = _options(compute_pool, stage_name, target_instances, min_instances, pip_requirements,
                     external_access_integrations, env_vars, name, database, schema, session, runtime_environment,
-                    parallel, join_timeout_s)
+                    parallel, join_timeout_s, max_retries, retry_on_failure)
     spec = JobSpec(payload_kind=PayloadKind.DIRECTORY, entrypoint=entry, args=list(args or []), **opts)
     return _submit(session, spec, pl.tar_directory(root, imports))
 
@@ -216,12 +147,13 @@ def submit_from_stage(source: str, compute_pool: str, *, entrypoint: str | Seque
                       env_vars: dict[str, str] | None = None, name: str | None = None,
                       database: str | None = None, schema: str | None = None,
                       runtime_environment: str | None = None, parallel: bool = False,
-                      join_timeout_s: float = 720.0, session: Session | None = None) -> MLJob:
+                      join_timeout_s: float = 720.0, max_retries: int = 0, retry_on_failure: bool = False,
+                      session: Session | None = None) -> MLJob:
     """Run a directory already on a stage (``"@stage/path/"``); ``entrypoint`` is inside it."""
     session = session or get_active_session()
     opts = _options(compute_pool, stage_name, target_instances, min_instances, pip_requirements,
                     external_access_integrations, env_vars, name, database, schema, session, runtime_environment,
-                    parallel, join_timeout_s)
+                    parallel, join_timeout_s, max_retries, retry_on_failure)
     spec = JobSpec(payload_kind=PayloadKind.STAGE, entrypoint=_entrypoint(entrypoint), args=list(args or []),
                    source=source, **opts)
     return _submit(session, spec, None)
@@ -235,16 +167,19 @@ def get_job(job_id: str, session: Session | None = None) -> MLJob:
 
 
 def list_jobs(limit: int = 10, database: str | None = None, schema: str | None = None,
-              session: Session | None = None) -> pd.DataFrame:
-    """Newest jobs first, as a DataFrame (index: job id); ``limit <= 0`` lists all."""
+              session: Session | None = None, *, schedule: str | None = None) -> pd.DataFrame:
+    """Newest jobs first, as a DataFrame (index: job id); ``limit <= 0`` lists all; ``schedule``:
+    only that schedule's runs."""
     import pandas as pd
 
     session = session or get_active_session()
-    rows = session.request("GET", "/jobs", params={
-        "limit": limit, "database": (database or session.database).upper(),
-        "schema": (schema or session.schema).upper()}).json()
+    params: dict[str, Any] = {"limit": limit, "database": (database or session.database).upper(),
+                              "schema": (schema or session.schema).upper()}
+    if schedule is not None:
+        params["schedule"] = schedule
+    rows = session.request("GET", "/jobs", params=params).json()
     df = pd.DataFrame(rows, columns=["id", *LIST_JOBS_COLUMNS])
-    for col in ("created_time", "completed_time"):
+    for col in ("created_time", "completed_time", "scheduled_tick"):
         df[col] = pd.to_datetime(df[col], utc=True, format="ISO8601")
     return df.set_index("id")
 

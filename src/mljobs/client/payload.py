@@ -20,7 +20,7 @@ from mljobs.errors import InvalidArgumentError, LocalFileNotFoundError, PayloadE
 from mljobs.paths import FUNCTION_PAYLOAD, IMPORTS_DIR
 from mljobs.stages import skip
 
-__all__ = ["pickle_call", "tar_call", "tar_file", "tar_directory", "check_function", "session_parameter"]
+__all__ = ["pickle_call", "pickle_args", "tar_call", "tar_file", "tar_directory", "check_function", "session_parameter"]
 
 _INSTALLED = {os.path.realpath(p) for p in {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}}
 
@@ -129,14 +129,11 @@ def _check_ipython(fn: Callable[..., Any]) -> None:
         "packages with @remote(..., pip_requirements=[...]) rather than %pip")
 
 
-def pickle_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
-    """cloudpickle the call; functions from the user's own modules travel by value.
-
-    The user's own modules are the function's module when it is not installed, and every module
-    imported from the working directory or the script's folder (a notebook's helpers). Functions
-    and classes of a notebook live in ``__main__``, which cloudpickle always pickles by value."""
-    _check_ipython(fn)
-    module = sys.modules.get(fn.__module__)
+def _dumps_by_value(obj: Any, module: types.ModuleType | None) -> bytes:
+    """cloudpickle ``obj`` with the user's own modules by value: ``module`` when it is not
+    installed, and every module imported from the working directory or the script's folder (a
+    notebook's helpers). A notebook's functions and classes live in ``__main__``, which cloudpickle
+    always pickles by value."""
     by_value = [module] if module is not None and _is_user_module(module) else []
     by_value += [m for m in _local_modules() if m is not module]
     registered = []
@@ -145,12 +142,33 @@ def pickle_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str,
             cloudpickle.register_pickle_by_value(m)
             registered.append(m)
     try:
-        return cloudpickle.dumps({"fn": fn, "args": args, "kwargs": kwargs})
-    except Exception as e:  # noqa: BLE001
-        raise PayloadError(_which_unpicklable(fn, args, kwargs, e)) from e
+        return cloudpickle.dumps(obj)
     finally:
         for m in registered:
             cloudpickle.unregister_pickle_by_value(m)
+
+
+def pickle_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    """cloudpickle the call; functions from the user's own modules travel by value."""
+    _check_ipython(fn)
+    try:
+        return _dumps_by_value({"fn": fn, "args": args, "kwargs": kwargs}, sys.modules.get(fn.__module__))
+    except Exception as e:  # noqa: BLE001
+        raise PayloadError(_which_unpicklable(fn, args, kwargs, e)) from e
+
+
+def pickle_args(qualname: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    """cloudpickle a registered function's call: only its arguments (the function is on the server)."""
+    try:
+        return _dumps_by_value({"args": args, "kwargs": kwargs}, None)
+    except Exception as e:  # noqa: BLE001
+        for label, value in [*((f"#{i}", v) for i, v in enumerate(args)), *kwargs.items()]:
+            try:
+                cloudpickle.dumps(value)
+            except Exception as ve:  # noqa: BLE001
+                raise PayloadError(f"argument {label!r} of {qualname} ({type(value).__name__}) cannot be pickled: "
+                                   f"{type(ve).__name__}: {ve}") from e
+        raise PayloadError(f"the arguments of {qualname} cannot be pickled: {type(e).__name__}: {e}") from e
 
 
 def _hint(value: Any) -> str:

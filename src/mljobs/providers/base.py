@@ -41,6 +41,7 @@ class InstanceLaunch:
     pool: PoolSpec | None = None  # the pool, with its provider_options
     # How the payload is sandboxed (mljobs.runtime.sandbox.Policy as a dict); None: it is not.
     sandbox: dict[str, Any] | None = None
+    attempt: int = 1  # which run of the job this is: from 2 on, its checkpoint folder is restored first
 
 
 def launch_document(launch: InstanceLaunch, env: dict[str, str], **node: Any) -> dict[str, Any]:
@@ -167,8 +168,14 @@ class Provider(abc.ABC):
         """Stop the instance's whole process tree: SIGTERM, grace period, SIGKILL."""
 
     @abc.abstractmethod
-    def cleanup(self, handle: InstanceHandle) -> None:
-        """Remove the instance's local working files (not its log)."""
+    def cleanup(self, handle: InstanceHandle, now: bool = False) -> None:
+        """Remove the instance's local working files (not its log); ``now``: before returning (the
+        job's next attempt reuses the folders), else whenever the provider likes."""
+
+    def checkpoint_dir(self, handle: InstanceHandle) -> str | None:
+        """Where an ended instance's checkpoint folder lies on this machine, for the server to keep
+        on the stage; None where the instance's node keeps its own (or there is none)."""
+        return None
 
     def check_job(self, spec: JobSpec, pool: PoolSpec, stage_url: str) -> None:
         """Raise InvalidArgumentError if this provider cannot run ``spec`` on ``pool`` (at submit)."""

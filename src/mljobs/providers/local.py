@@ -32,7 +32,7 @@ import psutil
 from mljobs import logformat, trace
 from mljobs.config import Settings
 from mljobs.errors import InvalidArgumentError
-from mljobs.paths import CGROUP_FILE, HomePaths, InstancePaths
+from mljobs.paths import CGROUP_FILE, CHECKPOINT_DIR, HomePaths, InstancePaths, StagePaths
 from mljobs.providers import netns
 from mljobs.runtime import containment, multinode, sandbox
 from mljobs.runtime.sandbox import UNSANDBOXED_MULTINODE
@@ -377,6 +377,10 @@ class LocalProvider(Provider):
         app_dir = launch.stage.local_path(app_prefix) if launch.spec.payload_kind == PayloadKind.FUNCTION else None
         if app_dir is None:
             launch.stage.download_dir(app_prefix, p.work_dir)
+        if launch.attempt > 1:  # what the last attempt left in its checkpoint folder
+            kept = StagePaths(launch.job_id).checkpoint(launch.instance_id)
+            if launch.stage.exists(kept):
+                launch.stage.download_dir(kept, p.work_dir / CHECKPOINT_DIR)
         trace.mark(launch.job_id, "provider.workdir.ready")
         cpus, gpus = self._slice(launch)
         env = {var: str(len(cpus)) for var in containment.THREAD_VARS}
@@ -518,11 +522,19 @@ class LocalProvider(Provider):
         t.daemon = True
         t.start()
 
-    def cleanup(self, handle: InstanceHandle) -> None:
-        """Remove the instance's folders, in the background (after any cgroups queued before)."""
+    def cleanup(self, handle: InstanceHandle, now: bool = False) -> None:
+        """Remove the instance's folders, in the background (after any cgroups queued before)
+        unless ``now``."""
         p = self.paths(handle)
-        self._tidier.put(lambda: [shutil.rmtree(d, ignore_errors=True)
-                                  for d in (p.work_dir, ray_temp_dir(p.run_dir), p.run_dir)])
+
+        def remove() -> None:
+            for d in (p.work_dir, ray_temp_dir(p.run_dir), p.run_dir):
+                shutil.rmtree(d, ignore_errors=True)
+
+        remove() if now else self._tidier.put(remove)
+
+    def checkpoint_dir(self, handle: InstanceHandle) -> str | None:
+        return str(self.paths(handle).work_dir / CHECKPOINT_DIR)
 
     def _spare_owners(self, job_id: str | None = None) -> dict[str, str]:
         """Cgroups a warm supervisor made ahead, by name, and the job whose instance took them (as

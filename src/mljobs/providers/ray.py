@@ -358,8 +358,8 @@ class RayProvider(RemoteProvider):
                     done.append(sid[len(_PREFIX):])
         return done
 
-    def cleanup(self, handle: InstanceHandle) -> None:
-        super().cleanup(handle)
+    def cleanup(self, handle: InstanceHandle, now: bool = False) -> None:
+        super().cleanup(handle, now)
         with self._cache_lock:
             self._status.pop(str(handle.extra.get("submission_id")), None)
 

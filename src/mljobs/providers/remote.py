@@ -332,7 +332,7 @@ class RemoteProvider(Provider):
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
-    def cleanup(self, handle: InstanceHandle) -> None:
+    def cleanup(self, handle: InstanceHandle, now: bool = False) -> None:
         shutil.rmtree(self.paths(handle).run_dir, ignore_errors=True)
         if handle.instance_id == 0:
             self.home.allocation_file(handle.job_id).unlink(missing_ok=True)

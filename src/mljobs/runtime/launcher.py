@@ -31,7 +31,7 @@ from typing import Any
 import cloudpickle
 
 from mljobs import trace
-from mljobs.paths import FUNCTION_PAYLOAD, IMPORTS_DIR
+from mljobs.paths import CALL_PAYLOAD, CHECKPOINT_DIR, FUNCTION_PAYLOAD, IMPORTS_DIR
 
 __all__ = ["main", "run_payload", "check_versions", "write_envelope", "read_envelope", "exception_envelope",
            "summarize_envelope", "bounded_repr", "REPR_CHARS"]
@@ -103,10 +103,21 @@ def run_payload(launch: dict[str, Any], session_factory: Any = None) -> Any:
     imports_root = app / IMPORTS_DIR
     if imports_root.is_dir():
         sys.path.insert(0, str(imports_root))
+    # kept on the job's stage across attempts: restored before this one, saved after it
+    checkpoint = Path(launch.get("work_dir") or os.getcwd()) / CHECKPOINT_DIR
+    checkpoint.mkdir(exist_ok=True)
+    os.environ["MLJOBS_CHECKPOINT_DIR"] = str(checkpoint)
     kind = launch["payload_kind"]
     if kind == "function":
         with open(app / FUNCTION_PAYLOAD, "rb") as f:
             call = cloudpickle.load(f)
+        try:  # a definition's call: its arguments travel apart from the function (its defaults)
+            with open(app / CALL_PAYLOAD, "rb") as f:
+                given = cloudpickle.load(f)
+            call = {"fn": call["fn"], "args": tuple(given["args"]) or tuple(call["args"]),
+                    "kwargs": {**call["kwargs"], **given["kwargs"]}}
+        except FileNotFoundError:
+            pass
         kwargs = dict(call["kwargs"])
         param = launch.get("session_param")
         if param and kwargs.get(param) is None and session_factory is not None:

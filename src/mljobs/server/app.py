@@ -27,6 +27,7 @@ from mljobs.providers.base import InstanceReport, UnsupportedError
 from mljobs.server import schemas as S
 from mljobs.server import dashboard
 from mljobs.server.auth import Principal
+from mljobs.server.definitions import decode_call
 from mljobs.server.logs import follow_lines, iter_lines, tail_lines
 from mljobs.server.service import ControlPlane
 from mljobs.spec import JobSpec
@@ -160,9 +161,80 @@ def create_app(cp: ControlPlane, on_shutdown: Any = None) -> FastAPI:
                   schema: Annotated[str | None, Query(max_length=255)] = None,
                   status: Annotated[list[JOB_STATUS] | None, Query(description="only these; repeatable")] = None,
                   pool: Annotated[str | None, Query(max_length=255)] = None,
-                  owner: Annotated[str | None, Query(max_length=255)] = None) -> list[dict[str, Any]]:
+                  owner: Annotated[str | None, Query(max_length=255)] = None,
+                  schedule: Annotated[str | None, Query(max_length=255)] = None) -> list[dict[str, Any]]:
         return cp.list_jobs(limit, database, schema, who, statuses=[s.value for s in status] if status else None,
-                            pool=pool, owner=owner)
+                            pool=pool, owner=owner, schedule=schedule)
+
+    # -- definitions and schedules -------------------------------------------------------------
+    @app.post(api + "/definitions", response_model=S.DefinitionOut)
+    def register_definition(
+            who: Who, name: Annotated[str, Form(min_length=1, max_length=255)],
+            spec: Annotated[str, Form(description="the JobSpec every call starts from, as JSON")],
+            overwrite: Annotated[bool, Form()] = False,
+            signature: Annotated[str | None, Form(description="a function's parameters, as JSON")] = None,
+            payload: Annotated[UploadFile | None, File(description="a tar of the definition's files")] = None,
+    ) -> dict[str, Any]:
+        try:
+            job_spec = _JOB_SPEC.validate_json(spec)
+        except ValidationError as e:
+            raise RequestValidationError(_field_errors(e, ("body", "spec"))) from None
+        try:
+            params = json.loads(signature) if signature else None
+        except ValueError:
+            raise errors.InvalidArgumentError("signature must be JSON") from None
+        if params is not None and not (isinstance(params, list) and all(isinstance(p, dict) for p in params)):
+            raise errors.InvalidArgumentError("signature must be a list of parameters")
+        return cp.definitions.register(job_spec, payload.file if payload is not None else None, name, overwrite,
+                                       params, who)
+
+    @app.get(api + "/definitions", response_model=list[S.DefinitionOut])
+    def list_definitions(who: Who) -> list[dict[str, Any]]:
+        return cp.definitions.list(who)
+
+    @app.get(api + "/definitions/{name}", response_model=S.DefinitionOut)
+    def get_definition(name: str, who: Who) -> dict[str, Any]:
+        return cp.definitions.get(name, who)
+
+    @app.delete(api + "/definitions/{name}", response_model=S.Ok)
+    def delete_definition(name: str, who: Who) -> dict[str, Any]:
+        cp.definitions.delete(name, who)
+        return {"ok": True}
+
+    @app.post(api + "/definitions/{name}/jobs", response_model=S.JobOut)
+    def call_definition(name: str, body: S.DefinitionCallIn, who: Who,
+                        idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> dict[str, Any]:
+        return cp.definitions.call(name, who, args=body.args, call=decode_call(body.call), job_name=body.name,
+                                   idempotency_key=idempotency_key)
+
+    @app.post(api + "/schedules", response_model=S.ScheduleOut)
+    def create_schedule(body: S.ScheduleIn, who: Who) -> dict[str, Any]:
+        return cp.schedules.create(body, decode_call(body.call), who)
+
+    @app.get(api + "/schedules", response_model=list[S.ScheduleOut])
+    def list_schedules(who: Who) -> list[dict[str, Any]]:
+        return cp.schedules.list(who)
+
+    @app.get(api + "/schedules/{name}", response_model=S.ScheduleOut)
+    def get_schedule(name: str, who: Who) -> dict[str, Any]:
+        return cp.schedules.get(name, who)
+
+    @app.post(api + "/schedules/{name}/pause", response_model=S.ScheduleOut)
+    def pause_schedule(name: str, who: Who) -> dict[str, Any]:
+        return cp.schedules.set_paused(name, True, who)
+
+    @app.post(api + "/schedules/{name}/resume", response_model=S.ScheduleOut)
+    def resume_schedule(name: str, who: Who) -> dict[str, Any]:
+        return cp.schedules.set_paused(name, False, who)
+
+    @app.delete(api + "/schedules/{name}", response_model=S.Ok)
+    def drop_schedule(name: str, who: Who) -> dict[str, Any]:
+        cp.schedules.drop(name, who)
+        return {"ok": True}
+
+    @app.get(api + "/schedules/{name}/events", response_model=list[S.ScheduleEvent])
+    def schedule_events(name: str, who: Who, limit: _Limit = 100) -> list[dict[str, Any]]:
+        return cp.schedules.events(name, who, limit)
 
     @app.post(api + "/jobs/prune", response_model=S.PrunedJobs)
     def prune_jobs(body: S.PruneJobsIn, who: Who) -> dict[str, Any]:

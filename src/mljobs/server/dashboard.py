@@ -222,27 +222,32 @@ def register(app: FastAPI, cp: ControlPlane, api_caller: Callable[..., Principal
     # -- pages --------------------------------------------------------------------------------
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def jobs_page(request: Request, status: Annotated[list[str] | None, Query()] = None,
-                  pool: str | None = None, owner: str | None = None) -> HTMLResponse:
+                  pool: str | None = None, owner: str | None = None, schedule: str | None = None) -> HTMLResponse:
         who = caller(request)
         if who is None:
             return login_page(request)
-        filters = {"status": [s for s in status or [] if s], "pool": pool or "", "owner": owner or ""}
+        filters = {"status": [s for s in status or [] if s], "pool": pool or "", "owner": owner or "",
+                   "schedule": schedule or ""}
         error, rows = "", []
         bad = [s for s in filters["status"] if s not in _STATUSES]
         if bad:
             error = f"unknown status {bad[0]!r}: choose one of {', '.join(_STATUSES)}"
         else:
-            rows = cp.list_jobs(_LIST_LIMIT, None, None, who, statuses=filters["status"] or None,
-                                pool=filters["pool"] or None, owner=filters["owner"] or None)
+            try:
+                rows = cp.list_jobs(_LIST_LIMIT, None, None, who, statuses=filters["status"] or None,
+                                    pool=filters["pool"] or None, owner=filters["owner"] or None,
+                                    schedule=filters["schedule"] or None)
+            except errors.InvalidArgumentError as e:
+                error = str(e)
         return page(request, "jobs.html", who, 400 if error else 200, jobs=[_summary_row(j) for j in rows],
                     filters=filters, statuses=_STATUSES, pools=[p["name"] for p in cp.list_pools()],
                     error=error, limit=_LIST_LIMIT, query=urlencode(
                         [("status", s) for s in filters["status"]]
-                        + [(k, filters[k]) for k in ("pool", "owner") if filters[k]]))
+                        + [(k, filters[k]) for k in ("pool", "owner", "schedule") if filters[k]]))
 
     @app.get("/dashboard/jobs.json", include_in_schema=False)
     def jobs_json(request: Request, status: Annotated[list[str] | None, Query()] = None,
-                  pool: str | None = None, owner: str | None = None) -> Response:
+                  pool: str | None = None, owner: str | None = None, schedule: str | None = None) -> Response:
         who = caller(request)
         if who is None:
             return JSONResponse({"error": "AuthenticationError", "detail": "log in first"}, 401)
@@ -251,8 +256,11 @@ def register(app: FastAPI, cp: ControlPlane, api_caller: Callable[..., Principal
         if bad:
             return JSONResponse({"error": "InvalidArgumentError",
                                  "detail": f"unknown status {bad[0]!r}: choose one of {', '.join(_STATUSES)}"}, 400)
-        rows = cp.list_jobs(_LIST_LIMIT, None, None, who, statuses=statuses or None, pool=pool or None,
-                            owner=owner or None)
+        try:
+            rows = cp.list_jobs(_LIST_LIMIT, None, None, who, statuses=statuses or None, pool=pool or None,
+                                owner=owner or None, schedule=schedule or None)
+        except errors.InvalidArgumentError as e:
+            return JSONResponse({"error": "InvalidArgumentError", "detail": str(e)}, 400)
         return JSONResponse({"jobs": [_summary_row(j) for j in rows]}, headers={"Cache-Control": "no-store"})
 
     def job_context(ref: str, who: Principal) -> dict[str, Any]:
@@ -266,7 +274,8 @@ def register(app: FastAPI, cp: ControlPlane, api_caller: Callable[..., Principal
                      "args": spec.get("args") or [], "pip_requirements": spec.get("pip_requirements") or [],
                      "env_var_names": sorted(spec.get("env_vars") or {}),  # names only: values may be secrets
                      "external_access_integrations": spec.get("external_access_integrations") or [],
-                     "runtime_python": spec.get("runtime_python") or ""},
+                     "runtime_python": spec.get("runtime_python") or "",
+                     "retry_on_failure": bool(spec.get("retry_on_failure"))},
             "cancelable": view["status"] in CANCELABLE_VALUES, "terminal": view["status"] in TERMINAL_VALUES,
         }
 
@@ -317,6 +326,14 @@ def register(app: FastAPI, cp: ControlPlane, api_caller: Callable[..., Principal
         if who is None:
             return login_page(request)
         return page(request, "pools.html", who, pools=cp.list_pools())
+
+    @app.get("/schedules", response_class=HTMLResponse, include_in_schema=False)
+    def schedules_page(request: Request) -> HTMLResponse:
+        who = caller(request)
+        if who is None:
+            return login_page(request)
+        return page(request, "schedules.html", who, schedules=cp.schedules.list(who),
+                    definitions=cp.definitions.list(who))
 
     @app.get("/environments", response_class=HTMLResponse, include_in_schema=False)
     def envs_page(request: Request) -> HTMLResponse:

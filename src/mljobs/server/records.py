@@ -38,6 +38,10 @@ class JobRecord:
     started_time: dt.datetime | None = None
     completed_time: dt.datetime | None = None
     idempotency_key: str | None = None
+    attempt: int = 1
+    definition_name: str | None = None
+    schedule_name: str | None = None
+    scheduled_tick: dt.datetime | None = None
     spec: dict[str, Any] | None = None
 
     @classmethod
@@ -73,6 +77,11 @@ class JobRecord:
     def parallel(self) -> bool:
         """Every instance runs the entrypoint (no Ray): multi-node jobs submitted with parallel=True."""
         return bool((self.spec or {}).get("parallel"))
+
+    @property
+    def max_retries(self) -> int:
+        """How many more attempts a lost instance may give the job (0: none)."""
+        return int((self.spec or {}).get("max_retries") or 0)
 
     @property
     def multinode_ray(self) -> bool:

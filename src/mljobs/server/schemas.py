@@ -17,7 +17,8 @@ from mljobs.status import JOB_STATUS
 
 __all__ = ["Name", "PoolIn", "PoolAlter", "IntegrationIn", "PruneEnvsIn", "StageIn", "UserIn", "PruneJobsIn",
            "JobSummary", "JobOut", "InstanceOut", "PoolOut", "IntegrationOut", "StageOut", "StageFileOut",
-           "EnvOut", "UserOut", "UserCreated", "Ok", "RayInfoOut", "HealthOut", "WhoAmI", "PrunedJobs", "MetricRow", "JobEvent"]
+           "EnvOut", "UserOut", "UserCreated", "Ok", "RayInfoOut", "HealthOut", "WhoAmI", "PrunedJobs", "MetricRow", "JobEvent",
+           "DefinitionOut", "DefinitionCallIn", "ScheduleIn", "ScheduleOut", "ScheduleEvent"]
 
 # Names of pools, stages and integrations; the service checks their form and says how to fix it.
 Name = Annotated[str, StringConstraints(min_length=1, max_length=255)]
@@ -103,6 +104,10 @@ class JobSummary(BaseModel):
     completed_time: dt.datetime | None = None
     peak_rss_bytes: int | None = None  # the largest instance's, once instances ended
     cpu_seconds: float | None = None  # all instances' together
+    attempt: int = 1  # which run of the job this is (a lost instance requeues it as the next)
+    definition_name: str | None = None  # the definition it was called from
+    schedule_name: str | None = None  # a scheduled run: its schedule and the tick it is for
+    scheduled_tick: dt.datetime | None = None
 
 
 class JobOut(JobSummary):
@@ -110,6 +115,7 @@ class JobOut(JobSummary):
 
     payload_kind: PayloadKind | None = None
     parallel: bool = False
+    max_retries: int = 0
     instances: list[InstanceOut] = []
 
 
@@ -254,3 +260,75 @@ class WhoAmI(BaseModel):
 
 class PrunedJobs(BaseModel):
     deleted: list[str]
+
+
+class DefinitionOut(BaseModel):
+    """A job definition: registered once, called many times."""
+
+    name: str
+    owner: str
+    version: int
+    payload_kind: PayloadKind
+    compute_pool: str
+    stage_name: str
+    entrypoint: list[str]
+    args: list[str]
+    target_instances: int
+    min_instances: int | None = None
+    parallel: bool = False
+    max_retries: int = 0
+    session_param: str | None = None
+    # a function's parameters: [{"name", "kind" (inspect's), "has_default"}]
+    signature: list[dict[str, Any]] | None = None
+    created_time: dt.datetime
+    updated_time: dt.datetime
+
+
+class DefinitionCallIn(_In):
+    """One call of a definition: a script's ``args``, or a function's pickled arguments (base64)."""
+
+    args: Annotated[list[Annotated[str, StringConstraints(max_length=100_000)]], Field(max_length=10_000)] | None = None
+    call: Annotated[str, StringConstraints(max_length=32 << 20)] | None = None
+    name: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None
+
+
+class ScheduleIn(_In):
+    name: Name
+    definition: Name
+    cron: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None
+    every: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
+    args: Annotated[list[Annotated[str, StringConstraints(max_length=100_000)]], Field(max_length=10_000)] | None = None
+    call: Annotated[str, StringConstraints(max_length=32 << 20)] | None = None
+    timezone: Annotated[str, StringConstraints(min_length=1, max_length=64)] = "UTC"
+    concurrency: Annotated[str, StringConstraints(min_length=1, max_length=16)] = "forbid"
+    catchup: bool = False
+    start_at: dt.datetime | None = None
+    end_at: dt.datetime | None = None
+
+
+class ScheduleOut(BaseModel):
+    name: str
+    owner: str
+    definition: str
+    cron: str | None = None
+    every_s: float | None = None
+    timezone: str
+    concurrency: str
+    catchup: bool
+    start_at: dt.datetime | None = None
+    end_at: dt.datetime | None = None
+    paused: bool
+    next_tick: dt.datetime | None = None
+    last_tick: dt.datetime | None = None
+    last_job_id: str | None = None
+    last_status: str | None = None
+    note: str = ""
+    created_time: dt.datetime
+
+
+class ScheduleEvent(BaseModel):
+    time: dt.datetime
+    tick: dt.datetime | None = None
+    kind: str
+    job_id: str | None = None
+    message: str = ""

@@ -36,11 +36,13 @@ from mljobs.runtime import environment as envs
 from mljobs.runtime.launcher import check_versions
 from mljobs.server import metrics
 from mljobs.server.auth import Authenticator, Principal, make_user
+from mljobs.server.definitions import Definitions
 from mljobs.server.isolation import Isolation
 from mljobs.server.monitor import reconcile_once
 from mljobs.server.notify import Notifier
 from mljobs.server.records import JobRecord
 from mljobs.server.scheduler import pending_reason, plan_starts, plan_top_ups
+from mljobs.server.schedules import Schedules
 from mljobs.server.store import Store, utcnow
 from mljobs.spec import DEFAULT_POOL, INSTANCE_FAMILIES, JobSpec, PayloadKind, PoolSpec, PoolState, check_identifier, check_stage_name, is_job_id, new_job_id
 from mljobs.stages import Stage, parse_stage_path
@@ -89,6 +91,8 @@ class ControlPlane:
         self._to_schedule: set[str] = set()
         self._schedule_wake = threading.Condition()
         self._scheduler: threading.Thread | None = None
+        self.definitions = Definitions(self)
+        self.schedules = Schedules(self)
         # Pools that may hold a running job with fewer instances than its target (None: unknown,
         # as after a start), so that scheduling asks the store about late instances only then.
         self._maybe_short: set[str] | None = None
@@ -112,6 +116,7 @@ class ControlPlane:
         self._scheduler.start()
         self._monitor = threading.Thread(target=self._monitor_loop, name="mljobs-monitor", daemon=True)
         self._monitor.start()
+        self.schedules.start()
 
     def request_schedule(self, pool_name: str) -> None:
         """Have the scheduler thread look at ``pool_name``'s queue now (at once, in this thread,
@@ -206,6 +211,7 @@ class ControlPlane:
 
     def stop(self, cancel_jobs: bool = False) -> None:
         self._stop.set()
+        self.schedules.stop()
         with self._schedule_wake:
             self._schedule_wake.notify()
         if self._scheduler is not None:
@@ -451,7 +457,7 @@ class ControlPlane:
                 "timeout_s": self.settings.install_timeout_s}
 
     # -- jobs: submit -------------------------------------------------------------------------
-    def _check_submission(self, spec: JobSpec) -> dict[str, Any]:
+    def check_submission(self, spec: JobSpec) -> dict[str, Any]:
         pool = self.store.get_pool(spec.compute_pool)
         provider = self.provider(pool["name"])
         if spec.effective_min_instances > pool["max_nodes"]:
@@ -501,33 +507,15 @@ class ControlPlane:
             done = self.store.job_by_key(who.name, idempotency_key)
             if done is not None:
                 return self.job_view(done)
-        pool = self._check_submission(spec)
+        pool = self.check_submission(spec)
         stage = self.stage(spec.stage_name, who=who)
         job_id = new_job_id()
         trace.mark(job_id, "server.submit.begin", began)
         paths = StagePaths(job_id)
         try:
-            if spec.payload_kind == PayloadKind.STAGE:
-                self._copy_stage_payload(spec, stage, paths.app, who)
-            else:
-                if payload is None:
-                    raise InvalidArgumentError("the submission carries no payload")
-                names = stage.extract_tar(payload, paths.app, self.settings.max_payload_bytes)
-                entry = spec.entrypoint[0]
-                if len(spec.entrypoint) == 1 and entry.endswith(".py") and entry not in names:
-                    raise InvalidArgumentError(
-                        f"entrypoint {entry!r} is not in the uploaded payload ({len(names)} files)")
-                if spec.payload_kind == PayloadKind.DIRECTORY and "requirements.txt" in names:
-                    self._add_requirements_file(spec, stage, f"{paths.app}requirements.txt")
+            self.stage_payload(spec, stage, paths.app, payload, who)
             trace.mark(job_id, "server.payload.staged")
-            self.store.insert_job({
-                "id": job_id, "name": spec.name or job_id, "status": JOB_STATUS.PENDING.value, "message": "",
-                "database_name": spec.database, "schema_name": spec.schema, "owner": spec.owner,
-                "compute_pool": pool["name"], "stage_name": stage.name,
-                "target_instances": spec.target_instances, "min_instances": spec.effective_min_instances,
-                "instances_ran": 0, "spec": spec.to_dict(), "created_time": utcnow(),
-                "idempotency_key": idempotency_key or None,
-            })
+            self.store.insert_job(self.job_row(job_id, spec, pool, stage, idempotency_key))
         except BaseException:
             stage.remove(paths.prefix)
             first = self.store.job_by_key(who.name, idempotency_key) if idempotency_key else None
@@ -539,6 +527,35 @@ class ControlPlane:
         view = self.job_view(self.store.get_job(job_id))
         trace.mark(job_id, "server.submit.end")
         return view
+
+    def job_row(self, job_id: str, spec: JobSpec, pool: dict[str, Any], stage: Stage,
+                idempotency_key: str | None = None, **extra: Any) -> dict[str, Any]:
+        """The ``jobs`` row of a new PENDING job (``extra``: its definition, schedule and tick)."""
+        return {
+            "id": job_id, "name": spec.name or job_id, "status": JOB_STATUS.PENDING.value, "message": "",
+            "database_name": spec.database, "schema_name": spec.schema, "owner": spec.owner,
+            "compute_pool": pool["name"], "stage_name": stage.name,
+            "target_instances": spec.target_instances, "min_instances": spec.effective_min_instances,
+            "instances_ran": 0, "spec": spec.to_dict(), "created_time": utcnow(),
+            "idempotency_key": idempotency_key or None, **extra,
+        }
+
+    def stage_payload(self, spec: JobSpec, stage: Stage, app_prefix: str, payload: IO[bytes] | None,
+                      who: Principal) -> None:
+        """Put a submission's payload under ``app_prefix`` on ``stage``: the uploaded tar, or a copy
+        of the stage folder it names; a directory's ``requirements.txt`` joins its requirements."""
+        if spec.payload_kind == PayloadKind.STAGE:
+            self._copy_stage_payload(spec, stage, app_prefix, who)
+            return
+        if payload is None:
+            raise InvalidArgumentError("the submission carries no payload")
+        names = stage.extract_tar(payload, app_prefix, self.settings.max_payload_bytes)
+        entry = spec.entrypoint[0]
+        if len(spec.entrypoint) == 1 and entry.endswith(".py") and entry not in names:
+            raise InvalidArgumentError(
+                f"entrypoint {entry!r} is not in the uploaded payload ({len(names)} files)")
+        if spec.payload_kind == PayloadKind.DIRECTORY and "requirements.txt" in names:
+            self._add_requirements_file(spec, stage, f"{app_prefix}requirements.txt")
 
     def _copy_stage_payload(self, spec: JobSpec, dst: Stage, app_prefix: str, who: Principal) -> None:
         if not spec.source:
@@ -617,10 +634,12 @@ class ControlPlane:
             env = {"MLJOBS_URL": self.settings.advertise_url if provider.remote else self.url,
                    "MLJOBS_JOB_ID": job.id, "MLJOBS_INSTANCE_ID": str(i),
                    "MLJOBS_INSTANCE_COUNT": str(count), "MLJOBS_DATABASE": job.database_name,
-                   "MLJOBS_SCHEMA": job.schema_name, "MLJOBS_COMPUTE_POOL": pool["name"]}
+                   "MLJOBS_SCHEMA": job.schema_name, "MLJOBS_COMPUTE_POOL": pool["name"],
+                   "MLJOBS_ATTEMPT": str(job.attempt)}
             env["MLJOBS_TOKEN"] = self.auth.job_token(job.id)  # acts for the owner, never as an admin
             launch = InstanceLaunch(job.id, i, count, spec, family, slot, stage, env,
-                                    self.settings.grace_period_s, environment, PoolSpec.from_dict(pool))
+                                    self.settings.grace_period_s, environment, PoolSpec.from_dict(pool),
+                                    attempt=job.attempt)
             try:
                 if provider.sandboxes_payload:
                     launch.sandbox = self.isolation.policy(
@@ -687,6 +706,8 @@ class ControlPlane:
                 return
             trace.mark(job.id, "server.exit.polled")
             self._keep_result(job, handle.instance_id, exit_)  # on the stage before the row says EXITED
+            if job.attempt <= job.max_retries:  # another attempt may resume from it
+                self._keep_checkpoint(job, handle)
             trace.mark(job.id, "server.result.kept")
             now = utcnow()
             values = {"exit_code": exit_.exit_code, "ended_time": now, "exit_record": exit_.to_record(),
@@ -714,6 +735,8 @@ class ControlPlane:
         provider.finish_job(job.id)
         trace.mark(job.id, "server.job.finished")
         new, msg = self._status_for(job, exit_, None)
+        if self._retry(job, insts, exit_, new, msg):
+            return
         active = [JOB_STATUS(job.status)] if job.status in (
             JOB_STATUS.RUNNING.value, JOB_STATUS.CANCELLING.value) else []
         if last is not None:
@@ -729,6 +752,57 @@ class ControlPlane:
         for h in handles or [InstanceHandle(job.id, 0)]:
             provider.cleanup(h)
         trace.mark(job.id, "server.job.cleaned")
+
+    def _retry(self, job: JobRecord, insts: list[dict[str, Any]], exit_: InstanceExit, new: JOB_STATUS,
+               msg: str) -> bool:
+        """Requeue a job that ended ``new`` as its next attempt, if that is what it asked for: its
+        instance was lost (node lost, supervisor killed, our own error) or killed from outside, or it
+        failed and said ``retry_on_failure``; a cancel never is. True if it was requeued."""
+        if job.status != JOB_STATUS.RUNNING.value or job.attempt > job.max_retries:
+            return False
+        killed = (new == JOB_STATUS.FAILED and exit_.error is None and exit_.oom is None and not exit_.cancelled
+                  and exit_.exit_code in (-9, -15))
+        own = new == JOB_STATUS.FAILED and bool((job.spec or {}).get("retry_on_failure"))
+        if not (new == JOB_STATUS.INTERNAL_ERROR or killed or own):
+            return False
+        provider = self.provider(job.compute_pool)
+        handles = [InstanceHandle.from_dict(i["handle"]) for i in insts if i["handle"]]
+        for h in handles:
+            self._keep_checkpoint(job, h)  # a lost instance's too: what it wrote before it was lost
+            provider.cleanup(h, now=True)  # the next attempt's instances reuse the folders
+        why = msg.splitlines()[0] if msg else new.value
+        note = (f"attempt {job.attempt} of {job.max_retries + 1} ended {new.value} ({why}); queued again as "
+                f"attempt {job.attempt + 1}")
+        try:  # what this attempt left is not the job's result
+            stage = self.stage(job.stage_name, create=False)
+            stage.remove(StagePaths(job.id).result)
+            stage.remove(f"{job.id}/results/")
+        except NotFoundError:
+            pass
+        if not self.store.requeue_job(job.id, job.attempt, note):
+            return False
+        log.warning("job %s: %s", job.id, note)
+        for i in insts:
+            self._log_line(job.id, i["instance_id"], note)
+        self.notifier.notify(job.id)
+        return True
+
+    def _keep_checkpoint(self, job: JobRecord, handle: InstanceHandle) -> None:
+        """Save an ended instance's checkpoint folder on the job's stage for its next attempt."""
+        local = self.provider(job.compute_pool).checkpoint_dir(handle)
+        if local is None or not os.path.isdir(local):
+            return
+        try:
+            self.stage(job.stage_name).upload_dir(local, StagePaths(job.id).checkpoint(handle.instance_id))
+        except (OSError, NotFoundError) as e:
+            log.warning("job %s: could not keep instance %d's checkpoint folder: %s", job.id, handle.instance_id, e)
+
+    def _log_line(self, job_id: str, instance_id: int, text: str) -> None:
+        """A system line in an instance's log."""
+        log_file = self.home.log_file(job_id, instance_id)
+        if log_file.parent.is_dir():
+            with open(log_file, "a", encoding="utf-8") as f:
+                f.write(logformat.format_record(logformat.SYS, f"mljobs: {text}"))
 
     def _exits(self, job: JobRecord, insts: list[dict[str, Any]],
                last: tuple[int, dict[str, Any], InstanceExit] | None) -> dict[int, tuple[InstanceExit, bool]]:
@@ -792,10 +866,7 @@ class ControlPlane:
         """Add ``note`` to the running job's message and to the head's log."""
         current = self.store.get_job(job.id).message
         self.store.set_message(job.id, f"{current}; {note}" if current else note)
-        log_file = self.home.log_file(job.id, 0)
-        if log_file.parent.is_dir():
-            with open(log_file, "a", encoding="utf-8") as f:
-                f.write(logformat.format_record(logformat.SYS, f"mljobs: {note}"))
+        self._log_line(job.id, 0, note)
         self.notifier.notify(job.id)
 
     def _outcome(self, job: JobRecord, exits: dict[int, tuple[InstanceExit, bool]]) -> InstanceExit:
@@ -907,6 +978,7 @@ class ControlPlane:
             for i in self.store.instances_of(job.id)
         ]
         view["parallel"] = job.parallel
+        view["max_retries"] = job.max_retries
         view.update(metrics.summarize(view["instances"]))
         return view
 
@@ -943,13 +1015,14 @@ class ControlPlane:
 
     def list_jobs(self, limit: int, database: str | None, schema: str | None, who: Principal, *,
                   statuses: list[str] | None = None, pool: str | None = None,
-                  owner: str | None = None) -> list[dict[str, Any]]:
+                  owner: str | None = None, schedule: str | None = None) -> list[dict[str, Any]]:
         """Newest first: ``who``'s jobs, or everyone's for an admin, with their resource use;
         only those in ``statuses``, on ``pool`` or of ``owner`` when given."""
         if owner is not None and who.owner_filter is not None and owner != who.owner_filter:
             return []  # a user sees only their own jobs, whoever they ask for
         rows = self.store.list_jobs(limit, database, schema, statuses=statuses, owner=who.owner_filter or owner,
-                                    with_spec=False, pool=pool)
+                                    with_spec=False, pool=pool,
+                                    schedule=check_identifier("schedule", schedule) if schedule else None)
         usage = metrics.usage_by_job(self.store, [r.id for r in rows])
         return [{**r.to_dict(), **usage.get(r.id, {"peak_rss_bytes": None, "cpu_seconds": None})} for r in rows]
 

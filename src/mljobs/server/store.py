@@ -254,10 +254,14 @@ class Store:
         finally:
             self._integrations = None
 
-    def insert_job(self, row: dict[str, Any]) -> None:
+    def insert_job(self, row: dict[str, Any], conn: sa.Connection | None = None) -> None:
+        """Record a new job (in ``conn``'s transaction when given: a schedule's tick)."""
+        if conn is not None:
+            conn.execute(jobs.insert().values(**row))
+            _event(conn, row["id"], row["status"], row.get("message") or "", row.get("created_time"))
+            return
         with self.engine.begin() as c:
-            c.execute(jobs.insert().values(**row))
-            _event(c, row["id"], row["status"], row.get("message") or "", row.get("created_time"))
+            self.insert_job(row, c)
 
     def get_job(self, job_id: str) -> JobRecord:
         with self.engine.connect() as c:
@@ -288,10 +292,13 @@ class Store:
 
     def list_jobs(self, limit: int, database: str | None = None, schema: str | None = None,
                   statuses: Iterable[str] | None = None, owner: str | None = None,
-                  with_spec: bool = True, pool: str | None = None) -> list[JobRecord]:
+                  with_spec: bool = True, pool: str | None = None,
+                  schedule: str | None = None) -> list[JobRecord]:
         """Newest first; ``with_spec=False`` leaves out the spec (the one large column)."""
         cols = jobs.c if with_spec else [c for c in jobs.c if c.name != "spec"]
         q = sa.select(*cols).order_by(jobs.c.created_time.desc())
+        if schedule is not None:
+            q = q.where(jobs.c.schedule_name == schedule)
         if owner is not None:
             q = q.where(jobs.c.owner == owner)
         if pool is not None:
@@ -366,6 +373,22 @@ class Store:
             c.execute(instances.insert(), [
                 {"job_id": job_id, "instance_id": i, "slot": s, "status": INSTANCE_STATUS.STARTING.value, "started_time": now}
                 for i, s in enumerate(slots)])
+        return True
+
+    def requeue_job(self, job_id: str, attempt: int, message: str) -> bool:
+        """RUNNING -> PENDING as attempt ``attempt + 1``, its ended instances removed, in one
+        transaction (the job waits in the queue again, at its place by submit time). False if the
+        job was no longer RUNNING on ``attempt`` (another path finished or requeued it)."""
+        now = utcnow()
+        with self.engine.begin() as c:
+            res = c.execute(jobs.update().where(
+                jobs.c.id == job_id, jobs.c.status == JOB_STATUS.RUNNING.value, jobs.c.attempt == attempt)
+                .values(status=JOB_STATUS.PENDING.value, attempt=attempt + 1, message=message, started_time=None,
+                        instances_ran=0))
+            if res.rowcount == 0:
+                return False
+            c.execute(instances.delete().where(instances.c.job_id == job_id))
+            _event(c, job_id, JOB_STATUS.PENDING.value, message, now)
         return True
 
     def job_events(self, job_id: str) -> list[dict[str, Any]]:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-__all__ = ["metadata", "pools", "jobs", "instances", "job_events", "stages", "integrations", "users", "secrets"]
+__all__ = ["metadata", "pools", "jobs", "instances", "job_events", "stages", "integrations", "users", "secrets",
+           "definitions", "schedules", "schedule_events"]
 
 metadata = sa.MetaData()
 
@@ -41,6 +42,12 @@ jobs = sa.Table(
     sa.Column("completed_time", sa.DateTime(timezone=True)),
     # the client's key for one submission: a retried POST /jobs finds the job it already made
     sa.Column("idempotency_key", sa.String(255)),
+    # which run of the job this is: a job whose instance was lost is requeued as its next attempt
+    sa.Column("attempt", sa.Integer, nullable=False, default=1, server_default="1"),
+    sa.Column("definition_name", sa.String(255)),  # the definition it was called from, if any
+    sa.Column("schedule_name", sa.String(255)),  # a scheduled run: its schedule and the tick it is for
+    sa.Column("scheduled_tick", sa.DateTime(timezone=True)),
+    sa.Index("ix_jobs_schedule_tick", "owner", "schedule_name", "scheduled_tick", unique=True),
     sa.Index("ix_jobs_pool_status", "compute_pool", "status", "created_time"),
     sa.Index("ix_jobs_created", "created_time"),
     sa.Index("ix_jobs_owner_idempotency", "owner", "idempotency_key", unique=True),
@@ -105,4 +112,53 @@ secrets = sa.Table(  # the server's own keys (the one that signs job tokens)
     "secrets", metadata,
     sa.Column("name", sa.String(64), primary_key=True),
     sa.Column("value", sa.String(255), nullable=False),
+)
+
+definitions = sa.Table(  # jobs registered once (payload kept on a stage) and called many times
+    "definitions", metadata,
+    sa.Column("owner", sa.String(255), primary_key=True),
+    sa.Column("name", sa.String(255), primary_key=True),
+    sa.Column("version", sa.Integer, nullable=False),  # one more on each overwrite
+    sa.Column("stage_name", sa.String(255), nullable=False),
+    sa.Column("payload_prefix", sa.String(1024), nullable=False),  # the payload's folder on the stage
+    sa.Column("spec", sa.JSON, nullable=False),  # the JobSpec every call starts from
+    sa.Column("signature", sa.JSON),  # a function's parameters, so calls are checked before they run
+    sa.Column("created_time", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_time", sa.DateTime(timezone=True), nullable=False),
+)
+
+schedules = sa.Table(  # a definition called on a clock; the server fires each tick once
+    "schedules", metadata,
+    sa.Column("owner", sa.String(255), primary_key=True),
+    sa.Column("name", sa.String(255), primary_key=True),
+    sa.Column("definition_name", sa.String(255), nullable=False),
+    sa.Column("cron", sa.String(255)),  # a 5-field cron expression, or
+    sa.Column("every_s", sa.Float),  # an interval in seconds
+    sa.Column("timezone", sa.String(64), nullable=False),
+    sa.Column("concurrency", sa.String(16), nullable=False),  # forbid, allow, replace
+    sa.Column("catchup", sa.Boolean, nullable=False),
+    sa.Column("start_at", sa.DateTime(timezone=True)),
+    sa.Column("end_at", sa.DateTime(timezone=True)),
+    sa.Column("args", sa.JSON),  # a file definition's arguments
+    sa.Column("call_payload", sa.LargeBinary),  # a function definition's pickled call (args, kwargs)
+    sa.Column("paused", sa.Boolean, nullable=False),
+    sa.Column("next_tick", sa.DateTime(timezone=True)),  # None: no tick left (past end_at)
+    sa.Column("last_tick", sa.DateTime(timezone=True)),
+    sa.Column("last_job_id", sa.String(64)),
+    sa.Column("note", sa.Text, nullable=False, default="", server_default=""),  # why runs wait, if they do
+    sa.Column("created_time", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_schedules_next_tick", "paused", "next_tick"),
+)
+
+schedule_events = sa.Table(  # a schedule's history: ticks fired, skipped, and changes
+    "schedule_events", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("owner", sa.String(255), nullable=False),
+    sa.Column("schedule_name", sa.String(255), nullable=False),
+    sa.Column("time", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("tick", sa.DateTime(timezone=True)),
+    sa.Column("kind", sa.String(16), nullable=False),  # fired, skipped, paused, resumed, replaced
+    sa.Column("job_id", sa.String(64)),
+    sa.Column("message", sa.Text, nullable=False, default="", server_default=""),
+    sa.Index("ix_schedule_events_schedule", "owner", "schedule_name", "id"),
 )
