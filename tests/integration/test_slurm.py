@@ -251,6 +251,18 @@ def test_server_kill9_mid_job_finds_it_again(slurm: SlurmEnv, tmp_path: Path) ->
     assert job.result() == "survived"
 
 
+def _kill_node(slurm: SlurmEnv, host: str, job_id: str, marker: str) -> None:
+    """The node dies: its slurmd and every process of the job on it (the agent included)."""
+    slurm.cluster.kill_node(host)
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if job_id in cmd or marker in cmd:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
 def test_lost_node_is_detected_within_the_heartbeat_timeout(slurm: SlurmEnv, tmp_path: Path) -> None:
     marker = "mljobs-slurm-lost-" + uuid.uuid4().hex[:8]
     script = tmp_path / "doomed.py"
@@ -261,21 +273,43 @@ def test_lost_node_is_detected_within_the_heartbeat_timeout(slurm: SlurmEnv, tmp
         time.sleep(0.2)
     node = job.get_logs(verbose=True)
     host = next(h for h in slurm.cluster.nodes if f"on {h} (" in node)
-    # the node dies: its slurmd and every process of the job on it (the agent included)
-    slurm.cluster.kill_node(host)
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if job.id in cmd or marker in cmd:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
+    _kill_node(slurm, host, job.id, marker)
     killed = time.monotonic()
     assert job.wait(timeout=60) == JOB_STATUS.INTERNAL_ERROR, job.message
     took = time.monotonic() - killed
     assert "lost" in job.message, job.message
     assert took < 8 + 5 + 5, f"detected after {took:.1f} s"  # the timeout, one monitor tick, slack
     slurm.cluster.restart_node(host)
+
+
+def test_a_lost_node_retries_the_job_from_its_checkpoint(slurm: SlurmEnv, tmp_path: Path) -> None:
+    """max_retries on Slurm: the node's agent keeps the checkpoint folder on the stage as it changes;
+    the node dies; attempt 2 runs (on any node), starts with that folder, and ends DONE."""
+    marker = "mljobs-slurm-retry-" + uuid.uuid4().hex[:8]
+    script = tmp_path / "resumable.py"
+    script.write_text(
+        "import os, pathlib, time\n"
+        "ck = pathlib.Path(os.environ['MLJOBS_CHECKPOINT_DIR'])\n"
+        "attempt = int(os.environ['MLJOBS_ATTEMPT'])\n"
+        "done = int((ck / 'step').read_text()) if (ck / 'step').exists() else 0\n"
+        "if attempt == 1:\n"
+        "    (ck / 'step.tmp').write_text('5')\n"
+        "    os.replace(ck / 'step.tmp', ck / 'step')\n"
+        f"    print('checkpointed {marker}', flush=True)\n"
+        "    time.sleep(300)\n"
+        "__return__ = [attempt, done]\n")
+    job = mljobs.submit_file(str(script), "HPC", stage_name="payload_stage", max_retries=1, session=slurm.session)
+    kept = slurm.server.home / "stages" / "PAYLOAD_STAGE" / job.id / "checkpoint" / "0" / "step"
+    deadline = time.monotonic() + 90
+    while not kept.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert kept.exists() and kept.read_text() == "5", job.get_logs(verbose=True)
+    host = next(h for h in slurm.cluster.nodes if f"on {h} (" in job.get_logs(verbose=True))
+    _kill_node(slurm, host, job.id, marker)
+    slurm.cluster.restart_node(host)
+    assert job.wait(timeout=180) == JOB_STATUS.DONE, (job.message, job.get_logs(verbose=True))
+    assert job.result() == [2, 5] and job.attempt == 2
+    assert "the checkpoint folder of the last attempt is restored" in job.get_logs(verbose=True)
 
 
 def test_bad_input_is_refused_and_records_nothing(slurm: SlurmEnv, tmp_path: Path) -> None:

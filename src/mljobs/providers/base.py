@@ -54,7 +54,10 @@ def launch_document(launch: InstanceLaunch, env: dict[str, str], **node: Any) ->
         "payload_kind": spec.payload_kind.value, "entrypoint": spec.entrypoint, "args": spec.args,
         "session_param": spec.session_param, "client_python": spec.client_python,
         "client_cloudpickle": spec.client_cloudpickle, "env": env, "memory_bytes": launch.family.memory_bytes,
-        "environment": launch.environment, "grace_period_s": launch.grace_period_s, **node,
+        "environment": launch.environment, "grace_period_s": launch.grace_period_s,
+        # a remote node's agent restores the checkpoint folder for an attempt after the first, and
+        # keeps it on the stage while the job has attempts left (the server does it for local ones)
+        "attempt": launch.attempt, "keep_checkpoint": launch.attempt <= spec.max_retries, **node,
     }
 
 

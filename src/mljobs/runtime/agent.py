@@ -39,7 +39,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from mljobs import logformat
-from mljobs.paths import StagePaths
+from mljobs.paths import CHECKPOINT_DIR, StagePaths
 from mljobs.runtime import containment, multinode, sandbox, supervisor
 from mljobs.stages import Stage
 
@@ -227,6 +227,10 @@ def run(stage: Stage, job_id: str, instance_id: int) -> int:
         if tpl.get("sandbox") and not launch["sandbox"]:
             rep.system(f"the payload runs unsandboxed on {hostname}: {sandbox.probe()}")
         stage.download_dir(StagePaths(job_id).app, launch["work_dir"])
+        kept = StagePaths(job_id).checkpoint(instance_id)
+        if int(launch.get("attempt") or 1) > 1 and stage.exists(kept):  # what the last attempt left
+            stage.download_dir(kept, Path(launch["work_dir"]) / CHECKPOINT_DIR)
+            rep.system(f"attempt {launch['attempt']}: the checkpoint folder of the last attempt is restored")
         mn = launch.get("multinode")
         granted = int(os.environ.get("SLURM_JOB_NUM_NODES") or 0)
         if mn and 0 < granted < mn["count"]:  # the engine gave fewer nodes than asked (a node range)
@@ -309,6 +313,7 @@ def _supervise(rep: Reporter, stage: Stage, launch: dict[str, Any], node_dir: Pa
     logs, samples = _Tail(Path(launch["log_file"])), _Tail(Path(launch["metrics_file"]))
     ray_file, ray_sent = run_dir / "ray.json", False
     heartbeat = float(launch.get("heartbeat_s") or 5.0)
+    checkpoint = _Checkpoint(stage, launch)
     try:
         while True:
             try:
@@ -316,6 +321,7 @@ def _supervise(rep: Reporter, stage: Stage, launch: dict[str, Any], node_dir: Pa
                 break
             except subprocess.TimeoutExpired:
                 code = None
+            checkpoint.keep(every_s=heartbeat)
             rep.pending_lines += logs.read()
             rep.pending_metrics += [json.loads(s) for s in samples.read()]
             ray = None
@@ -339,7 +345,42 @@ def _supervise(rep: Reporter, stage: Stage, launch: dict[str, Any], node_dir: Pa
         raise
     rep.pending_lines += logs.read()
     rep.pending_metrics += [json.loads(s) for s in samples.read()]
+    checkpoint.keep(every_s=0.0)
     return _report_exit(rep, stage, launch, code)
+
+
+class _Checkpoint:
+    """Keeps the instance's checkpoint folder on the stage while the job has attempts left: as it
+    changes (looked at every heartbeat, so a node lost mid-run loses at most that much) and at the
+    end. A payload that writes a file and renames it into place is never seen half-written."""
+
+    def __init__(self, stage: Stage, launch: dict[str, Any]) -> None:
+        self.stage, self.on = stage, bool(launch.get("keep_checkpoint"))
+        self.folder = Path(launch["work_dir"]) / CHECKPOINT_DIR
+        self.prefix = StagePaths(launch["job_id"]).checkpoint(int(launch["instance_id"]))
+        self.seen: list[tuple[str, int, int]] | None = None
+        self.last = 0.0
+
+    def _signature(self) -> list[tuple[str, int, int]] | None:
+        try:
+            return sorted((str(p.relative_to(self.folder)), st.st_size, st.st_mtime_ns)
+                          for p in self.folder.rglob("*") if not p.is_symlink() and p.is_file()
+                          for st in [p.stat()])
+        except OSError:
+            return None
+
+    def keep(self, every_s: float) -> None:
+        if not self.on or time.monotonic() - self.last < every_s or not self.folder.is_dir():
+            return
+        self.last = time.monotonic()
+        sig = self._signature()
+        if sig is None or sig == self.seen:
+            return
+        try:
+            self.stage.upload_dir(self.folder, self.prefix)
+            self.seen = sig
+        except OSError as e:
+            print(f"mljobs agent: could not keep the checkpoint folder on the stage: {e}", file=sys.stderr)
 
 
 def _report_exit(rep: Reporter, stage: Stage, launch: dict[str, Any], code: int) -> int:

@@ -317,7 +317,8 @@ class Schedules:
 
     def fire_due(self, now: dt.datetime) -> float:
         """Fire every tick due at ``now``; returns how long to sleep until the next (at most 1 s, so
-        schedules another server made are seen)."""
+        schedules another server made are seen; 5 s while there is none: this server's own new
+        schedules wake the clock at once)."""
         with self.engine.connect() as c:
             due = [dict(r._mapping) for r in c.execute(
                 sa.select(schedules).where(schedules.c.paused.is_(False), schedules.c.next_tick <= now)
@@ -336,12 +337,16 @@ class Schedules:
             return 0.0
         soonest = _aware(soonest)
         if soonest is None:
-            return 1.0
+            return 5.0
         return max(0.0, min(1.0, (soonest - utcnow()).total_seconds()))
 
-    def _owner(self, name: str) -> Principal:
+    def _owner(self, name: str) -> Principal | None:
+        """The schedule's owner acting; None when the server has users and the owner is not one
+        any more (a deleted user's schedule fires nothing)."""
         with self.engine.connect() as c:
             admin = c.execute(sa.select(users.c.admin).where(users.c.name == name)).scalar()
+        if admin is None and self.cp.store.has_users():
+            return None
         return Principal(name, admin=bool(admin))
 
     def _fire(self, row: dict[str, Any]) -> None:
@@ -349,6 +354,9 @@ class Schedules:
         following = tick_after(row, tick)
         owner, name = row["owner"], row["name"]
         who = self._owner(owner)
+        if who is None:
+            self._advance(row, following, "failed", tick, f"user {owner!r} no longer exists: paused", pause=True)
+            return
         last = None
         if row["last_job_id"]:
             try:
@@ -390,12 +398,15 @@ class Schedules:
         self.cp.request_schedule(prepared.pool)
 
     def _advance(self, row: dict[str, Any], following: dt.datetime | None, kind: str, tick: dt.datetime,
-                 message: str) -> None:
-        """Move past ``tick`` without a run, saying why in the history."""
+                 message: str, pause: bool = False) -> None:
+        """Move past ``tick`` without a run, saying why in the history (and pausing, if asked)."""
+        values: dict[str, Any] = {"next_tick": following}
+        if pause:
+            values.update(paused=True, note=message)
         with self.engine.begin() as c:
             if c.execute(schedules.update().where(
                     schedules.c.owner == row["owner"], schedules.c.name == row["name"],
-                    schedules.c.next_tick == tick).values(next_tick=following)).rowcount != 1:
+                    schedules.c.next_tick == tick).values(**values)).rowcount != 1:
                 raise _Raced()
             self._event(c, row["owner"], row["name"], kind, tick=tick, message=message)
 
