@@ -28,6 +28,8 @@ _EXPORTS = {
     "create_external_access_integration": "mljobs.client.pools",
     "list_external_access_integrations": "mljobs.client.pools",
     "drop_external_access_integration": "mljobs.client.pools", "list_environments": "mljobs.client.pools",
+    "set_user_quota": "mljobs.client.pools", "get_user_quota": "mljobs.client.pools",
+    "QuotaExceededError": "mljobs.errors",
     "prune_environments": "mljobs.client.pools", "EnvironmentBuildError": "mljobs.errors",
     "JOB_STATUS": "mljobs.status", "INSTANCE_FAMILIES": "mljobs.spec", "InstanceFamily": "mljobs.spec",
     "MLJobsError": "mljobs.errors", "RemoteError": "mljobs.errors", "JobFailedError": "mljobs.errors",
@@ -46,13 +48,14 @@ if TYPE_CHECKING:
                                          pause_schedule, resume_schedule, schedule_events)
     from mljobs.client.pools import (alter_compute_pool, create_compute_pool, create_external_access_integration,
                                      create_stage, describe_compute_pool, drop_compute_pool,
-                                     drop_external_access_integration, list_compute_pools, list_environments,
-                                     list_external_access_integrations, prune_environments)
+                                     drop_external_access_integration, get_user_quota, list_compute_pools,
+                                     list_environments, list_external_access_integrations, prune_environments,
+                                     set_user_quota)
     from mljobs.client.session import Session, get_active_session
     from mljobs.errors import (AuthenticationError, EnvironmentBuildError, InstancesUnavailableError,
                                InvalidArgumentError, JobFailedError, LocalFileNotFoundError, MLJobsError,
                                NotFoundError, PayloadError, PayloadTooLargeError, PermissionDeniedError,
-                               RemoteError, ServerUnavailableError, VersionMismatchError)
+                               QuotaExceededError, RemoteError, ServerUnavailableError, VersionMismatchError)
     from mljobs.spec import INSTANCE_FAMILIES, InstanceFamily
     from mljobs.status import JOB_STATUS
 

@@ -13,7 +13,7 @@ import typer
 
 from mljobs import errors
 from mljobs import cli_output as out
-from mljobs.cli_schedules import definition_app, schedule_app
+from mljobs.cli_schedules import definition_app, quota_app, schedule_app
 from mljobs.config import load_settings
 from mljobs.paths import HomePaths
 from mljobs.status import JOB_STATUS
@@ -33,6 +33,7 @@ integration_app = typer.Typer(help="External access integrations (named egress p
 app.add_typer(env_app, name="env")
 user_app = typer.Typer(help="Users and their tokens (admins only, or the server's own machine).", no_args_is_help=True)
 app.add_typer(user_app, name="user")
+user_app.add_typer(quota_app, name="quota")
 app.add_typer(integration_app, name="integration")
 app.add_typer(schedule_app, name="schedule")
 app.add_typer(definition_app, name="definition")
@@ -171,7 +172,10 @@ def pool_create(name: str, family: str = typer.Option(..., "--family", help="ins
                 option: list[str] = typer.Option([], "--option", "-o",
                                                  help="a provider option KEY=VALUE, e.g. partition=debug "
                                                       "(a JSON value is parsed: -o 'sbatch_args=[\"--exclusive\"]')"),
-                if_not_exists: bool = False) -> None:
+                if_not_exists: bool = False,
+                scheduling: Optional[str] = typer.Option(None, help="fair or fifo (default: fair once there are users)"),
+                preemption: bool = typer.Option(False, help="a higher-priority job may take lower ones' instances"),
+                max_priority: int = typer.Option(0, help="the highest priority a non-admin may ask for")) -> None:
     from mljobs.client.pools import create_compute_pool
 
     options: dict[str, Any] = {}
@@ -184,7 +188,8 @@ def pool_create(name: str, family: str = typer.Option(..., "--family", help="ins
         except json.JSONDecodeError:
             options[key] = value
     p = create_compute_pool(name, instance_family=family, min_nodes=min_nodes, max_nodes=max_nodes,
-                            provider=provider, provider_options=options, if_not_exists=if_not_exists)
+                            provider=provider, provider_options=options, if_not_exists=if_not_exists,
+                            scheduling=scheduling, preemption=preemption, max_priority=max_priority)
     _pools([p], "compute pool")
 
 
@@ -195,9 +200,16 @@ def pool_list(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> 
 
 @pool_app.command("describe")
 def pool_describe(name: str) -> None:
+    """The pool as JSON, then who holds it now (each user's running instances, queued jobs, share)."""
     from mljobs.client.pools import describe_compute_pool
 
-    console.print_json(json.dumps(describe_compute_pool(name), default=str))
+    pool = describe_compute_pool(name)
+    console.print_json(json.dumps(pool, default=str))
+    if pool.get("users"):
+        out.print_table(console, pool["users"], [
+            out.Column.key("user"), out.Column.key("running_instances", "running"),
+            out.Column.key("queued_jobs", "queued"), out.Column("share", lambda r: f"{100 * r['share']:.0f}%"),
+            out.Column.key("max_instances", "max instances")], f"users of {pool['name']} ({pool['scheduling']})")
 
 
 @pool_app.command("suspend")
@@ -240,6 +252,9 @@ def submit(ctx: typer.Context, path: Path, pool: str = typer.Option("DEFAULT_POO
            min_instances: Optional[int] = typer.Option(None, "--min-instances", help="start with at least this many"),
            parallel: bool = typer.Option(False, "--parallel", help="run the entrypoint on every instance (ranks in env)"),
            join_timeout: float = typer.Option(720.0, "--join-timeout", help="seconds the head waits for min instances"),
+           priority: int = typer.Option(0, "--priority", help="higher starts first (above the pool's max_priority: "
+                                                              "admins only)"),
+           max_retries: int = typer.Option(0, "--max-retries", help="run again when an instance is lost"),
            wait: bool = typer.Option(False, "--wait", help="stream the logs with a progress line, print the result, "
                                                            "exit with the job's status"),
            progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
@@ -256,7 +271,7 @@ def submit(ctx: typer.Context, path: Path, pool: str = typer.Option("DEFAULT_POO
     opts: dict[str, Any] = dict(env_vars=dict(e.split("=", 1) for e in env), name=name, pip_requirements=pip,
                                 external_access_integrations=integration, runtime_environment=runtime,
                                 target_instances=instances, min_instances=min_instances, parallel=parallel,
-                                join_timeout_s=join_timeout)
+                                join_timeout_s=join_timeout, priority=priority, max_retries=max_retries)
     args = list(ctx.args)
     if path.is_dir():
         if not entrypoint:

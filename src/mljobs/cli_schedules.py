@@ -1,4 +1,5 @@
-"""``mljobs schedule`` and ``mljobs definition``: registered jobs and the clocks that call them."""
+"""``mljobs schedule``, ``mljobs definition`` and ``mljobs user quota``: registered jobs, the clocks
+that call them, and how much of a pool each user may hold."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from mljobs import cli_output as out
 
 schedule_app = typer.Typer(help="Schedules: a registered job definition called on a clock.", no_args_is_help=True)
 definition_app = typer.Typer(help="Job definitions: registered once, called many times.", no_args_is_help=True)
+quota_app = typer.Typer(help="Users' quotas on pools (admins set them).", no_args_is_help=True)
 console = out.make_console()
 JSON_HELP = "print JSON for scripts (fixed keys, ISO 8601 UTC times)"
 SCHEDULE_KEYS = ["name", "definition", "cron", "every_s", "timezone", "concurrency", "catchup", "paused", "next_tick",
@@ -130,3 +132,35 @@ def definition_delete(name: str) -> None:
     """Remove a definition and its payload (jobs it made keep theirs)."""
     _session().request("DELETE", f"/definitions/{name}")
     _say(f"definition {name.upper()} deleted")
+
+
+QUOTA_KEYS = ["owner", "pool", "max_instances", "max_queued", "max_instance_hours"]
+
+
+@quota_app.command("set")
+def quota_set(name: str = typer.Argument(..., help="a user, or '*' for everyone's default"),
+              pool: str = typer.Option(..., "--pool", help="a pool, or '*' for every pool"),
+              max_instances: Optional[int] = typer.Option(None, "--max-instances", help="running at once"),
+              max_queued: Optional[int] = typer.Option(None, "--max-queued", help="queued at once"),
+              max_instance_hours: Optional[float] = typer.Option(None, "--max-instance-hours",
+                                                                 help="instance-hours over the last 24 h")) -> None:
+    """Set a user's limits on a pool (the limits not given are removed)."""
+    from mljobs.client.pools import set_user_quota
+
+    q = set_user_quota(name, pool, max_instances=max_instances, max_queued=max_queued,
+                       max_instance_hours=max_instance_hours, session=_session())
+    limits = ", ".join(f"{k}={q[k]:g}" for k in QUOTA_KEYS[2:] if q[k] is not None) or "no limits"
+    _say(f"quota of {q['owner']} on {q['pool']}: {limits}")
+
+
+@quota_app.command("show")
+def quota_show(name: str = typer.Argument("*", help="a user (default: every row)"),
+               as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
+    """A user's quotas and everyone's defaults."""
+    from mljobs.client.pools import get_user_quota
+
+    rows = get_user_quota(name, session=_session())
+    if as_json:
+        out.print_json(out.json_records(rows, QUOTA_KEYS))
+    else:
+        out.print_table(console, rows, [out.Column.key(k) for k in QUOTA_KEYS], "quotas")

@@ -52,6 +52,7 @@ class Settings:
     # root and iproute2), "loopback" (shared loopback, distinct ports) or "auto" (netns if possible).
     node_network: str = "auto"
     job_ttl_days: float = 14.0  # finished jobs, their logs and stage files are removed after this; 0 keeps them
+    fair_half_life_h: float = 24.0  # fair share: a user's usage this long ago counts half
     max_payload_bytes: int = 1 << 30  # the largest job payload or stage file the server accepts
     log_keepalive_s: float = 10.0  # a followed log that stays quiet this long gets a keep-alive line
     # How long a store write waits for a lock another process holds (SQLite) before the request
@@ -113,6 +114,7 @@ def load_settings(home: str | os.PathLike[str] | None = None) -> Settings:
         install_timeout_s=float(env.get("MLJOBS_INSTALL_TIMEOUT_S") or server.get("install_timeout_s", 900.0)),
         node_network=(env.get("MLJOBS_NODE_NETWORK") or server.get("node_network") or "auto").lower(),
         job_ttl_days=float(env.get("MLJOBS_JOB_TTL_DAYS") or server.get("job_ttl_days", 14.0)),
+        fair_half_life_h=float(env.get("MLJOBS_FAIR_HALF_LIFE_H") or server.get("fair_half_life_h", 24.0)),
         log_keepalive_s=float(env.get("MLJOBS_LOG_KEEPALIVE_S") or server.get("log_keepalive_s", 10.0)),
         max_payload_bytes=int(float(env.get("MLJOBS_MAX_PAYLOAD_MB") or server.get("max_payload_mb", 1024))
                               * (1 << 20)),

@@ -12,6 +12,7 @@ __all__ = [
     "PayloadTooLargeError",
     "StoreBusyError",
     "ConflictError",
+    "QuotaExceededError",
     "InvalidTransitionError",
     "ServerUnavailableError",
     "VersionMismatchError",
@@ -59,6 +60,11 @@ class PayloadTooLargeError(MLJobsError, ValueError):
 
 class ConflictError(MLJobsError):
     """The request clashes with the current state (a pool that already exists, a busy pool)."""
+
+
+class QuotaExceededError(MLJobsError):
+    """A submission over one of its user's hard quotas (HTTP 429); the message names the limit,
+    the current use and who can raise it."""
 
 
 class InvalidTransitionError(MLJobsError):

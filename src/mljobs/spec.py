@@ -29,6 +29,7 @@ __all__ = [
 ]
 
 DEFAULT_POOL = "DEFAULT_POOL"
+SCHEDULING = ("fair", "fifo")
 DEFAULT_DATABASE = "MLJOBS"
 DEFAULT_SCHEMA = "PUBLIC"
 GIB = 1024**3
@@ -115,9 +116,15 @@ class PoolSpec:
     max_nodes: int = 1
     provider: str = "local"
     provider_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    scheduling: str | None = None  # "fair" or "fifo"; None: fair once the server has users
+    preemption: bool = False  # a higher-priority job that cannot start takes lower ones' instances
+    max_priority: int = 0  # the highest priority a non-admin may give a job on this pool
 
     def __post_init__(self) -> None:
         self.name = check_identifier("compute pool", self.name)
+        if self.scheduling is not None and self.scheduling not in SCHEDULING:
+            raise InvalidArgumentError(f"compute pool {self.name}: scheduling={self.scheduling!r}; use 'fair' (the "
+                                       "least recent user first) or 'fifo' (submission order)")
         self.provider_options = dict(self.provider_options or {})
         self.instance_family = instance_family(self.instance_family).name
         if self.min_nodes < 0 or self.max_nodes < 1 or self.min_nodes > self.max_nodes:
@@ -174,6 +181,9 @@ class JobSpec:
     # own failures (an exception, a non-zero exit) do too. A cancel never does.
     max_retries: int = 0
     retry_on_failure: bool = False
+    # Order in the pool's queue, before fair share (higher first); above the pool's max_priority
+    # only for admins. On a pool with preemption, a higher one may take a lower one's instances.
+    priority: int = 0
 
     def __post_init__(self) -> None:
         self.payload_kind = PayloadKind(self.payload_kind)
@@ -190,6 +200,8 @@ class JobSpec:
             )
         if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or not 0 <= self.max_retries <= 100:
             raise InvalidArgumentError(f"max_retries must be an int from 0 to 100, got {self.max_retries!r}")
+        if isinstance(self.priority, bool) or not isinstance(self.priority, int) or not -1000 <= self.priority <= 1000:
+            raise InvalidArgumentError(f"priority must be an int from -1000 to 1000, got {self.priority!r}")
         if not isinstance(self.join_timeout_s, (int, float)) or not self.join_timeout_s > 0:
             raise InvalidArgumentError(f"join_timeout_s must be a number of seconds > 0, got {self.join_timeout_s!r}")
         self.args = [str(a) for a in self.args]

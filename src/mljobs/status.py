@@ -35,11 +35,12 @@ CANCELABLE_VALUES: frozenset[str] = frozenset(s.value for s in CANCELABLE)
 
 # from -> the states it may move to. Terminal states move nowhere (DELETED is a tombstone that
 # only the delete path writes, and it is terminal too). RUNNING -> PENDING is a retry: the job's
-# instances were lost and it is queued again as its next attempt (Store.requeue_job).
+# instances were lost and it is queued again as its next attempt (Store.requeue_job); so is
+# CANCELLING -> PENDING for a job another one preempted (only then: a cancel is never retried).
 TRANSITIONS: dict[JOB_STATUS, frozenset[JOB_STATUS]] = {
     S.PENDING: frozenset({S.RUNNING, S.CANCELLING, S.CANCELLED, S.INTERNAL_ERROR, S.FAILED}),
     S.RUNNING: frozenset({S.DONE, S.FAILED, S.CANCELLING, S.INTERNAL_ERROR, S.PENDING}),
-    S.CANCELLING: frozenset({S.CANCELLED, S.INTERNAL_ERROR}),
+    S.CANCELLING: frozenset({S.CANCELLED, S.INTERNAL_ERROR, S.PENDING}),
     S.DONE: frozenset(),
     S.FAILED: frozenset(),
     S.CANCELLED: frozenset(),

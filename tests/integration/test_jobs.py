@@ -36,7 +36,7 @@ def test_remote_function_result_and_logs(session):
     assert list(df.columns) == ["name", "status", "message", "database_name", "schema_name", "owner",
                                 "compute_pool", "target_instances", "instances_ran", "created_time",
                                 "completed_time", "peak_rss_bytes", "cpu_seconds", "attempt", "schedule_name",
-                                "scheduled_tick"]
+                                "scheduled_tick", "priority", "pending_reason"]
     assert df.loc[job.id, "status"] == "DONE" and df.loc[job.id, "attempt"] == 1
     assert df.loc[job.id, "peak_rss_bytes"] > 0 and df.loc[job.id, "cpu_seconds"] >= 0
 

@@ -341,9 +341,8 @@ def test_parallel_runs_every_instance_with_ranks(lite, tmp_path):
         bad.result()
 
 
-def test_parallel_needs_a_file_payload_and_a_positive_timeout(lite):
-    with pytest.raises(TypeError):
-        mljobs.remote("DEFAULT_POOL", stage_name="s", parallel=True, session=lite)  # type: ignore[call-arg]
+def test_join_timeout_must_be_positive_and_only_parallel_jobs_have_distributed_results(lite):
+    # (a function may be parallel too: tests/integration/test_definitions.py runs one)
     with pytest.raises(mljobs.InvalidArgumentError, match="join_timeout_s must be"):
         mljobs.remote("DEFAULT_POOL", stage_name="s", join_timeout_s=0, session=lite)(lambda: 1)()
     with pytest.raises(mljobs.InvalidArgumentError, match="not a parallel job"):

@@ -8,7 +8,7 @@ from mljobs.errors import InvalidTransitionError
 from mljobs.providers.base import InstanceExit, InstanceHandle
 from mljobs.server.monitor import reconcile_once
 from mljobs.server.records import JobRecord
-from mljobs.server.scheduler import pending_reason, plan_starts, plan_top_ups
+from mljobs.server.scheduler import pending_reason, plan, plan_top_ups
 from mljobs.server.store import Store, utcnow
 from mljobs.spec import JobSpec, PayloadKind, PoolSpec, is_job_id, new_job_id
 from mljobs.status import JOB_STATUS, TERMINAL, can_transition
@@ -20,8 +20,9 @@ def test_terminal_states_never_move():
     for t in TERMINAL:
         assert not any(can_transition(t, n) for n in S)
     assert can_transition(S.PENDING, S.RUNNING)
-    # back to the queue only from RUNNING (a retry: Store.requeue_job), never from a cancel
-    assert can_transition(S.RUNNING, S.PENDING) and not can_transition(S.CANCELLING, S.PENDING)
+    # back to the queue from RUNNING (a retry) or CANCELLING (preempted; Store.requeue_job checks which)
+    assert can_transition(S.RUNNING, S.PENDING) and can_transition(S.CANCELLING, S.PENDING)
+    assert not can_transition(S.CANCELLED, S.PENDING)
 
 
 def test_job_ids():
@@ -38,6 +39,11 @@ def _job(i, target=1, min_=None, ran=0):
     return JobRecord(id=f"j{i}", name=f"j{i}", status="PENDING", message="", database_name="D", schema_name="S",
                      owner="me", compute_pool="P", stage_name="ST", target_instances=target,
                      min_instances=min_ or target, instances_ran=ran, created_time=utcnow())
+
+
+def plan_starts(pool, used, pending):
+    """A fifo pool with one user's queue."""
+    return plan(pool, used, {"me": pending}, fair=False).starts
 
 
 def test_plan_is_fifo_and_respects_capacity():

@@ -168,7 +168,8 @@ class MLJobDefinition(Generic[P, R]):
                  entrypoint: str | Sequence[str] | None = None, default_args: Any = None, max_retries: int = 0,
                  retry_on_failure: bool = False, overwrite: bool = False, imports: Sequence[Any] | None = None,
                  database: str | None = None, schema: str | None = None, runtime_environment: str | None = None,
-                 join_timeout_s: float = 720.0, session: Session | None = None) -> MLJobDefinition[Any, Any]:
+                 join_timeout_s: float = 720.0, priority: int = 0,
+                 session: Session | None = None) -> MLJobDefinition[Any, Any]:
         """Keep a job on the server under ``name``: its payload is uploaded now, once; calling the
         definition submits a job with nothing uploaded again.
 
@@ -187,7 +188,7 @@ class MLJobDefinition(Generic[P, R]):
         session = session or get_active_session()
         opts = _options(compute_pool, stage_name, target_instances, min_instances, pip_requirements,
                         external_access_integrations, env_vars, None, database, schema, session, runtime_environment,
-                        parallel, join_timeout_s, max_retries, retry_on_failure)
+                        parallel, join_timeout_s, max_retries, retry_on_failure, priority)
         signature: list[dict[str, Any]] | None = None
         tar: bytes | None
         if callable(source) and not isinstance(source, (str, os.PathLike)):
@@ -261,7 +262,7 @@ def remote(compute_pool: str, *, stage_name: str, target_instances: int = 1, min
            env_vars: dict[str, str] | None = None, imports: Sequence[Any] | None = None, name: str | None = None,
            database: str | None = None, schema: str | None = None, runtime_environment: str | None = None,
            join_timeout_s: float = 720.0, parallel: bool = False, max_retries: int = 0,
-           retry_on_failure: bool = False,
+           retry_on_failure: bool = False, priority: int = 0,
            session: Session | None = None) -> Callable[[Callable[P, R]], MLJobDefinition[P, R]]:
     """Turn a function into a job definition: calling it submits a job and returns an MLJob.
 
@@ -288,6 +289,9 @@ def remote(compute_pool: str, *, stage_name: str, target_instances: int = 1, min
             an internal error) runs again, as its next attempt (``MLJOBS_ATTEMPT``), with what its
             last attempt left in ``MLJOBS_CHECKPOINT_DIR``.
         retry_on_failure: retry the function's own failures (an exception) too.
+        priority: the job's place in the pool's queue, before fair share (higher first; above the
+            pool's ``max_priority`` only for admins); on a pool with preemption a higher one takes
+            lower ones' instances.
         session: the session to submit with (default: the active one).
 
     To upload the function once and call it many times, register it:
@@ -298,7 +302,7 @@ def remote(compute_pool: str, *, stage_name: str, target_instances: int = 1, min
                    external_access_integrations=external_access_integrations, env_vars=env_vars, name=name,
                    database=database, schema=schema, runtime_environment=runtime_environment,
                    join_timeout_s=join_timeout_s, parallel=parallel, max_retries=max_retries,
-                   retry_on_failure=retry_on_failure)
+                   retry_on_failure=retry_on_failure, priority=priority)
 
     def decorator(fn: Callable[P, R]) -> MLJobDefinition[P, R]:
         return MLJobDefinition(fn, options, imports, session)

@@ -27,14 +27,15 @@ __all__ = ["submit_file", "submit_directory", "submit_from_stage", "get_job", "l
 
 LIST_JOBS_COLUMNS = ["name", "status", "message", "database_name", "schema_name", "owner", "compute_pool",
                      "target_instances", "instances_ran", "created_time", "completed_time", "peak_rss_bytes",
-                     "cpu_seconds", "attempt", "schedule_name", "scheduled_tick"]
+                     "cpu_seconds", "attempt", "schedule_name", "scheduled_tick", "priority", "pending_reason"]
 
 
 def _options(compute_pool: str, stage_name: str, target_instances: int, min_instances: int | None,
              pip_requirements: Sequence[str] | None, external_access_integrations: Sequence[str] | None,
              env_vars: dict[str, str] | None, name: str | None, database: str | None, schema: str | None,
              session: Session, runtime_environment: str | None = None, parallel: bool = False,
-             join_timeout_s: float = 720.0, max_retries: int = 0, retry_on_failure: bool = False) -> dict[str, Any]:
+             join_timeout_s: float = 720.0, max_retries: int = 0, retry_on_failure: bool = False,
+             priority: int = 0) -> dict[str, Any]:
     if not isinstance(compute_pool, str) or not compute_pool:
         raise InvalidArgumentError(f"compute_pool must be a pool name, got {compute_pool!r}")
     if not stage_name:
@@ -49,7 +50,7 @@ def _options(compute_pool: str, stage_name: str, target_instances: int, min_inst
         owner=getpass.getuser(), client_python="%d.%d.%d" % sys.version_info[:3],
         client_cloudpickle=cloudpickle.__version__, runtime_environment=runtime_environment,
         parallel=parallel, join_timeout_s=join_timeout_s, max_retries=max_retries,
-        retry_on_failure=retry_on_failure,
+        retry_on_failure=retry_on_failure, priority=priority,
     )
 
 
@@ -89,7 +90,7 @@ def submit_file(file_path: str | os.PathLike[str], compute_pool: str, *, stage_n
                 imports: Sequence[Any] | None = None, name: str | None = None, database: str | None = None,
                 schema: str | None = None, runtime_environment: str | None = None, parallel: bool = False,
                 join_timeout_s: float = 720.0, max_retries: int = 0, retry_on_failure: bool = False,
-                session: Session | None = None) -> MLJob:
+                priority: int = 0, session: Session | None = None) -> MLJob:
     """Upload one script and run it; ``args`` reach ``sys.argv[1:]``; ``__return__`` is the result.
 
     With ``target_instances > 1`` the script runs on the head of a Ray cluster of that many nodes;
@@ -105,7 +106,7 @@ def submit_file(file_path: str | os.PathLike[str], compute_pool: str, *, stage_n
     session = session or get_active_session()
     opts = _options(compute_pool, stage_name, target_instances, min_instances, pip_requirements,
                     external_access_integrations, env_vars, name, database, schema, session, runtime_environment,
-                    parallel, join_timeout_s, max_retries, retry_on_failure)
+                    parallel, join_timeout_s, max_retries, retry_on_failure, priority)
     spec = JobSpec(payload_kind=PayloadKind.FILE, entrypoint=[path.name], args=list(args or []), **opts)
     return _submit(session, spec, pl.tar_file(path, imports))
 
@@ -118,7 +119,7 @@ def submit_directory(dir_path: str | os.PathLike[str], compute_pool: str, *, ent
                      name: str | None = None, database: str | None = None, schema: str | None = None,
                      runtime_environment: str | None = None, parallel: bool = False,
                      join_timeout_s: float = 720.0, max_retries: int = 0, retry_on_failure: bool = False,
-                     session: Session | None = None) -> MLJob:
+                     priority: int = 0, session: Session | None = None) -> MLJob:
     """Upload a directory (not ``__pycache__``/``*.pyc``) and run ``entrypoint`` inside it."""
     root = Path(dir_path)
     if not root.is_dir():
@@ -135,7 +136,7 @@ def submit_directory(dir_path: str | os.PathLike[str], compute_pool: str, *, ent
     session = session or get_active_session()
     opts = _options(compute_pool, stage_name, target_instances, min_instances, pip_requirements,
                     external_access_integrations, env_vars, name, database, schema, session, runtime_environment,
-                    parallel, join_timeout_s, max_retries, retry_on_failure)
+                    parallel, join_timeout_s, max_retries, retry_on_failure, priority)
     spec = JobSpec(payload_kind=PayloadKind.DIRECTORY, entrypoint=entry, args=list(args or []), **opts)
     return _submit(session, spec, pl.tar_directory(root, imports))
 
@@ -148,12 +149,12 @@ def submit_from_stage(source: str, compute_pool: str, *, entrypoint: str | Seque
                       database: str | None = None, schema: str | None = None,
                       runtime_environment: str | None = None, parallel: bool = False,
                       join_timeout_s: float = 720.0, max_retries: int = 0, retry_on_failure: bool = False,
-                      session: Session | None = None) -> MLJob:
+                      priority: int = 0, session: Session | None = None) -> MLJob:
     """Run a directory already on a stage (``"@stage/path/"``); ``entrypoint`` is inside it."""
     session = session or get_active_session()
     opts = _options(compute_pool, stage_name, target_instances, min_instances, pip_requirements,
                     external_access_integrations, env_vars, name, database, schema, session, runtime_environment,
-                    parallel, join_timeout_s, max_retries, retry_on_failure)
+                    parallel, join_timeout_s, max_retries, retry_on_failure, priority)
     spec = JobSpec(payload_kind=PayloadKind.STAGE, entrypoint=_entrypoint(entrypoint), args=list(args or []),
                    source=source, **opts)
     return _submit(session, spec, None)

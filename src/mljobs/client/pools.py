@@ -20,27 +20,55 @@ __all__ = ["create_compute_pool", "alter_compute_pool", "drop_compute_pool", "li
 
 def create_compute_pool(name: str, *, instance_family: str, min_nodes: int = 1, max_nodes: int = 1,
                         provider: str = "local", provider_options: dict[str, Any] | None = None,
-                        if_not_exists: bool = False, session: Session | None = None) -> dict[str, Any]:
+                        if_not_exists: bool = False, scheduling: str | None = None, preemption: bool = False,
+                        max_priority: int = 0, session: Session | None = None) -> dict[str, Any]:
     """Create a pool of ``max_nodes`` nodes of ``instance_family`` (see ``mljobs.INSTANCE_FAMILIES``).
 
     ``provider`` says where the nodes come from: ``"local"`` (this machine), ``"slurm"`` (a Slurm
     partition: ``provider_options={"partition": "debug"}``) or ``"ray"`` (an existing Ray cluster:
     ``provider_options={"address": "http://HEAD:8265"}``); see ``docs/providers.md``.
+
+    Sharing (docs/sharing.md): ``scheduling="fair"`` starts the queued job of the user with the least
+    recent usage first, ``"fifo"`` in submission order (default: fair once the server has users);
+    job priorities come first either way, up to ``max_priority`` for non-admins; with
+    ``preemption=True`` a higher-priority job that cannot start takes lower ones' instances.
     """
     session = session or get_active_session()
     return session.request("POST", "/pools", json={
         "name": name, "instance_family": instance_family, "min_nodes": min_nodes, "max_nodes": max_nodes,
-        "provider": provider, "provider_options": provider_options or {}, "if_not_exists": if_not_exists}).json()
+        "provider": provider, "provider_options": provider_options or {}, "if_not_exists": if_not_exists,
+        "scheduling": scheduling, "preemption": preemption, "max_priority": max_priority}).json()
 
 
 def alter_compute_pool(name: str, *, suspend: bool | None = None, resume: bool | None = None,
-                       max_nodes: int | None = None, session: Session | None = None) -> dict[str, Any]:
-    """Suspend (start nothing new), resume, or resize a pool."""
-    if suspend is None and resume is None and max_nodes is None:
-        raise InvalidArgumentError("alter_compute_pool: give suspend=True, resume=True or max_nodes=N")
+                       max_nodes: int | None = None, scheduling: str | None = None, preemption: bool | None = None,
+                       max_priority: int | None = None, session: Session | None = None) -> dict[str, Any]:
+    """Suspend (start nothing new), resume, resize a pool, or change how it is shared."""
+    changes = {"suspend": suspend, "resume": resume, "max_nodes": max_nodes, "scheduling": scheduling,
+               "preemption": preemption, "max_priority": max_priority}
+    if all(v is None for v in changes.values()):
+        raise InvalidArgumentError("alter_compute_pool: give suspend=True, resume=True, max_nodes=N, "
+                                   "scheduling='fair'|'fifo', preemption=True|False or max_priority=N")
     session = session or get_active_session()
-    return session.request("PATCH", f"/pools/{name}", json={
-        "suspend": suspend, "resume": resume, "max_nodes": max_nodes}).json()
+    return session.request("PATCH", f"/pools/{name}", json=changes).json()
+
+
+def set_user_quota(name: str, pool: str, *, max_instances: int | None = None, max_queued: int | None = None,
+                   max_instance_hours: float | None = None, session: Session | None = None) -> dict[str, Any]:
+    """Set user ``name``'s limits on ``pool`` (admins only). ``name='*'`` sets everyone's default,
+    ``pool='*'`` every pool's; the most specific row that sets a limit wins. None: no limit there.
+
+    ``max_instances``: running at once (more wait, saying why); ``max_queued``: queued at once and
+    ``max_instance_hours``: instance-hours over the last 24 h (more are refused at submit)."""
+    session = session or get_active_session()
+    return session.request("PUT", f"/users/{name}/quotas/{pool}", json={
+        "max_instances": max_instances, "max_queued": max_queued, "max_instance_hours": max_instance_hours}).json()
+
+
+def get_user_quota(name: str, session: Session | None = None) -> list[dict[str, Any]]:
+    """User ``name``'s quota rows and everyone's defaults (``'*'``: every row)."""
+    session = session or get_active_session()
+    return session.request("GET", f"/users/{name}/quotas").json()
 
 
 def drop_compute_pool(name: str, session: Session | None = None) -> None:
@@ -57,7 +85,7 @@ def list_compute_pools(session: Session | None = None) -> pd.DataFrame:
 
     rows = (session or get_active_session()).request("GET", "/pools").json()
     cols = ["name", "state", "instance_family", "min_nodes", "max_nodes", "nodes_in_use", "queued", "running",
-            "provider", "created_time"]
+            "provider", "scheduling", "preemption", "created_time"]
     return pd.DataFrame(rows, columns=cols)
 
 

@@ -40,7 +40,7 @@ _STATUS = {
     errors.AuthenticationError: 401, errors.PermissionDeniedError: 403, errors.PayloadTooLargeError: 413,
     errors.StoreBusyError: 503, errors.InvalidArgumentError: 400, errors.PayloadError: 400,
     errors.VersionMismatchError: 400, UnsupportedError: 400, errors.NotFoundError: 404,
-    errors.ConflictError: 409, errors.InvalidTransitionError: 409,
+    errors.ConflictError: 409, errors.InvalidTransitionError: 409, errors.QuotaExceededError: 429,
 }
 _JOB_SPEC = TypeAdapter(JobSpec)
 _SPEC_FIELDS = {f.name for f in dataclasses.fields(JobSpec)}
@@ -131,6 +131,17 @@ def create_app(cp: ControlPlane, on_shutdown: Any = None) -> FastAPI:
     @app.post(api + "/users", response_model=S.UserCreated)
     def create_user(body: S.UserIn, who: Who) -> dict[str, Any]:
         return cp.create_user(body.name, body.admin, who)
+
+    @app.put(api + "/users/{name}/quotas/{pool}", response_model=S.QuotaOut)
+    def set_quota(name: str, pool: str, body: S.QuotaIn, who: Who) -> dict[str, Any]:
+        who.require_admin("setting quotas")
+        return cp.quotas.set(name, pool, body.model_dump())
+
+    @app.get(api + "/users/{name}/quotas", response_model=list[S.QuotaOut])
+    def get_quotas(name: str, who: Who) -> list[dict[str, Any]]:
+        if name != who.name:
+            who.require_admin("reading another user's quotas")
+        return cp.quotas.of(None if name == "*" else name)
 
     @app.get(api + "/users", response_model=list[S.UserOut])
     def list_users(who: Who) -> list[dict[str, Any]]:
@@ -351,7 +362,8 @@ def create_app(cp: ControlPlane, on_shutdown: Any = None) -> FastAPI:
     def create_pool(body: S.PoolIn, who: Who) -> dict[str, Any]:
         return cp.create_pool(body.name, instance_family=body.instance_family, min_nodes=body.min_nodes,
                               max_nodes=body.max_nodes, provider=body.provider,
-                              provider_options=body.provider_options, if_not_exists=body.if_not_exists, who=who)
+                              provider_options=body.provider_options, if_not_exists=body.if_not_exists, who=who,
+                              scheduling=body.scheduling, preemption=body.preemption, max_priority=body.max_priority)
 
     @app.get(api + "/pools", response_model=list[S.PoolOut])
     def list_pools(who: Who) -> list[dict[str, Any]]:
@@ -363,7 +375,8 @@ def create_app(cp: ControlPlane, on_shutdown: Any = None) -> FastAPI:
 
     @app.patch(api + "/pools/{name}", response_model=S.PoolOut)
     def alter_pool(name: str, body: S.PoolAlter, who: Who) -> dict[str, Any]:
-        return cp.alter_pool(name, suspend=body.suspend, resume=body.resume, max_nodes=body.max_nodes, who=who)
+        return cp.alter_pool(name, suspend=body.suspend, resume=body.resume, max_nodes=body.max_nodes, who=who,
+                             scheduling=body.scheduling, preemption=body.preemption, max_priority=body.max_priority)
 
     @app.delete(api + "/pools/{name}", response_model=S.Ok)
     def drop_pool(name: str, who: Who) -> dict[str, Any]:

@@ -120,6 +120,10 @@ class Authenticator:
         """No users, no server token, and loopback only: the local admin needs no token."""
         if self.server_token or not self.loopback:
             return False
+        return not self.has_users()
+
+    def has_users(self) -> bool:
+        """Whether the server has users (read at most once a second)."""
         now = time.monotonic()
         with self._lock:
             when, none = self._no_users
@@ -127,7 +131,7 @@ class Authenticator:
             none = not self.store.has_users()
             with self._lock:
                 self._no_users = (now, none)
-        return none
+        return not none
 
     def forget(self) -> None:
         """Drop cached answers (after users change)."""

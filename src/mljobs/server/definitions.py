@@ -92,7 +92,7 @@ class Definitions:
         name = check_identifier("job definition", name)
         spec.owner = who.name
         spec.name = spec.name or name
-        self.cp.check_submission(spec)
+        self.cp.check_submission(spec, who)
         stage = self.cp.stage(spec.stage_name, who=who)
         old = self._row(who.name, name)
         if old is not None and not overwrite:
@@ -163,7 +163,7 @@ class Definitions:
                                        f"{MAX_CALL_BYTES}; put large inputs on a stage and pass their path")
         if job_name:
             spec.name = job_name
-        pool = self.cp.check_submission(spec)
+        pool = self.cp.check_submission(spec, who)
         stage = self.cp.stage(row["stage_name"], who=who)
         job_id = new_job_id()
         paths = StagePaths(job_id)

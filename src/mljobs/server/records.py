@@ -42,6 +42,8 @@ class JobRecord:
     definition_name: str | None = None
     schedule_name: str | None = None
     scheduled_tick: dt.datetime | None = None
+    priority: int = 0
+    preempted_by: str | None = None
     spec: dict[str, Any] | None = None
 
     @classmethod

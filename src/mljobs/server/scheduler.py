@@ -1,34 +1,115 @@
-"""Which pending jobs start now: first come, first served, within each pool's max_nodes."""
+"""Which queued jobs start now on a pool, within its max_nodes.
+
+Every start decision orders the queue the same way on every provider (mljobs decides; an engine
+never holds more than mljobs started):
+
+1. priority, higher first;
+2. on a ``fair`` pool, the user with the least recent usage (:mod:`mljobs.server.usage`), and
+   within one decision the user who started fewer jobs in it, so equal users alternate; on a
+   ``fifo`` pool, neither;
+3. submission order (FIFO within a user).
+
+A user at their ``max_instances`` quota is passed over (their pending reason says so). When the
+job that comes first does not fit in the free slots nothing behind it starts, so a big job is
+never starved by small ones; on a pool with preemption it may take lower-priority jobs' instances
+(:func:`choose_victims`). A job starts when at least its ``min_instances`` slots are free and takes
+up to ``target_instances``; it never holds slots while it waits.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
+from collections import Counter, deque
 from typing import Any
 
 from mljobs.server.records import JobRecord
 
-__all__ = ["plan_starts", "plan_top_ups", "pending_reason"]
+__all__ = ["Plan", "plan", "choose_victims", "plan_top_ups", "pending_reason"]
 
 
-def plan_starts(pool: dict[str, Any], used_slots: set[int],
-                pending: list[JobRecord]) -> list[tuple[JobRecord, list[int]]]:
-    """Jobs to start now, each with the pool slots it gets.
+@dataclasses.dataclass
+class Plan:
+    starts: list[tuple[JobRecord, list[int]]] = dataclasses.field(default_factory=list)
+    held: dict[str, str] = dataclasses.field(default_factory=dict)  # owner -> why their jobs wait
+    blocked: JobRecord | None = None  # the job that comes first but does not fit (none start behind it)
+    free: int = 0  # slots left free after the starts
 
-    A job starts when at least its ``min_instances`` slots are free and takes up to
-    ``target_instances``. The queue is strict FIFO: when the oldest job does not fit, nothing
-    behind it starts (no starvation of big jobs), and a job never holds slots while it waits.
-    A suspended pool starts nothing.
+
+def plan(pool: dict[str, Any], used_slots: set[int], heads: dict[str, list[JobRecord]], *, fair: bool,
+         usage: dict[str, float] | None = None, running: dict[str, int] | None = None,
+         max_instances: dict[str, int | None] | None = None) -> Plan:
+    """Jobs to start now on ``pool``, each with the slots it gets.
+
+    ``heads``: each user's first queued jobs, in their own order (priority, then submission).
+    ``usage``: each user's recent usage (fair pools). ``running``: each user's running instances
+    on this pool, for ``max_instances`` (None or absent: no limit).
     """
-    if pool["suspended"]:
-        return []
+    out = Plan()
     free = [s for s in range(pool["max_nodes"]) if s not in used_slots]
-    plan = []
-    for job in pending:
-        if len(free) < job.min_instances:
+    if pool["suspended"]:
+        out.free = len(free)
+        return out
+    usage, running = usage or {}, Counter(running or {})
+    limits = max_instances or {}
+    queues = {owner: deque(jobs) for owner, jobs in heads.items() if jobs}
+    started: Counter[str] = Counter()
+
+    def key(job: JobRecord) -> tuple[Any, ...]:
+        order = (job.created_time or dt.datetime.min.replace(tzinfo=dt.timezone.utc), job.id)
+        if fair:
+            return (-job.priority, started[job.owner], usage.get(job.owner, 0.0), *order)
+        return (-job.priority, *order)
+
+    while queues:
+        candidates = []
+        for owner in list(queues):
+            job = queues[owner][0]
+            limit = limits.get(owner)
+            if limit is not None and running[owner] + job.min_instances > limit:
+                out.held[owner] = (f"user {owner} has {running[owner]} of their max_instances={limit} instance(s) "
+                                   f"running on pool {pool['name']}")
+                del queues[owner]
+                continue
+            candidates.append(job)
+        if not candidates:
             break
-        take = min(job.target_instances, len(free))
-        plan.append((job, free[:take]))
+        best = min(candidates, key=key)
+        room = len(free)
+        if room < best.min_instances:
+            out.blocked = best
+            break
+        take = min(best.target_instances, room)
+        limit = limits.get(best.owner)
+        if limit is not None:
+            take = min(take, limit - running[best.owner])
+        out.starts.append((best, free[:take]))
         free = free[take:]
-    return plan
+        running[best.owner] += take
+        started[best.owner] += 1
+        queues[best.owner].popleft()
+        if not queues[best.owner]:
+            del queues[best.owner]
+    out.free = len(free)
+    return out
+
+
+def choose_victims(waiting: JobRecord, free: int, running_jobs: list[JobRecord]) -> list[JobRecord]:
+    """The running jobs ``waiting`` takes the instances of to start: of lower priority only, the
+    lowest first and, among equals, the most recently started; just enough to free
+    ``waiting.min_instances`` with the ``free`` slots there are. None if they would not be enough."""
+    need = waiting.min_instances - free
+    if need <= 0:
+        return []
+    lower = sorted((j for j in running_jobs if j.priority < waiting.priority),
+                   key=lambda j: (j.priority, -(j.started_time or j.created_time).timestamp()))
+    chosen, freed = [], 0
+    for job in lower:
+        chosen.append(job)
+        freed += job.instances_ran
+        if freed >= need:
+            return chosen
+    return []
 
 
 def plan_top_ups(pool: dict[str, Any], used_slots: set[int], pending: list[JobRecord],

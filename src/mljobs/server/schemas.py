@@ -18,7 +18,8 @@ from mljobs.status import JOB_STATUS
 __all__ = ["Name", "PoolIn", "PoolAlter", "IntegrationIn", "PruneEnvsIn", "StageIn", "UserIn", "PruneJobsIn",
            "JobSummary", "JobOut", "InstanceOut", "PoolOut", "IntegrationOut", "StageOut", "StageFileOut",
            "EnvOut", "UserOut", "UserCreated", "Ok", "RayInfoOut", "HealthOut", "WhoAmI", "PrunedJobs", "MetricRow", "JobEvent",
-           "DefinitionOut", "DefinitionCallIn", "ScheduleIn", "ScheduleOut", "ScheduleEvent"]
+           "DefinitionOut", "DefinitionCallIn", "ScheduleIn", "ScheduleOut", "ScheduleEvent", "QuotaIn",
+           "QuotaOut"]
 
 # Names of pools, stages and integrations; the service checks their form and says how to fix it.
 Name = Annotated[str, StringConstraints(min_length=1, max_length=255)]
@@ -38,12 +39,34 @@ class PoolIn(_In):
     # checked by the provider, which names the options it knows
     provider_options: Annotated[dict[str, Any], Field(max_length=64)] = {}
     if_not_exists: bool = False
+    scheduling: Annotated[str, StringConstraints(max_length=8)] | None = None  # fair, fifo; None: fair with users
+    preemption: bool = False
+    max_priority: Annotated[int, Field(ge=-1000, le=1000)] = 0
 
 
 class PoolAlter(_In):
     suspend: bool | None = None
     resume: bool | None = None
     max_nodes: Annotated[int, Field(ge=1, le=100_000)] | None = None
+    scheduling: Annotated[str, StringConstraints(max_length=8)] | None = None
+    preemption: bool | None = None
+    max_priority: Annotated[int, Field(ge=-1000, le=1000)] | None = None
+
+
+class QuotaIn(_In):
+    """A user's limits on a pool; None: no limit (the next less specific row's, if any)."""
+
+    max_instances: Annotated[int, Field(ge=0, le=100_000)] | None = None
+    max_queued: Annotated[int, Field(ge=0, le=10_000_000)] | None = None
+    max_instance_hours: Annotated[float, Field(ge=0, le=1e9, allow_inf_nan=False)] | None = None
+
+
+class QuotaOut(BaseModel):
+    owner: str
+    pool: str
+    max_instances: int | None = None
+    max_queued: int | None = None
+    max_instance_hours: float | None = None
 
 
 class IntegrationIn(_In):
@@ -105,6 +128,8 @@ class JobSummary(BaseModel):
     peak_rss_bytes: int | None = None  # the largest instance's, once instances ended
     cpu_seconds: float | None = None  # all instances' together
     attempt: int = 1  # which run of the job this is (a lost instance requeues it as the next)
+    priority: int = 0
+    pending_reason: str | None = None  # a queued job's: why it has not started
     definition_name: str | None = None  # the definition it was called from
     schedule_name: str | None = None  # a scheduled run: its schedule and the tick it is for
     scheduled_tick: dt.datetime | None = None
@@ -144,6 +169,10 @@ class PoolOut(BaseModel):
     cpus_per_node: int
     memory_bytes_per_node: int
     gpus_per_node: int
+    scheduling: str = "fifo"  # in force: "fair" or "fifo"
+    preemption: bool = False
+    max_priority: int = 0
+    users: list[dict[str, Any]] = []  # who holds it now (describe only): running, queued, usage, share
 
 
 class IntegrationOut(BaseModel):

@@ -18,6 +18,7 @@ import shutil
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Generator
 from typing import IO, Any
 from urllib.parse import urlsplit
@@ -41,9 +42,11 @@ from mljobs.server.isolation import Isolation
 from mljobs.server.monitor import reconcile_once
 from mljobs.server.notify import Notifier
 from mljobs.server.records import JobRecord
-from mljobs.server.scheduler import pending_reason, plan_starts, plan_top_ups
+from mljobs.server.quotas import Quotas
+from mljobs.server.scheduler import choose_victims, pending_reason, plan, plan_top_ups
 from mljobs.server.schedules import Schedules
 from mljobs.server.store import Store, utcnow
+from mljobs.server.usage import Usage, family_weight, is_fair
 from mljobs.spec import DEFAULT_POOL, INSTANCE_FAMILIES, JobSpec, PayloadKind, PoolSpec, PoolState, check_identifier, check_stage_name, is_job_id, new_job_id
 from mljobs.stages import Stage, parse_stage_path
 from mljobs.status import (ACTIVE, ACTIVE_VALUES, INSTANCE_STATUS, JOB_STATUS, LIVE_INSTANCE, TERMINAL,
@@ -93,6 +96,8 @@ class ControlPlane:
         self._scheduler: threading.Thread | None = None
         self.definitions = Definitions(self)
         self.schedules = Schedules(self)
+        self.quotas = Quotas(store)
+        self.usage = Usage(settings.fair_half_life_h * 3600.0)
         # Pools that may hold a running job with fewer instances than its target (None: unknown,
         # as after a start), so that scheduling asks the store about late instances only then.
         self._maybe_short: set[str] | None = None
@@ -108,6 +113,7 @@ class ControlPlane:
             self.create_pool(DEFAULT_POOL, instance_family="CPU_X64_XS", min_nodes=1,
                              max_nodes=max(1, len(os.sched_getaffinity(0))), if_not_exists=True)
         self.store.create_integration(*PYPI_ACCESS, if_not_exists=True)
+        self._load_usage()
         self.reconcile(attach=True)
         self._sweep()
         for pool in self.store.list_pools():
@@ -117,6 +123,29 @@ class ControlPlane:
         self._monitor = threading.Thread(target=self._monitor_loop, name="mljobs-monitor", daemon=True)
         self._monitor.start()
         self.schedules.start()
+
+    def _has_users(self) -> bool:
+        """Whether the server has users (the authenticator's answer, cached, once started)."""
+        return self.auth.has_users() if hasattr(self, "auth") else self.store.has_users()
+
+    def _load_usage(self) -> None:
+        """Each user's recent usage from the instances that ended within eight half-lives."""
+        since = utcnow() - dt.timedelta(seconds=8 * self.usage.half_life_s)
+        for span in self.store.instance_spans(since):
+            if span["started_time"] and span["ended_time"]:
+                seconds = (span["ended_time"] - span["started_time"]).total_seconds()
+                self.usage.add(span["owner"], family_weight(span["instance_family"]) * max(0.0, seconds),
+                               span["ended_time"].timestamp())
+
+    def _usage_now(self) -> dict[str, float]:
+        """Every user's usage now: the decayed record plus what their running instances ran so far."""
+        now = utcnow()
+        out = self.usage.snapshot(now.timestamp())
+        for span in self.store.instance_spans(live=True):
+            if span["started_time"]:
+                ran = max(0.0, (now - span["started_time"]).total_seconds())
+                out[span["owner"]] = out.get(span["owner"], 0.0) + family_weight(span["instance_family"]) * ran
+        return out
 
     def request_schedule(self, pool_name: str) -> None:
         """Have the scheduler thread look at ``pool_name``'s queue now (at once, in this thread,
@@ -249,11 +278,13 @@ class ControlPlane:
     # -- pools --------------------------------------------------------------------------------
     def create_pool(self, name: str, *, instance_family: str, min_nodes: int = 1, max_nodes: int = 1,
                     provider: str = "local", provider_options: dict[str, Any] | None = None,
-                    if_not_exists: bool = False, who: Principal | None = None) -> dict[str, Any]:
+                    if_not_exists: bool = False, who: Principal | None = None, scheduling: str | None = None,
+                    preemption: bool = False, max_priority: int = 0) -> dict[str, Any]:
         """Make a pool; ``who`` becomes its owner (None: the server's own, managed by admins).
         The provider checks the pool (its options, that its engine answers and its nodes fit the
         family) before anything is recorded."""
-        spec = PoolSpec(name, instance_family, min_nodes, max_nodes, provider, provider_options or {})
+        spec = PoolSpec(name, instance_family, min_nodes, max_nodes, provider, provider_options or {},
+                        scheduling=scheduling, preemption=preemption, max_priority=max_priority)
         if spec.provider_options.get("mounts") and who is not None and not who.admin:
             raise PermissionDeniedError(f"compute pool {name}: only an admin names the host folders jobs may see "
                                         "(the mounts option)")
@@ -272,20 +303,35 @@ class ControlPlane:
         raise PermissionDeniedError(f"compute pool {pool['name']} belongs to {owner}: only they or an admin "
                                     f"may {what} it")
 
-    def describe_pool(self, name: str) -> dict[str, Any]:
+    def describe_pool(self, name: str, with_users: bool = True) -> dict[str, Any]:
         pool = self.store.get_pool(check_identifier("compute pool", name))
         usage = self.store.pool_usage().get(pool["name"], {"nodes_in_use": 0, "queued": 0, "running": 0})
         state = PoolState.SUSPENDED if pool["suspended"] else (
             PoolState.ACTIVE if usage["nodes_in_use"] else PoolState.IDLE)
         fam = INSTANCE_FAMILIES[pool["instance_family"]]
+        fair = is_fair(pool, self._has_users())
         return {**pool, "state": state.value, **usage, "family": fam.describe(),
-                "cpus_per_node": fam.cpus, "memory_bytes_per_node": fam.memory_bytes, "gpus_per_node": fam.gpus}
+                "cpus_per_node": fam.cpus, "memory_bytes_per_node": fam.memory_bytes, "gpus_per_node": fam.gpus,
+                "scheduling": "fair" if fair else "fifo", "users": self._pool_users(pool) if with_users else []}
+
+    def _pool_users(self, pool: dict[str, Any]) -> list[dict[str, Any]]:
+        """Who holds the pool now: each user's running instances, queued jobs, recent usage (every
+        pool's, weighted and decayed: what fair share orders by) and share of that usage."""
+        running = Counter(owner for _, owner, _ in self.store.pool_instances(pool["name"]))
+        queued = self.store.queued_by_owner(pool["name"])
+        owners = sorted(set(running) | set(queued))
+        usage = self._usage_now() if owners else {}
+        total = sum(usage.get(o, 0.0) for o in owners)
+        return [{"user": o, "running_instances": running.get(o, 0), "queued_jobs": queued.get(o, 0),
+                 "usage": round(usage.get(o, 0.0), 3), "share": round(usage.get(o, 0.0) / total, 4) if total else 0.0,
+                 "max_instances": self.quotas.limits(o, pool["name"])["max_instances"]} for o in owners]
 
     def list_pools(self) -> list[dict[str, Any]]:
-        return [self.describe_pool(p["name"]) for p in self.store.list_pools()]
+        return [self.describe_pool(p["name"], with_users=False) for p in self.store.list_pools()]
 
     def alter_pool(self, name: str, *, suspend: bool | None = None, resume: bool | None = None,
-                   max_nodes: int | None = None, who: Principal | None = None) -> dict[str, Any]:
+                   max_nodes: int | None = None, who: Principal | None = None, scheduling: str | None = None,
+                   preemption: bool | None = None, max_priority: int | None = None) -> dict[str, Any]:
         name = check_identifier("compute pool", name)
         self._check_pool_owner(self.store.get_pool(name), who, "alter")
         if suspend and resume:
@@ -301,6 +347,13 @@ class ControlPlane:
                             pool["provider"], pool["provider_options"])
             self.provider(name).validate_pool(spec)
             values.update(max_nodes=max_nodes, min_nodes=spec.min_nodes)
+        if scheduling is not None:
+            PoolSpec(name, "CPU_X64_XS", scheduling=scheduling)  # says what is wrong with it
+            values["scheduling"] = scheduling
+        if preemption is not None:
+            values["preemption"] = bool(preemption)
+        if max_priority is not None:
+            values["max_priority"] = int(max_priority)
         if values:
             self.store.update_pool(name, **values)
         else:
@@ -457,9 +510,18 @@ class ControlPlane:
                 "timeout_s": self.settings.install_timeout_s}
 
     # -- jobs: submit -------------------------------------------------------------------------
-    def check_submission(self, spec: JobSpec) -> dict[str, Any]:
+    def check_submission(self, spec: JobSpec, who: Principal | None = None) -> dict[str, Any]:
+        """Refuse what cannot run (naming why and the fix); the job's pool. ``who``: the submitter
+        (None: the server, a schedule's tick, already checked when the schedule was made)."""
         pool = self.store.get_pool(spec.compute_pool)
         provider = self.provider(pool["name"])
+        if who is not None and not who.admin and spec.priority > pool["max_priority"]:
+            raise PermissionDeniedError(
+                f"priority={spec.priority} is above pool {pool['name']}'s max_priority={pool['max_priority']}, the "
+                "highest a user may ask for; only an admin goes higher (or raises it: alter_compute_pool("
+                f"{pool['name']!r}, max_priority=...))")
+        if spec.owner:
+            self.quotas.check_submit(spec.owner, pool["name"], spec.effective_min_instances)
         if spec.effective_min_instances > pool["max_nodes"]:
             raise InvalidArgumentError(
                 f"the job needs at least {spec.effective_min_instances} instance(s) but pool {pool['name']} "
@@ -507,7 +569,7 @@ class ControlPlane:
             done = self.store.job_by_key(who.name, idempotency_key)
             if done is not None:
                 return self.job_view(done)
-        pool = self.check_submission(spec)
+        pool = self.check_submission(spec, who)
         stage = self.stage(spec.stage_name, who=who)
         job_id = new_job_id()
         trace.mark(job_id, "server.submit.begin", began)
@@ -536,7 +598,7 @@ class ControlPlane:
             "database_name": spec.database, "schema_name": spec.schema, "owner": spec.owner,
             "compute_pool": pool["name"], "stage_name": stage.name,
             "target_instances": spec.target_instances, "min_instances": spec.effective_min_instances,
-            "instances_ran": 0, "spec": spec.to_dict(), "created_time": utcnow(),
+            "instances_ran": 0, "spec": spec.to_dict(), "created_time": utcnow(), "priority": spec.priority,
             "idempotency_key": idempotency_key or None, **extra,
         }
 
@@ -591,19 +653,49 @@ class ControlPlane:
     def schedule(self, pool_name: str) -> None:
         with self._lock:
             pool = self.store.get_pool(pool_name)
-            # every job started takes a slot, so no more than max_nodes of the queue can start now
-            plan = plan_starts(pool, self.store.used_slots(pool["name"]),
-                               self.store.pending_jobs(pool["name"], limit=pool["max_nodes"]))
-            for job, slots in plan:
-                if not self.store.start_job(job.id, slots):
-                    continue  # cancelled meanwhile
-                trace.mark(job.id, "server.job.started")
-                if len(slots) < job.target_instances and self._maybe_short is not None:
-                    self._maybe_short.add(pool["name"])
-                self._start_instances(job, pool, slots)
-                self.notifier.notify(job.id)
+            live = self.store.pool_instances(pool["name"])
+            free = pool["max_nodes"] - len(live)
+            if free > 0 or pool["preemption"]:
+                # every start takes a slot, so no user can start more than the free slots now
+                heads = self.store.pending_heads(pool["name"], per_owner=max(1, free))
+                fair = is_fair(pool, self._has_users())
+                decision = plan(pool, {slot for slot, _, _ in live}, heads, fair=fair,
+                                usage=self._usage_now() if fair and len(heads) > 1 else None,
+                                running=Counter(owner for _, owner, _ in live),
+                                max_instances=self.quotas.max_instances(list(heads), pool["name"]))
+                for head, slots in decision.starts:
+                    if not self.store.start_job(head.id, slots):
+                        continue  # cancelled meanwhile
+                    job = self.store.get_job(head.id)
+                    trace.mark(job.id, "server.job.started")
+                    if len(slots) < job.target_instances and self._maybe_short is not None:
+                        self._maybe_short.add(pool["name"])
+                    self._start_instances(job, pool, slots)
+                    self.notifier.notify(job.id)
+                if decision.blocked is not None and pool["preemption"]:
+                    self._preempt(pool, decision.blocked, decision.free)
             if self._maybe_short is None or pool["name"] in self._maybe_short:
                 self._top_up(pool)
+
+    def _preempt(self, pool: dict[str, Any], waiting: JobRecord, free: int) -> None:
+        """``waiting`` comes first but does not fit: take the instances of lower-priority jobs
+        (preempted jobs go back to the queue as their next attempt, or end CANCELLED)."""
+        leaving = [j for j in self.store.list_jobs(0, statuses=[JOB_STATUS.CANCELLING.value], pool=pool["name"],
+                                                   with_spec=False) if j.preempted_by]
+        if leaving:
+            return  # instances are being freed for a job already: it starts once they are
+        provider = self.provider(pool["name"])
+        for victim in choose_victims(waiting, free, self.store.running_jobs(pool["name"])):
+            note = (f"preempted by job {waiting.id} (priority {waiting.priority} over {victim.priority}) of user "
+                    f"{waiting.owner} on pool {pool['name']}")
+            if not self.store.preempt(victim.id, waiting.id, note):
+                continue
+            log.info("job %s: %s", victim.id, note)
+            self._log_line(victim.id, 0, note)
+            for inst in self.store.instances_of(victim.id):
+                if inst["status"] in LIVE_INSTANCE and inst["handle"]:
+                    provider.cancel(InstanceHandle.from_dict(inst["handle"]), self.settings.grace_period_s)
+            self.notifier.notify(victim.id)
 
     def _top_up(self, pool: dict[str, Any]) -> None:
         """Late instances join running multi-node jobs that started with fewer than their target."""
@@ -712,6 +804,7 @@ class ControlPlane:
             now = utcnow()
             values = {"exit_code": exit_.exit_code, "ended_time": now, "exit_record": exit_.to_record(),
                       **metrics.instance_values(provider.metrics(handle), exit_.usage, now.timestamp())}
+            self._account(job, next(i for i in insts if i["instance_id"] == handle.instance_id), now)
             live = [i for i in insts if i["status"] in LIVE_INSTANCE and i["instance_id"] != handle.instance_id]
             if live:
                 if self.store.record_exit(job.id, handle.instance_id, values) and (
@@ -720,6 +813,17 @@ class ControlPlane:
                 return
             self._complete(job, insts, (handle.instance_id, values, exit_))
         self.request_schedule(pool)
+
+    def _account(self, job: JobRecord, inst: dict[str, Any], ended: dt.datetime) -> None:
+        """Add an ended instance's run to its owner's usage (fair share)."""
+        if inst["started_time"] is None:
+            return
+        try:
+            family = self.store.get_pool(job.compute_pool)["instance_family"]
+        except NotFoundError:
+            return
+        seconds = max(0.0, (ended - inst["started_time"]).total_seconds())
+        self.usage.add(job.owner, family_weight(family) * seconds, ended.timestamp())
 
     def _complete(self, job: JobRecord, insts: list[dict[str, Any]],
                   last: tuple[int, dict[str, Any], InstanceExit] | None) -> None:
@@ -758,12 +862,13 @@ class ControlPlane:
         """Requeue a job that ended ``new`` as its next attempt, if that is what it asked for: its
         instance was lost (node lost, supervisor killed, our own error) or killed from outside, or it
         failed and said ``retry_on_failure``; a cancel never is. True if it was requeued."""
-        if job.status != JOB_STATUS.RUNNING.value or job.attempt > job.max_retries:
+        preempted = job.status == JOB_STATUS.CANCELLING.value and bool(job.preempted_by)
+        if not (job.status == JOB_STATUS.RUNNING.value or preempted) or job.attempt > job.max_retries:
             return False
         killed = (new == JOB_STATUS.FAILED and exit_.error is None and exit_.oom is None and not exit_.cancelled
                   and exit_.exit_code in (-9, -15))
         own = new == JOB_STATUS.FAILED and bool((job.spec or {}).get("retry_on_failure"))
-        if not (new == JOB_STATUS.INTERNAL_ERROR or killed or own):
+        if not (new == JOB_STATUS.INTERNAL_ERROR or killed or own or preempted):
             return False
         provider = self.provider(job.compute_pool)
         handles = [InstanceHandle.from_dict(i["handle"]) for i in insts if i["handle"]]
@@ -903,7 +1008,10 @@ class ControlPlane:
                     platform_error: str | None) -> tuple[JOB_STATUS, str]:
         job_id = job.id
         logs_hint = f"`mljobs logs {job_id}` or job.get_logs() shows the full log"
-        if job.status == JOB_STATUS.CANCELLING.value:
+        if job.status == JOB_STATUS.CANCELLING.value and job.preempted_by:
+            new, msg = JOB_STATUS.CANCELLED, (f"{job.message}; it had no retries left (max_retries="
+                                              f"{job.max_retries}): resubmit it, or give it max_retries")
+        elif job.status == JOB_STATUS.CANCELLING.value:
             new, msg = JOB_STATUS.CANCELLED, "cancelled by request"
         elif platform_error is not None:
             new, msg = JOB_STATUS.INTERNAL_ERROR, platform_error
@@ -969,9 +1077,8 @@ class ControlPlane:
         view.pop("spec", None)
         view["payload_kind"] = (job.spec or {}).get("payload_kind")
         if job.status == JOB_STATUS.PENDING.value:
-            pool = self.store.get_pool(job.compute_pool)
-            ahead = self.store.jobs_ahead(job)
-            view["message"] = pending_reason(pool, len(self.store.used_slots(pool["name"])), ahead)
+            view["message"] = view["pending_reason"] = self._why_pending(job.compute_pool, job.owner,
+                                                                         self.store.jobs_ahead(job), job.message)
         view["instances"] = [
             {**{k: i[k] for k in ("instance_id", "status", "exit_code", "started_time", "ended_time", "cpu_seconds",
                                   "peak_rss_bytes")}, "isolation": _isolation_of(i)}
@@ -1024,7 +1131,36 @@ class ControlPlane:
                                     with_spec=False, pool=pool,
                                     schedule=check_identifier("schedule", schedule) if schedule else None)
         usage = metrics.usage_by_job(self.store, [r.id for r in rows])
-        return [{**r.to_dict(), **usage.get(r.id, {"peak_rss_bytes": None, "cpu_seconds": None})} for r in rows]
+        reasons: dict[tuple[str, str], str] = {}
+        out = []
+        for r in rows:
+            row = {**r.to_dict(), **usage.get(r.id, {"peak_rss_bytes": None, "cpu_seconds": None})}
+            if r.status == JOB_STATUS.PENDING.value:
+                key = (r.compute_pool, r.owner)
+                if key not in reasons:
+                    reasons[key] = self._why_pending(r.compute_pool, r.owner, None, "")
+                row["pending_reason"] = reasons[key] if not r.message else f"{reasons[key]}; {r.message}"
+            out.append(row)
+        return out
+
+    def _why_pending(self, pool_name: str, owner: str, ahead: int | None, note: str) -> str:
+        """Why a queued job of ``owner`` has not started, in words a user can act on (``note``: what
+        the job's record says, e.g. that it is a retry)."""
+        try:
+            pool = self.store.get_pool(pool_name)
+        except NotFoundError:
+            return f"pool {pool_name} no longer exists"
+        live = self.store.pool_instances(pool_name)
+        limit = self.quotas.limits(owner, pool_name)["max_instances"]
+        mine = sum(1 for _, o, _ in live if o == owner)
+        if limit is not None and mine >= limit and not pool["suspended"]:
+            why = (f"user {owner} has {mine} of their max_instances={limit} instance(s) running on pool {pool_name}; "
+                   "it starts when one of them ends")
+        else:
+            why = pending_reason(pool, len(live), ahead or 0)
+            if ahead is None and not pool["suspended"] and is_fair(pool, self._has_users()):
+                why += " (fair share: the user with the least recent usage starts next)"
+        return f"{why}; {note}" if note else why
 
     def cancel(self, ref: str, who: Principal) -> dict[str, Any]:
         job = self.resolve(ref, who)
@@ -1036,6 +1172,9 @@ class ControlPlane:
                                           message="cancelled before it started")
                 except InvalidTransitionError:
                     return self.cancel(ref, who)  # it started meanwhile
+            elif job.status == JOB_STATUS.CANCELLING.value and job.preempted_by:
+                # being preempted, and now cancelled: it ends CANCELLED instead of going back to the queue
+                self.store.unpreempt(job.id, "cancelled by request while it was being preempted")
             elif job.status == JOB_STATUS.RUNNING.value:
                 try:
                     self.store.transition(job.id, JOB_STATUS.CANCELLING, expected=[JOB_STATUS.RUNNING],

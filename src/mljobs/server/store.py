@@ -338,7 +338,8 @@ class Store:
 
         Raises InvalidTransitionError when the job's current status does not allow it.
         """
-        sources = {s for s in JOB_STATUS if can_transition(s, new)}
+        # back to the queue only through requeue_job, which checks it is a retry or a preemption
+        sources = {s for s in JOB_STATUS if can_transition(s, new)} if new != JOB_STATUS.PENDING else set()
         if expected is not None:
             sources &= set(expected)
         values = dict(values, status=new.value)
@@ -376,20 +377,103 @@ class Store:
         return True
 
     def requeue_job(self, job_id: str, attempt: int, message: str) -> bool:
-        """RUNNING -> PENDING as attempt ``attempt + 1``, its ended instances removed, in one
-        transaction (the job waits in the queue again, at its place by submit time). False if the
-        job was no longer RUNNING on ``attempt`` (another path finished or requeued it)."""
+        """RUNNING (or CANCELLING, preempted) -> PENDING as attempt ``attempt + 1``, its ended
+        instances removed, in one transaction (the job waits in the queue again, at its place by
+        submit time). False if the job was no longer there on ``attempt`` (another path finished
+        or requeued it)."""
         now = utcnow()
         with self.engine.begin() as c:
             res = c.execute(jobs.update().where(
-                jobs.c.id == job_id, jobs.c.status == JOB_STATUS.RUNNING.value, jobs.c.attempt == attempt)
+                jobs.c.id == job_id, jobs.c.attempt == attempt, sa.or_(
+                    jobs.c.status == JOB_STATUS.RUNNING.value,
+                    sa.and_(jobs.c.status == JOB_STATUS.CANCELLING.value, jobs.c.preempted_by.is_not(None))))
                 .values(status=JOB_STATUS.PENDING.value, attempt=attempt + 1, message=message, started_time=None,
-                        instances_ran=0))
+                        instances_ran=0, preempted_by=None))
             if res.rowcount == 0:
                 return False
             c.execute(instances.delete().where(instances.c.job_id == job_id))
             _event(c, job_id, JOB_STATUS.PENDING.value, message, now)
         return True
+
+    def preempt(self, job_id: str, by: str, message: str) -> bool:
+        """RUNNING -> CANCELLING for job ``by``, which takes its instances; False if it was no longer
+        RUNNING. Its instances are stopped by the caller; it ends CANCELLED or is requeued."""
+        now = utcnow()
+        with self.engine.begin() as c:
+            if c.execute(jobs.update().where(jobs.c.id == job_id, jobs.c.status == JOB_STATUS.RUNNING.value)
+                         .values(status=JOB_STATUS.CANCELLING.value, preempted_by=by, message=message)).rowcount == 0:
+                return False
+            _event(c, job_id, JOB_STATUS.CANCELLING.value, message, now)
+        return True
+
+    def unpreempt(self, job_id: str, message: str) -> None:
+        """A preempted job is cancelled as well: it ends CANCELLED rather than being requeued."""
+        with self.engine.begin() as c:
+            c.execute(jobs.update().where(jobs.c.id == job_id, jobs.c.status == JOB_STATUS.CANCELLING.value)
+                      .values(preempted_by=None, message=message))
+
+    # -- sharing a pool ------------------------------------------------------------------------
+    def pending_heads(self, pool: str, per_owner: int) -> dict[str, list[JobRecord]]:
+        """Each user's first ``per_owner`` queued jobs on ``pool`` (priority, then submission),
+        without their specs."""
+        cols = [c for c in jobs.c if c.name != "spec"]
+        rank = sa.func.row_number().over(partition_by=jobs.c.owner,
+                                         order_by=(jobs.c.priority.desc(), jobs.c.created_time, jobs.c.id))
+        inner = (sa.select(*cols, rank.label("rank"))
+                 .where(jobs.c.compute_pool == pool, jobs.c.status == JOB_STATUS.PENDING.value).subquery())
+        q = (sa.select(*[inner.c[c.name] for c in cols]).where(inner.c.rank <= per_owner)
+             .order_by(inner.c.owner, inner.c.rank))
+        out: dict[str, list[JobRecord]] = {}
+        with self.engine.connect() as c:
+            for r in c.execute(q):
+                job = _job(r)
+                out.setdefault(job.owner, []).append(job)
+        return out
+
+    def pool_instances(self, pool: str) -> list[tuple[int, str, str]]:
+        """The live instances of ``pool``: (slot, owner, job id)."""
+        q = (sa.select(instances.c.slot, jobs.c.owner, jobs.c.id).join(jobs, jobs.c.id == instances.c.job_id)
+             .where(jobs.c.compute_pool == pool, instances.c.status.in_(sorted(LIVE_INSTANCE))))
+        with self.engine.connect() as c:
+            return [(r[0], r[1], r[2]) for r in c.execute(q)]
+
+    def running_jobs(self, pool: str) -> list[JobRecord]:
+        """RUNNING jobs of ``pool`` (without specs)."""
+        cols = [c for c in jobs.c if c.name != "spec"]
+        q = sa.select(*cols).where(jobs.c.compute_pool == pool, jobs.c.status == JOB_STATUS.RUNNING.value)
+        with self.engine.connect() as c:
+            return [_job(r) for r in c.execute(q)]
+
+    def instance_spans(self, since: dt.datetime | None = None, live: bool = False, owner: str | None = None,
+                       pool: str | None = None) -> list[dict[str, Any]]:
+        """Instances with their owner, pool and family: those ended after ``since``, or the live
+        ones (only ``owner``'s on ``pool`` when given); for usage (fair share) and daily quotas."""
+        q = (sa.select(jobs.c.owner, jobs.c.compute_pool, pools.c.instance_family, instances.c.started_time,
+                       instances.c.ended_time)
+             .join(jobs, jobs.c.id == instances.c.job_id).join(pools, pools.c.name == jobs.c.compute_pool))
+        if live:
+            q = q.where(instances.c.status.in_(sorted(LIVE_INSTANCE)))
+        else:
+            q = q.where(instances.c.status == INSTANCE_STATUS.EXITED.value, instances.c.ended_time >= since)
+        if owner is not None:
+            q = q.where(jobs.c.owner == owner)
+        if pool is not None:
+            q = q.where(jobs.c.compute_pool == pool)
+        with self.engine.connect() as c:
+            return [_row(r) for r in c.execute(q)]
+
+    def queued_by_owner(self, pool: str) -> dict[str, int]:
+        q = (sa.select(jobs.c.owner, sa.func.count()).where(jobs.c.compute_pool == pool,
+                                                           jobs.c.status == JOB_STATUS.PENDING.value)
+             .group_by(jobs.c.owner))
+        with self.engine.connect() as c:
+            return {r[0]: int(r[1]) for r in c.execute(q)}
+
+    def queued_count(self, owner: str, pool: str) -> int:
+        q = sa.select(sa.func.count()).select_from(jobs).where(
+            jobs.c.owner == owner, jobs.c.compute_pool == pool, jobs.c.status == JOB_STATUS.PENDING.value)
+        with self.engine.connect() as c:
+            return int(c.execute(q).scalar_one())
 
     def job_events(self, job_id: str) -> list[dict[str, Any]]:
         """The statuses the job took, oldest first: time, status, message."""

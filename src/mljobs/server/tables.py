@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 __all__ = ["metadata", "pools", "jobs", "instances", "job_events", "stages", "integrations", "users", "secrets",
-           "definitions", "schedules", "schedule_events"]
+           "definitions", "schedules", "schedule_events", "quotas"]
 
 metadata = sa.MetaData()
 
@@ -20,6 +20,12 @@ pools = sa.Table(
     sa.Column("created_time", sa.DateTime(timezone=True), nullable=False),
     sa.Column("owner", sa.String(255)),  # None: made before owners were recorded
     sa.Column("provider_options", sa.JSON),  # what the provider needs: a partition, a cluster address
+    # how the queue is ordered: "fair" (least recent usage first) or "fifo"; None: fair once the
+    # server has users. Priorities come first either way; preemption lets a higher one take
+    # instances of lower ones; max_priority: the highest a non-admin may ask for.
+    sa.Column("scheduling", sa.String(8)),
+    sa.Column("preemption", sa.Boolean, nullable=False, default=False, server_default=sa.false()),
+    sa.Column("max_priority", sa.Integer, nullable=False, default=0, server_default="0"),
 )
 
 jobs = sa.Table(
@@ -47,6 +53,9 @@ jobs = sa.Table(
     sa.Column("definition_name", sa.String(255)),  # the definition it was called from, if any
     sa.Column("schedule_name", sa.String(255)),  # a scheduled run: its schedule and the tick it is for
     sa.Column("scheduled_tick", sa.DateTime(timezone=True)),
+    sa.Column("priority", sa.Integer, nullable=False, default=0, server_default="0"),
+    sa.Column("preempted_by", sa.String(64)),  # the job that took its instances (it ends or is requeued)
+    sa.Index("ix_jobs_pool_status_owner", "compute_pool", "status", "owner", "priority", "created_time"),
     sa.Index("ix_jobs_schedule_tick", "owner", "schedule_name", "scheduled_tick", unique=True),
     sa.Index("ix_jobs_pool_status", "compute_pool", "status", "created_time"),
     sa.Index("ix_jobs_created", "created_time"),
@@ -161,4 +170,13 @@ schedule_events = sa.Table(  # a schedule's history: ticks fired, skipped, and c
     sa.Column("job_id", sa.String(64)),
     sa.Column("message", sa.Text, nullable=False, default="", server_default=""),
     sa.Index("ix_schedule_events_schedule", "owner", "schedule_name", "id"),
+)
+
+quotas = sa.Table(  # per user ('*': everyone's default) and pool ('*': every pool's); None: no limit
+    "quotas", metadata,
+    sa.Column("owner", sa.String(255), primary_key=True),
+    sa.Column("pool", sa.String(255), primary_key=True),
+    sa.Column("max_instances", sa.Integer),  # running at once: more wait, their pending reason says so
+    sa.Column("max_queued", sa.Integer),  # queued at once: more are refused at submit
+    sa.Column("max_instance_hours", sa.Float),  # over the last 24 h: more are refused at submit
 )
