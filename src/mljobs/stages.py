@@ -157,15 +157,15 @@ class Stage:
             target.parent.mkdir(parents=True, exist_ok=True)
             self.fs.get_file(p, str(target))
 
-    def upload_dir(self, local_dir: str | os.PathLike[str], prefix: str) -> int:
+    def upload_dir(self, local_dir: str | os.PathLike[str], prefix: str, link: bool = False) -> int:
         """Make ``prefix`` hold exactly the regular files under ``local_dir`` (what was there goes
         first); links and anything but plain files are left out, so a folder a job wrote can never
-        make this process copy a file it points at. On a local stage of the same file system the
-        files are hard links (a checkpoint of gigabytes costs nothing; its writer has ended).
-        Returns the file count."""
+        make this process copy a file it points at. With ``link``, on a local stage of the same file
+        system the files are hard links (a checkpoint of gigabytes costs nothing; only for a folder
+        whose writer has ended). Returns the file count."""
         self.remove(prefix)
         root, n = Path(local_dir), 0
-        target = self.local_path(prefix)
+        target = self.local_path(prefix) if link else None
         for dirpath, _dirs, filenames in os.walk(root):  # never follows links
             rel = Path(dirpath).relative_to(root).as_posix()
             for f in filenames:

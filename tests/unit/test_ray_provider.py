@@ -35,6 +35,11 @@ def test_sizes_submission_ids_and_bundles():
     node = {"cpus": 2.0, "gpus": 0.0, "memory_bytes": 6.0 * GIB}
     assert node_fits(node, xs) and not node_fits(node, m)
     assert submission_id("MLJOB_X") == "mljobs-MLJOB_X"
+    # a retry's Ray job is its own: Ray keeps the last attempt's, finished, under the first id
+    assert submission_id("MLJOB_X", attempt=2) == "mljobs-MLJOB_X.2"
+    from mljobs.providers.slurm import _job_of, job_name
+
+    assert job_name("MLJOB_X", 3) == "mljobs-MLJOB_X.3" and _job_of(job_name("MLJOB_X", 3)) == "MLJOB_X"
     assert raygang.bundles({"count": 2, "cpus": 1, "gpus": 0, "memory_bytes": 2 * GIB}) == [
         {"CPU": 1.0, "memory": 2.0 * GIB}] * 2
     assert raygang.bundles({"count": 1, "cpus": 6, "gpus": 1, "memory_bytes": GIB})[0]["GPU"] == 1.0

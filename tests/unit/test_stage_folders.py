@@ -22,11 +22,14 @@ def test_upload_dir_keeps_plain_files_only_and_replaces_what_was_there(tmp_path:
     stage = Stage("S", str(tmp_path / "stage"))
     stage.ensure()
     stage.put_bytes("J/checkpoint/0/stale", b"old")
-    assert stage.upload_dir(ck, "J/checkpoint/0/") == 2
+    assert stage.upload_dir(ck, "J/checkpoint/0/", link=True) == 2
     names = sorted(f["name"] for f in stage.list("J/checkpoint/0/"))
     assert names == ["J/checkpoint/0/model.pt", "J/checkpoint/0/sub/step"]
     kept = Path(stage.local_path("J/checkpoint/0/model.pt"))
     assert kept.read_bytes() == b"weights" and kept.samefile(ck / "model.pt")  # a link, not a copy
+    # without link (a folder still being written: a node's live checkpoint), copies
+    assert stage.upload_dir(ck, "J/checkpoint/0/") == 2
+    assert not Path(stage.local_path("J/checkpoint/0/model.pt")).samefile(ck / "model.pt")
 
 
 def test_copy_dir_links_between_local_folders(tmp_path: Path) -> None:

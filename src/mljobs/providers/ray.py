@@ -67,8 +67,14 @@ _RUNNING = {"RUNNING"}
 _FINISH_WAIT_S = 10.0  # a finished job's Ray job ends on its own within this, else it is stopped
 
 
-def submission_id(job_id: str) -> str:
-    return _PREFIX + job_id
+def submission_id(job_id: str, attempt: int = 1) -> str:
+    """The Ray job's submission id: one per attempt (Ray keeps finished ones, and a retry must not
+    reuse its last attempt's)."""
+    return _PREFIX + job_id + (f".{attempt}" if attempt > 1 else "")
+
+
+def _job_of(sid: str) -> str:
+    return sid[len(_PREFIX):].split(".")[0]
 
 
 def _normalize(address: str) -> str:
@@ -233,7 +239,7 @@ class RayProvider(RemoteProvider):
         opts = pool.provider_options
         address = self._address(pool)
         client = self._client(address)
-        sid = submission_id(launch.job_id)
+        sid = submission_id(launch.job_id, launch.attempt)
         fam, k = launch.family, launch.instance_count
         self.write_launch(launch, opts)
         python = opts.get("python") or sys.executable
@@ -353,9 +359,9 @@ class RayProvider(RemoteProvider):
                 continue
             for info in jobs:
                 sid = info.submission_id or ""
-                if sid.startswith(_PREFIX) and info.status.value in _PENDING | _RUNNING and ended(sid[len(_PREFIX):]):
+                if sid.startswith(_PREFIX) and info.status.value in _PENDING | _RUNNING and ended(_job_of(sid)):
                     self._stop(address, sid)
-                    done.append(sid[len(_PREFIX):])
+                    done.append(_job_of(sid))
         return done
 
     def cleanup(self, handle: InstanceHandle, now: bool = False) -> None:

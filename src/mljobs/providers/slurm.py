@@ -44,8 +44,14 @@ _PREFIX = "mljobs-"
 _EXPORT = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV", "MLJOBS_NODE_DIR")
 
 
-def job_name(job_id: str) -> str:
-    return _PREFIX + job_id
+def job_name(job_id: str, attempt: int = 1) -> str:
+    """The allocation's name: one per attempt (a retry's must not be taken for the last attempt's,
+    which Slurm may still list while it ends)."""
+    return _PREFIX + job_id + (f".{attempt}" if attempt > 1 else "")
+
+
+def _job_of(name: str) -> str:
+    return name.removeprefix(_PREFIX).split(".")[0]
 
 
 def parse_sinfo(text: str) -> list[dict[str, Any]]:
@@ -171,11 +177,12 @@ class SlurmProvider(RemoteProvider):
     def handle_for(self, job_id: str, instance_id: int, alloc: dict[str, Any]) -> InstanceHandle:
         handle = super().handle_for(job_id, instance_id, alloc)
         handle.extra["slurm_job_id"] = alloc["id"]
+        handle.extra["slurm_job_name"] = alloc.get("name") or job_name(job_id)
         return handle
 
     def _submit(self, launch: InstanceLaunch, opts: dict[str, Any]) -> dict[str, Any]:
         """sbatch the job's allocation, unless one named for it exists already (a retry)."""
-        name = job_name(launch.job_id)
+        name = job_name(launch.job_id, launch.attempt)
         found = self._squeue(force=True).get(name)
         stage = {"name": launch.stage.name, "url": launch.stage.url}
         if found is None:
@@ -197,7 +204,7 @@ class SlurmProvider(RemoteProvider):
             self._invalidate()
         else:
             slurm_id = found[0]
-        alloc = {"id": slurm_id, "count": launch.instance_count, "stage": stage}
+        alloc = {"id": slurm_id, "count": launch.instance_count, "stage": stage, "name": name}
         self.save_allocation(launch.job_id, alloc)
         return alloc
 
@@ -231,7 +238,7 @@ class SlurmProvider(RemoteProvider):
 
     def engine_state(self, handle: InstanceHandle) -> str | None:
         try:
-            found = self._squeue().get(job_name(handle.job_id))
+            found = self._squeue().get(str(handle.extra.get("slurm_job_name") or job_name(handle.job_id)))
         except InvalidArgumentError as e:
             log.warning("slurm: %s", e)
             return None
@@ -278,7 +285,7 @@ class SlurmProvider(RemoteProvider):
         if alloc is None:
             return
         try:
-            found = self._squeue(force=True).get(job_name(job_id))
+            found = self._squeue(force=True).get(alloc.get("name") or job_name(job_id))
             if found is not None and found[0] == str(alloc["id"]):
                 self._run(["scancel", str(alloc["id"])], timeout=30)
         except InvalidArgumentError as e:
@@ -294,7 +301,7 @@ class SlurmProvider(RemoteProvider):
             return []
         done = []
         for name, (sid, _) in view.items():
-            job_id = name.removeprefix(_PREFIX)
+            job_id = _job_of(name)
             if ended(job_id):
                 self._run(["scancel", sid], timeout=30)
                 done.append(job_id)

@@ -218,7 +218,8 @@ def run(stage: Stage, job_id: str, instance_id: int) -> int:
     rep = Reporter(url, token, job_id, instance_id)
     address, hostname = own_address(url), socket.gethostname()
     base = Path(os.environ.get("MLJOBS_NODE_DIR") or Path(tempfile.gettempdir()) / "mljobs-node")
-    node_dir = base / "jobs" / f"{job_id}-{instance_id}"
+    attempt = int(tpl.get("attempt") or 1)  # an attempt's folder is its own (a lost one's may be left)
+    node_dir = base / "jobs" / (f"{job_id}-{instance_id}" + (f".{attempt}" if attempt > 1 else ""))
     rep.system(f"instance {instance_id} on {hostname} ({address}), pid {os.getpid()}")
     mn: dict[str, Any] | None = None
     try:
@@ -228,7 +229,7 @@ def run(stage: Stage, job_id: str, instance_id: int) -> int:
             rep.system(f"the payload runs unsandboxed on {hostname}: {sandbox.probe()}")
         stage.download_dir(StagePaths(job_id).app, launch["work_dir"])
         kept = StagePaths(job_id).checkpoint(instance_id)
-        if int(launch.get("attempt") or 1) > 1 and stage.exists(kept):  # what the last attempt left
+        if attempt > 1 and stage.exists(kept):  # what the last attempt left
             stage.download_dir(kept, Path(launch["work_dir"]) / CHECKPOINT_DIR)
             rep.system(f"attempt {launch['attempt']}: the checkpoint folder of the last attempt is restored")
         mn = launch.get("multinode")

@@ -325,7 +325,7 @@ def register(app: FastAPI, cp: ControlPlane, api_caller: Callable[..., Principal
         who = caller(request)
         if who is None:
             return login_page(request)
-        return page(request, "pools.html", who, pools=cp.list_pools())
+        return page(request, "pools.html", who, pools=[cp.describe_pool(p["name"]) for p in cp.store.list_pools()])
 
     @app.get("/schedules", response_class=HTMLResponse, include_in_schema=False)
     def schedules_page(request: Request) -> HTMLResponse:

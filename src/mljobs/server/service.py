@@ -898,7 +898,8 @@ class ControlPlane:
         if local is None or not os.path.isdir(local):
             return
         try:
-            self.stage(job.stage_name).upload_dir(local, StagePaths(job.id).checkpoint(handle.instance_id))
+            # links: the instance has ended, nothing writes its folder any more
+            self.stage(job.stage_name).upload_dir(local, StagePaths(job.id).checkpoint(handle.instance_id), link=True)
         except (OSError, NotFoundError) as e:
             log.warning("job %s: could not keep instance %d's checkpoint folder: %s", job.id, handle.instance_id, e)
 
