@@ -36,6 +36,20 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
+def _used_bytes(db: Path) -> int:
+    """The store's pages in use (WAL merged first), in bytes."""
+    import sqlite3
+
+    con = sqlite3.connect(db)
+    try:
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        pages, free, size = (con.execute(f"PRAGMA {p}").fetchone()[0] for p in ("page_count", "freelist_count",
+                                                                                 "page_size"))
+        return (pages - free) * size
+    finally:
+        con.close()
+
+
 def trivial(i: int) -> int:
     return i
 
@@ -85,8 +99,7 @@ def main() -> None:
         for i in range(a.queued):
             queued(i)
         db = home / "mljobs.db"
-        size0 = db.stat().st_size + (home / "mljobs.db-wal").stat().st_size if (home / "mljobs.db-wal").exists() \
-            else db.stat().st_size
+        size0 = _used_bytes(db)
         mljobs.create_schedule("TICK", defn, every="1s", args=(1,), concurrency="allow", session=s)
         time.sleep(a.ticks)
         mljobs.pause_schedule("TICK", session=s)
@@ -101,10 +114,9 @@ def main() -> None:
         import sqlite3
 
         con = sqlite3.connect(db)
-        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         events = con.execute("SELECT COUNT(*) FROM schedule_events WHERE schedule_name='TICK'").fetchone()[0]
         con.close()
-        size1 = db.stat().st_size
+        size1 = _used_bytes(db)
         per_tick = max(0, size1 - size0) / max(1, len(runs))
         out["store_bytes_per_tick"] = per_tick
         out["store_mb_per_day_1min"] = per_tick * 1440 / 1e6

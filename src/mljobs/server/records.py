@@ -14,7 +14,7 @@ from typing import Any
 from mljobs.spec import JobSpec
 from mljobs.status import ACTIVE_VALUES, JOB_STATUS, TERMINAL_VALUES
 
-__all__ = ["JobRecord"]
+__all__ = ["JobRecord", "QueuedJob"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,3 +89,16 @@ class JobRecord:
     def multinode_ray(self) -> bool:
         """A multi-node job whose instances form one Ray cluster."""
         return self.target_instances > 1 and not self.parallel
+
+
+@dataclasses.dataclass(frozen=True)
+class QueuedJob:
+    """What a start decision reads of a queued job (:meth:`Store.pending_heads`): a few columns
+    of its row, so that deciding over a long queue reads no more than it needs."""
+
+    id: str
+    owner: str
+    priority: int
+    created_time: Any  # a datetime, or the store's text of one (SQLite): compared within one store only
+    min_instances: int
+    target_instances: int

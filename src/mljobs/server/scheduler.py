@@ -19,24 +19,24 @@ up to ``target_instances``; it never holds slots while it waits.
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 from collections import Counter, deque
 from typing import Any
 
-from mljobs.server.records import JobRecord
+from mljobs.server.records import JobRecord, QueuedJob
 
 __all__ = ["Plan", "plan", "choose_victims", "plan_top_ups", "pending_reason"]
 
 
 @dataclasses.dataclass
 class Plan:
-    starts: list[tuple[JobRecord, list[int]]] = dataclasses.field(default_factory=list)
+    starts: list[tuple[QueuedJob | JobRecord, list[int]]] = dataclasses.field(default_factory=list)
     held: dict[str, str] = dataclasses.field(default_factory=dict)  # owner -> why their jobs wait
-    blocked: JobRecord | None = None  # the job that comes first but does not fit (none start behind it)
+    blocked: QueuedJob | JobRecord | None = None  # the job that comes first but does not fit (none start behind it)
     free: int = 0  # slots left free after the starts
 
 
-def plan(pool: dict[str, Any], used_slots: set[int], heads: dict[str, list[JobRecord]], *, fair: bool,
+def plan(pool: dict[str, Any], used_slots: set[int], heads: dict[str, list[QueuedJob]] | dict[str, list[JobRecord]],
+         *, fair: bool,
          usage: dict[str, float] | None = None, running: dict[str, int] | None = None,
          max_instances: dict[str, int | None] | None = None) -> Plan:
     """Jobs to start now on ``pool``, each with the slots it gets.
@@ -55,8 +55,8 @@ def plan(pool: dict[str, Any], used_slots: set[int], heads: dict[str, list[JobRe
     queues = {owner: deque(jobs) for owner, jobs in heads.items() if jobs}
     started: Counter[str] = Counter()
 
-    def key(job: JobRecord) -> tuple[Any, ...]:
-        order = (job.created_time or dt.datetime.min.replace(tzinfo=dt.timezone.utc), job.id)
+    def key(job: QueuedJob | JobRecord) -> tuple[Any, ...]:
+        order = (job.created_time, job.id)
         if fair:
             return (-job.priority, started[job.owner], usage.get(job.owner, 0.0), *order)
         return (-job.priority, *order)
@@ -94,7 +94,7 @@ def plan(pool: dict[str, Any], used_slots: set[int], heads: dict[str, list[JobRe
     return out
 
 
-def choose_victims(waiting: JobRecord, free: int, running_jobs: list[JobRecord]) -> list[JobRecord]:
+def choose_victims(waiting: QueuedJob | JobRecord, free: int, running_jobs: list[JobRecord]) -> list[JobRecord]:
     """The running jobs ``waiting`` takes the instances of to start: of lower priority only, the
     lowest first and, among equals, the most recently started; just enough to free
     ``waiting.min_instances`` with the ``free`` slots there are. None if they would not be enough."""

@@ -41,7 +41,7 @@ from mljobs.server.definitions import Definitions
 from mljobs.server.isolation import Isolation
 from mljobs.server.monitor import reconcile_once
 from mljobs.server.notify import Notifier
-from mljobs.server.records import JobRecord
+from mljobs.server.records import JobRecord, QueuedJob
 from mljobs.server.quotas import Quotas
 from mljobs.server.scheduler import choose_victims, pending_reason, plan, plan_top_ups
 from mljobs.server.schedules import Schedules
@@ -677,7 +677,7 @@ class ControlPlane:
             if self._maybe_short is None or pool["name"] in self._maybe_short:
                 self._top_up(pool)
 
-    def _preempt(self, pool: dict[str, Any], waiting: JobRecord, free: int) -> None:
+    def _preempt(self, pool: dict[str, Any], waiting: QueuedJob, free: int) -> None:
         """``waiting`` comes first but does not fit: take the instances of lower-priority jobs
         (preempted jobs go back to the queue as their next attempt, or end CANCELLED)."""
         leaving = [j for j in self.store.list_jobs(0, statuses=[JOB_STATUS.CANCELLING.value], pool=pool["name"],

@@ -55,7 +55,8 @@ jobs = sa.Table(
     sa.Column("scheduled_tick", sa.DateTime(timezone=True)),
     sa.Column("priority", sa.Integer, nullable=False, default=0, server_default="0"),
     sa.Column("preempted_by", sa.String(64)),  # the job that took its instances (it ends or is requeued)
-    sa.Index("ix_jobs_pool_status_owner", "compute_pool", "status", "owner", "priority", "created_time"),
+    sa.Index("ix_jobs_pool_status_owner", "compute_pool", "status", "owner", sa.text("priority DESC"), "created_time",
+             "id"),
     sa.Index("ix_jobs_schedule_tick", "owner", "schedule_name", "scheduled_tick", unique=True),
     sa.Index("ix_jobs_pool_status", "compute_pool", "status", "created_time"),
     sa.Index("ix_jobs_created", "created_time"),
@@ -81,6 +82,7 @@ instances = sa.Table(
     # How it ended (InstanceExit.to_record: exit code, cancelled, lost, error, oom, usage, log tail,
     # has_result), written by the UPDATE that marks it EXITED: completion never needs its files again.
     sa.Column("exit_record", sa.JSON),
+    sa.Index("ix_instances_status", "status"),
 )
 
 job_events = sa.Table(  # every status a job took, when, and why: its timeline

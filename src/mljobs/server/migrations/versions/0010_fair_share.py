@@ -28,8 +28,11 @@ def upgrade() -> None:
     with op.batch_alter_table("jobs") as batch:
         batch.add_column(sa.Column("priority", sa.Integer, nullable=False, server_default="0"))
         batch.add_column(sa.Column("preempted_by", sa.String(64)))
-    op.create_index("ix_jobs_pool_status_owner", "jobs", ["compute_pool", "status", "owner", "priority",
-                                                          "created_time"])
+    # each user's queue in start order (priority first, then submission): one index seek a user
+    op.create_index("ix_jobs_pool_status_owner", "jobs", ["compute_pool", "status", "owner", sa.text("priority DESC"),
+                                                          "created_time", "id"])
+    # the live instances (a handful) without reading every instance ever recorded
+    op.create_index("ix_instances_status", "instances", ["status"])
     op.create_table(
         "quotas",
         sa.Column("owner", sa.String(255), primary_key=True),
@@ -42,6 +45,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("quotas")
+    op.drop_index("ix_instances_status", "instances")
     op.drop_index("ix_jobs_pool_status_owner", "jobs")
     with op.batch_alter_table("jobs") as batch:
         batch.drop_column("preempted_by")
