@@ -124,6 +124,7 @@ def add_users(srv: ServerProc) -> dict[str, Any]:
     from mljobs.client.session import Session
 
     root = Session(url=srv.url).request("POST", "/users", json={"name": "root", "admin": True}).json()["token"]
+    srv.token = root  # its stop() asks for the shutdown as an admin (else it waits a minute, then kills it)
     sessions = {"root": Session(url=srv.url, token=root)}
     for name in ("alice", "bob"):
         token = sessions["root"].request("POST", "/users", json={"name": name}).json()["token"]

@@ -282,41 +282,6 @@ def test_lost_node_is_detected_within_the_heartbeat_timeout(slurm: SlurmEnv, tmp
     slurm.cluster.restart_node(host)
 
 
-def test_a_lost_node_retries_the_job_from_its_checkpoint(slurm: SlurmEnv, tmp_path: Path) -> None:
-    """max_retries on Slurm: the node's agent keeps the checkpoint folder on the stage as it changes;
-    the node dies; attempt 2 runs (on any node), starts with that folder, and ends DONE."""
-    marker = "mljobs-slurm-retry-" + uuid.uuid4().hex[:8]
-    script = tmp_path / "resumable.py"
-    script.write_text(
-        "import os, pathlib, time\n"
-        "ck = pathlib.Path(os.environ['MLJOBS_CHECKPOINT_DIR'])\n"
-        "attempt = int(os.environ['MLJOBS_ATTEMPT'])\n"
-        "done = int((ck / 'step').read_text()) if (ck / 'step').exists() else 0\n"
-        "if attempt == 1:\n"
-        "    (ck / 'step.tmp').write_text('5')\n"
-        "    os.replace(ck / 'step.tmp', ck / 'step')\n"
-        f"    print('checkpointed {marker}', flush=True)\n"
-        "    time.sleep(300)\n"
-        "__return__ = [attempt, done]\n")
-    job = mljobs.submit_file(str(script), "HPC", stage_name="payload_stage", max_retries=1, session=slurm.session)
-    kept = slurm.server.home / "stages" / "PAYLOAD_STAGE" / job.id / "checkpoint" / "0" / "step"
-    deadline = time.monotonic() + 90
-    while not kept.exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert kept.exists() and kept.read_text() == "5", job.get_logs(verbose=True)
-    host = next(h for h in slurm.cluster.nodes if f"on {h} (" in job.get_logs(verbose=True))
-    _kill_node(slurm, host, job.id, marker)
-    # as a health check would: Slurm stops placing jobs on the dead node (its restart would end
-    # whatever Slurm placed there meanwhile)
-    slurm.cluster.exec(["scontrol", "update", f"NodeName={host}", "State=DOWN", "Reason=mljobs-test"])
-    try:
-        assert job.wait(timeout=180) == JOB_STATUS.DONE, (job.message, job.get_logs(verbose=True))
-    finally:
-        slurm.cluster.restart_node(host)
-    assert job.result() == [2, 5] and job.attempt == 2
-    assert "the checkpoint folder of the last attempt is restored" in job.get_logs(verbose=True)
-
-
 def test_bad_input_is_refused_and_records_nothing(slurm: SlurmEnv, tmp_path: Path) -> None:
     s = slurm.session
     before = {p for p in mljobs.list_compute_pools(session=s)["name"]}
