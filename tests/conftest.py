@@ -17,6 +17,13 @@ import psutil
 import pytest
 import sqlalchemy as sa
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # a pytest-xdist worker starts with COLUMNS=80 and LINES=24 (it has no terminal): the tests'
+    # subprocesses (the CLI's tables, uv's messages) would wrap at 80 columns where a serial run's
+    # do not; the worker's tests see the environment a serial run's see
+    os.environ.pop("COLUMNS", None)
+    os.environ.pop("LINES", None)
+
 PG_URL = os.environ.get("MLJOBS_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
@@ -30,6 +37,34 @@ def pg_available() -> str | None:
         return None
     except Exception as e:  # noqa: BLE001
         return f"no PostgreSQL answers at {PG_URL}: {e}"
+
+
+# How pytest-xdist (``-n N``, scripts/test) shares the modules out: a module's tests stay on one
+# worker (its module-scoped server starts once), and these modules, which share one session-scoped
+# cluster whose namespaces have fixed names, stay together on one worker.
+SHARED_WORKER = {"tests/integration/test_slurm.py": "slurm", "tests/integration/test_slurm_cluster.py": "slurm"}
+# The modules that take longest start first (measured: docs/testing.md), so that no long one is
+# left alone at the end; the rest keep their order.
+LONGEST_FIRST = ["test_airflow.py", "test_slurm_cluster.py", "test_slurm.py", "test_multinode.py",
+                 "test_modeling.py", "test_examples_cli.py", "test_notebooks.py", "test_faults.py",
+                 "test_ray_provider.py", "test_isolation.py", "test_environments.py"]
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return SHARED_WORKER.get(module, module)
+
+    config.option.loadscopereorder = False  # the modules' order (below), not by their number of tests
+    return ModuleScheduling(config, log)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
 class ServerProc:
@@ -173,6 +208,60 @@ def host_pids(inner: list[int], job_id: str) -> list[int]:
     assert ns_of_job is not None, f"no process of job {job_id} found"
     host = {inner_pid: pid for pid, (ns, inner_pid) in procs.items() if ns == ns_of_job}
     return [host[i] for i in inner]
+
+
+RAY_DAEMONS = ("gcs_server", "raylet", "plasma_store")
+
+
+def mine(p: psutil.Process) -> bool:
+    """Whether a process was started by this test process (or its servers and their jobs): under
+    pytest-xdist every worker's processes carry its PYTEST_XDIST_WORKER, so one worker's checks
+    never see another's Ray or jobs; without xdist every process is this run's."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None:
+        return True
+    try:
+        return p.environ().get("PYTEST_XDIST_WORKER") == worker
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+
+
+def ray_processes() -> list[psutil.Process]:
+    """Ray's daemons and anything running from a local job's Ray folder, of this test process."""
+    out = []
+    for p in psutil.process_iter(["name", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if (p.info["name"] in RAY_DAEMONS or "/tmp/mljr-" in cmd) and mine(p):
+            out.append(p)
+    return out
+
+
+def job_ids_under(root: Path) -> set[str]:
+    """The ids of every job that a server whose MLJOBS_HOME lies under ``root`` ran (each keeps
+    its log folder)."""
+    return {d.name for d in root.glob("**/logs/MLJOB_*") if d.is_dir()}
+
+
+def assert_no_ray_left(basetemp: Path, timeout: float = 15.0) -> None:
+    """No Ray process, job network namespace or local Ray folder of the jobs run under
+    ``basetemp`` (this test process's temporary root) is left."""
+    from mljobs.paths import HomePaths
+    from mljobs.providers import local, netns
+
+    deadline = time.monotonic() + timeout
+    while (left := ray_processes()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"Ray processes left running: {[(p.pid, p.info['cmdline']) for p in left]}"
+    alone = os.environ.get("PYTEST_XDIST_WORKER") is None  # then all of them are this run's
+    if netns.unavailable_reason() is None:
+        ids = job_ids_under(basetemp)
+        namespaces = [n for n in netns.list_job_namespaces()
+                      if alone or any(n.startswith(netns.namespace(j, "")) for j in ids)]
+        assert not namespaces, f"job namespaces left: {namespaces}"
+    temp = {local.ray_temp_dir(HomePaths(logs.parents[1]).instance(logs.name, i).run_dir)
+            for logs in basetemp.glob("**/logs/MLJOB_*") for i in range(16)}
+    left_dirs = [d for d in Path("/tmp").glob("mljr-*") if alone or str(d) in temp]
+    assert not left_dirs, f"Ray temp folders left behind: {left_dirs}"
 
 
 def assert_no_leftovers(home: Path, timeout: float = 15.0) -> None:

@@ -23,8 +23,8 @@ import pytest
 
 import mljobs
 from mljobs.providers import netns
-from tests.conftest import ServerProc, assert_no_leftovers
-from tests.integration.test_multinode import _ray_processes, needs_netns
+from tests.conftest import ServerProc, assert_no_leftovers, assert_no_ray_left
+from tests.integration.test_multinode import needs_netns
 
 pytestmark = pytest.mark.multinode
 
@@ -32,14 +32,9 @@ FEATURES = [f"f{i}" for i in range(12)]
 
 
 @pytest.fixture(autouse=True)
-def _no_ray_left_behind():
+def _no_ray_left_behind(tmp_path_factory: pytest.TempPathFactory):
     yield
-    deadline = time.monotonic() + 15
-    while (left := _ray_processes()) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not left, f"Ray processes left running: {[(p.pid, p.info['cmdline']) for p in left]}"
-    assert not netns.list_job_namespaces()
-    assert not list(Path("/tmp").glob("mljr-*")), "Ray temp folders left behind"
+    assert_no_ray_left(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture

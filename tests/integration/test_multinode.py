@@ -25,7 +25,7 @@ import pytest
 import mljobs
 from mljobs import JOB_STATUS
 from mljobs.providers import netns
-from tests.conftest import wait_status
+from tests.conftest import assert_no_ray_left, ray_processes, wait_status
 
 pytestmark = pytest.mark.multinode
 
@@ -38,18 +38,6 @@ if _REASON is None:
 if _REASON:
     print(f"SKIP multi-node tests: {_REASON}")
 needs_netns = pytest.mark.skipif(_REASON is not None, reason=f"multi-node tests need network namespaces: {_REASON}")
-
-RAY_DAEMONS = ("gcs_server", "raylet", "plasma_store")
-
-
-def _ray_processes() -> list[psutil.Process]:
-    out = []
-    for p in psutil.process_iter(["name", "cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if p.info["name"] in RAY_DAEMONS or "/tmp/mljr-" in cmd:
-            out.append(p)
-    return out
-
 
 def _wait_for_log(job, text: str, instance_id: int = 0, timeout: float = 120.0) -> str:
     deadline = time.monotonic() + timeout
@@ -92,14 +80,9 @@ def _host_listeners() -> list[tuple[str, int, int | None]]:
 
 
 @pytest.fixture(autouse=True)
-def _no_ray_left_behind():
+def _no_ray_left_behind(tmp_path_factory: pytest.TempPathFactory):
     yield
-    deadline = time.monotonic() + 15
-    while (left := _ray_processes()) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not left, f"Ray processes left running: {[(p.pid, p.info['cmdline']) for p in left]}"
-    assert not netns.list_job_namespaces() if _REASON is None else True
-    assert not list(Path("/tmp").glob("mljr-*")), "Ray temp folders left behind"
+    assert_no_ray_left(tmp_path_factory.getbasetemp())
 
 
 @needs_netns
@@ -137,7 +120,7 @@ def test_three_nodes_spread_logs_and_dashboard(lite):
     assert page.status_code == 200 and f'id="ray-link" target="_blank" rel="noopener">{url}</a>' in page.text
     # Ray listens only inside the job's namespaces: nothing new in the machine's own.
     new = [(a, p, pid) for a, p, pid in _host_listeners() if (a, p) not in before]
-    ray_pids = {p.pid for p in _ray_processes()}
+    ray_pids = {p.pid for p in ray_processes()}
     assert not [x for x in new if x[2] in ray_pids], f"Ray listens outside its namespaces: {new}"
 
     out = job.result(timeout=180)
@@ -236,7 +219,9 @@ def test_instances_that_cannot_join_time_out(lite):
     assert "instance(s) [1] did not join" in msg
     with pytest.raises(mljobs.InstancesUnavailableError, match="only 1 of 2"):
         job.result()
-    assert "did not come up within 5 s" in job.get_logs(instance_id=1)
+    # instance 1 says why it stopped: its own 5 s ran out first, or the head's did and released it
+    said = job.get_logs(instance_id=1, verbose=True)
+    assert "did not come up within 5 s" in said or "released: the job's head has finished" in said, said
 
 
 @needs_netns
@@ -280,7 +265,7 @@ def test_a_dead_head_is_an_internal_error_and_stops_the_workers(lite):
 @needs_netns
 def test_cancel_stops_every_instance(lite):
     job = _running_forever(lite, 3)
-    assert len(_ray_processes()) >= 3
+    assert len(ray_processes()) >= 3
     job.cancel()
     assert wait_status(job, {"CANCELLED"}, timeout=60, allowed={"CANCELLING"}) == "CANCELLED"
     assert not netns.list_job_namespaces(job.id)

@@ -116,8 +116,10 @@ def test_kill9_of_the_server_never_fires_a_tick_twice_and_skips_missed_ticks(sql
     catch = sorted(dt.datetime.fromisoformat(r["scheduled_tick"]) for r in _runs(s2, "CATCHUP"))
     gaps = {round((b - a).total_seconds()) for a, b in zip(catch, catch[1:])}
     assert gaps == {1}, gaps
+    # without catchup the outage left a gap: the last tick before the kill fell at most 1 s before
+    # it, the first after it at least the 4 s of the pause later (a slow restart only widens it)
     skip = sorted(dt.datetime.fromisoformat(r["scheduled_tick"]) for r in _runs(s2, "SKIP"))
-    assert max(round((b - a).total_seconds()) for a, b in zip(skip, skip[1:])) >= int(outage) - 2
+    assert max(round((b - a).total_seconds()) for a, b in zip(skip, skip[1:])) >= 3, (skip, outage)
     s2.close()
     s.close()
 
