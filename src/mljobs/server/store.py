@@ -15,13 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
 from sqlalchemy.engine import Engine
 
 from mljobs.errors import ConflictError, InvalidTransitionError, NotFoundError
 from mljobs.server.records import JobRecord, QueuedJob
-from mljobs.server.tables import instances, integrations, job_events, jobs, pools, secrets, stages, users
+from mljobs.server.tables import (SCHEMA_REVISION, alembic_version, instances, integrations, job_events, jobs, metadata,
+                                  pools, secrets, stages, users)
 from mljobs.spec import PoolSpec
 from mljobs.status import ACTIVE, INSTANCE_STATUS, JOB_STATUS, LIVE_INSTANCE, TERMINAL, TERMINAL_VALUES, can_transition
 
@@ -125,13 +124,30 @@ class Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         return cls(f"sqlite:///{path}", busy_timeout_s)
 
-    def migrate(self) -> None:
-        """Bring the schema to the newest revision (Alembic)."""
-        cfg = Config()
-        cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    def migrate(self, *, by_alembic: bool = False) -> None:
+        """Bring the schema to the newest revision. A store at it is left alone, and an empty one
+        gets the tables as ``tables.py`` declares them, stamped at the newest revision (what
+        running every migration gives: tests/unit/test_schema.py compares the two); neither imports
+        Alembic, whose import is a third of a server's start. Any other store (an older revision)
+        is upgraded by Alembic's migrations, as is every store with ``by_alembic``."""
         with self.engine.begin() as conn:
             if conn.dialect.name == "postgresql":  # one migrator at a time per database
                 conn.execute(sa.text("SELECT pg_advisory_xact_lock(7251001)"))
+            if not by_alembic:
+                names = set(sa.inspect(conn).get_table_names())
+                if not names:
+                    metadata.create_all(conn)
+                    alembic_version.create(conn)
+                    conn.execute(alembic_version.insert().values(version_num=SCHEMA_REVISION))
+                    return
+                if "alembic_version" in names and conn.execute(
+                        sa.select(alembic_version.c.version_num)).scalar() == SCHEMA_REVISION:
+                    return
+            from alembic import command
+            from alembic.config import Config
+
+            cfg = Config()
+            cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
 
@@ -457,6 +473,15 @@ class Store:
              .where(jobs.c.compute_pool == pool, instances.c.status.in_(sorted(LIVE_INSTANCE))))
         with self.engine.connect() as c:
             return [(r[0], r[1], r[2]) for r in c.execute(q)]
+
+    def pool_use(self, pool: str, since: dt.datetime) -> list[tuple[str, dt.datetime, dt.datetime | None]]:
+        """The instances of ``pool`` that ran at some time since ``since``: (owner, started, ended or None)."""
+        q = (sa.select(jobs.c.owner, instances.c.started_time, instances.c.ended_time)
+             .join(jobs, jobs.c.id == instances.c.job_id)
+             .where(jobs.c.compute_pool == pool, instances.c.started_time.is_not(None),
+                    sa.or_(instances.c.ended_time.is_(None), instances.c.ended_time >= since)))
+        with self.engine.connect() as c:
+            return [(r[0], _aware(r[1]), _aware(r[2]) if r[2] is not None else None) for r in c.execute(q)]
 
     def running_jobs(self, pool: str) -> list[JobRecord]:
         """RUNNING jobs of ``pool`` (without specs)."""

@@ -1,13 +1,26 @@
-"""The store's tables (SQLAlchemy Core). Alembic migrations under ``migrations/`` create them."""
+"""The store's tables (SQLAlchemy Core). Alembic migrations under ``migrations/`` make them in an
+existing store; a new store gets them from here directly (:meth:`Store.migrate`), stamped at
+:data:`SCHEMA_REVISION`. A change here comes with its migration, and the revision moves with it
+(tests/unit/test_schema.py checks both)."""
 
 from __future__ import annotations
 
 import sqlalchemy as sa
 
-__all__ = ["metadata", "pools", "jobs", "instances", "job_events", "stages", "integrations", "users", "secrets",
+__all__ = ["SCHEMA_REVISION", "alembic_version", "metadata", "pools", "jobs", "instances", "job_events", "stages",
+           "integrations", "users", "secrets",
            "definitions", "schedules", "schedule_events", "quotas"]
 
 metadata = sa.MetaData()
+
+SCHEMA_REVISION = "0010"  # the newest migration's revision: what a store made from these tables is at
+
+# Alembic's own table (not part of the store's metadata): the revision a store is at.
+alembic_version = sa.Table(
+    "alembic_version", sa.MetaData(),
+    sa.Column("version_num", sa.String(32), nullable=False),
+    sa.PrimaryKeyConstraint("version_num", name="alembic_version_pkc"),
+)
 
 pools = sa.Table(
     "pools", metadata,
@@ -91,7 +104,7 @@ job_events = sa.Table(  # every status a job took, when, and why: its timeline
     sa.Column("job_id", sa.String(64), sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
     sa.Column("time", sa.DateTime(timezone=True), nullable=False),
     sa.Column("status", sa.String(32), nullable=False),
-    sa.Column("message", sa.Text, nullable=False, default=""),
+    sa.Column("message", sa.Text, nullable=False, default="", server_default=""),
     sa.Index("ix_job_events_job", "job_id", "id"),
 )
 
@@ -116,7 +129,8 @@ users = sa.Table(  # people (and services) with their own tokens; only a SHA-256
     sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
     sa.Column("admin", sa.Boolean, nullable=False),
     sa.Column("created_time", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("uid", sa.Integer, unique=True),  # what their sandboxed jobs run as (server as root); given on first use
+    sa.Column("uid", sa.Integer),  # what their sandboxed jobs run as (server as root); given on first use
+    sa.UniqueConstraint("uid", name="uq_users_uid"),
 )
 
 secrets = sa.Table(  # the server's own keys (the one that signs job tokens)
