@@ -8,7 +8,7 @@ import os
 import time
 
 from mljobs.runtime.environment import LAST_USED, META, EnvCache, EnvRequest, _explain, normalize_requirements
-from mljobs.server.service import _index_hosts
+from mljobs.server.admission import _index_hosts
 from mljobs.spec import JobSpec, PayloadKind
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mljobs.server.service import safe_ray_info
+from mljobs.server.queries import safe_ray_info
 
 
 def test_real_addresses_pass():

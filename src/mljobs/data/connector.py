@@ -269,7 +269,7 @@ class DataConnector:
         """
         from mljobs.data.torch_dataset import TorchDataset
 
-        return TorchDataset(self, batch_size=batch_size, shuffle=shuffle, drop_last_batch=drop_last_batch,
+        return TorchDataset(self._parts, batch_size=batch_size, shuffle=shuffle, drop_last_batch=drop_last_batch,
                             levels=self.category_levels())
 
     def to_ray_dataset(self) -> Any:

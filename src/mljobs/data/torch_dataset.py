@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -11,10 +11,7 @@ import pyarrow.compute as pc
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from mljobs.data.parts import concat_batches, regroup
-
-if TYPE_CHECKING:
-    from mljobs.data.connector import DataConnector
+from mljobs.data.parts import Part, concat_batches, regroup, split_rows
 
 __all__ = ["TorchDataset", "column_to_numpy"]
 
@@ -46,31 +43,33 @@ def _tensor(values: np.ndarray) -> Any:
 
 
 class TorchDataset(IterableDataset):
-    """Streams a connector batch by batch; each DataLoader worker reads its own shard."""
+    """Streams a data set's parts (a DataConnector's) batch by batch; each DataLoader worker reads
+    its own shard."""
 
-    def __init__(self, connector: DataConnector, *, batch_size: int | None, shuffle: bool,
+    def __init__(self, parts: Sequence[Part], *, batch_size: int | None, shuffle: bool,
                  drop_last_batch: bool, levels: dict[str, list[Any]] | None = None) -> None:
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: use a positive number, or None for single rows")
-        self.connector, self.batch_size = connector, batch_size
+        self.parts, self.batch_size = list(parts), batch_size
         self.shuffle, self.drop_last_batch = shuffle, drop_last_batch
         self.levels = dict(levels or {})
 
-    def _source(self) -> DataConnector:
+    def _source(self) -> list[Part]:
+        """This DataLoader worker's parts: contiguous rows, as DataConnector.shard gives them."""
         info = get_worker_info()
         if info is None or info.num_workers == 1:
-            return self.connector
-        return self.connector.shard(info.id, info.num_workers)
+            return self.parts
+        return split_rows(self.parts, [p.count_rows() for p in self.parts], info.num_workers)[info.id]
 
     def _record_batches(self) -> Iterator[pa.RecordBatch]:
-        connector = self._source()
+        parts = list(self._source())
         rows = self.batch_size or 8192
         if not self.shuffle:
-            yield from connector.iter_batches(rows)
+            for part in parts:
+                yield from part.batches(rows, None)
             return
         # A window shuffle: the order of the parts, then the rows within a window of batches.
         rng = np.random.default_rng(None if get_worker_info() is None else get_worker_info().seed)
-        parts = list(connector._parts)
         rng.shuffle(parts)  # type: ignore[arg-type]
         window: list[pa.RecordBatch] = []
         for part in parts:

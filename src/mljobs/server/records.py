@@ -1,15 +1,16 @@
 """The store's typed rows: what the server reads of a job, by attribute, in one place.
 
 A job row used to travel as a dict read by string key all over the service; a misspelt key was
-a KeyError at run time, and nothing said which fields a job has. :class:`JobRecord` is that row.
-The API's own shapes (``JobOut``, ``JobSummary``) are built from it with :meth:`JobRecord.to_dict`.
+a KeyError at run time, and nothing said which fields a job has. :class:`JobRecord` is that row,
+and the one list of a job's fields: the API's ``JobSummary`` (and ``JobOut``) takes its fields
+from it (all but :attr:`JobRecord.PRIVATE`), and is filled from :meth:`JobRecord.to_dict`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from typing import Any
+from typing import Any, ClassVar
 
 from mljobs.spec import JobSpec
 from mljobs.status import ACTIVE_VALUES, JOB_STATUS, TERMINAL_VALUES
@@ -38,13 +39,16 @@ class JobRecord:
     started_time: dt.datetime | None = None
     completed_time: dt.datetime | None = None
     idempotency_key: str | None = None
-    attempt: int = 1
-    definition_name: str | None = None
-    schedule_name: str | None = None
+    attempt: int = 1  # which run of the job this is (a lost instance requeues it as the next)
+    definition_name: str | None = None  # the definition it was called from
+    schedule_name: str | None = None  # a scheduled run: its schedule and the tick it is for
     scheduled_tick: dt.datetime | None = None
     priority: int = 0
     preempted_by: str | None = None
     spec: dict[str, Any] | None = None
+
+    # fields the API does not show (the spec has its own route; the others are the server's own)
+    PRIVATE: ClassVar[frozenset[str]] = frozenset({"idempotency_key", "preempted_by", "spec"})
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> JobRecord:

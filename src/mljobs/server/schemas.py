@@ -7,11 +7,14 @@ the models here are the shapes of everything else.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import typing
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
 
+from mljobs.server.records import JobRecord
 from mljobs.spec import PayloadKind
 from mljobs.status import JOB_STATUS
 
@@ -107,35 +110,33 @@ class InstanceOut(BaseModel):
     isolation: str | None = None  # the sandbox it ran in ("sandbox (shared, uid N (alice))", "none")
 
 
-class JobSummary(BaseModel):
-    """A row of ``list_jobs``."""
+class _JobWorkedOut(BaseModel):
+    """What a job's summary has beside its record's fields: what the server works out for it."""
 
-    id: str
-    name: str
-    status: JOB_STATUS
-    message: str
-    database_name: str
-    schema_name: str
-    owner: str
-    compute_pool: str
-    stage_name: str
-    target_instances: int
-    min_instances: int
-    instances_ran: int
-    created_time: dt.datetime
-    started_time: dt.datetime | None = None
-    completed_time: dt.datetime | None = None
     peak_rss_bytes: int | None = None  # the largest instance's, once instances ended
     cpu_seconds: float | None = None  # all instances' together
-    attempt: int = 1  # which run of the job this is (a lost instance requeues it as the next)
-    priority: int = 0
     pending_reason: str | None = None  # a queued job's: why it has not started
-    definition_name: str | None = None  # the definition it was called from
-    schedule_name: str | None = None  # a scheduled run: its schedule and the tick it is for
-    scheduled_tick: dt.datetime | None = None
 
 
-class JobOut(JobSummary):
+def _record_fields() -> dict[str, Any]:
+    """The public fields of a job's record (:class:`mljobs.server.records.JobRecord`, the one
+    list of them) as pydantic fields, its status typed as the enum."""
+    hints = typing.get_type_hints(JobRecord)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(JobRecord):
+        if f.name not in JobRecord.PRIVATE:
+            out[f.name] = (hints[f.name], ... if f.default is dataclasses.MISSING else f.default)
+    out["status"] = (JOB_STATUS, ...)
+    return out
+
+
+# A row of ``list_jobs``: a job's record (its fields listed once, in JobRecord) and what the server
+# works out for it.
+JobSummary = create_model("JobSummary", __base__=_JobWorkedOut, __module__=__name__, **_record_fields())
+JobSummary.__doc__ = "A row of ``list_jobs``."
+
+
+class JobOut(JobSummary):  # type: ignore[valid-type,misc]
     """One job, with its instances."""
 
     payload_kind: PayloadKind | None = None
