@@ -442,3 +442,33 @@ def test_lost_node_is_detected_within_the_heartbeat_timeout(env, tmp_path):
         assert not _wait_gone(marker, job.id)
     finally:
         env.cluster.restart_node(2)
+
+
+def test_cancel_while_the_agent_starts_stops_the_ray_job_at_once(env, tmp_path):
+    """A cancel once the job's Ray job runs but before its agent reports (the node still starting
+    Python) ends the job CANCELLED without waiting for an agent that will never come (before,
+    it waited for the engine's end, a grace period and the monitor: 14-15 s), and stops the Ray
+    job with the process it started."""
+    marker = f"300.{uuid.uuid4().int % 10**9:09d}"  # a unique duration marks the entrypoint's process
+    slow = tmp_path / "python"  # the nodes' interpreter: one that never gets as far as the agent
+    slow.write_text(f"#!/bin/sh\nexec sleep {marker}\n")
+    slow.chmod(0o755)
+    env.ns(mljobs.create_compute_pool, "RAYSLOW", instance_family="CPU_X64_XS", max_nodes=1, provider="ray",
+           provider_options=env.options(python=str(slow)), session=env.session)
+    job = env.ns(lambda: mljobs.remote("RAYSLOW", stage_name="st", session=env.session)(lambda: 1)())
+    deadline = time.monotonic() + 60
+    while not _job_processes(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _job_processes(marker), "the Ray job's entrypoint never ran"
+    assert env.ray_status(job.id) == "RUNNING"
+    assert env.ns(lambda: job.status.value) == "RUNNING"
+    env.ns(job.cancel)
+    assert env.ns(job.wait, 60).value == "CANCELLED", env.ns(lambda: job.message)
+    # ended by the cancel itself, not found lost later
+    logs = env.ns(job.get_logs, verbose=True)
+    assert "cancelled before it started on a node; its ray allocation is stopped" in logs, logs
+    assert "lost" not in env.ns(lambda: job.message)
+    assert env.wait_ray_status(job.id, "STOPPED") == "STOPPED"
+    left = _wait_gone(marker)
+    assert not left, f"left running after cancel: {left}"
+    env.ns(mljobs.drop_compute_pool, "RAYSLOW", session=env.session)

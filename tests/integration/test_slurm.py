@@ -235,6 +235,73 @@ def test_cancel_leaves_nothing_on_any_node(slurm: SlurmEnv, tmp_path: Path) -> N
     assert queued == ""
 
 
+def _allocation_state(slurm: SlurmEnv, job_id: str) -> str:
+    """The Slurm state of the job's allocation ('' when Slurm no longer lists it)."""
+    return slurm.cluster.exec(["squeue", "-h", "-n", f"mljobs-{job_id}", "-o", "%T"]).stdout.strip()
+
+
+def _wait_allocation_gone(slurm: SlurmEnv, job_id: str) -> str:
+    deadline = time.monotonic() + 30  # an allocation completes (CG) a moment after it was cancelled
+    while (state := _allocation_state(slurm, job_id)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return state
+
+
+def test_cancel_of_a_pending_allocation_ends_at_once(slurm: SlurmEnv, tmp_path: Path) -> None:
+    """A job that mljobs started but Slurm still queues (every node taken by another user's job):
+    a cancel ends it CANCELLED and removes the allocation from Slurm's queue, instead of a signal
+    that a pending allocation never receives and a wait for an agent that never reports."""
+    blocker = slurm.cluster.exec(["sbatch", "--parsable", "-N3", "--exclusive", "-o", "/dev/null",
+                                  "--wrap", "sleep 300"])
+    assert blocker.returncode == 0, blocker.stderr
+    blocker_id = blocker.stdout.strip().split(";")[0]
+    try:
+        deadline = time.monotonic() + 60
+        while "RUNNING" not in slurm.cluster.exec(["squeue", "-h", "-j", blocker_id, "-o", "%T"]).stdout and (
+                time.monotonic() < deadline):
+            time.sleep(0.2)
+        job = mljobs.remote("HPC", stage_name="payload_stage", session=slurm.session)(lambda: 1)()
+        deadline = time.monotonic() + 60
+        while _allocation_state(slurm, job.id) != "PENDING" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _allocation_state(slurm, job.id) == "PENDING"
+        assert job.status == JOB_STATUS.RUNNING, job.message  # mljobs started it; Slurm queues it
+        job.cancel()
+        assert job.wait(timeout=60) == JOB_STATUS.CANCELLED, job.message
+        assert "cancelled before it started on a node; its slurm allocation is stopped" in job.get_logs(verbose=True)
+        assert _wait_allocation_gone(slurm, job.id) == ""
+    finally:
+        slurm.cluster.exec(["scancel", blocker_id])
+
+
+def test_cancel_while_the_agent_starts_ends_at_once(slurm: SlurmEnv, tmp_path: Path) -> None:
+    """A cancel once the allocation runs but before its agent reported (its node still starting
+    Python): CANCELLED without waiting for the agent, the allocation and what it started gone."""
+    marker = f"300.{uuid.uuid4().int % 10**9:09d}"  # a unique duration marks the allocation's process
+    slow = tmp_path / "python"  # the nodes' interpreter: one that never gets as far as the agent
+    slow.write_text(f"#!/bin/sh\nexec sleep {marker}\n")
+    slow.chmod(0o755)
+    mljobs.create_compute_pool("HPCSLOW", instance_family="CPU_X64_XS", max_nodes=1, provider="slurm",
+                               provider_options={**slurm.options, "python": str(slow)}, session=slurm.session)
+    try:
+        job = mljobs.remote("HPCSLOW", stage_name="payload_stage", session=slurm.session)(lambda: 1)()
+        deadline = time.monotonic() + 60
+        while not _payload_processes(marker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _payload_processes(marker), "the allocation never started its command"
+        assert job.status == JOB_STATUS.RUNNING, job.message
+        job.cancel()
+        assert job.wait(timeout=60) == JOB_STATUS.CANCELLED, job.message
+        assert "cancelled before it started on a node; its slurm allocation is stopped" in job.get_logs(verbose=True)
+        assert _wait_allocation_gone(slurm, job.id) == ""
+        deadline = time.monotonic() + 20
+        while _payload_processes(marker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _payload_processes(marker)
+    finally:
+        mljobs.drop_compute_pool("HPCSLOW", session=slurm.session)
+
+
 def test_server_kill9_mid_job_finds_it_again(slurm: SlurmEnv, tmp_path: Path) -> None:
     script = tmp_path / "slow.py"
     script.write_text("import time\nprint('started', flush=True)\ntime.sleep(4)\n__return__ = 'survived'\n")

@@ -167,8 +167,10 @@ class Provider(abc.ABC):
         was never seen running) gets the exit record the instance left, if any, else ``lost``."""
 
     @abc.abstractmethod
-    def cancel(self, handle: InstanceHandle, grace_period_s: float) -> None:
-        """Stop the instance's whole process tree: SIGTERM, grace period, SIGKILL."""
+    def cancel(self, handle: InstanceHandle, grace_period_s: float) -> bool | None:
+        """Stop the instance's whole process tree: SIGTERM, grace period, SIGKILL. True when the
+        instance ended at once (nothing of it had started: its exit is recorded, ``poll`` returns it);
+        otherwise its exit comes as usual."""
 
     @abc.abstractmethod
     def cleanup(self, handle: InstanceHandle, now: bool = False) -> None:

@@ -325,10 +325,11 @@ class RayProvider(RemoteProvider):
             log.warning("ray: stop %s: %s", sid, e)
         self._forget_status(sid)
 
-    def cancel(self, handle: InstanceHandle, grace_period_s: float) -> None:
+    def cancel(self, handle: InstanceHandle, grace_period_s: float) -> bool:
         self.ask(handle, "cancel")
         if handle.instance_id == 0:  # one Ray job per mljobs job: instance 0's cancel stops it
             self._stop(handle.extra["address"], handle.extra["submission_id"])
+        return self._cancel_unstarted(handle)
 
     def finish_job(self, job_id: str) -> None:
         """Every instance has reported its end: its Ray job ends by itself within moments (the

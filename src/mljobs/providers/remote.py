@@ -323,6 +323,33 @@ class RemoteProvider(Provider):
     def release(self, handle: InstanceHandle, grace_period_s: float) -> None:
         self.ask(handle, "release")
 
+    def _started(self, handle: InstanceHandle) -> bool:
+        """Whether the instance's agent has reported (this server heard it, or node.json says so)."""
+        return (handle.job_id, handle.instance_id) in self._beats or self.paths(handle).node_file.exists()
+
+    def _any_started(self, job_id: str) -> bool:
+        with self._lock:
+            if any(key[0] == job_id for key in self._beats):
+                return True
+        return any(self.home.job_run(job_id).glob("*/node.json"))
+
+    def _cancel_unstarted(self, handle: InstanceHandle) -> bool:
+        """A cancel of an instance whose agent has not reported yet (the engine still queues it,
+        or its node is starting Python): it ends CANCELLED now, by its exit record, instead of
+        waiting for an agent that the engine is told to stop and that will never report (a late
+        report is told to stop). False when the agent has reported: its own exit report follows."""
+        p = self.paths(handle)
+        with self._lock:
+            if self._started(handle) or p.exit_file.exists():
+                return False
+            _write_json(p.exit_file, {"exit_code": None, "cancelled": True,
+                                      "reason": "cancelled before its agent started"})
+        p.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(p.log_file, "a", encoding="utf-8") as f:
+            f.write(logformat.format_record(logformat.SYS, f"mljobs: cancelled before it started on a node; its "
+                                                           f"{self.name} allocation is stopped"))
+        return True
+
     def metrics(self, handle: InstanceHandle) -> list[dict[str, Any]]:
         return read_samples(self.paths(handle).metrics_file)
 

@@ -257,11 +257,21 @@ class SlurmProvider(RemoteProvider):
         return f"sacct: {line}" if line else "sacct has no record of it"
 
     # -- stopping -------------------------------------------------------------------------------
-    def cancel(self, handle: InstanceHandle, grace_period_s: float) -> None:
+    def cancel(self, handle: InstanceHandle, grace_period_s: float) -> bool:
         self.ask(handle, "cancel")
+        ended = self._cancel_unstarted(handle)
         sid = str(handle.extra.get("slurm_job_id"))
         if handle.instance_id != 0:  # one signal per allocation: instance 0's cancel sends it
-            return
+            return ended
+        if ended and not self._any_started(handle.job_id):
+            # nothing of the job runs (the allocation is pending, or its nodes start Python): end
+            # it now, as a signal would not reach a pending allocation
+            try:
+                self._run(["scancel", sid], timeout=30)
+            except InvalidArgumentError as e:
+                log.warning("slurm: %s", e)
+            self._invalidate()
+            return True
         try:
             # the steps' processes only: srun (the batch step) would end the step at once on SIGTERM
             self._run(["scancel", "--signal=TERM", sid], timeout=30)
@@ -278,6 +288,7 @@ class SlurmProvider(RemoteProvider):
         t = threading.Timer(grace_period_s + 5.0, force)
         t.daemon = True
         t.start()
+        return ended
 
     def finish_job(self, job_id: str) -> None:
         """Every instance has reported its end: end the allocation if Slurm still has it."""
