@@ -319,3 +319,70 @@ def test_token_server_login_page_cookie_csrf_and_owners(users: tuple[ServerProc,
     context.close()
     alice.close()
     bob.close()
+
+
+def _distinct_colors(png: bytes) -> int:
+    import io
+
+    from PIL import Image
+
+    return len(set(Image.open(io.BytesIO(png)).convert("RGB").getdata()))
+
+
+def test_charts_of_a_running_job_and_a_pool_and_the_jobs_list(sqlite_server: ServerProc, page: Any, tmp_path) -> None:
+    s = Session(url=sqlite_server.url)
+
+    @mljobs.remote("DEFAULT_POOL", stage_name="dash_stage", name="chart-hog", session=s)
+    def hog(seconds: float):
+        import time as t
+
+        held, deadline = [], t.monotonic() + seconds
+        while t.monotonic() < deadline:  # busy, and holding more memory each second
+            held.append(bytearray(8 << 20))
+            end = t.monotonic() + 1
+            while t.monotonic() < end:
+                pass
+        return len(held)
+
+    job = hog(120)
+    page.goto(f"{sqlite_server.url}/jobs/{job.id}")
+    page.locator("#chart-cpu canvas").wait_for()
+    page.locator("#chart-memory canvas").wait_for()
+    samples = "() => parseInt(document.getElementById('charts').dataset.samples || '0')"
+    page.wait_for_function("n => parseInt(document.getElementById('charts').dataset.samples || '0') >= n", arg=3)
+    seen = page.evaluate(samples)
+    # live: more samples arrive while it runs, without a reload
+    page.wait_for_function("n => parseInt(document.getElementById('charts').dataset.samples || '0') > n", arg=seen)
+    assert job.status == mljobs.JOB_STATUS.RUNNING
+    assert page.locator("#chart-gpu").is_hidden()  # no GPU on this instance: no GPU chart
+    assert "instance 0" in page.inner_text("#chart-memory")  # the legend names the instance
+    # the screenshot of the job page: the charts are drawn (lines and axes, not an empty box)
+    shot = tmp_path / "job-page.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    assert _distinct_colors(page.locator("#chart-cpu").screenshot()) > 20
+    assert _distinct_colors(page.locator("#chart-memory").screenshot()) > 20
+
+    # the jobs list: the given name once with the id under it, an unnamed job's id once, durations
+    plain = _ticker(s, n=1)
+    assert plain.wait(timeout=60) == mljobs.JOB_STATUS.DONE
+    page.goto(sqlite_server.url + "/")
+    row = page.locator(f"tr[data-id='{job.id}']")
+    row.wait_for()
+    assert row.locator("a").inner_text() == "chart-hog" and row.locator(".id").inner_text() == job.id
+    assert re.fullmatch(r"\d+s", row.locator(".queued").inner_text()), row.inner_text()
+    assert re.fullmatch(r"\d+s|\d+m \d\ds", row.locator(".ran").inner_text()), row.inner_text()
+    other = page.locator(f"tr[data-id='{plain.id}']")
+    other.locator(".ran").filter(has_text=re.compile(r"\d+s")).wait_for()  # the live refresh draws it too
+    assert other.inner_text().count(plain.id) == (1 if plain.name == plain.id else 0) + (plain.name != plain.id)
+
+    # the pools page: the pool's running instances over the last hour, per user
+    page.goto(sqlite_server.url + "/pools")
+    fig = page.locator("figure.use-chart[data-pool='DEFAULT_POOL']")
+    fig.locator("canvas").wait_for()
+    page.wait_for_function("() => parseInt(document.querySelector(\"figure.use-chart[data-pool='DEFAULT_POOL']\")"
+                           ".dataset.points || '0') >= 3")
+    assert "all users" in fig.inner_text()
+    assert _distinct_colors(fig.screenshot()) > 20
+    job.cancel()
+    assert job.wait(timeout=60) == mljobs.JOB_STATUS.CANCELLED

@@ -168,10 +168,68 @@ def _ray(cp: ControlPlane, job: dict[str, Any], who: Principal) -> dict[str, Any
     return cp.ray_info(job["id"], who)
 
 
-def _summary_row(j: dict[str, Any]) -> dict[str, Any]:
+def _duration(seconds: float | None) -> str:
+    """``42s``, ``3m 05s``, ``2h 10m``, ``3d 4h``; empty for None."""
+    if seconds is None:
+        return ""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h {s % 3600 // 60:02d}m"
+    return f"{s // 86400}d {s % 86400 // 3600}h"
+
+
+def _durations(j: dict[str, Any], now: dt.datetime) -> tuple[str, str]:
+    """How long the job queued (until it started, or until now) and ran (until it ended, or now)."""
+    created, started, ended = (None if t is None else t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+                               for t in (j["created_time"], j["started_time"], j["completed_time"]))
+    if started is None:  # still queued, or ended (cancelled) before it started
+        queued = ((ended or now) - created).total_seconds() if created else None
+        return _duration(queued), ""
+    return _duration((started - created).total_seconds()), _duration(((ended or now) - started).total_seconds())
+
+
+def pool_use_series(intervals: list[tuple[str, dt.datetime, dt.datetime | None]], since: dt.datetime,
+                    now: dt.datetime) -> dict[str, Any]:
+    """A pool's running instances over ``[since, now]``, in all and per user, from its instances'
+    (owner, started, ended) times: a step series with a point at each start and end, and at both
+    ends of the window."""
+    events: list[tuple[float, int, str]] = []
+    for owner, started, ended in intervals:
+        if ended is not None and ended < since:
+            continue
+        events.append((max(started, since).timestamp(), 1, owner))
+        if ended is not None and ended <= now:
+            events.append((ended.timestamp(), -1, owner))
+    users = sorted({owner for _, _, owner in events})
+    counts = dict.fromkeys(users, 0)
+    times, series = [since.timestamp()], {"all": [0], **{u: [0] for u in users}}
+    for t, step, owner in sorted(events, key=lambda e: (e[0], e[1])):  # an end before a start at one time
+        counts[owner] += step
+        if times[-1] == t:  # one point a time: the count after everything that happened then
+            for u in users:
+                series[u][-1] = counts[u]
+            series["all"][-1] = sum(counts.values())
+            continue
+        times.append(t)
+        for u in users:
+            series[u].append(counts[u])
+        series["all"].append(sum(counts.values()))
+    times.append(now.timestamp())
+    for values in series.values():
+        values.append(values[-1])
+    return {"times": times, "series": series}
+
+
+def _summary_row(j: dict[str, Any], now: dt.datetime | None = None) -> dict[str, Any]:
+    queued, ran = _durations(j, now or dt.datetime.now(dt.timezone.utc))
     return {"id": j["id"], "name": j["name"], "status": j["status"], "message": j["message"][:300],
             "owner": j["owner"], "compute_pool": j["compute_pool"], "target_instances": j["target_instances"],
-            "created_time": _when(j["created_time"]), "completed_time": _when(j["completed_time"])}
+            "created_time": _when(j["created_time"]), "completed_time": _when(j["completed_time"]),
+            "queued": queued, "ran": ran}
 
 
 def register(app: FastAPI, cp: ControlPlane, api_caller: Callable[..., Principal]) -> None:
@@ -326,6 +384,22 @@ def register(app: FastAPI, cp: ControlPlane, api_caller: Callable[..., Principal
         if who is None:
             return login_page(request)
         return page(request, "pools.html", who, pools=[cp.describe_pool(p["name"]) for p in cp.store.list_pools()])
+
+    @app.get("/dashboard/pools/{name}/use.json", include_in_schema=False)
+    def pool_use_json(request: Request, name: str, minutes: int = 60) -> Response:
+        """The pool's running instances over the last ``minutes`` (at most a week), in all and per user."""
+        who = caller(request)
+        if who is None:
+            return JSONResponse({"error": "AuthenticationError", "detail": "log in first"}, 401)
+        try:
+            pool = cp.store.get_pool(name)
+        except errors.NotFoundError as e:
+            return JSONResponse({"error": "NotFoundError", "detail": str(e)}, 404)
+        now = dt.datetime.now(dt.timezone.utc)
+        since = now - dt.timedelta(minutes=max(1, min(minutes, 7 * 24 * 60)))
+        return JSONResponse({"pool": pool["name"], "max_nodes": pool["max_nodes"],
+                             **pool_use_series(cp.store.pool_use(pool["name"], since), since, now)},
+                            headers={"Cache-Control": "no-store"})
 
     @app.get("/schedules", response_class=HTMLResponse, include_in_schema=False)
     def schedules_page(request: Request) -> HTMLResponse:

@@ -29,11 +29,13 @@ function jobsPage() {
       const rows = data.jobs.map((j) => {
         const tr = el("tr", {"data-id": j.id});
         const first = el("td");
-        first.append(el("a", {href: "/jobs/" + encodeURIComponent(j.id)}, j.name), el("div", {class: "id"}, j.id));
+        first.append(el("a", {href: "/jobs/" + encodeURIComponent(j.id)}, j.name));
+        if (j.name !== j.id) first.append(el("div", {class: "id"}, j.id));  // the id once, under a given name
         const st = el("td");
         st.append(el("span", {class: "status s-" + j.status}, j.status));
         tr.append(first, st, el("td", {}, j.owner), el("td", {}, j.compute_pool), el("td", {}, j.target_instances),
-                  el("td", {}, j.created_time), el("td", {}, j.completed_time), el("td", {class: "msg"}, j.message));
+                  el("td", {}, j.created_time), el("td", {class: "queued"}, j.queued), el("td", {class: "ran"}, j.ran),
+                  el("td", {class: "msg"}, j.message));
         return tr;
       });
       body.replaceChildren(...rows);
@@ -43,6 +45,117 @@ function jobsPage() {
     }
   }
   setInterval(refresh, 2000);
+}
+
+// -- job page: resource charts (uPlot, served with the dashboard), live while the job runs -------
+const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#ca8a04", "#db2777"];
+
+function formatBytes(v) {
+  if (v === null || v === undefined) return "";
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (Math.abs(v) >= 1024 && i < units.length - 1) { v /= 1024; i++; }
+  return (i ? v.toFixed(1) : String(Math.round(v))) + " " + units[i];
+}
+
+// One x axis (seconds since the first sample) and one series per instance: uPlot wants aligned
+// arrays, so an instance has null where another sampled and it did not (the line spans the gap).
+function aligned(rows, field) {
+  const times = [...new Set(rows.map((r) => r.time))].sort((a, b) => a - b);
+  const index = new Map(times.map((t, i) => [t, i]));
+  const instances = [...new Set(rows.map((r) => r.instance))].sort((a, b) => a - b);
+  const series = instances.map(() => times.map(() => null));
+  for (const r of rows) {
+    const v = r[field];
+    if (v !== null && v !== undefined) series[instances.indexOf(r.instance)][index.get(r.time)] = v;
+  }
+  return {instances, data: [times, ...series], has: series.some((s) => s.some((v) => v !== null))};
+}
+
+function resourceCharts(id, isTerminal) {
+  const box = document.getElementById("charts");
+  const state = document.getElementById("charts-state");
+  if (!box) return;
+  if (typeof uPlot === "undefined") { state.textContent = "the chart library did not load"; return; }
+  const specs = [
+    {field: "cpu_percent", title: "CPU (% of one core)", el: "chart-cpu", fmt: (v) => v === null ? "" : v.toFixed(0) + "%"},
+    {field: "rss_bytes", title: "Memory (resident)", el: "chart-memory", fmt: formatBytes},
+    {field: "gpu_util", title: "GPU (% busy)", el: "chart-gpu", fmt: (v) => v === null ? "" : v.toFixed(0) + "%"},
+    {field: "gpu_memory_bytes", title: "GPU memory", el: "chart-gpu-memory", fmt: formatBytes},
+  ];
+  const plots = {};
+  function draw(rows) {
+    for (const spec of specs) {
+      const target = document.getElementById(spec.el);
+      const {instances, data, has} = aligned(rows, spec.field);
+      target.hidden = !has;
+      if (!has) continue;
+      const key = instances.join(",");
+      let plot = plots[spec.field];
+      if (plot && plot.key !== key) { plot.destroy(); plot = null; }
+      if (!plot) {
+        plot = new uPlot({
+          title: spec.title, width: Math.max(320, Math.min(box.clientWidth / 2 - 16, 640)), height: 200,
+          scales: {x: {time: true}},
+          series: [{}, ...instances.map((i) => ({label: "instance " + i, stroke: COLORS[i % COLORS.length],
+                                                  width: 2, spanGaps: true, value: (u, v) => spec.fmt(v)}))],
+          axes: [{}, {size: 70, values: (u, vals) => vals.map(spec.fmt)}],
+        }, data, target);
+        plot.key = key;
+        plots[spec.field] = plot;
+      } else {
+        plot.setData(data);
+      }
+    }
+    state.textContent = rows.length ? "" : "no samples yet";
+    box.dataset.samples = String(rows.length);
+  }
+  async function refresh() {
+    try {
+      const resp = await fetch("/api/v1/jobs/" + encodeURIComponent(id) + "/metrics", {cache: "no-store"});
+      if (resp.ok) draw(await resp.json());
+      else state.textContent = "the samples cannot be read: HTTP " + resp.status;
+    } catch (e) { /* the next poll tries again */ }
+    if (!isTerminal()) setTimeout(refresh, 2000);
+  }
+  refresh();
+}
+
+// -- pools page: each pool's running instances over the last hour, in all and per user --------
+function poolsPage() {
+  if (typeof uPlot === "undefined") return;
+  const plots = {};
+  async function refresh() {
+    for (const fig of document.querySelectorAll("figure.use-chart")) {
+      const name = fig.dataset.pool;
+      try {
+        const resp = await fetch("/dashboard/pools/" + encodeURIComponent(name) + "/use.json?minutes=60", {cache: "no-store"});
+        if (!resp.ok) continue;
+        const use = await resp.json();
+        const names = ["all", ...Object.keys(use.series).filter((k) => k !== "all")];
+        const data = [use.times, ...names.map((n) => use.series[n])];
+        const key = names.join(",");
+        let plot = plots[name];
+        if (plot && plot.key !== key) { plot.destroy(); plot = null; }
+        if (!plot) {
+          const stepped = uPlot.paths.stepped({align: 1});
+          plot = new uPlot({
+            title: name + ": running instances (max " + use.max_nodes + ")", width: 640, height: 160,
+            scales: {x: {time: true}, y: {range: [0, Math.max(1, use.max_nodes)]}},
+            series: [{}, ...names.map((n, i) => ({label: n === "all" ? "all users" : n, paths: stepped,
+                                                  stroke: COLORS[i % COLORS.length], width: n === "all" ? 2 : 1}))],
+          }, data, fig);
+          plot.key = key;
+          plots[name] = plot;
+        } else {
+          plot.setData(data);
+        }
+        fig.dataset.points = String(use.times.length);
+      } catch (e) { /* the next poll tries again */ }
+    }
+    setTimeout(refresh, 5000);
+  }
+  refresh();
 }
 
 // -- job page: poll its live part; stream the selected instance's log --------------------------
@@ -64,6 +177,7 @@ function jobPage() {
     if (!terminal) setTimeout(refresh, 1000);
   }
   if (!terminal) setTimeout(refresh, 1000);
+  resourceCharts(id, () => terminal);
 
   const pre = document.getElementById("log");
   const state = document.getElementById("log-state");
@@ -163,4 +277,5 @@ document.addEventListener("DOMContentLoaded", () => {
   const page = document.body.dataset.page;
   if (page === "jobs") jobsPage();
   if (page === "job") jobPage();
+  if (page === "pools") poolsPage();
 });
