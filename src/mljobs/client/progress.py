@@ -22,6 +22,8 @@ import sys
 import time
 from typing import Any
 
+from mljobs.units import format_duration
+
 __all__ = ["open_view", "JobProgress", "in_notebook", "format_duration", "format_ago", "parse_time", "describe"]
 
 POLL_S = 1.0  # how often a shown progress line is refreshed from the server
@@ -45,20 +47,6 @@ def _isatty(stream: Any) -> bool:
         return bool(stream.isatty())
     except Exception:  # noqa: BLE001 - closed or replaced streams
         return False
-
-
-def format_duration(seconds: float) -> str:
-    """A span for people: ``4.2s``, ``42s``, ``1m 12s``, ``2h 05m``, ``3d 4h``."""
-    s = max(0.0, seconds)
-    if s < 10:
-        return f"{s:.1f}s"
-    if s < 60:
-        return f"{s:.0f}s"
-    if s < 3600:
-        return f"{int(s // 60)}m {int(s % 60):02d}s"
-    if s < 86400:
-        return f"{int(s // 3600)}h {int(s % 3600 // 60):02d}m"
-    return f"{int(s // 86400)}d {int(s % 86400 // 3600)}h"
 
 
 def format_ago(value: Any, now: float | None = None) -> str:

@@ -40,7 +40,7 @@ from mljobs.runtime.launcher import summarize_envelope
 from mljobs.server.auth import Principal
 from mljobs.server.service import ControlPlane
 from mljobs.status import CANCELABLE_VALUES, JOB_STATUS, TERMINAL_VALUES
-from mljobs.units import format_bytes
+from mljobs.units import format_bytes, format_duration
 
 __all__ = ["register", "cookie_token", "LoginCodes", "COOKIE", "LOGIN_CODE_TTL_S"]
 
@@ -168,28 +168,14 @@ def _ray(cp: ControlPlane, job: dict[str, Any], who: Principal) -> dict[str, Any
     return cp.ray_info(job["id"], who)
 
 
-def _duration(seconds: float | None) -> str:
-    """``42s``, ``3m 05s``, ``2h 10m``, ``3d 4h``; empty for None."""
-    if seconds is None:
-        return ""
-    s = max(0, int(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m {s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h {s % 3600 // 60:02d}m"
-    return f"{s // 86400}d {s % 86400 // 3600}h"
-
-
 def _durations(j: dict[str, Any], now: dt.datetime) -> tuple[str, str]:
     """How long the job queued (until it started, or until now) and ran (until it ended, or now)."""
     created, started, ended = (None if t is None else t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
                                for t in (j["created_time"], j["started_time"], j["completed_time"]))
     if started is None:  # still queued, or ended (cancelled) before it started
-        queued = ((ended or now) - created).total_seconds() if created else None
-        return _duration(queued), ""
-    return _duration((started - created).total_seconds()), _duration(((ended or now) - started).total_seconds())
+        return format_duration(((ended or now) - created).total_seconds()), ""
+    return (format_duration((started - created).total_seconds()),
+            format_duration(((ended or now) - started).total_seconds()))
 
 
 def pool_use_series(intervals: list[tuple[str, dt.datetime, dt.datetime | None]], since: dt.datetime,
