@@ -65,6 +65,17 @@ def ray_temp_dir(run_dir: Path) -> str:
     return os.path.join("/tmp", "mljr-" + hashlib.sha1(str(run_dir).encode()).hexdigest()[:12])
 
 
+def _text_tail(path: os.PathLike[str] | str, lines: int) -> list[str]:
+    """The last ``lines`` lines of a plain text file (empty when there is none)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            return [line for line in f.read().decode("utf-8", "replace").splitlines() if line.strip()][-lines:]
+    except OSError:
+        return []
+
+
 def read_log_tail(path: os.PathLike[str] | str, lines: int = 10, *, verbose: bool = False) -> list[str]:
     """The last ``lines`` rendered lines of a log file, reading only its end."""
     try:
@@ -458,7 +469,10 @@ class LocalProvider(Provider):
         try:
             record = json.loads(p.exit_file.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
-            return InstanceExit(exit_code=None, lost=True, log_tail=read_log_tail(p.log_file, 10))
+            # the supervisor's own stderr says why it ended without its record (its run dir goes
+            # with the job, so what it said is kept in the job's message)
+            said = [f"mljobs: supervisor: {line}" for line in _text_tail(p.supervisor_log, 10)]
+            return InstanceExit(exit_code=None, lost=True, log_tail=read_log_tail(p.log_file, 10) + said)
         try:
             error = json.loads(p.error.read_text())
         except FileNotFoundError:

@@ -141,14 +141,6 @@ def run(stage: Stage, job_id: str, python: str, grace_s: float) -> int:
             if stopping["signal"]:
                 return 0  # cancelled while waiting: the server's cancel ends the instances
             now = time.monotonic()
-            if time.time() >= deadline:
-                exc = InstancesUnavailableError(
-                    f"the Ray cluster could not reserve {k} nodes of {mn['cpus']} CPUs, "
-                    f"{mn['memory_bytes'] / 2**30:g} GiB and {mn['gpus']} GPU(s) each (a STRICT_SPREAD placement "
-                    f"group: one node per instance) within join_timeout_s={mn['join_timeout_s']:g}; the cluster "
-                    f"has {_describe_cluster(ray)}. Raise join_timeout_s, lower target_instances, or free nodes.")
-                _fail_all(stage, job_id, reporters, exc)
-                return 1
             if now - beat >= heartbeat:
                 note = now - said >= _WAIT_NOTE_S
                 for i, rep in enumerate(reporters):
@@ -163,6 +155,15 @@ def run(stage: Stage, job_id: str, python: str, grace_s: float) -> int:
                         print(f"mljobs raygang: heartbeat: {e}", file=sys.stderr)
                 beat = now
                 said = now if note else said
+            # after the note: even a wait that outlasted the timeout before its first look is told
+            if time.time() >= deadline:
+                exc = InstancesUnavailableError(
+                    f"the Ray cluster could not reserve {k} nodes of {mn['cpus']} CPUs, "
+                    f"{mn['memory_bytes'] / 2**30:g} GiB and {mn['gpus']} GPU(s) each (a STRICT_SPREAD placement "
+                    f"group: one node per instance) within join_timeout_s={mn['join_timeout_s']:g}; the cluster "
+                    f"has {_describe_cluster(ray)}. Raise join_timeout_s, lower target_instances, or free nodes.")
+                _fail_all(stage, job_id, reporters, exc)
+                return 1
         task = ray.remote(run_agent)
         env = {"MLJOBS_RAY_ADDRESS": ray.get_runtime_context().gcs_address}
         refs = [task.options(num_cpus=mn["cpus"], num_gpus=mn["gpus"] or 0, memory=mn["memory_bytes"], max_retries=0,
