@@ -3,6 +3,7 @@ local HTTP server on 127.0.0.1 standing in for the internet."""
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
@@ -89,3 +90,27 @@ def test_connect_tunnels_to_an_allowed_host(tmp_path, origin):
         assert out.endswith(b"/tunnelled None")
     finally:
         proxy.close()
+
+
+def test_a_proxy_in_a_folder_too_deep_for_a_socket_address_still_serves(tmp_path, origin):
+    """A Unix socket's address holds 108 bytes; a deep MLJOBS_HOME (a test's temporary folder under
+    pytest-xdist, say) puts the instance's socket past that. The proxy binds it through a
+    descriptor of its folder, and a client connects the same way (the forwarder does)."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    path = str(deep / egress.SOCKET)
+    assert len(path) > 108
+    proxy = egress.Proxy(path, [], f"http://127.0.0.1:{origin}", lambda _: None)
+    proxy.start()
+    try:
+        assert (deep / egress.SOCKET).exists()
+        address, fd = egress.socket_address(path)
+        try:
+            assert len(address) < 100
+            out = _through(address, egress.SERVER_TAG, b"GET /deep HTTP/1.0\r\n\r\n")
+        finally:
+            os.close(fd)
+        assert out.endswith(b"/deep None")
+    finally:
+        proxy.close()
+    assert not (deep / egress.SOCKET).exists()

@@ -117,6 +117,17 @@ def _pump(a: socket.socket, b: socket.socket) -> None:
     b.close()
 
 
+def socket_address(path: str) -> tuple[str, int | None]:
+    """An address for the Unix socket at ``path`` that fits ``sun_path`` (108 bytes): the path
+    itself, or, when its folder's path is longer (a deep MLJOBS_HOME, a test's temporary folder),
+    the same file through an open descriptor of that folder (``/proc/self/fd/N/name``). Returns
+    the address and the descriptor to close once bound or no longer needed (None: nothing)."""
+    if len(os.fsencode(path)) < 100:
+        return path, None
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    return f"/proc/self/fd/{fd}/{os.path.basename(path)}", fd
+
+
 class Proxy:
     """The supervisor's end: a Unix socket whose connections go where the job may go."""
 
@@ -130,7 +141,12 @@ class Proxy:
         except FileNotFoundError:
             pass
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(path)
+        address, fd = socket_address(path)
+        try:
+            self.sock.bind(address)
+        finally:
+            if fd is not None:
+                os.close(fd)
         os.chmod(path, 0o666)  # the job's uid connects
         self.sock.listen(64)
         self._thread: threading.Thread | None = None
@@ -305,6 +321,7 @@ def serve_forwarder(socks: list[tuple[socket.socket, bytes]], path: str) -> None
     sel = selectors.DefaultSelector()
     for s, tag in socks:
         sel.register(s, selectors.EVENT_READ, tag)
+    path, _ = socket_address(path)  # its folder stays open for the forwarder's life
     while True:
         for key, _ in sel.select():
             try:
