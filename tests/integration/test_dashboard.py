@@ -41,21 +41,24 @@ def _chromium() -> str:
     return path
 
 
-def _browser_processes() -> list[psutil.Process]:
+def _browser_processes(before: set[int]) -> list[psutil.Process]:
+    """This test process's children that were not there before the browser started (a session's
+    cluster, started by another module on the same pytest-xdist worker, is not the browser's)."""
     return [p for p in psutil.Process().children(recursive=True)
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+            if p.pid not in before and p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     """One headless chromium for the module; afterwards no process of it (or of Playwright's driver) is left."""
     executable = _chromium()
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
     pw = playwright_api.sync_playwright().start()
     b = pw.chromium.launch(executable_path=executable)
     try:
         yield b
     finally:
-        procs = _browser_processes()
+        procs = _browser_processes(before)
         assert any("chrom" in " ".join(p.cmdline()) for p in procs), "chromium was not a child of this test"
         b.close()
         pw.stop()
