@@ -32,7 +32,7 @@ AIRFLOW_REQUIREMENT = "apache-airflow>=3.0,<4"
 
 def _stamp() -> str:
     """What the venv was built from: a change to the requirement or pyproject.toml rebuilds it."""
-    text = AIRFLOW_REQUIREMENT + sys.version + (ROOT / "pyproject.toml").read_text()
+    text = AIRFLOW_REQUIREMENT + sys.version + (ROOT / "pyproject.toml").read_text() + "compiled"
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -51,8 +51,10 @@ def ensure_venv() -> tuple[Path, float]:
         run = dict(check=True, capture_output=True, text=True, timeout=900)
         try:
             subprocess.run([uv_bin, "venv", "-q", "--python", sys.executable, str(VENV)], **run)  # type: ignore[call-overload]
-            subprocess.run([uv_bin, "pip", "install", "-q", "--python", str(python), AIRFLOW_REQUIREMENT,
-                            "-e", str(ROOT)], **run)  # type: ignore[call-overload]
+            # --compile-bytecode: with PYTHONDONTWRITEBYTECODE set (as on CI), every airflow command
+            # and task process would compile Airflow's modules from source again
+            subprocess.run([uv_bin, "pip", "install", "-q", "--compile-bytecode", "--python", str(python),
+                            AIRFLOW_REQUIREMENT, "-e", str(ROOT)], **run)  # type: ignore[call-overload]
         except subprocess.CalledProcessError as e:
             shutil.rmtree(VENV, ignore_errors=True)
             raise RuntimeError(f"could not build the Airflow virtualenv {VENV} ({' '.join(e.cmd)}):\n"

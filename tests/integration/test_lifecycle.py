@@ -188,8 +188,11 @@ def test_supervisors_come_from_a_warm_spawner_that_is_replaced_when_killed(sqlit
     wait_status(job, {"RUNNING"})
 
     def named(prefix):
-        return [p for p in psutil.process_iter(["cmdline"])
-                if " ".join(p.info["cmdline"] or []).startswith(f"{prefix} {sqlite_server.home}")]
+        found = [p for p in psutil.process_iter(["cmdline", "ppid"])
+                 if " ".join(p.info["cmdline"] or []).startswith(f"{prefix} {sqlite_server.home}")]
+        # a child the spawner has just forked carries the spawner's title until it renames itself
+        pids = {p.pid for p in found}
+        return [p for p in found if p.info["ppid"] not in pids]
 
     deadline = time.monotonic() + 10  # RUNNING is recorded just before the supervisor is asked for
     while not (sups := [p for p in named("mljobs-supervisor") if job.id in " ".join(p.info["cmdline"])]):

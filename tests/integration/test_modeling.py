@@ -237,9 +237,11 @@ PLAIN_SESSION = textwrap.dedent('''
     xgb_est = XGBEstimator(n_estimators=10, objective="binary:logistic",
                            scaling_config=XGBScalingConfig(num_workers=2, num_cpu_per_worker=1))
     xgb_est.fit(dc, label_col="y")
+    print("xgboost trained", flush=True)
     lgb_est = LightGBMEstimator(n_estimators=10, objective="binary",
                                 scaling_config=LightGBMScalingConfig(num_workers=2, num_cpu_per_worker=1))
     lgb_est.fit(dc, label_col="y")
+    print("lightgbm trained", flush=True)
     import ray
     # Ray datasets both ways: a table to Ray and back as blocks in the object store, and Parquet
     # files read by Ray Data where they lie.
@@ -267,8 +269,12 @@ def test_plain_session_starts_a_local_ray_for_two_workers(tmp_path):
         # HOME: Ray writes its token for a local cluster to ~/.ray, which must not outlive the test
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLJOBS_"))}
         env["HOME"] = str(tmp_path)
-        out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, str(script)], capture_output=True,
-                             text=True, timeout=240, env=env, cwd=tmp_path)
+        try:
+            # alone it takes 45 s; on a loaded machine (pytest-xdist on 2 cores) several times that
+            out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, str(script)], capture_output=True,
+                                 text=True, timeout=480, env=env, cwd=tmp_path)
+        except subprocess.TimeoutExpired as e:  # what it printed says which step it was in
+            pytest.fail(f"timed out; it printed:\n{(e.stdout or b'').decode()[-3000:]}\n{(e.stderr or b'').decode()[-3000:]}")
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         result = json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT "))[7:])
         assert (tmp_path / ".ray" / "auth_token").exists()  # Ray's own token auth for a local cluster

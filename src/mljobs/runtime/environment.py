@@ -349,7 +349,10 @@ class EnvCache:
             if reqs:
                 req_file = tmp / "mljobs-requirements.txt"
                 req_file.write_text("\n".join(reqs) + "\n")
-                self._run([uv, "pip", "install", "--python", str(tmp / "bin" / "python"), "-r", str(req_file)],
+                # --compile-bytecode: a job cannot write .pyc files into the shared environment
+                # (read-only in the sandbox), so without them every job compiled its imports again
+                self._run([uv, "pip", "install", "--compile-bytecode", "--python", str(tmp / "bin" / "python"),
+                           "-r", str(req_file)],
                           env, log, deadline, "install", req.requirements)
             meta = {"key": key, "requirements": req.requirements, "runtime_packages": req.runtime_packages,
                     "python": req.python, "python_version": interpreter_version(req.python),
