@@ -239,6 +239,8 @@ def main() -> None:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(worktree), sha], check=True,
                        capture_output=True)
         sides.insert(0, (f"base {a.base} ({sha})", worktree))
+    for _, tree in sides:  # equal terms where PYTHONDONTWRITEBYTECODE is set: no side compiles per process
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(tree / "src")], check=True, capture_output=True)
     floors: list[float] = []
     results: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in sides}
     try:
