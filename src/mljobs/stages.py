@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import posixpath
+import shutil
 import stat
 import tarfile
 from pathlib import Path
@@ -148,14 +149,19 @@ class Stage:
         return out
 
     def download_dir(self, prefix: str, local_dir: str | os.PathLike[str]) -> None:
-        """Copy every file under ``prefix`` into ``local_dir``, keeping the tree."""
+        """Copy every file under ``prefix`` into ``local_dir``, keeping the tree (and, from a local
+        stage, each file's mode: a script's executable bit)."""
         base = self._p(prefix).rstrip("/")
         local = Path(local_dir)
+        is_local = self.local_path(prefix) is not None
         for p in self.fs.find(base):
             rel = p[len(base) + 1 :]
             target = local / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            self.fs.get_file(p, str(target))
+            if is_local:
+                shutil.copy(p, target)
+            else:
+                self.fs.get_file(p, str(target))
 
     def upload_dir(self, local_dir: str | os.PathLike[str], prefix: str, link: bool = False) -> int:
         """Make ``prefix`` hold exactly the regular files under ``local_dir`` (what was there goes
@@ -240,6 +246,36 @@ class Stage:
                 total += self.put_stream(f"{prefix.rstrip('/')}/{name}", f, left)
                 names.append(name)
         return names
+
+    def copy_file(self, src: str, dst: str) -> None:
+        """Copy one file within the stage (in the kernel on a local folder, server-side on a bucket)."""
+        full = self._p(dst)
+        self.fs.makedirs(posixpath.dirname(full), exist_ok=True)
+        src_local = self.local_path(src)
+        if src_local is not None:
+            shutil.copyfile(src_local, full)
+        else:
+            self.fs.copy(self._p(src), full)
+
+    def rename(self, src: str, dst: str) -> None:
+        """Move one file within the stage (atomic on a local folder)."""
+        src_local, dst_local = self.local_path(src), self.local_path(dst)
+        if src_local is not None and dst_local is not None:
+            os.replace(src_local, dst_local)
+        else:
+            self.fs.mv(self._p(src), self._p(dst))
+
+    def move_dir(self, src_prefix: str, dst_prefix: str) -> None:
+        """Make the folder ``src_prefix`` the folder ``dst_prefix`` (a rename on a local folder)."""
+        src_local, dst_local = self.local_path(src_prefix), self.local_path(dst_prefix)
+        if src_local is not None and dst_local is not None:
+            os.makedirs(os.path.dirname(dst_local.rstrip("/")), exist_ok=True)
+            os.rename(src_local.rstrip("/"), dst_local.rstrip("/"))
+            return
+        base = self._p(src_prefix).rstrip("/")
+        for p in self.fs.find(base):
+            self.fs.mv(p, f"{self._p(dst_prefix).rstrip('/')}/{p[len(base) + 1:]}")
+        self.remove(src_prefix)
 
     def remove(self, prefix: str) -> None:
         full = self._p(prefix)

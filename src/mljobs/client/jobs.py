@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import getpass
 import json
+import logging
 import os
 import sys
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import cloudpickle
 
@@ -18,6 +20,7 @@ from mljobs.client.job import MLJob
 from mljobs.client.session import Session, get_active_session
 from mljobs.errors import InvalidArgumentError, LocalFileNotFoundError
 from mljobs.spec import JobSpec, PayloadKind
+from mljobs.units import format_bytes
 
 if TYPE_CHECKING:  # pandas costs ~0.3 s to import: only the DataFrame-returning calls load it
     import pandas as pd
@@ -25,6 +28,9 @@ if TYPE_CHECKING:  # pandas costs ~0.3 s to import: only the DataFrame-returning
 __all__ = ["submit_file", "submit_directory", "submit_from_stage", "get_job", "list_jobs", "delete_job",
            "LIST_JOBS_COLUMNS"]
 
+log = logging.getLogger("mljobs.client")
+# from this many bytes a file or directory payload goes by content hash (_submit_files)
+LARGE_PAYLOAD = 4 << 20
 LIST_JOBS_COLUMNS = ["name", "status", "message", "database_name", "schema_name", "owner", "compute_pool",
                      "target_instances", "instances_ran", "created_time", "completed_time", "peak_rss_bytes",
                      "cpu_seconds", "attempt", "schedule_name", "scheduled_tick", "priority", "pending_reason"]
@@ -54,14 +60,35 @@ def _options(compute_pool: str, stage_name: str, target_instances: int, min_inst
     )
 
 
-def _submit(session: Session, spec: JobSpec, tar: bytes | None) -> MLJob:
+def _submit(session: Session, spec: JobSpec, tar: bytes | None, upload: str | None = None) -> MLJob:
     files = {"payload": ("payload.tar", tar, "application/x-tar")} if tar is not None else None
+    data = {"spec": json.dumps(spec.to_dict()), **({"upload": upload} if upload else {})}
     # one key per submission: if the answer is lost and the request is sent again, the server
     # returns the job the first request made instead of starting a second one
     headers = {"Idempotency-Key": uuid.uuid4().hex}
-    info = session.request("POST", "/jobs", data={"spec": json.dumps(spec.to_dict())}, files=files,
-                           headers=headers).json()
+    info = session.request("POST", "/jobs", data=data, files=files, headers=headers).json()
     return MLJob(info["id"], session, info)
+
+
+def _submit_files(session: Session, spec: JobSpec, entries: pl.Entries) -> MLJob:
+    """A file or directory payload: small ones as one tar in the submission; from LARGE_PAYLOAD
+    bytes on, by content hash (the stage keeps what it has seen; only the rest is streamed from
+    disk, so the client never holds the payload in memory)."""
+    if sum(p.stat().st_size for _, p in entries) < LARGE_PAYLOAD:
+        return _submit(session, spec, pl.tar_entries(entries))
+    files = pl.manifest(entries)
+    stage = quote(spec.stage_name, safe="")
+    up = session.request("POST", f"/stages/{stage}/uploads", json={"files": files}).json()
+    missing = set(up["missing"])
+    if missing:
+        sizes = {f[0]: f[2] for f in files}
+        session.request("PUT", f"/stages/{stage}/uploads/{up['id']}", timeout=600.0,
+                        content=pl.tar_stream([e for e in entries if e[0] in missing], sizes),
+                        headers={"Content-Type": "application/x-tar"})
+    sent = sum(f[2] for f in files if f[0] in missing)
+    log.info("payload: %d files (%s); %d already on @%s, %d sent (%s)", len(files), format_bytes(up["bytes"]),
+             len(files) - len(missing), spec.stage_name, len(missing), format_bytes(sent))
+    return _submit(session, spec, None, upload=up["id"])
 
 
 def _entrypoint(entrypoint: str | Sequence[str]) -> list[str]:
@@ -108,7 +135,7 @@ def submit_file(file_path: str | os.PathLike[str], compute_pool: str, *, stage_n
                     external_access_integrations, env_vars, name, database, schema, session, runtime_environment,
                     parallel, join_timeout_s, max_retries, retry_on_failure, priority)
     spec = JobSpec(payload_kind=PayloadKind.FILE, entrypoint=[path.name], args=list(args or []), **opts)
-    return _submit(session, spec, pl.tar_file(path, imports))
+    return _submit_files(session, spec, pl.file_entries(path, imports))
 
 
 def submit_directory(dir_path: str | os.PathLike[str], compute_pool: str, *, entrypoint: str | Sequence[str],
@@ -138,7 +165,7 @@ def submit_directory(dir_path: str | os.PathLike[str], compute_pool: str, *, ent
                     external_access_integrations, env_vars, name, database, schema, session, runtime_environment,
                     parallel, join_timeout_s, max_retries, retry_on_failure, priority)
     spec = JobSpec(payload_kind=PayloadKind.DIRECTORY, entrypoint=entry, args=list(args or []), **opts)
-    return _submit(session, spec, pl.tar_directory(root, imports))
+    return _submit_files(session, spec, pl.directory_entries(root, imports))
 
 
 def submit_from_stage(source: str, compute_pool: str, *, entrypoint: str | Sequence[str], stage_name: str,

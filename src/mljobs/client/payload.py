@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import inspect
 import io
@@ -10,7 +11,7 @@ import sys
 import sysconfig
 import tarfile
 import types
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,8 @@ from mljobs.errors import InvalidArgumentError, LocalFileNotFoundError, PayloadE
 from mljobs.paths import FUNCTION_PAYLOAD, IMPORTS_DIR
 from mljobs.stages import skip
 
-__all__ = ["pickle_call", "pickle_args", "tar_call", "tar_file", "tar_directory", "check_function", "session_parameter"]
+__all__ = ["pickle_call", "pickle_args", "tar_call", "tar_file", "tar_directory", "check_function", "session_parameter",
+           "file_entries", "directory_entries", "tar_entries", "manifest", "tar_stream"]
 
 _INSTALLED = {os.path.realpath(p) for p in {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}}
 
@@ -231,21 +233,27 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _add_tree(tar: tarfile.TarFile, root: Path, prefix: str) -> None:
+# -- a payload's files: (name in the payload, local path) ------------------------------------------
+Entries = list[tuple[str, Path]]
+
+
+def _tree_entries(root: Path, prefix: str) -> Entries:
     if root.is_file():
-        tar.add(root, arcname=f"{prefix}{root.name}" if prefix.endswith("/") or not prefix else prefix)
-        return
+        return [(f"{prefix}{root.name}" if prefix.endswith("/") or not prefix else prefix, root)]
+    out: Entries = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not skip(d))
         rel = Path(dirpath).relative_to(root).as_posix()
         for f in sorted(filenames):
-            if skip(f):
-                continue
-            tar.add(Path(dirpath) / f, arcname=f"{prefix}{'' if rel == '.' else rel + '/'}{f}", recursive=False)
+            path = Path(dirpath) / f
+            if not skip(f) and path.is_file():
+                out.append((f"{prefix}{'' if rel == '.' else rel + '/'}{f}", path))
+    return out
 
 
-def _add_imports(tar: tarfile.TarFile, imports: Iterable[Any]) -> None:
+def _import_entries(imports: Iterable[Any] | None) -> Entries:
     """``imports``: local paths (a package folder or module file), or ``(path, "import.path")``."""
+    out: Entries = []
     for item in imports or []:
         path, dotted = (item if isinstance(item, (tuple, list)) else (item, None))
         src = Path(path)
@@ -259,23 +267,82 @@ def _add_imports(tar: tarfile.TarFile, imports: Iterable[Any]) -> None:
             target = "/".join(parts) + ("" if src.is_dir() else ".py")
         else:
             target = src.name
-        _add_tree(tar, src, f"{IMPORTS_DIR}/{target}/" if src.is_dir() else f"{IMPORTS_DIR}/{target}")
+        out += _tree_entries(src, f"{IMPORTS_DIR}/{target}/" if src.is_dir() else f"{IMPORTS_DIR}/{target}")
+    return out
+
+
+def file_entries(path: Path, imports: Iterable[Any] | None) -> Entries:
+    return [(path.name, path), *_import_entries(imports)]
+
+
+def directory_entries(path: Path, imports: Iterable[Any] | None) -> Entries:
+    return [*_tree_entries(path, ""), *_import_entries(imports)]
 
 
 def _tar(build: Callable[[tarfile.TarFile], None]) -> bytes:
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
+    # dereference: a link to a file sends the file, as the hashed path for large payloads does
+    with tarfile.open(fileobj=buf, mode="w", dereference=True) as tar:
         build(tar)
     return buf.getvalue()
 
 
+def tar_entries(entries: Entries) -> bytes:
+    """A small payload's files as one tar in memory."""
+    return _tar(lambda t: [t.add(path, arcname=name, recursive=False) for name, path in entries])
+
+
 def tar_call(pickled: bytes, imports: Iterable[Any] | None) -> bytes:
-    return _tar(lambda t: (_add_bytes(t, FUNCTION_PAYLOAD, pickled), _add_imports(t, imports or [])))
+    return _tar(lambda t: (_add_bytes(t, FUNCTION_PAYLOAD, pickled),
+                           [t.add(p, arcname=n, recursive=False) for n, p in _import_entries(imports)]))
 
 
 def tar_file(path: Path, imports: Iterable[Any] | None) -> bytes:
-    return _tar(lambda t: (t.add(path, arcname=path.name), _add_imports(t, imports or [])))
+    return tar_entries(file_entries(path, imports))
 
 
 def tar_directory(path: Path, imports: Iterable[Any] | None) -> bytes:
-    return _tar(lambda t: (_add_tree(t, path, ""), _add_imports(t, imports or [])))
+    return tar_entries(directory_entries(path, imports))
+
+
+# -- large payloads: sent by content hash (mljobs.server.uploads) ----------------------------------
+# (device, inode, size, mtime_ns) -> sha256: a file unchanged since this process last hashed it
+_HASHES: dict[tuple[int, int, int, int], str] = {}
+
+
+def manifest(entries: Entries) -> list[list[Any]]:
+    """``[[name, sha256, size, mode], ...]`` of a payload's files."""
+    out = []
+    for name, path in entries:
+        st = os.stat(path)
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        digest = _HASHES.get(key)
+        if digest is None:
+            sha = hashlib.sha256()
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    sha.update(chunk)
+            digest = _HASHES[key] = sha.hexdigest()
+        out.append([name, digest, st.st_size, st.st_mode & 0o777])
+    return out
+
+
+def tar_stream(entries: Entries, sizes: dict[str, int]) -> Iterator[bytes]:
+    """A tar of ``entries``, produced as it is sent (a file at a time, 1 MiB at a time); each file
+    is sent with the size its manifest gave (``sizes``), so one that changed meanwhile fails the
+    server's hash check instead of corrupting the archive."""
+    for name, path in entries:
+        info = tarfile.TarInfo(name)
+        info.size, info.mode = sizes[name], 0o644
+        yield info.tobuf(format=tarfile.PAX_FORMAT)
+        left = info.size
+        with open(path, "rb") as f:
+            while left > 0:
+                chunk = f.read(min(left, 1 << 20))
+                if not chunk:
+                    raise PayloadError(f"{path} became shorter while it was being sent; submit again")
+                left -= len(chunk)
+                yield chunk
+        if info.size % tarfile.BLOCKSIZE:
+            yield tarfile.NUL * (tarfile.BLOCKSIZE - info.size % tarfile.BLOCKSIZE)
+    yield tarfile.NUL * (2 * tarfile.BLOCKSIZE)

@@ -21,6 +21,7 @@ from mljobs.providers.base import UnsupportedError
 from mljobs.runtime import environment as envs
 from mljobs.runtime.launcher import check_versions
 from mljobs.server.auth import Principal
+from mljobs.server import uploads
 from mljobs.server.catalog import PYPI_ACCESS
 from mljobs.server.store import utcnow
 from mljobs.spec import JobSpec, PayloadKind, PoolSpec, check_stage_name, new_job_id
@@ -160,8 +161,11 @@ class Admission:
         return pool
 
     def submit(self, spec: JobSpec, payload: IO[bytes] | None, who: Principal,
-               idempotency_key: str | None = None) -> dict[str, Any]:
+               idempotency_key: str | None = None, upload: str | None = None) -> dict[str, Any]:
         """Check, store the payload on its stage, record the job PENDING, and schedule it.
+
+        The payload is the tar ``payload``, or the files of the upload ``upload`` on the job's stage
+        (:mod:`mljobs.server.uploads`: a large payload, sent by content hash).
 
         The job belongs to ``who``. A second submission with the same ``idempotency_key`` (a
         client retrying after a lost response) returns the job the first one made.
@@ -178,7 +182,7 @@ class Admission:
         trace.mark(job_id, "server.submit.begin", began)
         paths = StagePaths(job_id)
         try:
-            self.stage_payload(spec, stage, paths.app, payload, who)
+            self.stage_payload(spec, stage, paths.app, payload, who, upload)
             trace.mark(job_id, "server.payload.staged")
             self.store.insert_job(self.job_row(job_id, spec, pool, stage, idempotency_key))
         except BaseException:
@@ -206,15 +210,20 @@ class Admission:
         }
 
     def stage_payload(self, spec: JobSpec, stage: Stage, app_prefix: str, payload: IO[bytes] | None,
-                      who: Principal) -> None:
+                      who: Principal, upload: str | None = None) -> None:
         """Put a submission's payload under ``app_prefix`` on ``stage``: the uploaded tar, or a copy
         of the stage folder it names; a directory's ``requirements.txt`` joins its requirements."""
         if spec.payload_kind == PayloadKind.STAGE:
             self._copy_stage_payload(spec, stage, app_prefix, who)
             return
-        if payload is None:
+        if upload is not None:
+            if payload is not None or spec.payload_kind not in (PayloadKind.FILE, PayloadKind.DIRECTORY):
+                raise InvalidArgumentError("an upload is the payload of a file or directory job, and its only one")
+            names = uploads.take(stage, upload, app_prefix, who.name)
+        elif payload is None:
             raise InvalidArgumentError("the submission carries no payload")
-        names = stage.extract_tar(payload, app_prefix, self.settings.max_payload_bytes)
+        else:
+            names = stage.extract_tar(payload, app_prefix, self.settings.max_payload_bytes)
         entry = spec.entrypoint[0]
         if len(spec.entrypoint) == 1 and entry.endswith(".py") and entry not in names:
             raise InvalidArgumentError(

@@ -25,7 +25,7 @@ from pydantic import TypeAdapter, ValidationError
 from mljobs import __version__, errors, logformat, trace
 from mljobs.providers.base import InstanceReport, UnsupportedError
 from mljobs.server import schemas as S
-from mljobs.server import dashboard
+from mljobs.server import dashboard, uploads
 from mljobs.server.auth import Principal
 from mljobs.server.definitions import decode_call
 from mljobs.server.logs import follow_lines, iter_lines, tail_lines
@@ -156,6 +156,8 @@ def create_app(cp: ControlPlane, on_shutdown: Any = None) -> FastAPI:
     @app.post(api + "/jobs", response_model=S.JobOut)
     def submit(who: Who, spec: Annotated[str, Form(description="the job's JobSpec, as JSON")],
                payload: Annotated[UploadFile | None, File(description="a tar of the job's files")] = None,
+               upload: Annotated[str | None, Form(max_length=64, description="instead of payload: the id of an "
+                                                  "upload on the job's stage (POST /stages/{name}/uploads)")] = None,
                idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> dict[str, Any]:
         try:
             job_spec = _JOB_SPEC.validate_json(spec)
@@ -165,7 +167,7 @@ def create_app(cp: ControlPlane, on_shutdown: Any = None) -> FastAPI:
         if unknown:  # a misspelt option is an error, not silently ignored
             raise RequestValidationError([{"loc": ["body", "spec", k], "msg": "Extra inputs are not permitted",
                                            "type": "extra_forbidden"} for k in unknown])
-        return cp.submit(job_spec, payload.file if payload is not None else None, who, idempotency_key)
+        return cp.submit(job_spec, payload.file if payload is not None else None, who, idempotency_key, upload)
 
     @app.get(api + "/jobs", response_model=list[S.JobSummary])
     def list_jobs(who: Who, limit: _Limit = 10, database: Annotated[str | None, Query(max_length=255)] = None,
@@ -426,6 +428,20 @@ def create_app(cp: ControlPlane, on_shutdown: Any = None) -> FastAPI:
         size = await run_in_threadpool(stage.put_stream, rel, reader, cp.settings.max_payload_bytes)
         return {"name": rel, "size": size}
 
+    @app.post(api + "/stages/{name}/uploads", response_model=S.UploadOut)
+    def begin_upload(name: str, body: S.UploadIn, who: Who) -> dict[str, Any]:
+        """A large payload's manifest: the upload keeps what the stage has; the answer lists what to send."""
+        entries = uploads.parse_manifest(body.files)
+        stage = cp.stage(name, True, who)
+        return uploads.begin(stage, entries, who.name, cp.settings.max_payload_bytes)
+
+    @app.put(api + "/stages/{name}/uploads/{upload_id}", response_model=S.UploadReceived)
+    async def send_upload(name: str, upload_id: str, request: Request, who: Who) -> dict[str, Any]:
+        """A tar of the upload's missing files, streamed (never held whole)."""
+        stage = await run_in_threadpool(cp.stage, name, False, who)
+        reader = _BodyReader(request, asyncio.get_running_loop())
+        return await run_in_threadpool(uploads.receive, stage, upload_id, reader, who.name)
+
     @app.get(api + "/stages/{name}/files/{path:path}", response_class=StreamingResponse,
              responses={200: {"content": {_OCTETS: {}}}})
     def get_file(name: str, path: str, who: Who) -> StreamingResponse:
@@ -468,7 +484,7 @@ class _BodyReader:
     def __init__(self, request: Request, loop: asyncio.AbstractEventLoop) -> None:
         self._stream = request.stream().__aiter__()
         self._loop = loop
-        self._buf = b""
+        self._buf = bytearray()
         self._eof = False
 
     def read(self, n: int = -1) -> bytes:
@@ -479,10 +495,12 @@ class _BodyReader:
                 self._eof = True
             else:
                 self._buf += chunk
-        if n < 0:
-            out, self._buf = self._buf, b""
+        if n < 0 or n >= len(self._buf):
+            out = bytes(self._buf)
+            self._buf.clear()
         else:
-            out, self._buf = self._buf[:n], self._buf[n:]
+            out = bytes(self._buf[:n])
+            del self._buf[:n]
         return out
 
     async def _next(self) -> bytes | None:

@@ -194,6 +194,23 @@ class StageFileOut(BaseModel):
     size: int
 
 
+class UploadIn(_In):
+    files: list[list[Any]] = Field(description="[[path, sha256, size, mode], ...]: every file of the payload")
+
+
+class UploadOut(BaseModel):
+    id: str
+    missing: list[str] = Field(description="the paths to send (PUT a tar of them); the stage has the others")
+    files: int
+    bytes: int
+    reused_bytes: int
+
+
+class UploadReceived(BaseModel):
+    files: int
+    bytes: int
+
+
 class EnvOut(BaseModel):
     key: str
     requirements: list[str]
