@@ -4,6 +4,7 @@ local HTTP server on 127.0.0.1 standing in for the internet."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 
 import pytest
@@ -90,6 +91,33 @@ def test_connect_tunnels_to_an_allowed_host(tmp_path, origin):
         assert out.endswith(b"/tunnelled None")
     finally:
         proxy.close()
+
+
+def test_a_name_that_resolves_off_the_internet_needs_its_address_named(tmp_path, origin):
+    """An integration allowing a name allows what that name is on the internet: a name resolving to
+    a loopback or private address (the server's own network, a cloud's metadata service) is refused
+    unless an entry names the address itself."""
+    said: list[str] = []
+    proxy = egress.Proxy(str(tmp_path / egress.SOCKET), ["localhost", "*"], "http://127.0.0.1:1", said.append)
+    proxy.start()
+    try:
+        for request in (f"CONNECT localhost:{origin} HTTP/1.1\r\n\r\n", f"GET http://localhost:{origin}/x HTTP/1.1\r\n\r\n"):
+            out = _through(proxy.path, egress.PROXY_TAG, request.encode())
+            assert out.startswith(b"HTTP/1.1 403"), out
+            assert re.search(rf"localhost:{origin} resolves to (127\.0\.0\.1|::1), ".encode(), out)
+        assert re.search(rf"allowed_hosts=\['(127\.0\.0\.1|::1):{origin}'\]", said[-1]) and "(loopback)" in said[-1]
+    finally:
+        proxy.close()
+    proxy = egress.Proxy(str(tmp_path / egress.SOCKET), [f"127.0.0.1:{origin}", "localhost"], "http://127.0.0.1:1",
+                         said.append)
+    proxy.start()
+    try:  # the address named: the name that resolves to it is served
+        out = _through(proxy.path, egress.PROXY_TAG, f"GET http://localhost:{origin}/ok HTTP/1.1\r\n\r\n".encode())
+        assert out.startswith(b"HTTP/1.0 200") and out.endswith(b"/ok close")
+    finally:
+        proxy.close()
+    assert [egress._names_address(p) for p in ("10.0.0.5", "10.0.*:8080", "[fd00::1]", "*", "pypi.org", "cafe.de")] \
+        == [True, True, True, False, False, False]
 
 
 def test_a_proxy_in_a_folder_too_deep_for_a_socket_address_still_serves(tmp_path, origin):

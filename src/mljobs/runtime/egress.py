@@ -11,14 +11,17 @@ directly, copying in the kernel (splice) where it can.
 The proxy speaks HTTP CONNECT (``https://``, and any TCP a client tunnels) and plain HTTP
 (absolute-form requests, one a connection). It allows a ``host:port`` when one of the job's
 integrations names it: ``pypi.org`` (any port), ``*.example.com`` (wildcards, as for installs),
-``10.0.0.5:8080`` (that port only); the control plane is always allowed. A refusal answers 403 and
-writes a system line into the job's log naming the host and how to allow it.
+``10.0.0.5:8080`` (that port only); the control plane is always allowed. A name reaches only
+addresses on the internet: one that resolves to a loopback, private or link-local address needs an
+entry naming that address. A refusal answers 403 and writes a system line into the job's log
+naming the host and how to allow it.
 """
 
 from __future__ import annotations
 
 import fcntl
 import fnmatch
+import ipaddress
 import os
 import re
 import selectors
@@ -49,6 +52,25 @@ def allows(patterns: list[str], host: str, port: int) -> bool:
         if fnmatch.fnmatch(host, name.lower()) and (want is None or want == port):
             return True
     return False
+
+
+class _Internal(Exception):
+    """An allowed name that resolves to an address off the internet."""
+
+
+def _names_address(pattern: str) -> bool:
+    """Whether an ``allowed_hosts`` entry names addresses (``10.0.0.5``, ``10.0.*:8080``, ``[fd00::1]``)
+    rather than names: only such an entry admits an address that is not global."""
+    m = _HOST_PORT.match(pattern)
+    host = (m["host"] if m else pattern).strip("[]")
+    return any(c.isdigit() for c in host) and all(c in "0123456789abcdefABCDEF.:*" for c in host)
+
+
+def _kind(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    for attr in ("is_loopback", "is_link_local", "is_private", "is_multicast", "is_unspecified", "is_reserved"):
+        if getattr(ip, attr):
+            return attr[3:].replace("_", "-")
+    return "not global"
 
 
 def job_env(control_url: str) -> dict[str, str]:
@@ -255,7 +277,15 @@ class Proxy:
             host, port = parts.hostname, parts.port or 80
         if not self._may(host, port):
             return self._refuse(conn, host, port)
-        dest = self.control if self._is_control(host, port) else (host, port)
+        if self._is_control(host, port):
+            dest: tuple[str, int] = self.control
+        else:
+            try:
+                dest = (self._resolve(host, port), port)
+            except _Internal as e:
+                return self._refuse(conn, host, port, str(e))
+            except (OSError, UnicodeError) as e:
+                return self._answer(conn, 502, f"{host}:{port} could not be reached: {e}")
         try:
             up = self._connect(*dest)
         except (OSError, UnicodeError) as e:
@@ -280,10 +310,31 @@ class Proxy:
     def _may(self, host: str, port: int) -> bool:
         return self._is_control(host, port) or allows(self.allowed, host, port)
 
-    def _refuse(self, conn: socket.socket, host: str, port: int) -> None:
-        why = (f"egress refused: {host}:{port} is not allowed by the job's external access integrations; "
-               f"to allow it, create_external_access_integration('NAME', allowed_hosts=['{host}']) (an admin) "
-               "and submit with external_access_integrations=['NAME']")
+    def _resolve(self, host: str, port: int) -> str:
+        """The address to connect to for an allowed ``host``: resolved here, once (the connection
+        goes to the address that was checked, so a name cannot change its answer in between). A
+        name that resolves to an address that is not global (loopback, private, link-local: the
+        server's own network, a cloud's metadata service) is refused unless an integration names
+        that address itself: allowing a name allows what it is on the internet, not whatever the
+        name's owner points it at."""
+        addresses = list(dict.fromkeys(str(i[4][0]) for i in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)))
+        if not addresses:
+            raise OSError(f"{host} has no address")
+        named = [p for p in self.allowed if _names_address(p)]
+        for address in addresses:
+            if ipaddress.ip_address(address.split("%")[0]).is_global or allows(named, address, port):
+                return address
+        address = addresses[0]
+        ip = ipaddress.ip_address(address.split("%")[0])
+        raise _Internal(f"egress refused: {host}:{port} resolves to {address}, an address that is not on the "
+                        f"internet ({_kind(ip)}); an integration reaches it only by naming the address: "
+                        f"create_external_access_integration('NAME', allowed_hosts=['{address}:{port}']) "
+                        "(an admin) and submit with external_access_integrations=['NAME']")
+
+    def _refuse(self, conn: socket.socket, host: str, port: int, why: str | None = None) -> None:
+        why = why or (f"egress refused: {host}:{port} is not allowed by the job's external access integrations; "
+                      f"to allow it, create_external_access_integration('NAME', allowed_hosts=['{host}']) "
+                      "(an admin) and submit with external_access_integrations=['NAME']")
         self.refused.append(f"{host}:{port}")
         self.log(why)
         self._answer(conn, 403, why)
