@@ -4,6 +4,7 @@ choose_victims) and each user's decayed usage, without a server."""
 from __future__ import annotations
 
 import datetime as dt
+from collections import deque
 
 from mljobs.server.records import JobRecord
 from mljobs.server.scheduler import choose_victims, plan
@@ -90,3 +91,39 @@ def test_usage_decays_with_its_half_life():
     assert family_weight("CPU_X64_S") == 2 and family_weight("GPU_NV_S") == 6 + 8
     assert is_fair({"scheduling": None}, True) and not is_fair({"scheduling": None}, False)
     assert is_fair({"scheduling": "fair"}, False) and not is_fair({"scheduling": "fifo"}, True)
+
+
+def _simulate(fair: bool, seconds: float = 600.0, half_life_s: float = 3600.0) -> dict[str, float]:
+    """Two busy users on a pool of 2 for ``seconds`` of simulated time: a queued its jobs of 1 s
+    first, b its jobs of 5 s after them; each slot that frees is given by the real start
+    decision (plan) with the usage the server would pass it (the decayed record of ended
+    instances plus what running ones ran so far). Returns each user's instance-seconds."""
+    length = {"a": 1.0, "b": 5.0}
+    queued = {u: deque(_job(u, i + (5000 if u == "b" else 0)) for i in range(2000)) for u in "ab"}
+    usage = Usage(half_life_s)
+    running: dict[int, tuple[str, float]] = {}  # slot -> (owner, started)
+    got = {"a": 0.0, "b": 0.0}
+    now = 0.0
+    while now < seconds:
+        live: dict[str, float] = usage.snapshot(now)
+        for owner, started in running.values():
+            live[owner] = live.get(owner, 0.0) + (now - started)
+        heads = {u: list(q)[:2] for u, q in queued.items()}
+        decision = plan(_pool(2), set(running), heads, fair=fair, usage=live)
+        for job, slots in decision.starts:
+            queued[job.owner].popleft()
+            running[slots[0]] = (job.owner, now)
+        slot, (owner, started) = min(running.items(), key=lambda kv: kv[1][1] + length[kv[1][0]])
+        now = started + length[owner]
+        del running[slot]
+        usage.add(owner, length[owner], now)
+        got[owner] += length[owner]
+    return got
+
+
+def test_two_busy_users_each_get_half_of_a_fair_pool_over_a_long_load():
+    got = _simulate(fair=True)
+    share = got["a"] / (got["a"] + got["b"])
+    assert abs(share - 0.5) < 0.05, got  # within 10% of half, whatever their jobs' lengths
+    fifo = _simulate(fair=False)
+    assert fifo["b"] == 0.0  # the same load FIFO: the user who queued first holds the pool
