@@ -164,6 +164,24 @@ def test_parallel_job_rendezvous_across_nodes(slurm: SlurmEnv, tmp_path: Path) -
     assert job.result() == sorted(slurm.cluster.nodes)
 
 
+def test_parallel_function_runs_on_every_node(slurm: SlurmEnv) -> None:
+    """``@remote(..., parallel=True)`` on a Slurm pool: the function runs on every allocated node,
+    each with its rank; ``distributed_result`` gives every instance's value."""
+    @mljobs.remote("HPC", stage_name="payload_stage", target_instances=3, parallel=True, session=slurm.session)
+    def rank_and_host(scale: int) -> tuple[int, int, str]:
+        import os
+        import socket
+
+        return int(os.environ["RANK"]) * scale, int(os.environ["WORLD_SIZE"]), socket.gethostname()
+
+    job = rank_and_host(10)
+    res = job.distributed_result(timeout=180)
+    assert res.ok, (res, job.get_logs(verbose=True))
+    assert [r[:2] for r in res.results] == [(0, 3), (10, 3), (20, 3)]
+    assert sorted(r[2] for r in res.results) == sorted(slurm.cluster.nodes)  # one instance a node
+    assert job.result() == res.results[0]  # the head's
+
+
 def test_min_instances_is_a_node_range(slurm: SlurmEnv, tmp_path: Path) -> None:
     """With one node busy, a job of 3 instances that needs 2 runs on the 2 Slurm grants."""
     blocker = slurm.cluster.exec(["sbatch", "--parsable", "-w", slurm.cluster.nodes[2], "--cpus-per-task=2",
