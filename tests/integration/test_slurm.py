@@ -182,6 +182,36 @@ def test_parallel_function_runs_on_every_node(slurm: SlurmEnv) -> None:
     assert job.result() == res.results[0]  # the head's
 
 
+def test_a_sandboxed_job_sees_the_pools_mounts_and_nothing_else_of_the_node(slurm: SlurmEnv, tmp_path: Path) -> None:
+    """A Slurm pool's ``mounts`` (an admin's): the node's sandbox binds them (here a scratch folder,
+    read-write) and no other folder of the node."""
+    scratch, hidden = tmp_path / "scratch", tmp_path / "hidden"
+    for d in (scratch, hidden):
+        d.mkdir()
+        d.chmod(0o1777)  # the job runs as a uid of its owner's own
+    (hidden / "secret").write_text("not for jobs")
+    mljobs.create_compute_pool("HPCMOUNT", instance_family="CPU_X64_XS", max_nodes=1, provider="slurm",
+                               provider_options={**slurm.options, "mounts": [f"{scratch}:rw"]}, session=slurm.session)
+    try:
+        @mljobs.remote("HPCMOUNT", stage_name="payload_stage", session=slurm.session)
+        def write_and_look(scratch: str, hidden: str) -> tuple[bool, bool]:
+            import os
+
+            with open(os.path.join(scratch, "out.txt"), "w") as f:
+                f.write("from the job")
+            return os.path.exists(hidden), os.path.exists(os.path.join(hidden, "secret"))
+
+        job = write_and_look(str(scratch), str(hidden))
+        assert job.result(timeout=120) == (False, False), job.get_logs(verbose=True)
+        assert (scratch / "out.txt").read_text() == "from the job"
+        with pytest.raises(InvalidArgumentError, match="is not an absolute path"):
+            mljobs.create_compute_pool("HPCMOUNT2", instance_family="CPU_X64_XS", provider="slurm",
+                                       provider_options={**slurm.options, "mounts": ["scratch:rw"]},
+                                       session=slurm.session)
+    finally:
+        mljobs.drop_compute_pool("HPCMOUNT", session=slurm.session)
+
+
 def test_min_instances_is_a_node_range(slurm: SlurmEnv, tmp_path: Path) -> None:
     """With one node busy, a job of 3 instances that needs 2 runs on the 2 Slurm grants."""
     blocker = slurm.cluster.exec(["sbatch", "--parsable", "-w", slurm.cluster.nodes[2], "--cpus-per-task=2",

@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 from mljobs.errors import InvalidArgumentError
 from mljobs.providers.base import InstanceHandle, InstanceLaunch, UnsupportedError, check_options
 from mljobs.providers.remote import ENGINE_GONE, ENGINE_PENDING, ENGINE_RUNNING, RemoteProvider
+from mljobs.runtime import sandbox
 from mljobs.spec import GIB, InstanceFamily, JobSpec, PoolSpec
 
 __all__ = ["SlurmProvider", "parse_sinfo", "job_name"]
@@ -85,6 +86,8 @@ class SlurmProvider(RemoteProvider):
         "time_limit": "sbatch --time, e.g. '2:00:00'",
         "sbatch_args": "more sbatch flags, a list of strings, e.g. ['--exclusive']",
         "output": "where an allocation's own stdout/stderr go on the nodes (default /dev/null; %j is its id)",
+        "mounts": "folders of the nodes that a sandboxed job sees (an admin's to set), each 'PATH' (read-only) or "
+                  "'PATH:rw', e.g. ['/data', '/scratch:rw']",
         **RemoteProvider.COMMON_OPTIONS,
     }
 
@@ -132,6 +135,10 @@ class SlurmProvider(RemoteProvider):
     # -- pools and jobs -------------------------------------------------------------------------
     def validate_pool(self, pool: PoolSpec) -> None:
         check_options(self.name, pool, self.OPTIONS)
+        try:  # the form only: the folders are the nodes' (a missing one fails the job's sandbox, named)
+            sandbox.parse_mounts(pool.provider_options.get("mounts"), pool.name, local=False)
+        except ValueError as e:
+            raise InvalidArgumentError(str(e)) from None
         extra = pool.provider_options.get("sbatch_args", [])
         if not isinstance(extra, list) or not all(isinstance(a, str) for a in extra):
             raise InvalidArgumentError(f"compute pool {pool.name}: sbatch_args must be a list of strings, got {extra!r}")

@@ -337,9 +337,10 @@ def _start_forwarder(sock: str, control_url: str) -> None:
 
 
 
-def parse_mounts(value: Any, pool: str = "") -> tuple[tuple[str, bool], ...]:
+def parse_mounts(value: Any, pool: str = "", local: bool = True) -> tuple[tuple[str, bool], ...]:
     """A pool's ``mounts`` option: a list of ``"PATH"`` (read-only) or ``"PATH:rw"``/``"PATH:ro"``;
-    each PATH absolute and existing. Raises ValueError naming the bad entry and the form."""
+    each PATH absolute and (``local``: the pool's nodes are this machine) existing. Raises
+    ValueError naming the bad entry and the form."""
     where = f"compute pool {pool}: " if pool else ""
     form = "mounts is a list of absolute folders, each 'PATH' (read-only) or 'PATH:rw', e.g. ['/data', '/scratch:rw']"
     if value in (None, ""):
@@ -351,9 +352,9 @@ def parse_mounts(value: Any, pool: str = "") -> tuple[tuple[str, bool], ...]:
         path, _, how = str(item).rpartition(":") if str(item).endswith((":rw", ":ro")) else (str(item), "", "ro")
         if not os.path.isabs(path):
             raise ValueError(f"{where}mount {item!r} is not an absolute path; {form}")
-        if not os.path.exists(path):
+        if local and not os.path.exists(path):
             raise ValueError(f"{where}mount {item!r}: {path} does not exist on this machine")
-        out.append((os.path.realpath(path), how == "rw"))
+        out.append((os.path.realpath(path) if local else os.path.normpath(path), how == "rw"))
     return tuple(out)
 
 

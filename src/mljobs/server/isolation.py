@@ -105,7 +105,7 @@ class Isolation:
             except NotFoundError:  # no such user (shared mode forced on a server without users)
                 uid = self.uids[1]
         try:
-            binds = sandbox.parse_mounts(mounts, pool) if mode == "shared" else ()
+            binds = sandbox.parse_mounts(mounts, pool, local=not remote) if mode == "shared" else ()
         except ValueError as e:
             raise SandboxError(f"the job's sandbox cannot be made: {e}. An admin fixes the pool's mounts "
                                f"(alter_compute_pool), or the server runs without isolation ({NO_ISOLATION})") from None
