@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 import pwd
 import subprocess
 import sys
@@ -188,6 +189,65 @@ def test_what_a_job_writes_on_a_mount_belongs_to_its_user(shared, tmp_path):
     assert "sandbox cannot be made" in str(err.value) and str(scratch) in str(err.value)
     assert "--no-isolation" in str(err.value)
     mljobs.drop_compute_pool("MOUNTED", session=s["root"])
+
+
+# an in-tree PEP 517 backend (no download): its build_wheel is "a package's build code", which
+# records what it could see into the wheel it makes
+BACKEND = textwrap.dedent('''
+    import base64, hashlib, os, zipfile
+
+    def get_requires_for_build_wheel(config_settings=None):
+        return []
+
+    def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+        seen = {"store": os.path.exists(STORE), "home": sorted(os.listdir(HOME)) if os.path.isdir(HOME) else None,
+                "secret": [k for k, v in os.environ.items() if "4711" in v], "pids": len([p for p in os.listdir("/proc") if p.isdigit()])}
+        files = {"probe_pkg/__init__.py": f"BUILT = {seen!r}\\n",
+                 "probe_pkg-1.0.dist-info/METADATA": "Metadata-Version: 2.1\\nName: probe-pkg\\nVersion: 1.0\\n",
+                 "probe_pkg-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\\nGenerator: t\\nRoot-Is-Purelib: true\\nTag: py3-none-any\\n"}
+        record = []
+        for name, text in files.items():
+            digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+            record.append(f"{name},sha256={digest},{len(text.encode())}")
+        files["probe_pkg-1.0.dist-info/RECORD"] = "\\n".join(record + ["probe_pkg-1.0.dist-info/RECORD,,"]) + "\\n"
+        name = "probe_pkg-1.0-py3-none-any.whl"
+        with zipfile.ZipFile(os.path.join(wheel_directory, name), "w") as z:
+            for f, text in files.items():
+                z.writestr(f, text)
+        return name
+''')
+
+
+def test_a_shared_jobs_environment_is_built_in_a_sandbox(shared, tmp_path):
+    """A package's build code (here an in-tree build backend) runs sandboxed: it sees neither the
+    store nor the server's state nor its variables; the package comes from a pool mount."""
+    srv, s = shared
+    data = tmp_path / "pkgs"
+    pkg = data / "probe_pkg"
+    pkg.mkdir(parents=True)
+    data.chmod(0o755)
+    (pkg / "pyproject.toml").write_text('[build-system]\nrequires = []\nbuild-backend = "backend"\nbackend-path = ["."]\n'
+                                        '[project]\nname = "probe-pkg"\nversion = "1.0"\n')
+    (pkg / "backend.py").write_text(BACKEND.replace("STORE", repr(str(srv.home / "mljobs.db")))
+                                    .replace("HOME", repr(str(srv.home))))
+    mljobs.create_compute_pool("PKGS", instance_family="CPU_X64_XS", max_nodes=1,
+                               provider_options={"mounts": [str(data)]}, session=s["root"])
+    try:
+        @mljobs.remote("PKGS", stage_name="alice_stage", session=s["alice"],
+                       pip_requirements=[f"probe-pkg @ file://{pkg}"], external_access_integrations=["PYPI_ACCESS"])
+        def built():
+            import probe_pkg
+
+            return probe_pkg.BUILT
+
+        job = built()
+        seen = job.result(timeout=300)
+        assert seen["store"] is False and seen["secret"] == [], seen  # nothing of the server's
+        assert seen["home"] == ["envs"], seen  # MLJOBS_HOME holds only the way to the environment being built
+        assert seen["pids"] < 10, seen  # its own PID namespace
+        assert "reused" not in job.get_logs(verbose=True)
+    finally:
+        mljobs.drop_compute_pool("PKGS", session=s["root"])
 
 
 def test_personal_sandbox_sees_the_persons_files_not_the_servers(tmp_path):

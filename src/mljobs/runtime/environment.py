@@ -278,6 +278,10 @@ class Env:
             pass
 
 
+# (command, variables, the folder being built) -> the command and variables to run it with
+Wrap = Callable[[list[str], dict[str, str], str], tuple[list[str], dict[str, str]]]
+
+
 class EnvCache:
     def __init__(self, root: os.PathLike[str] | str, max_bytes: int = 10 << 30) -> None:
         self.root = Path(root)
@@ -288,8 +292,11 @@ class EnvCache:
         self.locks.mkdir(parents=True, exist_ok=True)
         return os.open(self.locks / f"{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
 
-    def ensure(self, req: EnvRequest, log: Callable[[str], None], timeout_s: float = 900.0) -> Env:
-        """The environment for ``req``, built now if not cached; the caller must ``release()`` it."""
+    def ensure(self, req: EnvRequest, log: Callable[[str], None], timeout_s: float = 900.0,
+               wrap: Wrap | None = None) -> Env:
+        """The environment for ``req``, built now if not cached; the caller must ``release()`` it.
+        ``wrap(cmd, env, build_dir)`` gives the command and variables each build step runs with
+        (a sandbox: :func:`mljobs.runtime.sandbox.build_argv`)."""
         t0 = time.monotonic()
         key = req.key()
         final = self.root / key
@@ -302,7 +309,7 @@ class EnvCache:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 cached = (final / META).is_file()  # another job built it while we waited
                 if not cached:
-                    self._build(req, key, final, log, timeout_s)
+                    self._build(req, key, final, log, timeout_s, wrap)
                 fcntl.flock(fd, fcntl.LOCK_SH)
             (final / LAST_USED).touch()
         except BaseException:
@@ -314,7 +321,8 @@ class EnvCache:
         return env
 
     # -- building ---------------------------------------------------------------------------
-    def _build(self, req: EnvRequest, key: str, final: Path, log: Callable[[str], None], timeout_s: float) -> None:
+    def _build(self, req: EnvRequest, key: str, final: Path, log: Callable[[str], None], timeout_s: float,
+               wrap: Wrap | None = None) -> None:
         tmp = self.root / f".build-{key}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         uv = uv_binary()
@@ -332,7 +340,12 @@ class EnvCache:
             server_in_venv = sys.prefix != sys.base_prefix
             if req.same_interpreter and not server_in_venv:
                 venv.insert(2, "--system-site-packages")  # the server's packages are the interpreter's
-            self._run(venv, env, log, deadline, "create the virtual environment")
+            tmp.mkdir(parents=True)  # a sandboxed build binds it
+
+            def step(cmd: list[str], what: str, reqs: list[str] | None = None) -> None:
+                self._run(*(wrap(cmd, env, str(tmp)) if wrap else (cmd, env)), log, deadline, what, reqs)
+
+            step(venv, "create the virtual environment")
             site_dir = self._site_packages(tmp)
             if req.same_interpreter and server_in_venv:
                 # The server runs in a venv: see exactly what it sees (its site-packages, and the
@@ -351,9 +364,8 @@ class EnvCache:
                 req_file.write_text("\n".join(reqs) + "\n")
                 # --compile-bytecode: a job cannot write .pyc files into the shared environment
                 # (read-only in the sandbox), so without them every job compiled its imports again
-                self._run([uv, "pip", "install", "--compile-bytecode", "--python", str(tmp / "bin" / "python"),
-                           "-r", str(req_file)],
-                          env, log, deadline, "install", req.requirements)
+                step([uv, "pip", "install", "--compile-bytecode", "--python", str(tmp / "bin" / "python"),
+                      "-r", str(req_file)], "install", req.requirements)
             meta = {"key": key, "requirements": req.requirements, "runtime_packages": req.runtime_packages,
                     "python": req.python, "python_version": interpreter_version(req.python),
                     "index": req.index, "created": time.time(), "size_bytes": _dir_size(tmp)}

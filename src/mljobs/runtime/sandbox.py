@@ -38,7 +38,7 @@ import setproctitle
 from mljobs.runtime import egress, entry
 
 __all__ = ["Policy", "probe", "inside", "spare_slot", "payload_argv", "payload_env", "write_passwd", "own_for",
-           "take_result", "parse_mounts", "main"]
+           "take_result", "parse_mounts", "build_argv", "build_env", "main"]
 
 MODES = ("personal", "shared")
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
@@ -230,6 +230,49 @@ def payload_argv(policy: Policy, *, work: str, app: str | None, out: str, gpus: 
     # job's folder in a shared sandbox); the entry then moves into the work folder.
     flags = ["-s"] if policy.mode == "shared" else []
     return b.a + ["--chdir", "/", "--", python, *flags, "-m", "mljobs.runtime.sandbox"]
+
+
+# what an environment build keeps of the server's environment (beyond the index settings)
+BUILD_ENV = ("PATH", "LANG", "LANGUAGE", "TZ", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
+             "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy")
+
+
+def build_argv(policy: Policy, *, build_dir: str, caches: list[str], python: str) -> list[str]:
+    """The bwrap prefix that runs an environment build (uv, and whatever a package's build code
+    starts) for a job of a shared sandbox: the system folders, the interpreters and the pool's
+    mounts read-only; writable only the environment being built and uv's cache; ``MLJOBS_HOME``
+    (the store, every job's folders) a fresh tmpfs; its own PID and IPC namespaces, no
+    capabilities. The network is the host's: the index hosts were checked at submit."""
+    b = _Argv(shutil.which("bwrap") or "bwrap")
+    b.a += ["--die-with-parent", "--unshare-pid", "--unshare-ipc", "--cap-drop", "ALL"]
+    for d in SYSTEM_DIRS:
+        if os.path.islink(d):
+            b.a += ["--symlink", os.readlink(d), d]
+        elif os.path.isdir(d):
+            b.mount("--ro-bind", d, d)
+    b.mount("--dev", "", "/dev")
+    b.mount("--proc", "", "/proc")
+    b.a += ["--perms", "1777"]
+    b.mount("--tmpfs", "", "/tmp")
+    interpreter = os.path.dirname(os.path.dirname(os.path.realpath(python)))
+    for p in sorted({*interpreter_paths(), interpreter}, key=len):
+        if os.path.isdir(p):
+            b.mount("--ro-bind", p, p)
+    for p, _writable in policy.mounts:  # a package may be installed from a folder an admin shares
+        b.mount("--ro-bind", p, p)
+    b.mount("--tmpfs", "", policy.home)
+    for p in [*caches, build_dir]:
+        os.makedirs(p, exist_ok=True)
+        b.mount("--bind", p, p)
+    return b.a + ["--chdir", build_dir, "--"]
+
+
+def build_env(env: dict[str, str], cache: str) -> dict[str, str]:
+    """A sandboxed build's variables: the index settings and ``UV_*``, what :data:`BUILD_ENV` names
+    of the server's, and none of the rest (its secrets)."""
+    out = {k: v for k, v in env.items() if k in BUILD_ENV or k.startswith(("UV_", "PIP_", "LC_"))}
+    out.update(HOME="/tmp", UV_CACHE_DIR=cache)
+    return out
 
 
 def write_passwd(path: Path, policy: Policy) -> None:

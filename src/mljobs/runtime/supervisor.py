@@ -20,12 +20,14 @@ supervisor keeps working across a server restart.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 import os
 import secrets
 import selectors
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -646,9 +648,11 @@ def _prepare_environment(launch: dict[str, Any], log: _LogWriter) -> environment
     req = environment.EnvRequest(**spec["request"])
     cache = environment.EnvCache(spec["cache_dir"], int(spec["max_bytes"]))
     old = {sig: signal.signal(sig, _raise_cancelled) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    box = sandbox.Policy.from_dict(launch["sandbox"]) if launch.get("sandbox") else None
+    wrap = _build_sandbox(box, req) if box is not None and box.mode == "shared" else None
     try:
         env = cache.ensure(req, lambda text: log.feed(logformat.SYS, (text + "\n").encode()),
-                           float(spec["timeout_s"]))
+                           float(spec["timeout_s"]), wrap)
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
@@ -656,6 +660,25 @@ def _prepare_environment(launch: dict[str, Any], log: _LogWriter) -> environment
                + f" in {env.seconds:.2f} s")
     launch["python"] = env.python
     return env
+
+
+def _build_sandbox(box: sandbox.Policy, req: environment.EnvRequest) -> environment.Wrap:
+    """A shared job's environment is built in a sandbox (sandbox.build_argv): a package's build code
+    sees neither the server's state nor its variables. uv's cache stays writable, and the index
+    folders on this machine (``find-links`` or ``file://`` indexes) readable."""
+    uv = environment.uv_binary()
+    cache = os.environ.get("UV_CACHE_DIR") or subprocess.run(
+        [uv, "cache", "dir"], capture_output=True, text=True, check=True).stdout.strip()
+
+    def wrap(cmd: list[str], env: dict[str, str], build_dir: str) -> tuple[list[str], dict[str, str]]:
+        inner = sandbox.build_env(env, cache)
+        local = [v.removeprefix("file://") for k, vs in inner.items() if k.startswith(("UV_", "PIP_"))
+                 for v in vs.split() if v.startswith(("/", "file:///"))]
+        extra = tuple((p, False) for p in local if os.path.isdir(p))
+        policy = dataclasses.replace(box, mounts=box.mounts + extra)
+        return sandbox.build_argv(policy, build_dir=build_dir, caches=[cache], python=req.python) + cmd, inner
+
+    return wrap
 
 
 def main(argv: list[str] | None = None, spare: Spare | None = None) -> int:
