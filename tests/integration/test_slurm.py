@@ -397,6 +397,46 @@ def test_lost_node_is_detected_within_the_heartbeat_timeout(slurm: SlurmEnv, tmp
     slurm.cluster.restart_node(host)
 
 
+def test_a_lost_node_makes_attempt_2_which_resumes_from_the_checkpoint(slurm: SlurmEnv, tmp_path: Path) -> None:
+    """max_retries=1: a node's death (its slurmd and the job's processes killed) requeues the job
+    as attempt 2, in a new allocation, which finds what attempt 1 left in MLJOBS_CHECKPOINT_DIR
+    (the agent kept it on the stage as it changed) and ends DONE."""
+    marker = "mljobs-slurm-retry-" + uuid.uuid4().hex[:8]
+    script = tmp_path / "resumable.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, pathlib, time
+        ckpt = pathlib.Path(os.environ["MLJOBS_CHECKPOINT_DIR"]) / "epoch"
+        attempt = int(os.environ["MLJOBS_ATTEMPT"])
+        start = int(ckpt.read_text()) if ckpt.exists() else 0
+        print("up", attempt, "from", start, "{marker}", flush=True)
+        if attempt == 1:
+            tmp = ckpt.with_name("epoch.tmp")
+            tmp.write_text("3")
+            tmp.replace(ckpt)  # written whole, then renamed into place
+            time.sleep(300)
+        __return__ = {{"attempt": attempt, "resumed_from": start}}
+    """))
+    job = mljobs.submit_file(str(script), "HPC", stage_name="payload_stage", max_retries=1, session=slurm.session)
+    deadline = time.monotonic() + 60
+    while "up 1" not in job.get_logs() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "up 1" in job.get_logs(), job.get_logs(verbose=True)
+    stage_ckpt = slurm.server.home / "stages" / "PAYLOAD_STAGE" / job.id / "checkpoint" / "0" / "epoch"
+    deadline = time.monotonic() + 30  # the agent looks every heartbeat
+    while not stage_ckpt.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert stage_ckpt.exists(), "the agent never kept the checkpoint on the stage"
+    host = next(h for h in slurm.cluster.nodes if f"on {h} (" in job.get_logs(verbose=True))
+    _kill_node(slurm, host, job.id, marker)
+    try:
+        assert job.wait(timeout=120) == JOB_STATUS.DONE, (job.message, job.get_logs(verbose=True))
+        assert job.result() == {"attempt": 2, "resumed_from": 3}
+        assert "up 2 from 3" in job.get_logs()
+        assert slurm.session.request("GET", f"/jobs/{job.id}").json()["attempt"] == 2
+    finally:
+        slurm.cluster.restart_node(host)
+
+
 def test_bad_input_is_refused_and_records_nothing(slurm: SlurmEnv, tmp_path: Path) -> None:
     s = slurm.session
     before = {p for p in mljobs.list_compute_pools(session=s)["name"]}
