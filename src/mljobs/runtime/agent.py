@@ -352,14 +352,18 @@ def _supervise(rep: Reporter, stage: Stage, launch: dict[str, Any], node_dir: Pa
 
 class _Checkpoint:
     """Keeps the instance's checkpoint folder on the stage while the job has attempts left: as it
-    changes (looked at every heartbeat, so a node lost mid-run loses at most that much) and at the
-    end. A payload that writes a file and renames it into place is never seen half-written."""
+    changes (looked at every heartbeat, so a node lost mid-run loses at most two of them) and at
+    the end. While it runs, a folder is kept only once it has settled (the same files, sizes and
+    times at two looks in a row), so a file being written in place is not kept half-written: the
+    stage holds the last settled folder until then. Each copy is made beside the kept one and
+    renamed into place, so a node that dies mid-copy leaves the previous one whole."""
 
     def __init__(self, stage: Stage, launch: dict[str, Any]) -> None:
         self.stage, self.on = stage, bool(launch.get("keep_checkpoint"))
         self.folder = Path(launch["work_dir"]) / CHECKPOINT_DIR
         self.prefix = StagePaths(launch["job_id"]).checkpoint(int(launch["instance_id"]))
-        self.seen: list[tuple[str, int, int]] | None = None
+        self.seen: list[tuple[str, int, int]] | None = None  # what the stage holds
+        self.looked: list[tuple[str, int, int]] | None = None  # what the last look found
         self.last = 0.0
 
     def _signature(self) -> list[tuple[str, int, int]] | None:
@@ -375,10 +379,18 @@ class _Checkpoint:
             return
         self.last = time.monotonic()
         sig = self._signature()
-        if sig is None or sig == self.seen:
+        settled = every_s == 0.0 or sig == self.looked  # at the end, whatever it holds
+        self.looked = sig
+        if sig is None or sig == self.seen or not settled:
             return
+        base = self.prefix.rstrip("/")
+        part, old = f"{base}.part-{os.getpid()}/", f"{base}.old-{os.getpid()}/"
         try:
-            self.stage.upload_dir(self.folder, self.prefix)
+            self.stage.upload_dir(self.folder, part)
+            if self.stage.exists(self.prefix):
+                self.stage.move_dir(self.prefix, old)
+            self.stage.move_dir(part, self.prefix)
+            self.stage.remove(old)
             self.seen = sig
         except OSError as e:
             print(f"mljobs agent: could not keep the checkpoint folder on the stage: {e}", file=sys.stderr)
