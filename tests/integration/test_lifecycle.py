@@ -123,14 +123,18 @@ def test_job_survives_server_restart_and_dead_supervisor_is_internal_error(sqlit
     sup = [p for p in psutil.process_iter(["cmdline"]) if victim.id in " ".join(p.info["cmdline"] or [])]
     assert sup, "the victim's supervisor is not running"
     sqlite_server.kill()
-    for p in sup:  # the platform loses this node while the server is down
-        try:  # `sup` holds the payload too, which killing the supervisor's tree may have ended
-            tree = [*p.children(recursive=True), p]
+    # the platform loses this node while the server is down: its processes all stop at once (frozen
+    # first, so the supervisor cannot see its payload die and record that as the payload's exit)
+    tree = {}
+    for p in sup:
+        try:
+            tree.update({c.pid: c for c in [p, *p.children(recursive=True)]})
         except psutil.NoSuchProcess:
             continue
-        for c in tree:
+    for how in (psutil.Process.suspend, psutil.Process.kill):
+        for c in tree.values():
             try:
-                c.kill()
+                how(c)
             except psutil.NoSuchProcess:
                 pass
     sqlite_server.start()
