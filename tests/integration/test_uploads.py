@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
-import tarfile
 import textwrap
 
 import pytest
@@ -15,6 +13,7 @@ import pytest
 import mljobs
 from mljobs.client.jobs import LARGE_PAYLOAD
 from mljobs.errors import InvalidArgumentError, NotFoundError
+from mljobs.stages import tar_bytes
 
 MAIN = textwrap.dedent("""
     import hashlib, os
@@ -85,26 +84,17 @@ def test_bad_uploads_are_refused_and_change_nothing(lite, sqlite_server):
     up = lite.request("POST", "/stages/up/uploads", json={"files": manifest}).json()
     assert sorted(up["missing"]) == ["data.bin", "main.py"]
 
-    def tar(files: dict[str, bytes]) -> bytes:
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w") as t:
-            for name, data in files.items():
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                t.addfile(info, io.BytesIO(data))
-        return buf.getvalue()
-
     with pytest.raises(InvalidArgumentError, match="does not match the SHA-256"):  # same size, other bytes
-        lite.request("PUT", f"/stages/up/uploads/{up['id']}", content=tar({"data.bin": os.urandom(1000)}))
+        lite.request("PUT", f"/stages/up/uploads/{up['id']}", content=tar_bytes({"data.bin": os.urandom(1000)}))
     with pytest.raises(InvalidArgumentError, match="not in its manifest"):
-        lite.request("PUT", f"/stages/up/uploads/{up['id']}", content=tar({"other.bin": good}))
+        lite.request("PUT", f"/stages/up/uploads/{up['id']}", content=tar_bytes({"other.bin": good}))
     assert not (sqlite_server.home / "stages" / "UP" / ".mljobs" / "blobs").exists()  # nothing kept
     spec = {"compute_pool": "DEFAULT_POOL", "stage_name": "up", "payload_kind": "directory", "entrypoint": ["main.py"]}
 
     with pytest.raises(InvalidArgumentError, match="missing 2 of its files"):
         lite.request("POST", "/jobs", data={"spec": json.dumps(spec), "upload": up["id"]})
 
-    got = lite.request("PUT", f"/stages/up/uploads/{up['id']}", content=tar({"main.py": b"print(1)\n", "data.bin": good}))
+    got = lite.request("PUT", f"/stages/up/uploads/{up['id']}", content=tar_bytes({"main.py": b"print(1)\n", "data.bin": good}))
     assert got.json() == {"files": 2, "bytes": 1009}
     info = lite.request("POST", "/jobs", data={"spec": json.dumps(spec), "upload": up["id"]}).json()
     assert mljobs.get_job(info["id"], session=lite).wait(timeout=60) == "DONE"

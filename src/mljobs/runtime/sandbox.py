@@ -160,6 +160,19 @@ class _Argv:
             return True
         return self.there[top] == "bind" and os.path.isdir(path)  # a host folder shows its own
 
+    def system(self) -> None:
+        """A shared sandbox's base: the system folders read-only, its own ``/dev`` and ``/proc``, a
+        private ``/tmp``."""
+        for d in SYSTEM_DIRS:
+            if os.path.islink(d):
+                self.a += ["--symlink", os.readlink(d), d]
+            elif os.path.isdir(d):
+                self.mount("--ro-bind", d, d)
+        self.mount("--dev", "", "/dev")
+        self.mount("--proc", "", "/proc")
+        self.a += ["--perms", "1777"]
+        self.mount("--tmpfs", "", "/tmp")
+
     def mount(self, how: str, src: str, dest: str) -> None:
         parents = []
         d = os.path.dirname(dest)
@@ -189,15 +202,7 @@ def payload_argv(policy: Policy, *, work: str, app: str | None, out: str, gpus: 
         b.mount("--dev-bind", "/dev", "/dev")
         b.mount("--proc", "", "/proc")
     else:
-        for d in SYSTEM_DIRS:
-            if os.path.islink(d):
-                b.a += ["--symlink", os.readlink(d), d]
-            elif os.path.isdir(d):
-                b.mount("--ro-bind", d, d)
-        b.mount("--dev", "", "/dev")
-        b.mount("--proc", "", "/proc")
-        b.a += ["--perms", "1777"]
-        b.mount("--tmpfs", "", "/tmp")
+        b.system()
         for g in gpus or []:
             if os.path.exists(f"/dev/nvidia{g}"):
                 b.mount("--dev-bind", f"/dev/nvidia{g}", f"/dev/nvidia{g}")
@@ -245,15 +250,7 @@ def build_argv(policy: Policy, *, build_dir: str, caches: list[str], python: str
     capabilities. The network is the host's: the index hosts were checked at submit."""
     b = _Argv(shutil.which("bwrap") or "bwrap")
     b.a += ["--die-with-parent", "--unshare-pid", "--unshare-ipc", "--cap-drop", "ALL"]
-    for d in SYSTEM_DIRS:
-        if os.path.islink(d):
-            b.a += ["--symlink", os.readlink(d), d]
-        elif os.path.isdir(d):
-            b.mount("--ro-bind", d, d)
-    b.mount("--dev", "", "/dev")
-    b.mount("--proc", "", "/proc")
-    b.a += ["--perms", "1777"]
-    b.mount("--tmpfs", "", "/tmp")
+    b.system()
     interpreter = os.path.dirname(os.path.dirname(os.path.realpath(python)))
     for p in sorted({*interpreter_paths(), interpreter}, key=len):
         if os.path.isdir(p):
