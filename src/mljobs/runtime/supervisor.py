@@ -669,13 +669,22 @@ def _build_sandbox(box: sandbox.Policy, req: environment.EnvRequest) -> environm
     uv = environment.uv_binary()
     cache = os.environ.get("UV_CACHE_DIR") or subprocess.run(
         [uv, "cache", "dir"], capture_output=True, text=True, check=True).stdout.strip()
+    # the index folders are the server's own settings, never a job's variables (a job naming "/"
+    # or "/proc" would have them bound); and never / itself, the kernel's folders or MLJOBS_HOME
+    refused = ("/proc", "/sys", "/dev", os.path.realpath(box.home))
+
+    def allowed(path: str) -> bool:
+        return os.path.isdir(path) and path != "/" and not any(
+            path == r or path.startswith(r.rstrip("/") + "/") for r in refused)
+
+    local = {os.path.realpath(v.removeprefix("file://")) for k in environment.INDEX_VARS
+             for v in os.environ.get(k, "").split() if v.startswith(("/", "file:///"))}
+    extra = tuple((p, False) for p in sorted(local) if allowed(p))
+    extra += ((os.path.dirname(os.path.realpath(uv)), False),)  # uv itself, wherever it is installed
+    policy = dataclasses.replace(box, mounts=box.mounts + extra)
 
     def wrap(cmd: list[str], env: dict[str, str], build_dir: str) -> tuple[list[str], dict[str, str]]:
         inner = sandbox.build_env(env, cache)
-        local = [v.removeprefix("file://") for k, vs in inner.items() if k.startswith(("UV_", "PIP_"))
-                 for v in vs.split() if v.startswith(("/", "file:///"))]
-        extra = tuple((p, False) for p in local if os.path.isdir(p))
-        policy = dataclasses.replace(box, mounts=box.mounts + extra)
         return sandbox.build_argv(policy, build_dir=build_dir, caches=[cache], python=req.python) + cmd, inner
 
     return wrap
