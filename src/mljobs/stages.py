@@ -158,8 +158,9 @@ class Stage:
             rel = p[len(base) + 1 :]
             target = local / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            if is_local:
-                shutil.copy(p, target)
+            if is_local:  # the permission bits only: never a setuid or setgid bit from a stage file
+                shutil.copyfile(p, target)
+                os.chmod(target, os.stat(p).st_mode & 0o777)
             else:
                 self.fs.get_file(p, str(target))
 
@@ -261,6 +262,7 @@ class Stage:
         """Move one file within the stage (atomic on a local folder)."""
         src_local, dst_local = self.local_path(src), self.local_path(dst)
         if src_local is not None and dst_local is not None:
+            os.makedirs(os.path.dirname(dst_local), exist_ok=True)
             os.replace(src_local, dst_local)
         else:
             self.fs.mv(self._p(src), self._p(dst))

@@ -78,8 +78,12 @@ def test_bad_uploads_are_refused_and_change_nothing(lite, sqlite_server):
         lite.request("POST", "/stages/up/uploads", json={"files": [["../x.py", _sha(b""), 0, 0o644]]})
     with pytest.raises(InvalidArgumentError, match="hex SHA-256"):
         lite.request("POST", "/stages/up/uploads", json={"files": [["x.py", "abc", 0, 0o644]]})
+    with pytest.raises(InvalidArgumentError, match="'a' both as a file and as a folder"):
+        lite.request("POST", "/stages/up/uploads", json={"files": [["a", _sha(b""), 0, 0o644], ["a/b", _sha(b""), 0, 0o644]]})
     with pytest.raises(NotFoundError, match="does not exist"):
         lite.request("PUT", "/stages/up/uploads/" + "0" * 32, content=b"")
+    with pytest.raises(InvalidArgumentError, match="mljobs' own"):  # no planted blob for a later upload to reuse
+        lite.request("PUT", f"/stages/up/files/.mljobs/blobs/{_sha(good)}", content=os.urandom(1000))
 
     up = lite.request("POST", "/stages/up/uploads", json={"files": manifest}).json()
     assert sorted(up["missing"]) == ["data.bin", "main.py"]

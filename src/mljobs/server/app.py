@@ -423,6 +423,9 @@ def create_app(cp: ControlPlane, on_shutdown: Any = None) -> FastAPI:
         stage_name, rel = parse_stage_path(f"@{name}/{path}")
         if not rel or rel.endswith("/"):
             raise errors.InvalidArgumentError(f"@{name}/{path}: a file path is needed")
+        if rel.split("/")[0] == ".mljobs":  # uploads' content-addressed blobs: written only by uploads.py
+            raise errors.InvalidArgumentError(f"@{name}/{path}: .mljobs/ on a stage is mljobs' own; "
+                                              "write files under another folder")
         stage = await run_in_threadpool(cp.stage, stage_name, True, who)
         reader = _BodyReader(request, asyncio.get_running_loop())
         size = await run_in_threadpool(stage.put_stream, rel, reader, cp.settings.max_payload_bytes)

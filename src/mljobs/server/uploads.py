@@ -70,6 +70,13 @@ def parse_manifest(files: Any) -> list[Entry]:
             raise InvalidArgumentError(f"manifest lists {path!r} twice")
         seen.add(path)
         out.append(Entry(path, item[1], item[2], item[3] & 0o777))
+    folders = set()
+    for p in seen:
+        while p := posixpath.dirname(p):
+            folders.add(p)
+    clash = next((p for p in sorted(seen) if p in folders), None)
+    if clash is not None:
+        raise InvalidArgumentError(f"manifest lists {clash!r} both as a file and as a folder of other files")
     return out
 
 
@@ -156,13 +163,16 @@ def receive(stage: Stage, upload_id: str, fileobj: IO[bytes], owner: str | None)
                 src = tar.extractfile(member)
                 assert src is not None  # isfile() above
                 reader = _Hashing(src)
-                dest = f"{folder}/files/{name}"
-                stage.put_stream(dest, reader)  # type: ignore[arg-type]
+                # written under a private name and checked before it takes its place: a second
+                # send of the same upload, racing this one, never sees (or keeps) a half-written file
+                part = f"{folder}/parts/{uuid.uuid4().hex}"
+                stage.put_stream(part, reader)  # type: ignore[arg-type]
                 if reader.sha.hexdigest() != e.sha256:
-                    stage.remove(dest)
+                    stage.remove(part)
                     raise InvalidArgumentError(f"upload member {name!r} does not match the SHA-256 its manifest gave")
-                _set_mode(stage, dest, e.mode)
-                _keep_blob(stage, dest, e.sha256)
+                _set_mode(stage, part, e.mode)
+                _keep_blob(stage, part, e.sha256)
+                stage.rename(part, f"{folder}/files/{name}")
                 files += 1
                 size += e.size
     except tarfile.TarError as e:
