@@ -23,6 +23,9 @@ def test_a_folder_is_kept_once_settled_and_swapped_in_whole(tmp_path):
         ckpt.last = 0.0  # a heartbeat has passed
         ckpt.keep(every_s=5.0)  # a look while it runs
 
+    look()
+    look()
+    assert not (tmp_path / "stage" / "J").exists()  # an empty folder: nothing to keep, and no error
     (folder / "model.pt").write_bytes(b"epoch 1")
     look()
     assert not kept.exists()  # seen once: it may still be being written

@@ -381,7 +381,7 @@ class _Checkpoint:
         sig = self._signature()
         settled = every_s == 0.0 or sig == self.looked  # at the end, whatever it holds
         self.looked = sig
-        if sig is None or sig == self.seen or not settled:
+        if not sig or sig == self.seen or not settled:  # unreadable, empty (nothing to keep) or kept already
             return
         base = self.prefix.rstrip("/")
         part, old = f"{base}.part-{os.getpid()}/", f"{base}.old-{os.getpid()}/"
