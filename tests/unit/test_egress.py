@@ -19,6 +19,16 @@ def test_allows_host_patterns_and_ports():
     assert egress.allows(pats, "files.example.com", 443) and not egress.allows(pats, "example.com.evil", 443)
     assert egress.allows(pats, "10.0.0.5", 8080) and not egress.allows(pats, "10.0.0.5", 22)
     assert not egress.allows([], "pypi.org", 443)
+    assert egress.allows(["[fd00::1]:443"], "fd00::1", 443) and not egress.allows(["[fd00::1]:443"], "f", 443)
+
+
+@pytest.mark.parametrize("address, on_internet", [
+    ("8.8.8.8", True), ("2606:4700::1111", True), ("64:ff9b::808:808", True), ("2002:808:808::1", True),
+    ("127.0.0.1", False), ("10.1.2.3", False), ("169.254.169.254", False), ("::1", False), ("fd00::1", False),
+    ("::ffff:127.0.0.1", False), ("64:ff9b::a9fe:a9fe", False), ("2002:7f00:1::1", False),  # IPv4 inside IPv6
+])
+def test_an_address_is_global_only_with_the_ipv4_address_it_carries(address, on_internet):
+    assert egress._is_global(address) is on_internet
 
 
 def test_job_env_points_at_the_proxy_and_the_control_plane_inside():

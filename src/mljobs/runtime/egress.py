@@ -49,7 +49,8 @@ def allows(patterns: list[str], host: str, port: int) -> bool:
     for pat in patterns:
         m = _HOST_PORT.match(pat)
         name, want = (m["host"], int(m["port"])) if m else (pat, None)
-        if fnmatch.fnmatch(host, name.lower()) and (want is None or want == port):
+        name = name.lower().strip("[]")  # "[fd00::1]:443": an address, not an fnmatch character class
+        if fnmatch.fnmatch(host, name) and (want is None or want == port):
             return True
     return False
 
@@ -64,6 +65,23 @@ def _names_address(pattern: str) -> bool:
     m = _HOST_PORT.match(pattern)
     host = (m["host"] if m else pattern).strip("[]")
     return any(c.isdigit() for c in host) and all(c in "0123456789abcdefABCDEF.:*" for c in host)
+
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def _is_global(address: str) -> bool:
+    """Whether an address is on the internet, the IPv4 address inside an IPv6 one included
+    (``::ffff:127.0.0.1``, 6to4, Teredo, NAT64: each reaches an IPv4 address that must be global too)."""
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if not ip.is_global:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address):
+        inner = [ip.ipv4_mapped, ip.sixtofour, *(ip.teredo or ())]
+        if ip in _NAT64:
+            inner.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+        return all(v is None or v.is_global for v in inner)
+    return True
 
 
 def _kind(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
@@ -322,7 +340,7 @@ class Proxy:
             raise OSError(f"{host} has no address")
         named = [p for p in self.allowed if _names_address(p)]
         for address in addresses:
-            if ipaddress.ip_address(address.split("%")[0]).is_global or allows(named, address, port):
+            if _is_global(address) or allows(named, address, port):
                 return address
         address = addresses[0]
         ip = ipaddress.ip_address(address.split("%")[0])
