@@ -73,8 +73,7 @@ def decision_time(url: str | None, queued: int, users: int) -> dict[str, float]:
         times = []
         for _ in range(300):
             t = time.perf_counter()
-            live = store.pool_instances("P")
-            heads = store.pending_heads("P", per_owner=2)
+            live, heads = store.start_view("P", 2)
             decision = plan(store.get_pool("P"), {s for s, _, _ in live}, heads, fair=True,
                             usage=usage.snapshot(time.time()), running=Counter(o for _, o, _ in live),
                             max_instances=quotas.max_instances(list(heads), "P"))

@@ -30,11 +30,9 @@ class Lifecycle:
     def schedule(self, pool_name: str) -> None:
         with self._lock:
             pool = self.store.get_pool(pool_name)
-            live = self.store.pool_instances(pool["name"])
-            free = pool["max_nodes"] - len(live)
-            if free > 0 or pool["preemption"]:
-                # every start takes a slot, so no user can start more than the free slots now
-                heads = self.store.pending_heads(pool["name"], per_owner=max(1, free))
+            # every start takes a slot, so no user can start more than the free slots now
+            live, heads = self.store.start_view(pool["name"], pool["max_nodes"], bool(pool["preemption"]))
+            if heads:
                 fair = is_fair(pool, self._has_users())
                 decision = plan(pool, {slot for slot, _, _ in live}, heads, fair=fair,
                                 usage=self._usage_now() if fair and len(heads) > 1 else None,

@@ -445,21 +445,36 @@ class Store:
                       .values(preempted_by=None, message=message))
 
     # -- sharing a pool ------------------------------------------------------------------------
+    def start_view(self, pool: str, max_nodes: int, preemption: bool = False
+                   ) -> tuple[list[tuple[int, str, str]], dict[str, list[QueuedJob]]]:
+        """What a start decision reads, on one connection (one checkout and, on PostgreSQL, one
+        ping less than two reads): the pool's live instances and, when a slot is free (or the
+        pool preempts), each user's first queued jobs, as many as the free slots."""
+        with self.engine.connect() as c:
+            live = self._pool_instances(c, pool)
+            free = max_nodes - len(live)
+            heads = self._pending_heads(c, pool, max(1, free)) if free > 0 or preemption else {}
+        return live, heads
+
     def pending_heads(self, pool: str, per_owner: int) -> dict[str, list[QueuedJob]]:
         """Each user's first ``per_owner`` queued jobs on ``pool`` (priority, then submission),
         whatever the length of the queue: the users by one index seek each (a loose index scan),
         then each user's head by another, in one statement of a few columns."""
-        params: dict[str, Any] = {"pool": pool, "status": JOB_STATUS.PENDING.value, "k": per_owner}
         with self.engine.connect() as c:
-            if c.dialect.name == "postgresql":  # one statement, planned once: each user's head by LATERAL
-                rows = c.execute(_QUEUED_HEADS_PG, params).all()
-            else:  # SQLite plans a union of one small query a user in well under a millisecond
-                owners = [r[0] for r in c.execute(_QUEUED_OWNERS, params)]
-                if not owners:
-                    return {}
-                heads = " UNION ALL ".join(f"SELECT * FROM ({_HEAD} AND owner = :o{i} {_HEAD_ORDER}) h{i}"
-                                           for i in range(len(owners)))
-                rows = c.execute(sa.text(heads), {**params, **{f"o{i}": o for i, o in enumerate(owners)}}).all()
+            return self._pending_heads(c, pool, per_owner)
+
+    @staticmethod
+    def _pending_heads(c: sa.Connection, pool: str, per_owner: int) -> dict[str, list[QueuedJob]]:
+        params: dict[str, Any] = {"pool": pool, "status": JOB_STATUS.PENDING.value, "k": per_owner}
+        if c.dialect.name == "postgresql":  # one statement, planned once: each user's head by LATERAL
+            rows = c.execute(_QUEUED_HEADS_PG, params).all()
+        else:  # SQLite plans a union of one small query a user in well under a millisecond
+            owners = [r[0] for r in c.execute(_QUEUED_OWNERS, params)]
+            if not owners:
+                return {}
+            heads = " UNION ALL ".join(f"SELECT * FROM ({_HEAD} AND owner = :o{i} {_HEAD_ORDER}) h{i}"
+                                       for i in range(len(owners)))
+            rows = c.execute(sa.text(heads), {**params, **{f"o{i}": o for i, o in enumerate(owners)}}).all()
         out: dict[str, list[QueuedJob]] = {}
         for r in rows:
             out.setdefault(r[1], []).append(QueuedJob(*r))
@@ -469,10 +484,14 @@ class Store:
 
     def pool_instances(self, pool: str) -> list[tuple[int, str, str]]:
         """The live instances of ``pool``: (slot, owner, job id)."""
+        with self.engine.connect() as c:
+            return self._pool_instances(c, pool)
+
+    @staticmethod
+    def _pool_instances(c: sa.Connection, pool: str) -> list[tuple[int, str, str]]:
         q = (sa.select(instances.c.slot, jobs.c.owner, jobs.c.id).join(jobs, jobs.c.id == instances.c.job_id)
              .where(jobs.c.compute_pool == pool, instances.c.status.in_(sorted(LIVE_INSTANCE))))
-        with self.engine.connect() as c:
-            return [(r[0], r[1], r[2]) for r in c.execute(q)]
+        return [(r[0], r[1], r[2]) for r in c.execute(q)]
 
     def pool_use(self, pool: str, since: dt.datetime) -> list[tuple[str, dt.datetime, dt.datetime | None]]:
         """The instances of ``pool`` that ran at some time since ``since``: (owner, started, ended or None)."""
