@@ -83,6 +83,30 @@ def test_a_late_user_starts_at_the_next_free_slot(team):
         j.cancel()
 
 
+def test_two_busy_users_each_get_about_half_of_a_fair_pool(team):
+    """The long-load rule on a real server: while two users both have jobs waiting, each gets
+    within 10% of half the pool's instance-seconds, though one queued all hers first (FIFO gives
+    her all of it). Two users new to the server, so no earlier test's usage counts."""
+    from mljobs.client.session import Session
+
+    fns = {}
+    for name in ("carol", "dave"):
+        token = team["root"].request("POST", "/users", json={"name": name}).json()["token"]
+        fns[name] = mljobs.remote("BUSY", stage_name=name.upper(), session=Session(url=team["root"].url, token=token))(hold)
+    _pool(team, "BUSY", max_nodes=2)
+    jobs = {u: [fns[u](0.4) for _ in range(24)] for u in ("carol", "dave")}  # carol's queue first, whole
+    for h in jobs["carol"] + jobs["dave"]:
+        assert h.wait(timeout=180) == "DONE"
+    spans = {u: [(_t(i, "started_time"), _t(i, "ended_time")) for h in hs for i in h._refresh()["instances"]]
+             for u, hs in jobs.items()}
+    # both wait from dave's first submission until the first of them has started her or his last job
+    start = _t(jobs["dave"][0]._refresh(), "created_time")
+    end = min(max(s for s, _ in v) for v in spans.values())
+    secs = {u: sum(max(0.0, (min(e, end) - max(s, start)).total_seconds()) for s, e in v) for u, v in spans.items()}
+    share = secs["carol"] / (secs["carol"] + secs["dave"])
+    assert abs(share - 0.5) <= 0.1, secs
+
+
 def test_quotas_refuse_at_submit_and_hold_in_the_queue(team):
     _pool(team, "QUOTA", max_nodes=2)
     root = team["root"]
