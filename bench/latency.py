@@ -14,7 +14,8 @@ process with that tree's ``src`` first on ``sys.path`` (so the server, spawner, 
 client all run that tree's code). It prints both sides' p50, p90 and jobs/s, the ratios, and the
 run-to-run spread of each side (the largest relative difference between its rounds); a change
 worse by more than 10% beyond that spread is flagged. ``--env K=V`` sets server variables for
-every half (``MLJOBS_CONTAINMENT=fallback``, ``MLJOBS_METRICS=0``); ``--database-url`` puts the
+every half (``MLJOBS_CONTAINMENT=fallback``, ``MLJOBS_METRICS=0``); ``--base-env K=V`` sets one for the base's halves only (``--base HEAD --base-env
+MLJOBS_ISOLATION=none``: the sandbox's cost, same code); ``--database-url`` puts the
 store on that PostgreSQL (each half in a new schema of its own, dropped after). ``--timeline``
 runs the working tree once more with ``MLJOBS_TRACE`` on and prints the median time of every mark
 (:mod:`mljobs.trace`) from the client's submit (docs/performance.md).
@@ -136,13 +137,14 @@ def half(tree: Path, runs: int, jobs: int, env: dict[str, str], database_url: st
     return {"lat_ms": [x * 1e3 for x in lat], "jobs_per_s": jobs / elapsed, "done": done, "jobs": jobs}
 
 
-def run_half(tree: Path, a: argparse.Namespace, trace_file: str | None = None) -> dict[str, Any]:
+def run_half(tree: Path, a: argparse.Namespace, trace_file: str | None = None,
+             extra_env: list[str] | None = None) -> dict[str, Any]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree / "src"), os.environ.get("PYTHONPATH", "")]))
     if trace_file:
         env["MLJOBS_TRACE"] = trace_file
     cmd = [sys.executable, __file__, "--half", str(tree), "--runs", str(a.runs), "--jobs", str(a.jobs),
            "--gap-ms", str(a.gap_ms)]
-    for kv in a.env:
+    for kv in [*a.env, *(extra_env or [])]:
         cmd += ["--env", kv]
     if a.database_url:
         cmd += ["--database-url", a.database_url]
@@ -212,6 +214,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="halves per side, alternating (ABAB...)")
     ap.add_argument("--base", help="a git ref to compare the working tree with, in the same run")
     ap.add_argument("--env", action="append", default=[], metavar="K=V", help="a server variable, every half")
+    ap.add_argument("--base-env", action="append", default=[], metavar="K=V",
+                    help="a server variable for the base's halves only: --base HEAD --base-env "
+                         "MLJOBS_ISOLATION=none measures what the sandbox costs")
     ap.add_argument("--database-url", help="the store's URL (PostgreSQL); default: each server's SQLite")
     ap.add_argument("--timeline", action="store_true", help="also print the per-stage timeline of a job")
     ap.add_argument("--gap-ms", type=float, default=0.0,
@@ -248,7 +253,7 @@ def main() -> None:
             floors.append(bare_start())
             for label, tree in sides:
                 print(f"round {r + 1}/{a.rounds}: {label} ...", file=sys.stderr, flush=True)
-                results[label].append(run_half(tree, a))
+                results[label].append(run_half(tree, a, extra_env=a.base_env if label != "working tree" else None))
         floors.append(bare_start())
     finally:
         if worktree is not None:
@@ -258,7 +263,7 @@ def main() -> None:
     floor = statistics.median(floors) * 1e3
     summary = {label: summarize(rs) for label, rs in results.items()}
     where = "PostgreSQL" if a.database_url else "SQLite"
-    extra = f", server env {env}" if env else ""
+    extra = (f", server env {env}" if env else "") + (f", the base's also {a.base_env}" if a.base_env else "")
     print(f"\nfloor: bare `python -c 'import cloudpickle'` {floor:.1f} ms (median of {20 * len(floors)} starts "
           f"across the run); store {where}{extra}; {a.rounds} round(s) per side, {a.runs} jobs each"
           + (f" {a.gap_ms:g} ms apart" if a.gap_ms else " back to back") + ", "

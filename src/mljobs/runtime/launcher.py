@@ -22,7 +22,6 @@ import os
 import pickle
 import reprlib
 import runpy
-import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -91,6 +90,8 @@ def _run_command(command: list[str], args: list[str], app: Path) -> Any:
             return runpy.run_module(rest[1], run_name="__main__", alter_sys=True).get("__return__")
         if rest and rest[0].endswith(".py"):
             return _script_globals(app / rest[0], [*rest[1:], *args]).get("__return__")
+    import subprocess  # only a command payload needs it (the spare that runs a job does not import it ahead)
+
     code = subprocess.call([*command, *args], cwd=os.getcwd())
     if code != 0:
         raise PayloadExit(code)

@@ -26,16 +26,17 @@ import dataclasses
 import functools
 import json
 import os
-import shutil
 import stat
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import setproctitle
 
-from mljobs.runtime import egress, entry
+from mljobs.runtime import entry
+
+# shutil, subprocess and mljobs.runtime.egress are imported where they are used: this module is
+# also what a sandboxed spare runs (main), and each import costs every job's spare CPU time
 
 __all__ = ["Policy", "probe", "inside", "spare_slot", "payload_argv", "payload_env", "write_passwd", "own_for",
            "take_result", "parse_mounts", "build_argv", "build_env", "main"]
@@ -102,6 +103,9 @@ class Policy:
 @functools.lru_cache(maxsize=1)
 def probe() -> str | None:
     """Why no sandbox can be made here (None: bubblewrap works): run a trivial one once."""
+    import shutil
+    import subprocess
+
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         return f"bubblewrap is not installed: {INSTALL_HINT}"
@@ -114,6 +118,12 @@ def probe() -> str | None:
         return (f"bubblewrap ({bwrap}) cannot make a sandbox here: {out.stderr.strip()[-300:]} (it needs user "
                 "namespaces, or root)")
     return None
+
+
+def _bwrap() -> str:
+    import shutil
+
+    return shutil.which("bwrap") or "bwrap"
 
 
 def spare_slot(home: str, name: str) -> Path:
@@ -193,7 +203,7 @@ def payload_argv(policy: Policy, *, work: str, app: str | None, out: str, gpus: 
     """The bwrap command line that runs the payload entry (:func:`main`) in the instance's sandbox."""
     home = policy.home
     into = inside(home)
-    b = _Argv(shutil.which("bwrap") or "bwrap")
+    b = _Argv(_bwrap())
     b.a += ["--die-with-parent", "--unshare-pid", "--unshare-ipc", "--cap-drop", "ALL"]
     if policy.keeps_setuid(spare):  # the entry takes the job's uid, which drops these too
         b.a += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
@@ -248,7 +258,7 @@ def build_argv(policy: Policy, *, build_dir: str, caches: list[str], python: str
     mounts read-only; writable only the environment being built and uv's cache; ``MLJOBS_HOME``
     (the store, every job's folders) a fresh tmpfs; its own PID and IPC namespaces, no
     capabilities. The network is the host's: the index hosts were checked at submit."""
-    b = _Argv(shutil.which("bwrap") or "bwrap")
+    b = _Argv(_bwrap())
     b.a += ["--die-with-parent", "--unshare-pid", "--unshare-ipc", "--cap-drop", "ALL"]
     b.system()
     interpreter = os.path.dirname(os.path.dirname(os.path.realpath(python)))
@@ -361,6 +371,8 @@ def _capabilities() -> int:
 
 def _start_forwarder(sock: str, control_url: str) -> None:
     """Fork the process that carries the job's connections out (its ports listen before the payload starts)."""
+    from mljobs.runtime import egress
+
     socks = egress.listeners(control_url)
     if os.fork() == 0:
         try:
