@@ -70,6 +70,14 @@ def test_a_large_directory_is_sent_once_and_a_changed_file_alone_after(lite, sql
     # the first job's files are its own: the blobs are copies, not links to them
     assert os.stat(stage / job.id / "app" / "data" / "part-1.bin").st_nlink == 1
 
+    # a definition registered from the same directory goes by content hash too: nothing is sent
+    defn = mljobs.MLJobDefinition.register(root, "DEFAULT_POOL", "big", entrypoint="main.py", imports=[lib],
+                                           session=lite)
+    assert "7 already on @BIG, 0 sent" in _sent(caplog)[-1]
+    files3, _ = defn().result(timeout=120)
+    assert files3 == files2
+    assert os.listdir(stage / ".mljobs" / "uploads") == []
+
 
 def test_bad_uploads_are_refused_and_change_nothing(lite, sqlite_server):
     good = os.urandom(1000)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 from mljobs.client import payload as pl
 from mljobs.client.job import MLJob
-from mljobs.client.jobs import _entrypoint, _options, _refuse_notebook, _submit
+from mljobs.client.jobs import _entrypoint, _options, _refuse_notebook, _submit, send_large
 from mljobs.client.session import Session, get_active_session
 from mljobs.errors import InvalidArgumentError, LocalFileNotFoundError
 from mljobs.spec import JobSpec, PayloadKind
@@ -191,6 +191,7 @@ class MLJobDefinition(Generic[P, R]):
                         parallel, join_timeout_s, max_retries, retry_on_failure, priority)
         signature: list[dict[str, Any]] | None = None
         tar: bytes | None
+        upload: str | None = None
         if callable(source) and not isinstance(source, (str, os.PathLike)):
             fn = source.fn if isinstance(source, MLJobDefinition) and source.fn is not None else source
             pl.check_function(fn)
@@ -227,7 +228,7 @@ class MLJobDefinition(Generic[P, R]):
                 if path.is_file():
                     _refuse_notebook(path.name)
                     spec = JobSpec(payload_kind=PayloadKind.FILE, entrypoint=[path.name], args=args, **opts)
-                    tar = pl.tar_file(path, imports)
+                    entries = pl.file_entries(path, imports)
                     default_name = path.stem
                 elif path.is_dir():
                     if entrypoint is None:
@@ -237,17 +238,21 @@ class MLJobDefinition(Generic[P, R]):
                     if len(entry) == 1 and not (path / entry[0]).is_file():
                         raise LocalFileNotFoundError(f"entrypoint {entry[0]!r} does not exist in {text!r}")
                     spec = JobSpec(payload_kind=PayloadKind.DIRECTORY, entrypoint=entry, args=args, **opts)
-                    tar = pl.tar_directory(path, imports)
+                    entries = pl.directory_entries(path, imports)
                     default_name = path.resolve().name
                 else:
                     raise LocalFileNotFoundError(f"{text!r} is neither a function, a file, a directory nor a stage "
                                                  "path like '@stage/dir/'")
+                upload = send_large(session, spec.stage_name, entries)  # a large one by content hash
+                tar = pl.tar_entries(entries) if upload is None else None
         def_name = name or (_NOT_NAME.sub("_", default_name).upper() or "JOB")
         if def_name[0].isdigit():
             def_name = f"_{def_name}"
         data = {"name": def_name, "spec": json.dumps(spec.to_dict()), "overwrite": json.dumps(bool(overwrite))}
         if signature is not None:
             data["signature"] = json.dumps(signature)
+        if upload is not None:
+            data["upload"] = upload
         files = {"payload": ("payload.tar", tar, "application/x-tar")} if tar is not None else None
         info = session.request("POST", "/definitions", data=data, files=files).json()
         fn_local = source if callable(source) and not isinstance(source, (str, os.PathLike, MLJobDefinition)) else None

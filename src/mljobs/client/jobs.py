@@ -72,12 +72,19 @@ def _submit(session: Session, spec: JobSpec, tar: bytes | None, upload: str | No
 
 def _submit_files(session: Session, spec: JobSpec, entries: pl.Entries) -> MLJob:
     """A file or directory payload: small ones as one tar in the submission; from LARGE_PAYLOAD
-    bytes on, by content hash (the stage keeps what it has seen; only the rest is streamed from
-    disk, so the client never holds the payload in memory)."""
+    bytes on, by content hash (:func:`send_large`)."""
+    upload = send_large(session, spec.stage_name, entries)
+    return _submit(session, spec, pl.tar_entries(entries) if upload is None else None, upload=upload)
+
+
+def send_large(session: Session, stage_name: str, entries: pl.Entries) -> str | None:
+    """From LARGE_PAYLOAD bytes on, send a payload's files as an upload on ``stage_name`` and return
+    its id (None: small, send it as one tar). The stage keeps what it has seen; only the rest is
+    streamed from disk, so the client never holds the payload in memory."""
     if sum(p.stat().st_size for _, p in entries) < LARGE_PAYLOAD:
-        return _submit(session, spec, pl.tar_entries(entries))
+        return None
     files = pl.manifest(entries)
-    stage = quote(spec.stage_name, safe="")
+    stage = quote(stage_name, safe="")
     up = session.request("POST", f"/stages/{stage}/uploads", json={"files": files}).json()
     missing = set(up["missing"])
     if missing:
@@ -87,8 +94,8 @@ def _submit_files(session: Session, spec: JobSpec, entries: pl.Entries) -> MLJob
                         headers={"Content-Type": "application/x-tar"})
     sent = sum(f[2] for f in files if f[0] in missing)
     log.info("payload: %d files (%s); %d already on @%s, %d sent (%s)", len(files), format_bytes(up["bytes"]),
-             len(files) - len(missing), spec.stage_name, len(missing), format_bytes(sent))
-    return _submit(session, spec, None, upload=up["id"])
+             len(files) - len(missing), stage_name, len(missing), format_bytes(sent))
+    return str(up["id"])
 
 
 def _entrypoint(entrypoint: str | Sequence[str]) -> list[str]:

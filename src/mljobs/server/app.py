@@ -187,6 +187,8 @@ def create_app(cp: ControlPlane, on_shutdown: Any = None) -> FastAPI:
             overwrite: Annotated[bool, Form()] = False,
             signature: Annotated[str | None, Form(description="a function's parameters, as JSON")] = None,
             payload: Annotated[UploadFile | None, File(description="a tar of the definition's files")] = None,
+            upload: Annotated[str | None, Form(max_length=64, description="or a large payload's upload on its "
+                                                                             "stage (POST /stages/{name}/uploads)")] = None,
     ) -> dict[str, Any]:
         try:
             job_spec = _JOB_SPEC.validate_json(spec)
@@ -199,7 +201,7 @@ def create_app(cp: ControlPlane, on_shutdown: Any = None) -> FastAPI:
         if params is not None and not (isinstance(params, list) and all(isinstance(p, dict) for p in params)):
             raise errors.InvalidArgumentError("signature must be a list of parameters")
         return cp.definitions.register(job_spec, payload.file if payload is not None else None, name, overwrite,
-                                       params, who)
+                                       params, who, upload)
 
     @app.get(api + "/definitions", response_model=list[S.DefinitionOut])
     def list_definitions(who: Who) -> list[dict[str, Any]]:

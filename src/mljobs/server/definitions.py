@@ -86,9 +86,11 @@ class Definitions:
             return [self.view(dict(r._mapping)) for r in c.execute(q)]
 
     def register(self, spec: JobSpec, payload: IO[bytes] | None, name: str, overwrite: bool,
-                 signature: list[dict[str, Any]] | None, who: Principal) -> dict[str, Any]:
+                 signature: list[dict[str, Any]] | None, who: Principal,
+                 upload: str | None = None) -> dict[str, Any]:
         """Check ``spec`` as a submission, keep its payload on its stage and record it as ``name``
-        (a new version when ``overwrite``; a ConflictError naming ``overwrite=True`` otherwise)."""
+        (a new version when ``overwrite``; a ConflictError naming ``overwrite=True`` otherwise). The
+        payload is the tar ``payload`` or the files of the upload ``upload`` (a large one)."""
         name = check_identifier("job definition", name)
         spec.owner = who.name
         spec.name = spec.name or name
@@ -102,7 +104,7 @@ class Definitions:
         paths = DefinitionPaths(who.name, name, version)
         now = utcnow()
         try:
-            self.cp.stage_payload(spec, stage, paths.app, payload, who)
+            self.cp.stage_payload(spec, stage, paths.app, payload, who, upload)
             values = {"version": version, "stage_name": stage.name, "payload_prefix": paths.app,
                       "spec": spec.to_dict(), "signature": signature, "updated_time": now}
             with self.engine.begin() as c:
