@@ -215,13 +215,13 @@ RAY_DAEMONS = ("gcs_server", "raylet", "plasma_store")
 
 def mine(p: psutil.Process) -> bool:
     """Whether a process was started by this test process (or its servers and their jobs): under
-    pytest-xdist every worker's processes carry its PYTEST_XDIST_WORKER, so one worker's checks
-    never see another's Ray or jobs; without xdist every process is this run's."""
+    pytest-xdist every worker's processes carry its PYTEST_XDIST_WORKER or descend from it, so one
+    worker's checks never see another's Ray or jobs; without xdist every process is this run's."""
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if worker is None:
         return True
-    try:
-        return p.environ().get("PYTEST_XDIST_WORKER") == worker
+    try:  # a sandboxed job's processes get none of the server's variables: theirs by descent
+        return p.environ().get("PYTEST_XDIST_WORKER") == worker or any(a.pid == os.getpid() for a in p.parents())
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return False
 

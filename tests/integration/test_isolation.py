@@ -20,6 +20,7 @@ import pytest
 
 import mljobs
 from mljobs.client.session import Session
+from mljobs.providers import netns
 from mljobs.runtime import sandbox
 from tests.conftest import ServerProc, add_users, assert_no_leftovers, http_origin
 
@@ -138,6 +139,39 @@ def test_a_users_job_reaches_nothing_of_the_server_or_other_users(shared, tmp_pa
     assert info["instances"][0]["isolation"] == f"sandbox (shared, uid {seen['uid']} (alice), egress by integrations)"
     health = s["alice"].server_info()
     assert health["isolation"]["mode"] == "shared" and health["isolation"]["sandbox"] == "bubblewrap"
+
+
+def _two_nodes(paths: list[str], server_pid: int) -> dict:
+    """On a multi-node job's head, with Ray ready: what it sees, and the other node's view."""
+    import ray
+
+    ray.init(address="auto")
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    other = next(n["NodeID"] for n in nodes if n["NodeManagerAddress"] != ray.util.get_node_ip_address())
+    strategy = ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(other, soft=False)
+    there = ray.get(ray.remote(num_cpus=0, scheduling_strategy=strategy)(_probe).remote(paths, server_pid))
+    return {"nodes": len(nodes), "here": _probe(paths, server_pid), "there": there}
+
+
+@pytest.mark.skipif(netns.unavailable_reason() is not None, reason="multi-node jobs in namespaces need root and iproute2")
+def test_a_multi_node_jobs_instances_are_sandboxed_and_reach_one_another(shared):
+    """Each instance of a shared server's multi-node job runs in a sandbox of its own, in its
+    network namespace on the job's bridge: Ray joins them, and neither sees the server's state."""
+    srv, s = shared
+    home = srv.home
+    store = [str(home / n) for n in os.listdir(home) if n.startswith("mljobs.db")]
+    mljobs.create_compute_pool("TWO", instance_family="CPU_X64_XS", max_nodes=2, session=s["root"])
+    job = mljobs.remote("TWO", stage_name="alice_stage", target_instances=2, session=s["alice"])(_two_nodes)(
+        store + [str(home / "server.json")], srv.proc.pid)
+    seen = job.result(timeout=300)
+    assert seen["nodes"] == 2  # the instances reached one another
+    for view in (seen["here"], seen["there"]):
+        assert view["readable"] == [], "an instance read the server's state"
+        assert not view["server_visible"] and SECRET not in repr(view["env"])
+        assert 310000 <= view["uid"] <= 310099 and view["pw_name"] == "alice"
+    info = s["alice"].request("GET", f"/jobs/{job.id}").json()
+    assert [i["isolation"] for i in info["instances"]] == [f"sandbox (shared, uid {seen['here']['uid']} (alice))"] * 2
+    assert "unsandboxed" not in job.get_logs(instance_id=0) + job.get_logs(instance_id=1)
 
 
 def test_what_a_job_writes_on_a_mount_belongs_to_its_user(shared, tmp_path):

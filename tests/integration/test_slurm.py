@@ -248,6 +248,11 @@ def test_ray_job_spans_three_slurm_nodes(slurm: SlurmEnv, tmp_path: Path) -> Non
                                   target_instances=3, session=slurm.session)
     assert job.wait(timeout=240) == JOB_STATUS.DONE, (job.message, job.get_logs(verbose=True))
     assert job.result() == sorted(slurm.cluster.nodes)
+    # each node's instance ran sandboxed, on the nodes' network (where its Ray cluster forms)
+    isolation = [i["isolation"] for i in slurm.session.request("GET", f"/jobs/{job.id}").json()["instances"]]
+    assert len(isolation) == 3 and all(i.startswith("sandbox (shared, uid ") and "egress" not in i
+                                       for i in isolation), isolation
+    assert "egress is not filtered" in job.get_logs(instance_id=0, verbose=True)
     deadline = time.monotonic() + 15  # each agent removes its node's Ray folder once it has reported
     while (left := list(Path("/tmp").glob(f"mljr-{job.id[-12:].lower()}-*"))) and time.monotonic() < deadline:
         time.sleep(0.2)

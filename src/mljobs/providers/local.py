@@ -35,7 +35,6 @@ from mljobs.errors import InvalidArgumentError
 from mljobs.paths import CGROUP_FILE, CHECKPOINT_DIR, HomePaths, InstancePaths, StagePaths
 from mljobs.providers import netns
 from mljobs.runtime import containment, multinode, sandbox
-from mljobs.runtime.sandbox import UNSANDBOXED_MULTINODE
 from mljobs.runtime.metrics import read_samples
 from mljobs.providers.base import (ExitCallback, InstanceExit, InstanceHandle, InstanceLaunch, Provider,
                                    launch_document)
@@ -401,14 +400,19 @@ class LocalProvider(Provider):
         if launch.spec.target_instances > 1:
             multinode, mn_env, ns = self._multinode(launch, p)
             env.update(mn_env)
-        box = launch.sandbox if multinode is None else None  # multi-node instances: not sandboxed yet
+        box = launch.sandbox
+        # a multi-node instance's sandbox keeps its network (the server gives it net "open"): its own
+        # namespace on the job's bridge (the other instances and, through the forwarder, the control
+        # plane; nothing else) or, without namespaces, the host's loopback, where egress is open
+        note = (sandbox.MULTINODE_OPEN_EGRESS if box is not None and box["mode"] == "shared" and multinode is not None
+                and ns is None else None)
         doc = launch_document(
             launch, env, run_dir=str(p.run_dir), work_dir=str(p.work_dir), app_dir=app_dir or str(p.work_dir),
             log_file=str(p.log_file), result_file=str(p.result), cpus=cpus,
             python=launch.spec.runtime_python or sys.executable, multinode=multinode, netns=ns,
             containment=self.plan.to_dict(), metrics_file=str(p.metrics_file), metrics=self._metrics, gpus=gpus,
             sandbox=box, isolation=sandbox.Policy.from_dict(box).describe() if box else "none",
-            isolation_note=UNSANDBOXED_MULTINODE if launch.sandbox and multinode is not None else None)
+            isolation_note=note)
         p.launch.write_text(json.dumps(doc))
         trace.mark(launch.job_id, "provider.launch.written")
         template = sandbox.Policy.from_dict(box).template().to_dict() if box else None
@@ -494,10 +498,14 @@ class LocalProvider(Provider):
         return self.plan.describe()
 
     def ray_info(self, handle: InstanceHandle) -> dict[str, Any] | None:
-        try:
-            return json.loads(self.paths(handle).ray_file.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
+        p = self.paths(handle)
+        for f in (p.ray_file, p.run_dir / "out" / p.ray_file.name):  # a sandboxed head writes it in its out folder
+            try:
+                info = json.loads(f.read_text())
+            except (FileNotFoundError, json.JSONDecodeError):
+                continue
+            return info if isinstance(info, dict) else None
+        return None
 
     def release(self, handle: InstanceHandle, grace_period_s: float) -> None:
         if self._running(handle) and handle.pid is not None:

@@ -41,7 +41,7 @@ from mljobs.providers.base import (ExitCallback, InstanceExit, InstanceHandle, I
                                    launch_document)
 from mljobs.providers.local import read_log_tail
 from mljobs.runtime import multinode
-from mljobs.runtime.sandbox import UNSANDBOXED_MULTINODE
+from mljobs.runtime.sandbox import MULTINODE_NODE_NETWORK
 from mljobs.runtime.metrics import read_samples
 from mljobs.spec import JobSpec, PoolSpec
 from mljobs.stages import Stage
@@ -133,9 +133,11 @@ class RemoteProvider(Provider):
                               metrics=self.settings.metrics, gpus_per_node=launch.family.gpus,
                               cpus_per_node=launch.family.cpus, heartbeat_s=self.settings.heartbeat_s,
                               stage={"name": launch.stage.name, "url": launch.stage.url},
-                              # the agent makes it where its node has bubblewrap (multi-node: not yet)
-                              sandbox=launch.sandbox if k == 1 else None,
-                              isolation_note=UNSANDBOXED_MULTINODE if launch.sandbox and k > 1 else None)
+                              # the agent makes it where its node has bubblewrap; a multi-node
+                              # job's instances share the nodes' network (their Ray cluster)
+                              sandbox=launch.sandbox,  # a multi-node job's: net "open" (the server's policy)
+                              isolation_note=MULTINODE_NODE_NETWORK if k > 1 and launch.sandbox
+                              and launch.sandbox["mode"] == "shared" else None)
         doc["env"].pop("MLJOBS_INSTANCE_ID", None)
         if k > 1:
             doc["multinode"] = {"count": k, "min_instances": min(spec.effective_min_instances, k),

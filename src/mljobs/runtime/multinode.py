@@ -134,10 +134,14 @@ def _pump(src: socket.socket, dst: socket.socket) -> None:
 class _SysLog:
     """Appends mljobs' own lines (``sys`` stream) to the instance log, beside the supervisor."""
 
-    def __init__(self, path: str) -> None:
-        self.path = path
+    def __init__(self, path: str | None) -> None:
+        self.path = path  # None in a sandbox, which does not see the log: its stderr, which the supervisor logs
 
     def __call__(self, text: str) -> None:
+        if self.path is None:
+            sys.stderr.write(f"mljobs: {text}\n")
+            sys.stderr.flush()
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(logformat.format_record(logformat.SYS, text))
 

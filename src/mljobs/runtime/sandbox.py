@@ -50,8 +50,11 @@ KEEP_ENV = ("PATH", "LANG", "LANGUAGE", "TZ", "TERM", "PYTHONPATH", "PYTHONDONTW
 PERSONAL_ENV = ("HOME", "USER", "LOGNAME", "SHELL")
 # the locale, and what Slurm tells a node's payload about its allocation
 KEEP_PREFIXES = ("LC_", "SLURM_")
-UNSANDBOXED_MULTINODE = ("this multi-node instance runs unsandboxed, with the server's identity and view "
-                         "(multi-node jobs are not sandboxed yet; docs/isolation.md)")
+MULTINODE_NODE_NETWORK = ("this multi-node instance is sandboxed on its node's network, where its job's Ray "
+                          "cluster forms, so its egress is not filtered by the job's integrations (docs/isolation.md)")
+MULTINODE_OPEN_EGRESS = ("this multi-node instance is sandboxed but shares the host's loopback with its job's "
+                         "other instances (no network namespaces here: the server is not root or has no iproute2), "
+                         "so its egress is not filtered (docs/isolation.md)")
 INSTALL_HINT = "install bubblewrap (`apt-get install bubblewrap`, `dnf install bubblewrap`)"
 
 
@@ -171,14 +174,18 @@ class _Argv:
         return self.there[top] == "bind" and os.path.isdir(path)  # a host folder shows its own
 
     def system(self) -> None:
-        """A shared sandbox's base: the system folders read-only, its own ``/dev`` and ``/proc``, a
-        private ``/tmp``."""
+        """A shared sandbox's base: the system folders read-only, its own ``/dev`` (with a writable
+        ``/dev/shm``) and ``/proc``, a private ``/tmp``."""
         for d in SYSTEM_DIRS:
             if os.path.islink(d):
                 self.a += ["--symlink", os.readlink(d), d]
             elif os.path.isdir(d):
                 self.mount("--ro-bind", d, d)
         self.mount("--dev", "", "/dev")
+        # bubblewrap's /dev/shm is root's and 0755: a job's own uid could not make shared memory
+        # (Ray's object store, torch's DataLoader workers, multiprocessing's semaphores)
+        self.a += ["--perms", "1777"]
+        self.mount("--tmpfs", "", "/dev/shm")
         self.mount("--proc", "", "/proc")
         self.a += ["--perms", "1777"]
         self.mount("--tmpfs", "", "/tmp")
