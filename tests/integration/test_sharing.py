@@ -94,13 +94,16 @@ def test_two_busy_users_each_get_about_half_of_a_fair_pool(team):
         token = team["root"].request("POST", "/users", json={"name": name}).json()["token"]
         fns[name] = mljobs.remote("BUSY", stage_name=name.upper(), session=Session(url=team["root"].url, token=token))(hold)
     _pool(team, "BUSY", max_nodes=2)
+    # the pool suspended while they queue (however slow the submissions), so both start with no usage
+    mljobs.alter_compute_pool("BUSY", suspend=True, session=team["root"])
     jobs = {u: [fns[u](0.4) for _ in range(24)] for u in ("carol", "dave")}  # carol's queue first, whole
+    mljobs.alter_compute_pool("BUSY", resume=True, session=team["root"])
     for h in jobs["carol"] + jobs["dave"]:
         assert h.wait(timeout=180) == "DONE"
     spans = {u: [(_t(i, "started_time"), _t(i, "ended_time")) for h in hs for i in h._refresh()["instances"]]
              for u, hs in jobs.items()}
-    # both wait from dave's first submission until the first of them has started her or his last job
-    start = _t(jobs["dave"][0]._refresh(), "created_time")
+    # both wait from the first start until the first of them has started her or his last job
+    start = min(s for v in spans.values() for s, _ in v)
     end = min(max(s for s, _ in v) for v in spans.values())
     secs = {u: sum(max(0.0, (min(e, end) - max(s, start)).total_seconds()) for s, e in v) for u, v in spans.items()}
     share = secs["carol"] / (secs["carol"] + secs["dave"])

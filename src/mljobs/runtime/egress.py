@@ -68,17 +68,21 @@ def _names_address(pattern: str) -> bool:
 
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")  # RFC 8215: a site's own translator
 
 
 def _is_global(address: str) -> bool:
     """Whether an address is on the internet, the IPv4 address inside an IPv6 one included
-    (``::ffff:127.0.0.1``, 6to4, Teredo, NAT64: each reaches an IPv4 address that must be global too)."""
+    (``::ffff:127.0.0.1``, IPv4-compatible ``::7f00:1``, 6to4, Teredo, NAT64: each reaches an IPv4
+    address that must be global too; a local-use NAT64 address never is)."""
     ip = ipaddress.ip_address(address.split("%")[0])
     if not ip.is_global:
         return False
     if isinstance(ip, ipaddress.IPv6Address):
+        if ip in _LOCAL_NAT64:
+            return False
         inner = [ip.ipv4_mapped, ip.sixtofour, *(ip.teredo or ())]
-        if ip in _NAT64:
+        if ip in _NAT64 or int(ip) >> 32 == 0:
             inner.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
         return all(v is None or v.is_global for v in inner)
     return True

@@ -671,13 +671,15 @@ def _build_sandbox(box: sandbox.Policy, req: environment.EnvRequest) -> environm
         [uv, "cache", "dir"], capture_output=True, text=True, check=True).stdout.strip()
     # the index folders are the server's own settings, never a job's variables (a job naming "/"
     # or "/proc" would have them bound); and never / itself, the kernel's folders or MLJOBS_HOME
-    refused = ("/proc", "/sys", "/dev", os.path.realpath(box.home))
+    home = os.path.realpath(box.home)
+    refused = ("/proc", "/sys", "/dev", home)
 
-    def allowed(path: str) -> bool:
-        return os.path.isdir(path) and path != "/" and not any(
-            path == r or path.startswith(r.rstrip("/") + "/") for r in refused)
+    def allowed(path: str) -> bool:  # judged by where it leads; bound by its name (uv is given the name)
+        real = os.path.realpath(path)
+        return os.path.isdir(real) and real != "/" and not home.startswith(real.rstrip("/") + "/") and not any(
+            real == r or real.startswith(r.rstrip("/") + "/") for r in refused)
 
-    local = {os.path.realpath(v.removeprefix("file://")) for k in environment.INDEX_VARS
+    local = {os.path.normpath(v.removeprefix("file://")) for k in environment.INDEX_VARS
              for v in os.environ.get(k, "").split() if v.startswith(("/", "file:///"))}
     extra = tuple((p, False) for p in sorted(local) if allowed(p))
     extra += ((os.path.dirname(os.path.realpath(uv)), False),)  # uv itself, wherever it is installed

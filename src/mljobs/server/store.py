@@ -71,10 +71,7 @@ def _ping_when_idle(engine: Engine) -> None:
         if since is None or time.monotonic() - since < _PING_IDLE_S:
             return  # new, or used a moment ago
         try:
-            cur = dbapi_conn.cursor()
-            cur.execute("SELECT 1")
-            cur.close()
-            dbapi_conn.rollback()
+            engine.dialect.do_ping(dbapi_conn)  # the dialect's own ping: one round trip, no transaction left open
         except Exception as e:  # noqa: BLE001 - whatever the driver raises for a dead connection
             raise sa.exc.DisconnectionError(f"a pooled connection was dropped: {e}") from e
 

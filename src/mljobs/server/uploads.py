@@ -166,13 +166,19 @@ def receive(stage: Stage, upload_id: str, fileobj: IO[bytes], owner: str | None)
                 # written under a private name and checked before it takes its place: a second
                 # send of the same upload, racing this one, never sees (or keeps) a half-written file
                 part = f"{folder}/parts/{uuid.uuid4().hex}"
-                stage.put_stream(part, reader)  # type: ignore[arg-type]
-                if reader.sha.hexdigest() != e.sha256:
+                try:
+                    stage.put_stream(part, reader)  # type: ignore[arg-type]
+                    if reader.sha.hexdigest() != e.sha256:
+                        raise InvalidArgumentError(f"upload member {name!r} does not match the SHA-256 its "
+                                                   "manifest gave")
+                    _set_mode(stage, part, e.mode)
+                    _keep_blob(stage, part, e.sha256)
+                    if not stage.exists(f"{folder}/manifest.json"):  # taken meanwhile: nothing to add to
+                        raise NotFoundError(f"upload {upload_id} was used by a submission while it was being sent")
+                    stage.rename(part, f"{folder}/files/{name}")
+                except BaseException:  # a bad member, a cut connection: no part left behind
                     stage.remove(part)
-                    raise InvalidArgumentError(f"upload member {name!r} does not match the SHA-256 its manifest gave")
-                _set_mode(stage, part, e.mode)
-                _keep_blob(stage, part, e.sha256)
-                stage.rename(part, f"{folder}/files/{name}")
+                    raise
                 files += 1
                 size += e.size
     except tarfile.TarError as e:
