@@ -113,15 +113,15 @@ class DataConnector:
         options = dict(storage_options or {})
         parts: list[Part] = []
         for source in [paths] if isinstance(paths, (str, os.PathLike)) else list(paths):
-            for url, fmt in _expand(os.fspath(source) if isinstance(source, os.PathLike) else source,
-                                    format, options, session):
+            for url, fmt, stage_file in _expand(os.fspath(source) if isinstance(source, os.PathLike) else source,
+                                                format, options, session):
                 rows = None
                 if fmt == "parquet":
                     try:
                         rows = FilePart(url=url, storage_options=options)._open_parquet().metadata.num_rows
                     except (pa.ArrowException, OSError) as e:
                         raise InvalidArgumentError(f"{url}: not a readable Parquet file ({e})") from None
-                parts.append(FilePart(url=url, fmt=fmt, storage_options=options, rows=rows))
+                parts.append(FilePart(url=url, fmt=fmt, storage_options=options, rows=rows, stage_file=stage_file))
         if not parts:
             raise InvalidArgumentError("from_sources needs at least one path")
         return cls(parts)
@@ -326,18 +326,22 @@ def _rows(connector: DataConnector) -> Iterator[dict[str, Any]]:
         yield from batch.to_pylist()
 
 
-def _expand(source: str, fmt: str | None, options: dict[str, Any], session: Any) -> list[tuple[str, str]]:
-    """(url, format) for each file a source names, in name order; errors name the source."""
+def _expand(source: str, fmt: str | None, options: dict[str, Any],
+            session: Any) -> list[tuple[str, str, str | None]]:
+    """(url, format, stage file) for each file a source names, in name order; errors name the
+    source. The stage file (``@STAGE/path``) is set for a local copy fetched through the control
+    plane: another process (a worker on another node) fetches its own copy of it from there."""
     if not isinstance(source, str) or not source:
         raise InvalidArgumentError(f"a source path must be a non-empty string, not {source!r}")
     url = source
+    fetched: tuple[str, str, str] | None = None  # (stage, its folder fetched, where it was put)
     if source.startswith("@"):
         stage, rel = parse_stage_path(source)
         root = stage_url(stage, session).rstrip("/")
         url = root + ("/" + rel if rel else "")
         folder = root[len("file://"):] if root.startswith("file://") else root if "://" not in root else None
         if folder is not None and not os.path.isdir(folder):
-            url = _fetched(stage, rel, session)  # a sandboxed job (or another machine) does not see it
+            url, fetched = _fetched(stage, rel, session)  # a sandboxed job (or another machine) does not see it
     fs, path = fsspec.core.url_to_fs(url, **options)
     protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
     unstrip = (lambda p: p) if protocol in ("file", "local") else (lambda p: f"{protocol}://{p}")
@@ -365,11 +369,16 @@ def _expand(source: str, fmt: str | None, options: dict[str, Any], session: Any)
         if kind is None:
             raise InvalidArgumentError(f"{unstrip(p)}: not a Parquet or CSV file name; pass format='parquet' "
                                        "or format='csv' to read it anyway")
-        out.append((unstrip(p), kind))
+        stage_file = None
+        if fetched is not None:
+            f_stage, f_rel, f_where = fetched
+            local_rel = os.path.relpath(p, f_where) if f_rel.endswith("/") or not f_rel else None
+            stage_file = f"@{f_stage}/" + (f"{f_rel.rstrip('/')}/{local_rel}".lstrip("/") if local_rel else f_rel)
+        out.append((unstrip(p), kind, stage_file))
     return out
 
 
-def _fetched(stage: str, rel: str, session: Any) -> str:
+def _fetched(stage: str, rel: str, session: Any) -> tuple[str, tuple[str, str, str]]:
     """A local copy, through the control plane, of the stage files ``rel`` names (a file, a folder,
     or a glob, whose folder is copied): for a stage whose storage is a folder this process cannot
     see (a job's sandbox hides the server's; a client on another machine has none of it). The
@@ -381,10 +390,10 @@ def _fetched(stage: str, rel: str, session: Any) -> str:
                              else None)
     got = s.file.get(f"@{stage}/{fetch}", where)
     if glob_at is not None:
-        return os.path.join(where, *rel.split("/")[glob_at:])
+        return os.path.join(where, *rel.split("/")[glob_at:]), (stage, fetch, where)
     if len(got) == 1 and not rel.endswith("/") and os.path.basename(got[0]) == os.path.basename(rel):
-        return got[0]  # one file
-    return where
+        return got[0], (stage, rel, where)  # one file
+    return where, (stage, rel.rstrip("/") + "/" if rel else "", where)
 
 
 def _count_rows_fn(table: pa.Table) -> int:

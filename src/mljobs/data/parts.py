@@ -9,6 +9,9 @@ their own rows, straight from where the data lie.
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -177,6 +180,27 @@ def _table_part(ipc: pa.Buffer) -> TablePart:
     return TablePart(table=pa.ipc.open_stream(ipc).read_all())
 
 
+_copies: dict[str, str] = {}  # stage file -> this process's local copy of it
+_copies_lock = threading.Lock()
+
+
+def _local_copy(stage_file: str) -> str:
+    """This process's copy of a stage file, fetched once through the control plane (the job's
+    own session) into a temporary folder of the working folder (a job's own, removed with it)."""
+    with _copies_lock:
+        got = _copies.get(stage_file)
+        if got is not None and os.path.exists(got):
+            return got
+        from mljobs.client.session import get_active_session
+
+        where = tempfile.mkdtemp(prefix="stage-part-", dir=os.getcwd() if os.environ.get("MLJOBS_JOB_ID") else None)
+        files = get_active_session().file.get(stage_file, where)
+        if len(files) != 1:
+            raise FileNotFoundError(f"{stage_file}: expected one file on the stage, found {len(files)}")
+        _copies[stage_file] = files[0]
+        return files[0]
+
+
 @dataclass(frozen=True)
 class FilePart(Part):
     """One Parquet or CSV file at an fsspec URL; read where the part is read, never before."""
@@ -185,9 +209,15 @@ class FilePart(Part):
     fmt: str = "parquet"
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
     rows: int | None = None  # known for Parquet from its footer; counted on demand for CSV
+    # "@STAGE/path" of a local copy made through the control plane (a sandboxed job cannot see a
+    # stage's folder): where the copy is not (a worker on another instance), it makes its own
+    stage_file: str | None = None
 
     def _fs(self) -> tuple[Any, str]:
-        fs, path = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        url = self.url
+        if self.stage_file is not None and "://" not in url and not os.path.exists(url):
+            url = _local_copy(self.stage_file)
+        fs, path = fsspec.core.url_to_fs(url, **self.storage_options)
         return fs, path
 
     def _open_parquet(self) -> pq.ParquetFile:

@@ -213,7 +213,11 @@ def _artifacts_url(location: str | None) -> str | None:
         return None
     if isinstance(location, str) and location.startswith("@"):
         stage, rel = parse_stage_path(location)
-        return stage_url(stage).rstrip("/") + ("/" + rel.rstrip("/") if rel else "")
+        root = stage_url(stage).rstrip("/")
+        folder = root[len("file://"):] if root.startswith("file://") else root if "://" not in root else None
+        if folder is not None and not os.path.isdir(folder):  # a sandboxed job does not see the stage's folder
+            return f"@{stage}/{rel.rstrip('/')}".rstrip("/")  # uploaded through the control plane
+        return root + ("/" + rel.rstrip("/") if rel else "")
     if not isinstance(location, str) or not location:
         raise InvalidArgumentError(f"artifact_stage_location={location!r}: use '@stage/path' or an fsspec URL")
     return location.rstrip("/")
@@ -251,6 +255,13 @@ def _worker_main(train_func: Callable[[], Any], ctx: dict[str, Any], ifname: str
 
 
 def _upload(folder: Path, url: str) -> list[str]:
+    if url.startswith("@"):  # a stage this process cannot see: through the job's own session
+        from mljobs.client.session import get_active_session
+
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        if files:
+            get_active_session().file.put(folder, url + "/")
+        return [f"{url}/{p.relative_to(folder).as_posix()}" for p in files]
     fs, root = fsspec.core.url_to_fs(url)
     out = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
