@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 from mljobs.client.session import Session, get_active_session
@@ -13,7 +14,7 @@ if TYPE_CHECKING:  # pandas costs ~0.3 s to import: only the DataFrame-returning
     import pandas as pd
 
 __all__ = ["create_compute_pool", "alter_compute_pool", "drop_compute_pool", "list_compute_pools",
-           "describe_compute_pool", "create_stage", "stage_url", "create_external_access_integration",
+           "describe_compute_pool", "create_stage", "stage_url", "stage_hidden", "create_external_access_integration",
            "list_external_access_integrations", "drop_external_access_integration", "list_environments",
            "prune_environments"]
 
@@ -104,6 +105,14 @@ def stage_url(name: str, session: Session | None = None) -> str:
     known = ", ".join(sorted("@" + s["name"] for s in stages)) or "none"
     raise NotFoundError(f"no stage named @{wanted} (stages you may use: {known}); "
                         f"create it with mljobs.create_stage({wanted!r})")
+
+
+def stage_hidden(url: str) -> bool:
+    """Whether a stage's storage ``url`` is a local folder this process cannot see (a sandboxed job,
+    from which the server's folders are hidden; a client on another machine): its files then go
+    through the control plane."""
+    folder = url[len("file://"):] if url.startswith("file://") else url if "://" not in url else None
+    return folder is not None and not os.path.isdir(folder)
 
 
 def create_external_access_integration(name: str, allowed_hosts: list[str], *, replace: bool = False,

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from mljobs.client.pools import stage_url
+from mljobs.client.pools import stage_hidden, stage_url
 from mljobs.client.session import get_active_session
 from mljobs.data.parts import (DEFAULT_BATCH_ROWS, FilePart, Part, RefPart, TablePart, concat_batches,
                                concat_tables, file_format, split_rows)
@@ -339,8 +339,7 @@ def _expand(source: str, fmt: str | None, options: dict[str, Any],
         stage, rel = parse_stage_path(source)
         root = stage_url(stage, session).rstrip("/")
         url = root + ("/" + rel if rel else "")
-        folder = root[len("file://"):] if root.startswith("file://") else root if "://" not in root else None
-        if folder is not None and not os.path.isdir(folder):
+        if stage_hidden(root):
             url, fetched = _fetched(stage, rel, session)  # a sandboxed job (or another machine) does not see it
     fs, path = fsspec.core.url_to_fs(url, **options)
     protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol

@@ -18,7 +18,7 @@ from typing import Any
 
 import fsspec
 
-from mljobs.client.pools import stage_url
+from mljobs.client.pools import stage_hidden, stage_url
 from mljobs.data import DataConnector
 from mljobs.errors import InvalidArgumentError
 from mljobs.modeling import cluster, tabular
@@ -214,8 +214,7 @@ def _artifacts_url(location: str | None) -> str | None:
     if isinstance(location, str) and location.startswith("@"):
         stage, rel = parse_stage_path(location)
         root = stage_url(stage).rstrip("/")
-        folder = root[len("file://"):] if root.startswith("file://") else root if "://" not in root else None
-        if folder is not None and not os.path.isdir(folder):  # a sandboxed job does not see the stage's folder
+        if stage_hidden(root):  # a sandboxed job does not see the stage's folder
             return f"@{stage}/{rel.rstrip('/')}".rstrip("/")  # uploaded through the control plane
         return root + ("/" + rel.rstrip("/") if rel else "")
     if not isinstance(location, str) or not location:
