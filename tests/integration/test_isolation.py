@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import textwrap
 import pwd
 import subprocess
 import sys
+import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -99,6 +100,13 @@ def _run(session: Session, fn, *args, stage: str, env: dict | None = None):
     return job, job.result(timeout=120)
 
 
+def _files_of(home: Path, job_id: str) -> list[str]:
+    """Files under ``home`` whose path names ``job_id``. Other tests' jobs on the shared server
+    come and go while this walks, so a folder that vanishes mid-walk is skipped, not an error."""
+    return [os.path.join(d, f) for d, _, files in os.walk(home) for f in files
+            if job_id in os.path.join(d, f) and os.path.isfile(os.path.join(d, f))]
+
+
 def test_a_users_job_reaches_nothing_of_the_server_or_other_users(shared, tmp_path):
     srv, s = shared
     home = srv.home
@@ -106,7 +114,7 @@ def test_a_users_job_reaches_nothing_of_the_server_or_other_users(shared, tmp_pa
     script.write_text("__return__ = 'bob-result-0815'\n# bob-stage-secret\n")
     bob_job = mljobs.submit_file(str(script), "DEFAULT_POOL", stage_name="bob_stage", session=s["bob"])
     assert bob_job.result(timeout=120) == "bob-result-0815"
-    bobs = [str(p) for p in home.rglob("*") if p.is_file() and bob_job.id in str(p)]
+    bobs = _files_of(home, bob_job.id)
     assert any("BOB_STAGE" in p for p in bobs), bobs  # his payload and result, on his stage
     store = [str(home / n) for n in os.listdir(home) if n.startswith("mljobs.db")]
     assert store
