@@ -236,14 +236,36 @@ def test_what_a_job_writes_on_a_mount_belongs_to_its_user(shared, tmp_path):
 # an in-tree PEP 517 backend (no download): its build_wheel is "a package's build code", which
 # records what it could see into the wheel it makes
 BACKEND = textwrap.dedent('''
-    import base64, hashlib, os, zipfile
+    import base64, hashlib, os, socket, urllib.request, zipfile
 
     def get_requires_for_build_wheel(config_settings=None):
         return []
 
+    def _readable(path):
+        try:
+            with open(path, "rb") as f:
+                return bool(f.read(1)) or True
+        except OSError:
+            return False
+
+    def _direct(port):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+            return "connected"
+        except OSError as e:
+            return type(e).__name__
+
+    def _proxied(url):
+        try:
+            return urllib.request.urlopen(url, timeout=20).read().decode()
+        except Exception as e:
+            return f"{type(e).__name__}: {getattr(e, 'code', '')}"
+
     def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
         seen = {"store": os.path.exists(STORE), "home": sorted(os.listdir(HOME)) if os.path.isdir(HOME) else None,
-                "secret": [k for k, v in os.environ.items() if "4711" in v], "pids": len([p for p in os.listdir("/proc") if p.isdigit()])}
+                "secret": [k for k, v in os.environ.items() if "4711" in v], "pids": len([p for p in os.listdir("/proc") if p.isdigit()]),
+                "uid": os.getuid(), "shadow": _readable("/etc/shadow"), "direct": _direct(ORIGIN_PORT),
+                "proxied": _proxied(f"http://127.0.0.1:{ORIGIN_PORT}/from-the-build"), "proxy": os.environ.get("HTTP_PROXY")}
         files = {"probe_pkg/__init__.py": f"BUILT = {seen!r}\\n",
                  "probe_pkg-1.0.dist-info/METADATA": "Metadata-Version: 2.1\\nName: probe-pkg\\nVersion: 1.0\\n",
                  "probe_pkg-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\\nGenerator: t\\nRoot-Is-Purelib: true\\nTag: py3-none-any\\n"}
@@ -262,8 +284,11 @@ BACKEND = textwrap.dedent('''
 
 def test_a_shared_jobs_environment_is_built_in_a_sandbox(shared, tmp_path):
     """A package's build code (here an in-tree build backend) runs sandboxed: it sees neither the
-    store nor the server's state nor its variables; the package comes from a pool mount."""
+    store nor the server's state nor its variables, runs as the job's uid (no /etc/shadow), and
+    reaches the network only through a proxy that allows what the job's integrations allow (not
+    the origin here); the package comes from a pool mount."""
     srv, s = shared
+    origin = http_origin(lambda h: b"the build reached the origin")
     data = tmp_path / "pkgs"
     pkg = data / "probe_pkg"
     pkg.mkdir(parents=True)
@@ -271,7 +296,8 @@ def test_a_shared_jobs_environment_is_built_in_a_sandbox(shared, tmp_path):
     (pkg / "pyproject.toml").write_text('[build-system]\nrequires = []\nbuild-backend = "backend"\nbackend-path = ["."]\n'
                                         '[project]\nname = "probe-pkg"\nversion = "1.0"\n')
     (pkg / "backend.py").write_text(BACKEND.replace("STORE", repr(str(srv.home / "mljobs.db")))
-                                    .replace("HOME", repr(str(srv.home))))
+                                    .replace("HOME", repr(str(srv.home)))
+                                    .replace("ORIGIN_PORT", str(origin.server_address[1])))
     mljobs.create_compute_pool("PKGS", instance_family="CPU_X64_XS", max_nodes=1,
                                provider_options={"mounts": [str(data)]}, session=s["root"])
     try:
@@ -285,11 +311,113 @@ def test_a_shared_jobs_environment_is_built_in_a_sandbox(shared, tmp_path):
         job = built()
         seen = job.result(timeout=300)
         assert seen["store"] is False and seen["secret"] == [], seen  # nothing of the server's
-        assert seen["home"] == ["envs"], seen  # MLJOBS_HOME holds only the way to the environment being built
+        # MLJOBS_HOME holds only the way to the environment being built, to alice's uv cache and to the proxy's socket
+        assert seen["home"] == ["envs", "envs-uv", "job"], seen
         assert seen["pids"] < 10, seen  # its own PID namespace
-        assert "reused" not in job.get_logs(verbose=True)
+        alice_uid = s["alice"].request("GET", f"/jobs/{job.id}").json()["instances"][0]["isolation"]
+        assert f"uid {seen['uid']} (alice)" in alice_uid, (seen["uid"], alice_uid)  # built as alice
+        assert seen["shadow"] is False, seen  # what root may read, the build may not
+        assert seen["direct"] == "ConnectionRefusedError", seen  # its own network namespace
+        assert seen["proxy"] == "http://127.0.0.1:3128" and seen["proxied"] == "HTTPError: 403", seen
+        log = job.get_logs(verbose=True)
+        assert "reused" not in log
+        assert f"egress refused: 127.0.0.1:{origin.server_address[1]} is not allowed" in log, log
     finally:
+        origin.shutdown()
+        origin.server_close()
         mljobs.drop_compute_pool("PKGS", session=s["root"])
+
+
+def _wheel(path: Path, name: str, module_text: str) -> Path:
+    """A pure-Python wheel of ``name`` 1.0 whose module holds ``module_text``."""
+    import base64
+    import hashlib
+    import zipfile
+
+    mod = name.replace("-", "_")
+    files = {f"{mod}/__init__.py": module_text,
+             f"{mod}-1.0.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n",
+             f"{mod}-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: t\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = []
+    for f, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+        record.append(f"{f},sha256={digest},{len(text.encode())}")
+    files[f"{mod}-1.0.dist-info/RECORD"] = "\n".join(record + [f"{mod}-1.0.dist-info/RECORD,,"]) + "\n"
+    whl = path / f"{mod}-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(whl, "w") as z:
+        for f, text in files.items():
+            z.writestr(f, text)
+    return whl
+
+
+def _env_seen() -> dict:
+    """Inside the job: its environment's folder, and who may look into it."""
+    import os
+    import sys
+
+    st = os.stat(sys.prefix)
+    import probe_idx
+
+    return {"prefix": sys.prefix, "uid": st.st_uid, "gid": st.st_gid, "mode": st.st_mode & 0o777,
+            "value": probe_idx.VALUE, "me": os.getuid()}
+
+
+def _peek(path: str) -> str:
+    import os
+
+    try:
+        return f"listed {len(os.listdir(path))}"
+    except OSError as e:
+        return type(e).__name__
+
+
+def test_a_users_environment_comes_through_the_proxy_and_is_theirs_alone(shared, tmp_path):
+    """A package downloaded from an index host the job's integration allows comes through the
+    build's proxy (the build has no other way out); the environment is alice's: built as her uid
+    against her own uv cache, then sealed (root's files, her group's folder, 0750), so bob's jobs
+    cannot look into it; without the integration the job is refused at submit, naming host:port."""
+    srv, s = shared
+    import functools
+    import http.server
+    import threading
+
+    (tmp_path / "idx").mkdir()
+    whl = _wheel(tmp_path / "idx", "probe-idx", "VALUE = 'from-the-index'\n")
+
+    class Files(http.server.SimpleHTTPRequestHandler):  # GET and HEAD (uv asks for both), quietly
+        def log_message(self, *args):
+            pass
+
+    origin = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Files, directory=str(whl.parent)))
+    threading.Thread(target=origin.serve_forever, daemon=True).start()
+    port = origin.server_address[1]
+    url = f"http://127.0.0.1:{port}/{whl.name}"
+    mljobs.create_external_access_integration("LOCALIDX", allowed_hosts=[f"127.0.0.1:{port}"], session=s["root"])
+    try:
+        with pytest.raises(mljobs.errors.InvalidArgumentError, match=f"127.0.0.1:{port}"):
+            mljobs.remote("DEFAULT_POOL", stage_name="alice_stage", session=s["alice"],
+                          pip_requirements=[f"probe-idx @ {url}"], external_access_integrations=["PYPI_ACCESS"])(
+                _env_seen)()
+        job = mljobs.remote("DEFAULT_POOL", stage_name="alice_stage", session=s["alice"],
+                            pip_requirements=[f"probe-idx @ {url}"],
+                            external_access_integrations=["PYPI_ACCESS", "LOCALIDX"])(_env_seen)()
+        seen = job.result(timeout=300)
+        assert seen["value"] == "from-the-index"
+        assert (seen["uid"], seen["gid"], seen["mode"]) == (os.geteuid(), seen["me"], 0o750), seen
+        env = Path(seen["prefix"])
+        assert env.parent == srv.home / "envs"
+        assert all(os.lstat(p).st_uid == os.geteuid() for p in env.rglob("*")), "a file of the build kept its uid"
+        cache = srv.home / "envs-uv" / str(seen["me"])
+        st = cache.stat()
+        assert (st.st_uid, st.st_mode & 0o777) == (seen["me"], 0o700) and any(cache.iterdir())
+        _, bob_sees = _run(s["bob"], _peek, str(env), stage="bob_stage")
+        assert bob_sees == "PermissionError", bob_sees
+        _, alice_sees = _run(s["alice"], _peek, str(env), stage="alice_stage")
+        assert alice_sees.startswith("listed"), alice_sees
+    finally:
+        origin.shutdown()
+        origin.server_close()
+        mljobs.drop_external_access_integration("LOCALIDX", session=s["root"])
 
 
 def test_personal_sandbox_sees_the_persons_files_not_the_servers(tmp_path):

@@ -91,6 +91,19 @@ def test_proxy_allows_refuses_and_says_why(tmp_path, origin):
     assert not (tmp_path / egress.SOCKET).exists()
 
 
+def test_a_build_proxy_reaches_no_control_plane(tmp_path, origin):
+    """An environment build's proxy (no control plane URL): the origin on this machine is only
+    reachable when an entry names it, whichever tag the connection carries."""
+    proxy = egress.Proxy(str(tmp_path / egress.SOCKET), [], "", lambda _: None)
+    proxy.start()
+    try:
+        for tag in (egress.PROXY_TAG, egress.SERVER_TAG):
+            out = _through(proxy.path, tag, f"GET http://127.0.0.1:{origin}/x HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert out.startswith(b"HTTP/1.1 403"), out
+    finally:
+        proxy.close()
+
+
 def test_connect_tunnels_to_an_allowed_host(tmp_path, origin):
     other = f"127.0.0.1:{origin}"
     proxy = egress.Proxy(str(tmp_path / egress.SOCKET), [other], "http://127.0.0.1:1", lambda _: None)

@@ -7,7 +7,8 @@ import json
 import os
 import time
 
-from mljobs.runtime.environment import LAST_USED, META, EnvCache, EnvRequest, _explain, normalize_requirements
+from mljobs.runtime.environment import (LAST_USED, META, EnvCache, EnvRequest, _explain, index_hosts,
+                                       normalize_requirements)
 from mljobs.server.admission import _index_hosts
 from mljobs.spec import JobSpec, PayloadKind
 
@@ -67,11 +68,16 @@ def test_failure_message_names_the_requirement_first():
 
 def test_index_hosts_of_a_job():
     def hosts(reqs, env=None):
-        return _index_hosts(JobSpec("P", "s", PayloadKind.FILE, entrypoint=["a.py"], pip_requirements=reqs,
-                                    env_vars=env or {}))
+        return [label for _, _, label in _index_hosts(
+            JobSpec("P", "s", PayloadKind.FILE, entrypoint=["a.py"], pip_requirements=reqs, env_vars=env or {}))]
 
     assert hosts(["x"]) == ["pypi.org", "files.pythonhosted.org"]
     assert hosts(["x"], {"PIP_INDEX_URL": "https://pypi.corp.example/simple",
                          "PIP_EXTRA_INDEX_URL": "https://a.example/s https://b.example/s"}) == [
         "pypi.corp.example", "a.example", "b.example"]
     assert hosts(["pkg @ https://git.example/pkg.whl"]) == ["pypi.org", "files.pythonhosted.org", "git.example"]
+    # a port of its own is named (an integration names it so); a local folder reaches no host
+    assert hosts(["pkg @ http://10.0.0.5:8080/pkg.whl", "other @ file:///wheels/o.whl"],
+                 {"PIP_FIND_LINKS": "/opt/wheels"}) == ["pypi.org", "files.pythonhosted.org", "10.0.0.5:8080"]
+    assert index_hosts(["http://idx.example/simple", "https://idx.example:8443/s", "http://[fd00::1]:3141/s"]) == [
+        ("idx.example", 80, "idx.example"), ("idx.example", 8443, "idx.example:8443"), ("fd00::1", 3141, "[fd00::1]:3141")]

@@ -42,15 +42,19 @@ def test_auto_is_personal_without_users_and_shared_with_them(tmp_path, monkeypat
     if os.geteuid() == 0:  # a server as root gives each user a uid of their own
         assert box.uid == 300000 and box.user == "alice"
         assert sandbox.Policy.from_dict(shared.policy("bob")).uid == 300001
-    else:  # one that is not has no other uid to give
-        assert box.uid is None and box.user is None
-    assert sandbox.Policy.from_dict(shared.policy("alice", multinode=True)).net == "open"
+    else:  # one that is not has no other uid to give (the owner's name still picks their uv cache)
+        assert box.uid is None and box.user == "alice"
+    multi = sandbox.Policy.from_dict(shared.policy("alice", allowed=["pypi.org"], multinode=True))
+    assert multi.net == "open"  # its Ray cluster needs its peers: the payload's egress is not filtered...
+    assert multi.build_net == "proxy" and multi.allowed == ("pypi.org",)  # ...but its environment's build is
+    assert box.build_net == "proxy" and box.template().build_net == "open" and box.template().allowed == ()
     assert shared.filters_egress() and not personal.filters_egress()
 
 
 def test_egress_open_and_isolation_none(tmp_path, monkeypatch):
-    assert sandbox.Policy.from_dict(_iso(tmp_path, users=True, monkeypatch=monkeypatch, egress="open")
-                                    .policy("alice")).net == "open"
+    opened = sandbox.Policy.from_dict(_iso(tmp_path, users=True, monkeypatch=monkeypatch, egress="open")
+                                      .policy("alice", allowed=["pypi.org"]))
+    assert opened.net == opened.build_net == "open" and opened.allowed == ()
     off = _iso(tmp_path, users=True, monkeypatch=monkeypatch, isolation="none")
     assert off.policy("alice") is None and off.describe()["mode"] == "none" and "warning" in off.describe()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -82,6 +83,28 @@ def test_policy_round_trip_and_spares():
     personal = sandbox.Policy("personal", "/h")
     assert personal.template().takes(personal, [0])
     assert box.describe() == "sandbox (shared, uid 300005 (bob))" and personal.describe() == "sandbox (personal)"
+
+
+def test_a_build_runs_as_the_jobs_uid_and_out_only_through_its_proxy(tmp_path):
+    home = str(tmp_path / "home")
+    build, cache, net = str(tmp_path / "envs" / ".build-k"), str(tmp_path / "envs-uv" / "300001"), str(tmp_path / "n")
+    box = sandbox.Policy("shared", home, 300001, (), (), "alice", "open", ("pypi.org",), "proxy")
+    argv = sandbox.build_argv(box, build_dir=build, caches=[cache], python=sys.executable, net=net)
+    assert (build, build) in _pairs(argv, "--bind") and (cache, cache) in _pairs(argv, "--bind")
+    assert ["--tmpfs", home] == argv[argv.index(home) - 1:argv.index(home) + 1]
+    assert "--unshare-net" in argv and (net, sandbox.inside(home)["net"]) in _pairs(argv, "--ro-bind")
+    assert "CAP_SETUID" in argv and "CAP_SETGID" in argv  # the entry takes the uid, which drops them
+    entry = argv[argv.index("--") + 1:]
+    assert entry[:5] == [sys.executable, "-s", "-m", "mljobs.runtime.sandbox", "--build"]
+    assert entry[entry.index("--uid") + 1] == "300001" and entry[entry.index("--cwd") + 1] == build
+    assert entry[entry.index("--egress") + 1] == os.path.join(sandbox.inside(home)["net"], sandbox.BUILD_SOCKET)
+    assert entry[-1] == "--"  # the step's own command follows
+    with pytest.raises(ValueError, match="proxy"):
+        sandbox.build_argv(box, build_dir=build, caches=[cache], python=sys.executable)
+    # a server that is not root, egress open: the step runs as it is, in the build folder
+    plain = sandbox.Policy("shared", home, None, (), (), "alice")
+    argv = sandbox.build_argv(plain, build_dir=build, caches=[cache], python=sys.executable)
+    assert argv[-3:] == ["--chdir", build, "--"] and "--unshare-net" not in argv and "CAP_SETUID" not in argv
 
 
 def test_mounts_are_checked(tmp_path):

@@ -177,8 +177,10 @@ class Proxy:
 
     def __init__(self, path: str, allowed: list[str], control_url: str, log: Callable[[str], None]) -> None:
         self.path, self.allowed, self.log = path, list(allowed), log
-        parts = urlsplit(control_url)
-        self.control = (parts.hostname or "127.0.0.1", parts.port or (443 if parts.scheme == "https" else 80))
+        parts = urlsplit(control_url)  # "": none (an environment build's proxy reaches no control plane)
+        self.control: tuple[str, int] | None = (
+            (parts.hostname or "127.0.0.1", parts.port or (443 if parts.scheme == "https" else 80)) if control_url
+            else None)
         self.refused: list[str] = []
         try:
             os.unlink(path)
@@ -258,7 +260,7 @@ class Proxy:
             return
         try:
             job.settimeout(30)  # for its request head; the copy after it waits as long as it takes
-            if tag == SERVER_TAG:
+            if tag == SERVER_TAG and self.control is not None:
                 job.settimeout(None)
                 _pump(job, self._connect(*self.control))
             else:
@@ -299,7 +301,7 @@ class Proxy:
             host, port = parts.hostname, parts.port or 80
         if not self._may(host, port):
             return self._refuse(conn, host, port)
-        if self._is_control(host, port):
+        if self.control is not None and self._is_control(host, port):
             dest: tuple[str, int] = self.control
         else:
             try:
@@ -327,7 +329,8 @@ class Proxy:
         return None
 
     def _is_control(self, host: str, port: int) -> bool:
-        return port == self.control[1] and host in (self.control[0], "127.0.0.1", "localhost")
+        return self.control is not None and port == self.control[1] and host in (
+            self.control[0], "127.0.0.1", "localhost")
 
     def _may(self, host: str, port: int) -> bool:
         return self._is_control(host, port) or allows(self.allowed, host, port)

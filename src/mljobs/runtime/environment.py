@@ -4,8 +4,9 @@ A job that asks for ``pip_requirements`` (or for another interpreter than the se
 a virtual environment built by uv. The environment sees the server's own packages (its
 site-packages are added after the environment's own, so a job's pins win) and adds the
 requested ones. Environments are cached under ``$MLJOBS_HOME/envs/<key>``, the key hashing the
-normalized requirements, the interpreter and the index settings, so a repeated job starts
-without any install.
+normalized requirements, the interpreter and the index settings (and, for a shared sandbox on a
+root server, the owner's uid: such an environment is built as that uid and readable by it alone,
+docs/isolation.md), so a repeated job starts without any install.
 
 Concurrency: building takes an exclusive ``flock`` on the key's lock file, so two jobs that need
 the same new environment build it once; the build happens in a temporary folder that is renamed
@@ -36,12 +37,13 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from mljobs.errors import EnvironmentBuildError
 
 __all__ = [
     "EnvRequest", "EnvCache", "EnvironmentBuildError", "normalize_requirements", "find_interpreter",
-    "interpreter_version", "is_server_python", "available_versions", "index_settings", "INDEX_VARS", "uv_binary",
+    "interpreter_version", "is_server_python", "available_versions", "index_settings", "index_hosts", "server_index_hosts", "INDEX_VARS", "uv_binary",
 ]
 
 MIN_PYTHON = (3, 10)
@@ -105,6 +107,39 @@ def requirement_names(requirements: Iterable[str]) -> list[str]:
 def index_settings(env_vars: dict[str, str]) -> dict[str, str]:
     """The index-related variables of a job's ``env_vars`` (what the install must honour)."""
     return {k: v for k, v in env_vars.items() if k in INDEX_VARS or k.startswith("UV_")}
+
+
+def index_hosts(urls: Iterable[str]) -> list[tuple[str, int, str]]:
+    """The hosts that index URLs (or bare host names) reach: ``(host, port, label)``, the label
+    ``host`` for a scheme's own port and ``host:port`` for another (how an integration names it);
+    pypi.org brings files.pythonhosted.org, where its files live. Local folders reach no host."""
+    out: list[tuple[str, int, str]] = []
+    for u in urls:
+        u = u.strip()
+        if not u or u.startswith(("/", "file:", ".")):
+            continue
+        parts = urlsplit(u if "://" in u else f"https://{u}")
+        try:
+            host, explicit = parts.hostname, parts.port
+        except ValueError:  # a port that is not a number: nothing this names can be reached
+            continue
+        if not host:
+            continue
+        default = 80 if parts.scheme == "http" else 443
+        port = explicit or default
+        name = f"[{host}]" if ":" in host else host  # an IPv6 address, bracketed as integrations name it
+        found = [(host, port, host if port == default else f"{name}:{port}")]
+        if host == "pypi.org":
+            found.append(("files.pythonhosted.org", 443, "files.pythonhosted.org"))
+        out += [h for h in found if h not in out]
+    return out
+
+
+def server_index_hosts() -> list[str]:
+    """What the server's own index settings reach, as integration entries (admins named them;
+    a sandboxed build may reach them whatever the job's integrations)."""
+    return [f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
+            for h, p, _ in index_hosts(v for k in INDEX_VARS for v in os.environ.get(k, "").split())]
 
 
 # -- interpreters -------------------------------------------------------------------------------
@@ -222,6 +257,9 @@ class EnvRequest:
     index: dict[str, str] = dataclasses.field(default_factory=dict)
     runtime_packages: list[str] = dataclasses.field(default_factory=list)  # e.g. cloudpickle==3.1.1
     ship_runtime: bool = False  # copy mljobs itself in (another interpreter than the server's)
+    # the job owner's uid on a root server with users: the environment is theirs alone (built as
+    # that uid, readable by no other job's uid); None: shared by every job that asks the same
+    uid: int | None = None
 
     @property
     def same_interpreter(self) -> bool:
@@ -234,6 +272,8 @@ class EnvRequest:
             "base": sys.prefix if self.same_interpreter else None,
             "mljobs": _mljobs_fingerprint() if self.ship_runtime else None,
         }
+        if self.uid is not None:  # (absent otherwise: the keys of shared environments stay as they were)
+            ident["uid"] = self.uid
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
 
     def to_dict(self) -> dict[str, Any]:
@@ -260,6 +300,18 @@ def _dir_size(path: Path) -> int:
             except OSError:
                 pass
     return total
+
+
+def _seal(path: Path, uid: int) -> None:
+    """A user's environment, once built: every file the server's (no job can change one), the
+    top folder readable by the owner's group only (their jobs run as uid:uid; no other job's
+    uid can look in)."""
+    me, group = os.geteuid(), os.getegid()
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            os.chown(os.path.join(root, name), me, group, follow_symlinks=False)
+    os.chown(path, me, uid)
+    os.chmod(path, 0o750)
 
 
 @dataclasses.dataclass
@@ -341,6 +393,9 @@ class EnvCache:
             if req.same_interpreter and not server_in_venv:
                 venv.insert(2, "--system-site-packages")  # the server's packages are the interpreter's
             tmp.mkdir(parents=True)  # a sandboxed build binds it
+            if req.uid is not None:  # built as the job's uid (sandbox.build_argv), seen by no other
+                os.chown(tmp, req.uid, req.uid)
+                os.chmod(tmp, 0o700)
 
             def step(cmd: list[str], what: str, reqs: list[str] | None = None) -> None:
                 self._run(*(wrap(cmd, env, str(tmp)) if wrap else (cmd, env)), log, deadline, what, reqs)
@@ -370,6 +425,8 @@ class EnvCache:
                     "python": req.python, "python_version": interpreter_version(req.python),
                     "index": req.index, "created": time.time(), "size_bytes": _dir_size(tmp)}
             (tmp / META).write_text(json.dumps(meta))
+            if req.uid is not None:
+                _seal(tmp, req.uid)
             shutil.rmtree(final, ignore_errors=True)  # a stale half-removed leftover
             os.rename(tmp, final)
         finally:

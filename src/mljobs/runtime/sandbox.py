@@ -39,7 +39,7 @@ from mljobs.runtime import entry
 # also what a sandboxed spare runs (main), and each import costs every job's spare CPU time
 
 __all__ = ["Policy", "probe", "inside", "spare_slot", "payload_argv", "payload_env", "write_passwd", "own_for",
-           "take_result", "parse_mounts", "build_argv", "build_env", "main"]
+           "take_result", "parse_mounts", "build_argv", "build_env", "build_main", "main"]
 
 MODES = ("personal", "shared")
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
@@ -67,19 +67,21 @@ class Policy:
     uid: int | None = None  # the job's identity (shared mode, server as root); None: the server's own
     mounts: tuple[tuple[str, bool], ...] = ()  # (path, writable): what an admin lets jobs of a pool see
     readable: tuple[str, ...] = ()  # the environment cache and other folders the payload reads
-    user: str | None = None  # the job owner's name (USER, LOGNAME) where the uid is one of ours
+    user: str | None = None  # the job owner's name (shared mode): USER and LOGNAME where the uid is one of ours
     net: str = "open"  # "open": the host's network; "proxy": its own, out only through mljobs.runtime.egress
-    allowed: tuple[str, ...] = ()  # with "proxy": the hosts the job's external access integrations allow
+    allowed: tuple[str, ...] = ()  # with a "proxy": the hosts the job's external access integrations allow
+    build_net: str = "open"  # the same for its environment's build (a multi-node payload's net is "open")
 
     def to_dict(self) -> dict[str, Any]:
         return {"mode": self.mode, "home": self.home, "uid": self.uid,
                 "mounts": [list(m) for m in self.mounts], "readable": list(self.readable), "user": self.user,
-                "net": self.net, "allowed": list(self.allowed)}
+                "net": self.net, "allowed": list(self.allowed), "build_net": self.build_net}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Policy:
         return cls(d["mode"], d["home"], d.get("uid"), tuple((str(p), bool(w)) for p, w in d.get("mounts") or ()),
-                   tuple(d.get("readable") or ()), d.get("user"), d.get("net", "open"), tuple(d.get("allowed") or ()))
+                   tuple(d.get("readable") or ()), d.get("user"), d.get("net", "open"), tuple(d.get("allowed") or ()),
+                   d.get("build_net", "open"))
 
     def describe(self) -> str:
         who = f", uid {self.uid}" + (f" ({self.user})" if self.user else "") if self.uid is not None else ""
@@ -89,7 +91,7 @@ class Policy:
     def template(self) -> Policy:
         """What a payload process started ahead of its job (a spare) is made with: all but the uid,
         which it takes when its launch record comes."""
-        return dataclasses.replace(self, uid=None, user=None, allowed=())
+        return dataclasses.replace(self, uid=None, user=None, allowed=(), build_net="open")
 
     def takes(self, job: Policy, gpus: list[int] | None) -> bool:
         """Whether a spare made with this template can run ``job``'s payload (a shared sandbox
@@ -259,14 +261,20 @@ BUILD_ENV = ("PATH", "LANG", "LANGUAGE", "TZ", "SSL_CERT_FILE", "SSL_CERT_DIR", 
              "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy")
 
 
-def build_argv(policy: Policy, *, build_dir: str, caches: list[str], python: str) -> list[str]:
-    """The bwrap prefix that runs an environment build (uv, and whatever a package's build code
-    starts) for a job of a shared sandbox: the system folders, the interpreters and the pool's
-    mounts read-only; writable only the environment being built and uv's cache; ``MLJOBS_HOME``
-    (the store, every job's folders) a fresh tmpfs; its own PID and IPC namespaces, no
-    capabilities. The network is the host's: the index hosts were checked at submit."""
+def build_argv(policy: Policy, *, build_dir: str, caches: list[str], python: str, net: str | None = None
+               ) -> list[str]:
+    """The command line prefix that runs one step of an environment build (uv, and whatever a
+    package's build code starts) for a job of a shared sandbox: the system folders, the
+    interpreters and the pool's mounts read-only; writable only the environment being built and
+    the job owner's uv cache; ``MLJOBS_HOME`` (the store, every job's folders) a fresh tmpfs; its
+    own PID and IPC namespaces, no capabilities but those the entry drops at once. Through the
+    build entry (:func:`build_main`), the step runs as the job's uid where it has one, and with
+    ``build_net == "proxy"`` in a network namespace of its own whose one way out is the proxy on
+    the Unix socket in ``net`` (the job's integrations and the server's own indexes)."""
     b = _Argv(_bwrap())
     b.a += ["--die-with-parent", "--unshare-pid", "--unshare-ipc", "--cap-drop", "ALL"]
+    if policy.uid is not None:
+        b.a += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     b.system()
     interpreter = os.path.dirname(os.path.dirname(os.path.realpath(python)))
     for p in sorted({*interpreter_paths(), interpreter}, key=len):
@@ -278,7 +286,22 @@ def build_argv(policy: Policy, *, build_dir: str, caches: list[str], python: str
     for p in [*caches, build_dir]:
         os.makedirs(p, exist_ok=True)
         b.mount("--bind", p, p)
-    return b.a + ["--chdir", build_dir, "--"]
+    entry_argv = [sys.executable, "-s", "-m", "mljobs.runtime.sandbox", "--build"]
+    if policy.uid is not None:
+        entry_argv += ["--uid", str(policy.uid)]
+    if policy.build_net == "proxy":
+        if net is None:
+            raise ValueError("a build whose egress goes through a proxy needs the proxy's folder (net)")
+        b.a.append("--unshare-net")
+        b.mount("--ro-bind", net, inside(policy.home)["net"])
+        entry_argv += ["--egress", os.path.join(inside(policy.home)["net"], BUILD_SOCKET)]
+    if policy.uid is None and policy.build_net != "proxy":  # nothing for the entry to do: the step runs as it is
+        return b.a + ["--chdir", build_dir, "--"]
+    # the entry moves into the build folder once it is the job's uid (the folder is that uid's, 0700)
+    return b.a + ["--chdir", "/", "--", *entry_argv, "--cwd", build_dir, "--"]
+
+
+BUILD_SOCKET = "build-egress.sock"
 
 
 def build_env(env: dict[str, str], cache: str) -> dict[str, str]:
@@ -287,6 +310,27 @@ def build_env(env: dict[str, str], cache: str) -> dict[str, str]:
     out = {k: v for k, v in env.items() if k in BUILD_ENV or k.startswith(("UV_", "PIP_", "LC_"))}
     out.update(HOME="/tmp", UV_CACHE_DIR=cache)
     return out
+
+
+def build_main(argv: list[str]) -> None:
+    """Inside a build's sandbox (``--build [--uid N] [--egress SOCKET] --cwd DIR -- CMD...``): take
+    the job's uid, start the forwarder to the build's proxy, then become the build step in DIR."""
+    cmd = argv[argv.index("--") + 1:]
+    opts = argv[:argv.index("--")]
+    uid = int(opts[opts.index("--uid") + 1]) if "--uid" in opts else None
+    if uid is not None:
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+    elif _capabilities():
+        raise PermissionError("a build sandbox that holds capabilities got no uid to run as")
+    if "--egress" in opts:
+        from mljobs.runtime import egress
+
+        _start_forwarder(opts[opts.index("--egress") + 1], "")
+        os.environ.update(egress.job_env(""))
+    os.chdir(opts[opts.index("--cwd") + 1])
+    os.execvp(cmd[0], cmd)
 
 
 def write_passwd(path: Path, policy: Policy) -> None:
@@ -418,4 +462,7 @@ def parse_mounts(value: Any, pool: str = "", local: bool = True) -> tuple[tuple[
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--build"]:
+        build_main(sys.argv[2:])
+    else:
+        main()

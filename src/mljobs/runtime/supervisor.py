@@ -27,7 +27,6 @@ import secrets
 import selectors
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -649,47 +648,95 @@ def _prepare_environment(launch: dict[str, Any], log: _LogWriter) -> environment
     cache = environment.EnvCache(spec["cache_dir"], int(spec["max_bytes"]))
     old = {sig: signal.signal(sig, _raise_cancelled) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     box = sandbox.Policy.from_dict(launch["sandbox"]) if launch.get("sandbox") else None
-    wrap = _build_sandbox(box, req) if box is not None and box.mode == "shared" else None
+    build = None
+    if box is not None and box.mode == "shared":
+        if box.uid is not None:  # the owner's own environment, built as their uid
+            req = dataclasses.replace(req, uid=box.uid)
+        build = _BuildSandbox(box, req, cache.root, Path(launch["run_dir"]), log)
     try:
         env = cache.ensure(req, lambda text: log.feed(logformat.SYS, (text + "\n").encode()),
-                           float(spec["timeout_s"]), wrap)
+                           float(spec["timeout_s"]), build.wrap if build is not None else None)
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+        if build is not None:
+            build.close()
     log.system(f"environment {env.key} " + ("reused from the cache" if env.cached else "built")
                + f" in {env.seconds:.2f} s")
     launch["python"] = env.python
     return env
 
 
-def _build_sandbox(box: sandbox.Policy, req: environment.EnvRequest) -> environment.Wrap:
-    """A shared job's environment is built in a sandbox (sandbox.build_argv): a package's build code
-    sees neither the server's state nor its variables. uv's cache stays writable, and the index
-    folders on this machine (``find-links`` or ``file://`` indexes) readable."""
-    uv = environment.uv_binary()
-    cache = os.environ.get("UV_CACHE_DIR") or subprocess.run(
-        [uv, "cache", "dir"], capture_output=True, text=True, check=True).stdout.strip()
-    # the index folders are the server's own settings, never a job's variables (a job naming "/"
-    # or "/proc" would have them bound); and never / itself, the kernel's folders or MLJOBS_HOME
-    home = os.path.realpath(box.home)
-    refused = ("/proc", "/sys", "/dev", home)
+class _BuildSandbox:
+    """How a shared job's environment is built (sandbox.build_argv): a package's build code sees
+    neither the server's state nor its variables, runs as the job's uid (where it has one), writes
+    only the environment being built and its owner's own uv cache, and (``build_net == "proxy"``)
+    reaches only the hosts the job's integrations and the server's own index settings name, through
+    a proxy started at the first step. The index folders on this machine (``find-links`` or
+    ``file://`` indexes of the server's settings) are readable. Made at the first step: a job whose
+    environment is cached pays nothing for it."""
 
-    def allowed(path: str) -> bool:  # judged by where it leads; bound by its name (uv is given the name)
-        real = os.path.realpath(path)
-        return os.path.isdir(real) and real != "/" and not home.startswith(real.rstrip("/") + "/") and not any(
-            real == r or real.startswith(r.rstrip("/") + "/") for r in refused)
+    def __init__(self, box: sandbox.Policy, req: environment.EnvRequest, cache_root: Path, run_dir: Path,
+                 log: _LogWriter) -> None:
+        self.box, self.req, self.cache_root, self.run_dir, self.log = box, req, cache_root, run_dir, log
+        self.policy: sandbox.Policy | None = None
+        self.uv_cache = ""
+        self.proxy: egress.Proxy | None = None
 
-    local = {os.path.normpath(v.removeprefix("file://")) for k in environment.INDEX_VARS
-             for v in os.environ.get(k, "").split() if v.startswith(("/", "file:///"))}
-    extra = tuple((p, False) for p in sorted(local) if allowed(p))
-    extra += ((os.path.dirname(os.path.realpath(uv)), False),)  # uv itself, wherever it is installed
-    policy = dataclasses.replace(box, mounts=box.mounts + extra)
+    def _prepare(self) -> sandbox.Policy:
+        box = self.box
+        self.uv_cache = user_uv_cache(self.cache_root, box)
+        uv = environment.uv_binary()
+        # the index folders are the server's own settings, never a job's variables (a job naming "/"
+        # or "/proc" would have them bound); and never / itself, the kernel's folders or MLJOBS_HOME
+        home = os.path.realpath(box.home)
+        refused = ("/proc", "/sys", "/dev", home)
 
-    def wrap(cmd: list[str], env: dict[str, str], build_dir: str) -> tuple[list[str], dict[str, str]]:
-        inner = sandbox.build_env(env, cache)
-        return sandbox.build_argv(policy, build_dir=build_dir, caches=[cache], python=req.python) + cmd, inner
+        def allowed(path: str) -> bool:  # judged by where it leads; bound by its name (uv is given the name)
+            real = os.path.realpath(path)
+            return os.path.isdir(real) and real != "/" and not home.startswith(real.rstrip("/") + "/") and not any(
+                real == r or real.startswith(r.rstrip("/") + "/") for r in refused)
 
-    return wrap
+        local = {os.path.normpath(v.removeprefix("file://")) for k in environment.INDEX_VARS
+                 for v in os.environ.get(k, "").split() if v.startswith(("/", "file:///"))}
+        extra = tuple((p, False) for p in sorted(local) if allowed(p))
+        extra += ((os.path.dirname(os.path.realpath(uv)), False),)  # uv itself, wherever it is installed
+        policy = dataclasses.replace(box, mounts=box.mounts + extra)
+        if policy.build_net == "proxy":
+            net = self.run_dir / "build-net"
+            net.mkdir(exist_ok=True)
+            hosts = [*policy.allowed, *environment.server_index_hosts()]
+            self.proxy = egress.Proxy(str(net / sandbox.BUILD_SOCKET), hosts, "",
+                                      lambda text: self.log.system(text + " (environment build)"))
+            self.proxy.start()
+        return policy
+
+    def wrap(self, cmd: list[str], env: dict[str, str], build_dir: str) -> tuple[list[str], dict[str, str]]:
+        if self.policy is None:
+            self.policy = self._prepare()
+        net = str(self.run_dir / "build-net") if self.proxy is not None else None
+        argv = sandbox.build_argv(self.policy, build_dir=build_dir, caches=[self.uv_cache], python=self.req.python,
+                                  net=net)
+        return argv + cmd, sandbox.build_env(env, self.uv_cache)
+
+    def close(self) -> None:
+        if self.proxy is not None:
+            self.proxy.close()
+            shutil.rmtree(self.run_dir / "build-net", ignore_errors=True)
+
+
+def user_uv_cache(cache_root: Path, box: sandbox.Policy) -> str:
+    """The uv cache a shared job's build writes: its owner's own, beside the environment cache
+    (under no folder a job sees), so that one user's build cannot plant a wheel that another
+    user's build installs. On a root server it is the owner uid's, and no other uid may enter it."""
+    top = Path(f"{cache_root}-uv")
+    top.mkdir(mode=0o711, parents=True, exist_ok=True)
+    name = str(box.uid) if box.uid is not None else (box.user or "shared")
+    path = top / name.replace("/", "_")
+    path.mkdir(mode=0o700, exist_ok=True)
+    if box.uid is not None and path.stat().st_uid != box.uid:
+        os.chown(path, box.uid, box.uid)
+    return str(path)
 
 
 def main(argv: list[str] | None = None, spare: Spare | None = None) -> int:

@@ -3,14 +3,12 @@ quotas) and what recording it writes (the job's row, its payload on the stage)."
 
 from __future__ import annotations
 
-import fnmatch
 import importlib.util
 import logging
 import os
 import sys
 import time
 from typing import IO, Any
-from urllib.parse import urlsplit
 
 import cloudpickle
 
@@ -18,6 +16,7 @@ from mljobs import trace
 from mljobs.errors import InvalidArgumentError, NotFoundError, PermissionDeniedError, VersionMismatchError
 from mljobs.paths import StagePaths
 from mljobs.providers.base import UnsupportedError
+from mljobs.runtime import egress
 from mljobs.runtime import environment as envs
 from mljobs.runtime.launcher import check_versions
 from mljobs.server.auth import Principal
@@ -56,8 +55,7 @@ class Admission:
         if not (spec.pip_requirements and (self.settings.strict_egress or self.isolation.filters_egress())):
             return  # installs follow the job's integrations too where its payload's network does
         allowed = [h for n in names for h in known[n]]
-        hosts = _index_hosts(spec)
-        denied = [h for h in hosts if not any(fnmatch.fnmatch(h, pat) for pat in allowed)]
+        denied = [label for host, port, label in _index_hosts(spec) if not egress.allows(allowed, host, port)]
         if denied:
             hint = ("external_access_integrations=['PYPI_ACCESS']" if set(denied) <= set(PYPI_ACCESS[1]) else
                     f"an integration that allows them: create_external_access_integration('MY_INDEX', "
@@ -262,8 +260,9 @@ class Admission:
             self._check_egress(spec)
 
 
-def _index_hosts(spec: JobSpec) -> list[str]:
-    """The hosts an install for ``spec`` would reach: its indexes and any direct-URL requirements."""
+def _index_hosts(spec: JobSpec) -> list[tuple[str, int, str]]:
+    """The hosts an install for ``spec`` would reach (its indexes and any direct-URL requirements),
+    as :func:`mljobs.runtime.environment.index_hosts` gives them."""
     env = spec.env_vars
     urls = [env.get("UV_DEFAULT_INDEX") or env.get("UV_INDEX_URL") or env.get("PIP_INDEX_URL") or DEFAULT_INDEX]
     for var in ("PIP_EXTRA_INDEX_URL", "UV_EXTRA_INDEX_URL", "UV_INDEX", "PIP_FIND_LINKS", "UV_FIND_LINKS"):
@@ -274,11 +273,4 @@ def _index_hosts(spec: JobSpec) -> list[str]:
             urls.append(r.split(None, 1)[-1].lstrip("=").strip())
         elif "@" in r and "://" in r:
             urls.append(r.split("@", 1)[1].strip())
-    hosts = []
-    for u in urls:
-        host = urlsplit(u if "://" in u else f"https://{u}").hostname
-        if host and host not in hosts:
-            hosts.append(host)
-        if host == "pypi.org" and "files.pythonhosted.org" not in hosts:
-            hosts.append("files.pythonhosted.org")  # where pypi.org's files live
-    return hosts
+    return envs.index_hosts(urls)

@@ -109,9 +109,10 @@ class Isolation:
         except ValueError as e:
             raise SandboxError(f"the job's sandbox cannot be made: {e}. An admin fixes the pool's mounts "
                                f"(alter_compute_pool), or the server runs without isolation ({NO_ISOLATION})") from None
-        net = "proxy" if mode == "shared" and self.egress == "integrations" and not multinode else "open"
-        return sandbox.Policy(mode, self.home, uid, binds, self.readable, owner if uid is not None else None, net,
-                              tuple(allowed or ()) if net == "proxy" else ()).to_dict()
+        filtered = mode == "shared" and self.egress == "integrations"
+        net = "proxy" if filtered and not multinode else "open"  # a multi-node payload's Ray needs its peers
+        return sandbox.Policy(mode, self.home, uid, binds, self.readable, owner if mode == "shared" else None, net,
+                              tuple(allowed or ()) if filtered else (), "proxy" if filtered else "open").to_dict()
 
     def describe(self) -> dict[str, Any]:
         """For /health and ``mljobs server status``."""
