@@ -2,10 +2,12 @@
 
     python bench/definitions.py [--runs 40] [--queued 200] [--ticks 30] [--json FILE]
 
-1. Submit -> result of a trivial function: a plain ``@remote`` call (pickles and uploads the
-   function with its arguments) against a call of the same function registered once
-   (``MLJobDefinition.register``: only the arguments travel), alternating call by call on one
-   server (ABAB, same machine state). Prints p50/p90 of each and the ratio.
+1. Submit -> result of a trivial function, three ways alternating call by call on one server
+   (same machine state): ``upload`` pickles and uploads the function with its arguments at each
+   call (what ``@remote`` did before it registered lazily, and still does for arguments over
+   ``REMOTE_CALL_BYTES``); ``remote``, a ``@remote`` call (registered at its first call: only the
+   arguments travel after); ``definition``, a call of the function registered by name
+   (``MLJobDefinition.register``). Prints p50/p90 of each and the ratios to ``upload``.
 2. Tick lateness: a 1 s schedule (``concurrency="allow"``) fires for ``--ticks`` seconds while
    ``--queued`` jobs wait in another (suspended) pool's queue; lateness is each run's
    ``created_time`` minus its ``scheduled_tick``. Prints p50/p99.
@@ -68,25 +70,37 @@ def main() -> None:
     out: dict[str, object] = {}
     try:
         s = mljobs.Session(url=srv.url)
+        import mljobs.client.definitions as client_defs
+
         plain = mljobs.remote("DEFAULT_POOL", stage_name="bench", session=s)(trivial)
         defn = mljobs.MLJobDefinition.register(trivial, "DEFAULT_POOL", "bench", session=s)
+
+        def upload(i: int) -> mljobs.MLJob:  # every call's arguments "too large": the whole call uploaded
+            saved, client_defs.REMOTE_CALL_BYTES = client_defs.REMOTE_CALL_BYTES, -1
+            try:
+                return plain(i)
+            finally:
+                client_defs.REMOTE_CALL_BYTES = saved
+
+        ways = [("upload", upload), ("remote", plain), ("definition", defn)]
         for i in range(3):
-            plain(i).result()
-            defn(i).result()
-        lat: dict[str, list[float]] = {"remote": [], "definition": []}
+            for _, fn in ways:
+                fn(i).result()
+        lat: dict[str, list[float]] = {label: [] for label, _ in ways}
         for i in range(a.runs):
-            for label, fn in (("remote", plain), ("definition", defn)) if i % 2 == 0 else (
-                    ("definition", defn), ("remote", plain)):
+            for label, fn in ways[i % 3:] + ways[:i % 3]:
                 t = time.perf_counter()
                 assert fn(i).result() == i
                 lat[label].append((time.perf_counter() - t) * 1e3)
         for label, xs in lat.items():
             out[f"{label}_p50_ms"], out[f"{label}_p90_ms"] = statistics.median(xs), pct(xs, 0.9)
-        out["definition_vs_remote_p50"] = out["definition_p50_ms"] / out["remote_p50_ms"]  # type: ignore[operator]
+        out["remote_vs_upload_p50"] = out["remote_p50_ms"] / out["upload_p50_ms"]  # type: ignore[operator]
+        out["definition_vs_upload_p50"] = out["definition_p50_ms"] / out["upload_p50_ms"]  # type: ignore[operator]
         print(f"submit -> result, {a.runs} calls each, alternating on one server:")
         for label in lat:
             print(f"  {label:<11} p50 {out[f'{label}_p50_ms']:6.1f} ms   p90 {out[f'{label}_p90_ms']:6.1f} ms")
-        print(f"  definition / remote p50: {out['definition_vs_remote_p50']:.2f}x")
+        print(f"  remote / upload p50: {out['remote_vs_upload_p50']:.2f}x; "
+              f"definition / upload p50: {out['definition_vs_upload_p50']:.2f}x")
 
         # -- tick lateness with a queue elsewhere ---------------------------------------------
         mljobs.create_compute_pool("QUEUE", instance_family="CPU_X64_XS", max_nodes=1, session=s)

@@ -63,6 +63,64 @@ def test_a_function_definition_is_uploaded_once_and_called_many_times(session, s
     assert not list(_stage_dir(server).glob("_definitions/*/ADD/*"))
 
 
+OFFSET = 0
+
+
+def shifted(a: int) -> int:
+    return a + OFFSET
+
+
+def test_remote_uploads_each_version_of_its_function_once(lite, sqlite_server, monkeypatch):
+    """``@remote`` registers its function lazily: 20 calls upload it once (its pickle is on the
+    stage once, linked into every job); a changed global is a new version, uploaded once more;
+    only a few versions are kept; large arguments travel with the function, as one upload."""
+    import sys
+
+    from mljobs.server.definitions import KEEP_REMOTE
+
+    f = mljobs.remote("DEFAULT_POOL", stage_name="LAZY", session=lite)(shifted)
+    jobs = [f(i) for i in range(20)]
+    assert [j.result(timeout=120) for j in jobs] == list(range(20))
+    stage = _stage_dir(sqlite_server, "LAZY")
+    kept = list(stage.glob("_definitions/*/_REMOTE_SHIFTED_*/*/app/function.pkl"))
+    assert len(kept) == 1, kept
+    assert kept[0].stat().st_nlink >= 1 + 20
+    assert all((stage / j.id / "app" / "function.pkl").samefile(kept[0]) for j in jobs)
+    info = jobs[0]._refresh()
+    assert info["definition_name"] is None and "_REMOTE_" not in str(info["name"])  # a job as before
+    assert list(mljobs.list_definitions(session=lite).index) == []  # not listed: @remote's own
+    assert not f.registered  # not a named definition: schedules need one
+    with pytest.raises(InvalidArgumentError, match="registered definition"):
+        mljobs.create_schedule("NOPE", f, every="1h", args=(1,), session=lite)
+    with pytest.raises(InvalidArgumentError, match="missing a required argument"):
+        f()
+
+    module = sys.modules[shifted.__module__]
+    monkeypatch.setattr(module, "OFFSET", 100)  # the job sees the global as it is at the call
+    assert f(1).result(timeout=60) == 101
+    assert len(list(stage.glob("_definitions/*/_REMOTE_SHIFTED_*/*/app/function.pkl"))) == 2
+    for k in range(KEEP_REMOTE):  # more versions than are kept: the oldest go
+        monkeypatch.setattr(module, "OFFSET", 1000 + k)
+        assert f(1).result(timeout=60) == 1001 + k
+    assert len(list(stage.glob("_definitions/*/_REMOTE_SHIFTED_*"))) == KEEP_REMOTE
+    assert jobs[0].result() == 0  # a job keeps its own files
+    # a version removed under a client that called it: registered again on the next call
+    latest = max(stage.glob("_definitions/*/_REMOTE_SHIFTED_*"), key=lambda p: p.stat().st_mtime).name
+    mljobs.get_definition(latest, session=lite).delete()
+    assert f(2).result(timeout=60) == 2 + 1000 + KEEP_REMOTE - 1
+
+    @mljobs.remote("DEFAULT_POOL", stage_name="LAZY", session=lite)
+    def size_of(data: bytes) -> int:
+        return len(data)
+
+    assert size_of(b"x" * (5 << 20)).result(timeout=120) == 5 << 20  # over REMOTE_CALL_BYTES: one upload
+    assert not list(stage.glob("_definitions/*/_REMOTE_SIZE_OF_*"))
+    assert size_of(b"small").result(timeout=60) == 5
+    assert len(list(stage.glob("_definitions/*/_REMOTE_SIZE_OF_*"))) == 1
+    with pytest.raises(InvalidArgumentError, match="_REMOTE_"):
+        mljobs.MLJobDefinition.register(shifted, "DEFAULT_POOL", "LAZY", name="_remote_mine", session=lite)
+
+
 def test_default_args_and_script_definitions(session, tmp_path):
     script = tmp_path / "echo_args.py"
     script.write_text("import sys\n__return__ = sys.argv[1:]\n")

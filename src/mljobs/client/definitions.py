@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
 import inspect
 import json
 import os
 import re
+import sys
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,7 +20,7 @@ from mljobs.client import payload as pl
 from mljobs.client.job import MLJob
 from mljobs.client.jobs import _entrypoint, _options, _refuse_notebook, _submit, send_large
 from mljobs.client.session import Session, get_active_session
-from mljobs.errors import InvalidArgumentError, LocalFileNotFoundError
+from mljobs.errors import ConflictError, InvalidArgumentError, LocalFileNotFoundError, NotFoundError
 from mljobs.spec import JobSpec, PayloadKind
 
 if TYPE_CHECKING:
@@ -31,6 +33,9 @@ R = TypeVar("R")
 LIST_DEFINITIONS_COLUMNS = ["payload_kind", "compute_pool", "stage_name", "entrypoint", "args", "target_instances",
                             "parallel", "max_retries", "version", "owner", "created_time", "updated_time"]
 _NOT_NAME = re.compile(r"[^A-Za-z0-9_$]")
+REMOTE_PREFIX = "_REMOTE_"  # @remote's definitions (mljobs.server.definitions.REMOTE_PREFIX)
+REMOTE_CALL_BYTES = 4 << 20  # larger pickled arguments travel with the function, as one upload
+_REMOTE_KNOWN: set[str] = set()  # @remote definitions this process registered or called
 
 
 def _signature_params(sig: inspect.Signature, covered: set[str]) -> list[dict[str, Any]]:
@@ -53,9 +58,10 @@ def _signature(params: list[dict[str, Any]]) -> inspect.Signature:
                               for p in params], __validate_parameters__=False)
 
 
-def encode_call(sig: inspect.Signature, qualname: str, session_param: str | None, args: tuple[Any, ...],
-                kwargs: dict[str, Any]) -> str:
-    """A function definition's call, checked against its signature and pickled (base64)."""
+def _bind(sig: inspect.Signature, qualname: str, session_param: str | None, args: tuple[Any, ...],
+          kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A call checked against ``sig``: its positional-only arguments, and the rest by keyword (so
+    the job can fill in its session: a Session passed for ``session_param`` travels as None)."""
     try:
         bound = sig.bind(*args, **kwargs)
     except TypeError as e:
@@ -64,15 +70,51 @@ def encode_call(sig: inspect.Signature, qualname: str, session_param: str | None
         bound.arguments[session_param] = None  # the job gets its own session
     positional = [p.name for p in sig.parameters.values() if p.kind == p.POSITIONAL_ONLY]
     pos = tuple(bound.arguments[n] for n in positional if n in bound.arguments)
-    kw = {k: v for k, v in bound.arguments.items() if k not in positional}
-    pickled = pl.pickle_args(qualname, pos, kw)
-    return base64.b64encode(pickled).decode()
+    return pos, {k: v for k, v in bound.arguments.items() if k not in positional}
+
+
+def encode_call(sig: inspect.Signature, qualname: str, session_param: str | None, args: tuple[Any, ...],
+                kwargs: dict[str, Any]) -> str:
+    """A function definition's call, checked against its signature and pickled (base64)."""
+    pos, kw = _bind(sig, qualname, session_param, args, kwargs)
+    return base64.b64encode(pl.pickle_args(qualname, pos, kw)).decode()
+
+
+def remote_name(fn_name: str, fn_pickle: bytes, spec: JobSpec, signature: list[dict[str, Any]],
+                imports: Sequence[Any] | None) -> str:
+    """The name ``@remote`` registers a function under: ``_REMOTE_<FUNCTION>_<hash>``, the hash of
+    all the definition holds (the pickled function with its globals, its imports' files, its
+    options), so an edited function or a changed global makes a new one and nothing else does."""
+    h = hashlib.sha256(fn_pickle)
+    h.update(json.dumps([spec.to_dict(), signature, pl.manifest(pl.import_entries(imports))], sort_keys=True,
+                        default=str).encode())
+    fn = _NOT_NAME.sub("_", fn_name).upper()[:64]
+    return f"{REMOTE_PREFIX}{fn}_{h.hexdigest()[:20].upper()}"
+
+
+def _post_definition(session: Session, name: str, spec: JobSpec, signature: list[dict[str, Any]] | None,
+                     tar: bytes | None, upload: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+    data = {"name": name, "spec": json.dumps(spec.to_dict()), "overwrite": json.dumps(bool(overwrite))}
+    if signature is not None:
+        data["signature"] = json.dumps(signature)
+    if upload is not None:
+        data["upload"] = upload
+    files = {"payload": ("payload.tar", tar, "application/x-tar")} if tar is not None else None
+    return session.request("POST", "/definitions", data=data, files=files).json()
+
+
+def _call_definition(session: Session, name: str, body: dict[str, Any]) -> MLJob:
+    info = session.request("POST", f"/definitions/{name}/jobs", json=body,
+                           headers={"Idempotency-Key": uuid.uuid4().hex}).json()
+    return MLJob(info["id"], session, info)
 
 
 class MLJobDefinition(Generic[P, R]):
-    """A job you call: ``@remote`` makes one of a function (each call uploads it with its arguments);
-    :meth:`register` keeps one on the server (its payload uploaded once; each call sends only its
-    arguments). Call a function's with its arguments, a script's with ``args=[...]``."""
+    """A job you call. ``@remote`` makes one of a function, registered lazily: its first call
+    uploads the function (once for each version of it: an edited function or a changed global is
+    uploaded again), later calls send only their arguments. :meth:`register` keeps one on the
+    server under a name (for :func:`get_definition` and schedules). Call a function's with its
+    arguments, a script's with ``args=[...]``."""
 
     def __init__(self, fn: Callable[P, R] | None = None, options: dict[str, Any] | None = None,
                  imports: Sequence[Any] | None = None, session: Session | None = None, *,
@@ -130,28 +172,38 @@ class MLJobDefinition(Generic[P, R]):
             if isinstance(given, str) or (given is not None and not isinstance(given, (list, tuple))):
                 raise InvalidArgumentError(f"args must be a list of strings, got {given!r}")
             body = {"args": [str(a) for a in given]} if given is not None else {}
-        info = session.request("POST", f"/definitions/{self._info['name']}/jobs", json=body,
-                               headers={"Idempotency-Key": uuid.uuid4().hex}).json()
-        return MLJob(info["id"], session, info)
+        return _call_definition(session, self._info["name"], body)
 
     def _submit_unregistered(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> MLJob:
+        """``@remote``'s call: the function registered under :func:`remote_name` (on the first call
+        of this version of it), then called with only its arguments; arguments over
+        :data:`REMOTE_CALL_BYTES` go with the function in one upload instead, as a job of its own."""
         assert self.fn is not None
-        try:
-            bound = self.signature.bind(*args, **kwargs)
-        except TypeError as e:
-            raise InvalidArgumentError(f"{self.fn.__qualname__}{self.signature}: {e}") from None
-        if self.session_param and isinstance(bound.arguments.get(self.session_param), Session):
-            bound.arguments[self.session_param] = None  # the job gets its own session
+        qualname = self.fn.__qualname__
+        pos, kw = _bind(self.signature, qualname, self.session_param, args, kwargs)
         session = self._sess()
         opts = _options(session=session, **self.options)
-        spec = JobSpec(payload_kind=PayloadKind.FUNCTION, entrypoint=[self.fn.__qualname__],
+        spec = JobSpec(payload_kind=PayloadKind.FUNCTION, entrypoint=[qualname],
                        session_param=self.session_param, **opts)
-        # every parameter but positional-only ones travels by keyword, so the job can fill in its session
-        positional = [p.name for p in self.signature.parameters.values() if p.kind == p.POSITIONAL_ONLY]
-        pos = tuple(bound.arguments[n] for n in positional if n in bound.arguments)
-        kw = {k: v for k, v in bound.arguments.items() if k not in positional}
-        pickled = pl.pickle_call(self.fn, pos, kw)
-        return _submit(session, spec, pl.tar_call(pickled, self.imports))
+        module = sys.modules.get(self.fn.__module__)
+        call = pl.pickle_args(qualname, pos, kw, module)
+        if len(call) > REMOTE_CALL_BYTES:
+            return _submit(session, spec, pl.tar_call(pl.pickle_call(self.fn, pos, kw), self.imports))
+        fn_pickle = pl.pickle_call(self.fn, (), {})
+        signature = _signature_params(self.signature, {self.session_param} if self.session_param else set())
+        name = remote_name(self.fn.__name__, fn_pickle, spec, signature, self.imports)
+        body = {"call": base64.b64encode(call).decode()}
+        if name in _REMOTE_KNOWN:
+            try:
+                return _call_definition(session, name, body)
+            except NotFoundError:  # pruned, or deleted, since: register it again
+                _REMOTE_KNOWN.discard(name)
+        try:
+            _post_definition(session, name, spec, signature, pl.tar_call(fn_pickle, self.imports))
+        except ConflictError:
+            pass  # registered already (another process, or an earlier run of this one): the same content
+        _REMOTE_KNOWN.add(name)
+        return _call_definition(session, name, body)
 
     def delete(self) -> None:
         """Remove the definition and its payload from the server (jobs it made keep theirs)."""
@@ -248,13 +300,10 @@ class MLJobDefinition(Generic[P, R]):
         def_name = name or (_NOT_NAME.sub("_", default_name).upper() or "JOB")
         if def_name[0].isdigit():
             def_name = f"_{def_name}"
-        data = {"name": def_name, "spec": json.dumps(spec.to_dict()), "overwrite": json.dumps(bool(overwrite))}
-        if signature is not None:
-            data["signature"] = json.dumps(signature)
-        if upload is not None:
-            data["upload"] = upload
-        files = {"payload": ("payload.tar", tar, "application/x-tar")} if tar is not None else None
-        info = session.request("POST", "/definitions", data=data, files=files).json()
+        if def_name.upper().startswith(REMOTE_PREFIX):
+            raise InvalidArgumentError(f"definition names starting with {REMOTE_PREFIX} are @remote's own; pick "
+                                       f"another name than {def_name!r}")
+        info = _post_definition(session, def_name, spec, signature, tar, upload, overwrite)
         fn_local = source if callable(source) and not isinstance(source, (str, os.PathLike, MLJobDefinition)) else None
         made: MLJobDefinition[Any, Any] = cls(info=info, session=session)
         if fn_local is not None:

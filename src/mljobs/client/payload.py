@@ -22,7 +22,7 @@ from mljobs.paths import FUNCTION_PAYLOAD, IMPORTS_DIR
 from mljobs.stages import skip
 
 __all__ = ["pickle_call", "pickle_args", "tar_call", "tar_file", "tar_directory", "check_function", "session_parameter",
-           "file_entries", "directory_entries", "tar_entries", "manifest", "tar_stream"]
+           "file_entries", "directory_entries", "import_entries", "tar_entries", "manifest", "tar_stream"]
 
 _INSTALLED = {os.path.realpath(p) for p in {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}}
 
@@ -159,10 +159,12 @@ def pickle_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str,
         raise PayloadError(_which_unpicklable(fn, args, kwargs, e)) from e
 
 
-def pickle_args(qualname: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
-    """cloudpickle a registered function's call: only its arguments (the function is on the server)."""
+def pickle_args(qualname: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                module: types.ModuleType | None = None) -> bytes:
+    """cloudpickle a registered function's call: only its arguments (the function is on the
+    server); ``module``, the function's, travels by value as :func:`pickle_call` sends it."""
     try:
-        return _dumps_by_value({"args": args, "kwargs": kwargs}, None)
+        return _dumps_by_value({"args": args, "kwargs": kwargs}, module)
     except Exception as e:  # noqa: BLE001
         for label, value in [*((f"#{i}", v) for i, v in enumerate(args)), *kwargs.items()]:
             try:
@@ -251,7 +253,7 @@ def _tree_entries(root: Path, prefix: str) -> Entries:
     return out
 
 
-def _import_entries(imports: Iterable[Any] | None) -> Entries:
+def import_entries(imports: Iterable[Any] | None) -> Entries:
     """``imports``: local paths (a package folder or module file), or ``(path, "import.path")``."""
     out: Entries = []
     for item in imports or []:
@@ -272,11 +274,11 @@ def _import_entries(imports: Iterable[Any] | None) -> Entries:
 
 
 def file_entries(path: Path, imports: Iterable[Any] | None) -> Entries:
-    return [(path.name, path), *_import_entries(imports)]
+    return [(path.name, path), *import_entries(imports)]
 
 
 def directory_entries(path: Path, imports: Iterable[Any] | None) -> Entries:
-    return [*_tree_entries(path, ""), *_import_entries(imports)]
+    return [*_tree_entries(path, ""), *import_entries(imports)]
 
 
 def _tar(build: Callable[[tarfile.TarFile], None]) -> bytes:
@@ -294,7 +296,7 @@ def tar_entries(entries: Entries) -> bytes:
 
 def tar_call(pickled: bytes, imports: Iterable[Any] | None) -> bytes:
     return _tar(lambda t: (_add_bytes(t, FUNCTION_PAYLOAD, pickled),
-                           [t.add(p, arcname=n, recursive=False) for n, p in _import_entries(imports)]))
+                           [t.add(p, arcname=n, recursive=False) for n, p in import_entries(imports)]))
 
 
 def tar_file(path: Path, imports: Iterable[Any] | None) -> bytes:

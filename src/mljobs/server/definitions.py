@@ -5,12 +5,18 @@ per version. A call makes a job whose ``app/`` folder is the definition's, linke
 local stage; a copy elsewhere) rather than uploaded again, plus the call's own arguments: a
 function's as a small pickle beside it, a script's as its ``args``. Schedules call definitions too
 (:mod:`mljobs.server.schedules`), preparing the job here and recording it with their tick.
+
+``@remote`` registers its function lazily under a name of its own, ``_REMOTE_<FUNCTION>_<hash>``
+(the hash of the pickled function, its imports and its options): such a definition is not
+listed, names no job's ``definition_name`` nor a job's default name, cannot be scheduled, and
+only the newest :data:`KEEP_REMOTE` of a function's are kept (an edited function gets a new one).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import re
 from typing import IO, TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -28,6 +34,18 @@ if TYPE_CHECKING:
 __all__ = ["Definitions", "PreparedCall"]
 
 MAX_CALL_BYTES = 16 << 20  # a call's pickled arguments (the payload itself was registered)
+REMOTE_PREFIX = "_REMOTE_"  # @remote's own definitions (mljobs.client.definitions.remote_name)
+KEEP_REMOTE = 8  # of one function's @remote definitions, per user
+_REMOTE_HASH = re.compile(r"[0-9A-F]{20}")
+
+
+def is_remote(name: str) -> bool:
+    return name.upper().startswith(REMOTE_PREFIX)
+
+
+def _remote_family(name: str) -> str:
+    """``_REMOTE_<FUNCTION>_``: what a function's @remote definitions share (the hash follows)."""
+    return name[:name.rindex("_") + 1]
 
 
 class PreparedCall:
@@ -79,7 +97,8 @@ class Definitions:
         return self.view(self.get_row(who.name, name))
 
     def list(self, who: Principal) -> list[dict[str, Any]]:
-        q = sa.select(definitions).order_by(definitions.c.owner, definitions.c.name)
+        q = sa.select(definitions).where(~definitions.c.name.startswith(REMOTE_PREFIX, autoescape=True)).order_by(
+            definitions.c.owner, definitions.c.name)
         if who.owner_filter is not None:
             q = q.where(definitions.c.owner == who.owner_filter)
         with self.engine.connect() as c:
@@ -93,7 +112,7 @@ class Definitions:
         payload is the tar ``payload`` or the files of the upload ``upload`` (a large one)."""
         name = check_identifier("job definition", name)
         spec.owner = who.name
-        spec.name = spec.name or name
+        spec.name = spec.name or (None if is_remote(name) else name)
         self.cp.check_submission(spec, who)
         stage = self.cp.stage(spec.stage_name, who=who)
         old = self._row(who.name, name)
@@ -123,21 +142,43 @@ class Definitions:
             raise
         if old is not None:  # jobs called from it have their own links or copies
             self._remove_payload(old)
+        if is_remote(name):
+            self._prune_remote(who.name, name)
         return self.view(self.get_row(who.name, name))
+
+    def _prune_remote(self, owner: str, name: str) -> None:
+        """Keep a function's newest :data:`KEEP_REMOTE` @remote definitions (jobs made from the
+        others keep their own files; a client that calls one removed registers it again)."""
+        family = _remote_family(name)
+        q = (sa.select(definitions).where(definitions.c.owner == owner,
+                                          definitions.c.name.startswith(family, autoescape=True))
+             .order_by(definitions.c.updated_time.desc(), definitions.c.name))
+        with self.engine.connect() as c:  # the same function's: the family, then only the hash
+            rows = [dict(r._mapping) for r in c.execute(q)]
+        mine = [r for r in rows if _REMOTE_HASH.fullmatch(r["name"][len(family):])]
+        for row in mine[KEEP_REMOTE:]:
+            with self.engine.begin() as c:
+                gone = c.execute(definitions.delete().where(definitions.c.owner == owner,
+                                                            definitions.c.name == row["name"],
+                                                            definitions.c.version == row["version"])).rowcount
+            if gone:
+                self._remove_payload(row, whole=True)
 
     def delete(self, name: str, who: Principal) -> None:
         row = self.get_row(who.name, name)
         with self.engine.begin() as c:
             c.execute(definitions.delete().where(definitions.c.owner == row["owner"],
                                                  definitions.c.name == row["name"]))
-        self._remove_payload(row)
+        self._remove_payload(row, whole=True)
 
-    def _remove_payload(self, row: dict[str, Any]) -> None:
+    def _remove_payload(self, row: dict[str, Any], whole: bool = False) -> None:
+        """Remove a version's payload from its stage (``whole``: the definition's folder, every version)."""
         try:
             stage = self.cp.stage(row["stage_name"], create=False)
         except NotFoundError:
             return
-        stage.remove(row["payload_prefix"].removesuffix("app/"))
+        version = row["payload_prefix"].removesuffix("app/")
+        stage.remove(version.removesuffix(f"{row['version']}/") if whole else version)
 
     # -- calls ------------------------------------------------------------------------------------
     def prepare(self, row: dict[str, Any], who: Principal, *, args: list[str] | None = None,
@@ -170,7 +211,8 @@ class Definitions:
         job_id = new_job_id()
         paths = StagePaths(job_id)
         prepared = PreparedCall(self.cp.job_row(job_id, spec, pool, stage, idempotency_key,
-                                                definition_name=row["name"], **extra), pool["name"], stage)
+                                                definition_name=None if is_remote(row["name"]) else row["name"],
+                                                **extra), pool["name"], stage)
         try:
             stage.copy_dir(row["payload_prefix"], stage, paths.app)
             if call is not None:

@@ -28,6 +28,7 @@ from croniter import croniter
 
 from mljobs.errors import ConflictError, InvalidArgumentError, MLJobsError, NotFoundError
 from mljobs.server.auth import Principal
+from mljobs.server.definitions import is_remote
 from mljobs.server.store import utcnow
 from mljobs.server.tables import schedule_events, schedules, users
 from mljobs.spec import PayloadKind, check_identifier
@@ -168,6 +169,9 @@ class Schedules:
     def create(self, body: ScheduleIn, call: bytes | None, who: Principal) -> dict[str, Any]:
         name = check_identifier("schedule", body.name)
         defn = self.cp.definitions.get_row(who.name, body.definition)
+        if is_remote(defn["name"]):  # pruned as the function changes: a schedule needs a name of its own
+            raise InvalidArgumentError(f"{defn['name']} is @remote's own definition of a function; register it to "
+                                       "schedule it: MLJobDefinition.register(fn, pool, stage_name, name='NIGHTLY')")
         if (body.cron is None) == (body.every is None):
             raise InvalidArgumentError("give exactly one of cron='0 3 * * *' (a cron expression) and every='1h' "
                                        "(an interval)")
