@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import json
 import shutil
 import statistics
@@ -52,11 +53,20 @@ def trivial(i: int) -> int:
     return i
 
 
+TABLE = b""  # filled by --table-mb: what a function carries with it (a lookup table, a small model)
+
+
+def carrying(i: int) -> int:
+    return i + len(TABLE) * 0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=40)
     ap.add_argument("--queued", type=int, default=200)
     ap.add_argument("--ticks", type=int, default=30)
+    ap.add_argument("--table-mb", type=float, default=2.0,
+                    help="the global a second function carries (its pickle's size), for the same comparison")
     ap.add_argument("--json", help="write the figures here too")
     a = ap.parse_args()
 
@@ -82,25 +92,39 @@ def main() -> None:
             finally:
                 client_defs.REMOTE_CALL_BYTES = saved
 
-        ways = [("upload", upload), ("remote", plain), ("definition", defn)]
-        for i in range(3):
-            for _, fn in ways:
-                fn(i).result()
-        lat: dict[str, list[float]] = {label: [] for label, _ in ways}
-        for i in range(a.runs):
-            for label, fn in ways[i % 3:] + ways[:i % 3]:
-                t = time.perf_counter()
-                assert fn(i).result() == i
-                lat[label].append((time.perf_counter() - t) * 1e3)
-        for label, xs in lat.items():
-            out[f"{label}_p50_ms"], out[f"{label}_p90_ms"] = statistics.median(xs), pct(xs, 0.9)
-        out["remote_vs_upload_p50"] = out["remote_p50_ms"] / out["upload_p50_ms"]  # type: ignore[operator]
-        out["definition_vs_upload_p50"] = out["definition_p50_ms"] / out["upload_p50_ms"]  # type: ignore[operator]
-        print(f"submit -> result, {a.runs} calls each, alternating on one server:")
-        for label in lat:
-            print(f"  {label:<11} p50 {out[f'{label}_p50_ms']:6.1f} ms   p90 {out[f'{label}_p90_ms']:6.1f} ms")
-        print(f"  remote / upload p50: {out['remote_vs_upload_p50']:.2f}x; "
-              f"definition / upload p50: {out['definition_vs_upload_p50']:.2f}x")
+        global TABLE
+        TABLE = os.urandom(int(a.table_mb * (1 << 20)))
+        heavy = mljobs.remote("DEFAULT_POOL", stage_name="bench", session=s)(carrying)
+
+        def heavy_upload(i: int) -> mljobs.MLJob:
+            saved, client_defs.REMOTE_CALL_BYTES = client_defs.REMOTE_CALL_BYTES, -1
+            try:
+                return heavy(i)
+            finally:
+                client_defs.REMOTE_CALL_BYTES = saved
+
+        for what, ways in (("a trivial function", [("upload", upload), ("remote", plain), ("definition", defn)]),
+                           (f"a function carrying {a.table_mb:g} MiB", [("upload", heavy_upload), ("remote", heavy)])):
+            for i in range(3):
+                for _, fn in ways:
+                    fn(i).result()
+            lat: dict[str, list[float]] = {label: [] for label, _ in ways}
+            for i in range(a.runs):
+                for label, fn in ways[i % len(ways):] + ways[:i % len(ways)]:
+                    t = time.perf_counter()
+                    assert fn(i).result() == i
+                    lat[label].append((time.perf_counter() - t) * 1e3)
+            key = "" if what == "a trivial function" else "carrying_"
+            for label, xs in lat.items():
+                out[f"{key}{label}_p50_ms"], out[f"{key}{label}_p90_ms"] = statistics.median(xs), pct(xs, 0.9)
+            print(f"submit -> result of {what}, {a.runs} calls each, alternating on one server:")
+            for label in lat:
+                print(f"  {label:<11} p50 {out[f'{key}{label}_p50_ms']:6.1f} ms   p90 {out[f'{key}{label}_p90_ms']:6.1f} ms")
+            for label in lat:
+                if label != "upload":
+                    ratio = out[f"{key}{label}_p50_ms"] / out[f"{key}upload_p50_ms"]  # type: ignore[operator]
+                    out[f"{key}{label}_vs_upload_p50"] = ratio
+                    print(f"  {label} / upload p50: {ratio:.2f}x")
 
         # -- tick lateness with a queue elsewhere ---------------------------------------------
         mljobs.create_compute_pool("QUEUE", instance_family="CPU_X64_XS", max_nodes=1, session=s)
