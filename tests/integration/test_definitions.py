@@ -205,6 +205,46 @@ def test_a_lost_instance_is_retried_and_resumes_from_its_checkpoint(lite, sqlite
     assert df.loc[job.id, "attempt"] == 2
 
 
+def resumable_in_place(n: int):
+    import os
+    import pathlib
+    import time
+
+    ck = pathlib.Path(os.environ["MLJOBS_CHECKPOINT_DIR"])
+    attempt = int(os.environ["MLJOBS_ATTEMPT"])
+    done = int((ck / "step").read_text()) if (ck / "step").exists() else 0
+    if attempt == 1:
+        (ck / "step").write_text("5")
+        time.sleep(6)  # long enough to settle: two looks in a row find it the same
+        f = open(ck / "step", "w")  # then a new step written in place, and lost halfway
+        f.write("9-partial")
+        f.flush()
+        time.sleep(600)
+    return {"attempt": attempt, "resumed_from": done, "total": done + n}
+
+
+def test_a_checkpoint_lost_mid_write_resumes_from_its_last_settled_copy(lite, sqlite_server):
+    """A local instance's supervisor keeps a copy of the checkpoint folder as it settles; when the
+    instance is lost while it rewrites a file in place, the next attempt gets that copy, not the
+    half-written file."""
+    job = mljobs.remote("DEFAULT_POOL", stage_name="DEFS", max_retries=1, session=lite)(resumable_in_place)(3)
+    live = sqlite_server.home / "work" / job.id / "0" / ".checkpoint" / "step"
+    settled = sqlite_server.home / "run" / job.id / "0" / "checkpoint.settled" / "step"
+
+    def read(p: Path) -> str | None:
+        try:
+            return p.read_text()
+        except OSError:
+            return None
+
+    deadline = time.monotonic() + 90
+    while not (read(live) == "9-partial" and read(settled) == "5") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert (read(live), read(settled)) == ("9-partial", "5")
+    os.kill(int(_pid_file(sqlite_server, job.id).read_text().split()[0]), signal.SIGKILL)  # lost mid-write
+    assert job.result(timeout=120) == {"attempt": 2, "resumed_from": 5, "total": 8}
+
+
 def test_the_payloads_own_failure_is_not_retried_unless_asked(lite):
     @mljobs.remote("DEFAULT_POOL", stage_name="DEFS", max_retries=3, session=lite)
     def boom():

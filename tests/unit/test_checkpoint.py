@@ -1,5 +1,6 @@
-"""A remote node's agent keeps the checkpoint folder on the stage only once it has settled, and
-swaps each copy into place whole (runtime/agent.py's _Checkpoint)."""
+"""A checkpoint folder is kept only once it has settled, and
+swaps each copy into place whole (runtime/checkpoint.py: a node agent onto the stage, a local
+supervisor into its run folder)."""
 
 from __future__ import annotations
 
@@ -46,3 +47,29 @@ def test_a_folder_is_kept_once_settled_and_swapped_in_whole(tmp_path):
     ckpt.keep(every_s=0.0)  # the instance ended: whatever it holds
     assert kept.read_bytes() == b"final"
     assert sorted(os.listdir(tmp_path / "stage" / "J" / "checkpoint")) == ["0"]  # no copy left beside it
+
+
+def test_a_local_supervisor_keeps_its_settled_copy_in_its_run_folder(tmp_path):
+    from mljobs.runtime import checkpoint
+
+    folder, run = tmp_path / "work" / CHECKPOINT_DIR, tmp_path / "run"
+    folder.mkdir(parents=True)
+    run.mkdir()
+    keeper = checkpoint.Keeper(folder, checkpoint.LocalFolder(run), checkpoint.SETTLED)
+    settled = run / checkpoint.SETTLED / "step"
+
+    def look() -> None:
+        keeper.last = 0.0
+        keeper.keep(every_s=2.0)
+
+    (folder / "step").write_text("5")
+    look()
+    assert not settled.exists()  # seen once: not settled yet
+    look()
+    assert settled.read_text() == "5"
+    (folder / "step").write_text("9-partial")  # being rewritten: changed since the last look
+    look()
+    assert settled.read_text() == "5"
+    look()
+    assert settled.read_text() == "9-partial"  # unchanged at two looks: settled, swapped in whole
+    assert sorted(os.listdir(run)) == [checkpoint.SETTLED]  # no part or old copy left beside it

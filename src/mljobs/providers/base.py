@@ -56,7 +56,8 @@ def launch_document(launch: InstanceLaunch, env: dict[str, str], **node: Any) ->
         "client_cloudpickle": spec.client_cloudpickle, "env": env, "memory_bytes": launch.family.memory_bytes,
         "environment": launch.environment, "grace_period_s": launch.grace_period_s,
         # a remote node's agent restores the checkpoint folder for an attempt after the first, and
-        # keeps it on the stage while the job has attempts left (the server does it for local ones)
+        # keeps it on the stage while the job has attempts left (the server does it for local ones,
+        # from the copy their supervisor keeps as the folder settles: ``settle_checkpoint``)
         "attempt": launch.attempt, "keep_checkpoint": launch.attempt <= spec.max_retries, **node,
     }
 
@@ -177,9 +178,11 @@ class Provider(abc.ABC):
         """Remove the instance's local working files (not its log); ``now``: before returning (the
         job's next attempt reuses the folders), else whenever the provider likes."""
 
-    def checkpoint_dir(self, handle: InstanceHandle) -> str | None:
+    def checkpoint_dir(self, handle: InstanceHandle, lost: bool = False) -> str | None:
         """Where an ended instance's checkpoint folder lies on this machine, for the server to keep
-        on the stage; None where the instance's node keeps its own (or there is none)."""
+        on the stage; None where the instance's node keeps its own (or there is none). ``lost``:
+        the instance did not end by itself (its supervisor lost, or stopped by the server), so
+        the last settled copy is wanted rather than what it was writing."""
         return None
 
     def check_job(self, spec: JobSpec, pool: PoolSpec, stage_url: str) -> None:

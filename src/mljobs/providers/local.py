@@ -34,7 +34,7 @@ from mljobs.config import Settings
 from mljobs.errors import InvalidArgumentError
 from mljobs.paths import CGROUP_FILE, CHECKPOINT_DIR, HomePaths, InstancePaths, StagePaths
 from mljobs.providers import netns
-from mljobs.runtime import containment, multinode, sandbox
+from mljobs.runtime import checkpoint, containment, multinode, sandbox
 from mljobs.runtime.metrics import read_samples
 from mljobs.providers.base import (ExitCallback, InstanceExit, InstanceHandle, InstanceLaunch, Provider,
                                    launch_document)
@@ -412,7 +412,7 @@ class LocalProvider(Provider):
             python=launch.spec.runtime_python or sys.executable, multinode=multinode, netns=ns,
             containment=self.plan.to_dict(), metrics_file=str(p.metrics_file), metrics=self._metrics, gpus=gpus,
             sandbox=box, isolation=sandbox.Policy.from_dict(box).describe() if box else "none",
-            isolation_note=note)
+            isolation_note=note, settle_checkpoint=launch.attempt <= launch.spec.max_retries)
         p.launch.write_text(json.dumps(doc))
         trace.mark(launch.job_id, "provider.launch.written")
         template = sandbox.Policy.from_dict(box).template().to_dict() if box else None
@@ -555,8 +555,12 @@ class LocalProvider(Provider):
 
         remove() if now else self._tidier.put(remove)
 
-    def checkpoint_dir(self, handle: InstanceHandle) -> str | None:
-        return str(self.paths(handle).work_dir / CHECKPOINT_DIR)
+    def checkpoint_dir(self, handle: InstanceHandle, lost: bool = False) -> str | None:
+        p = self.paths(handle)
+        settled = p.run_dir / checkpoint.SETTLED  # what its supervisor kept as the folder settled
+        if lost and settled.is_dir():  # the folder may hold a file it was writing when it was lost
+            return str(settled)
+        return str(p.work_dir / CHECKPOINT_DIR)
 
     def _spare_owners(self, job_id: str | None = None) -> dict[str, str]:
         """Cgroups a warm supervisor made ahead, by name, and the job whose instance took them (as

@@ -40,7 +40,7 @@ from urllib.parse import urlsplit
 
 from mljobs import logformat
 from mljobs.paths import CHECKPOINT_DIR, StagePaths
-from mljobs.runtime import containment, multinode, sandbox, supervisor
+from mljobs.runtime import checkpoint, containment, multinode, sandbox, supervisor
 from mljobs.stages import Stage
 
 __all__ = ["main", "own_address", "instance_id_from_env"]
@@ -350,50 +350,19 @@ def _supervise(rep: Reporter, stage: Stage, launch: dict[str, Any], node_dir: Pa
     return _report_exit(rep, stage, launch, code)
 
 
-class _Checkpoint:
-    """Keeps the instance's checkpoint folder on the stage while the job has attempts left: as it
+class _Checkpoint(checkpoint.Keeper):
+    """The instance's checkpoint folder, kept on the stage while the job has attempts left: as it
     changes (looked at every heartbeat, so a node lost mid-run loses at most two of them) and at
-    the end. While it runs, a folder is kept only once it has settled (the same files, sizes and
-    times at two looks in a row), so a file being written in place is not kept half-written: the
-    stage holds the last settled folder until then. Each copy is made beside the kept one and
-    renamed into place, so a node that dies mid-copy leaves the previous one whole."""
+    the end (:class:`mljobs.runtime.checkpoint.Keeper`)."""
 
     def __init__(self, stage: Stage, launch: dict[str, Any]) -> None:
-        self.stage, self.on = stage, bool(launch.get("keep_checkpoint"))
-        self.folder = Path(launch["work_dir"]) / CHECKPOINT_DIR
-        self.prefix = StagePaths(launch["job_id"]).checkpoint(int(launch["instance_id"]))
-        self.seen: list[tuple[str, int, int]] | None = None  # what the stage holds
-        self.looked: list[tuple[str, int, int]] | None = None  # what the last look found
-        self.last = 0.0
-
-    def _signature(self) -> list[tuple[str, int, int]] | None:
-        try:
-            return sorted((str(p.relative_to(self.folder)), st.st_size, st.st_mtime_ns)
-                          for p in self.folder.rglob("*") if not p.is_symlink() and p.is_file()
-                          for st in [p.stat()])
-        except OSError:
-            return None
+        super().__init__(Path(launch["work_dir"]) / CHECKPOINT_DIR, stage,
+                         StagePaths(launch["job_id"]).checkpoint(int(launch["instance_id"])), who="mljobs agent")
+        self.on = bool(launch.get("keep_checkpoint"))
 
     def keep(self, every_s: float) -> None:
-        if not self.on or time.monotonic() - self.last < every_s or not self.folder.is_dir():
-            return
-        self.last = time.monotonic()
-        sig = self._signature()
-        settled = every_s == 0.0 or sig == self.looked  # at the end, whatever it holds
-        self.looked = sig
-        if not sig or sig == self.seen or not settled:  # unreadable, empty (nothing to keep) or kept already
-            return
-        base = self.prefix.rstrip("/")
-        part, old = f"{base}.part-{os.getpid()}/", f"{base}.old-{os.getpid()}/"
-        try:
-            self.stage.upload_dir(self.folder, part)
-            if self.stage.exists(self.prefix):
-                self.stage.move_dir(self.prefix, old)
-            self.stage.move_dir(part, self.prefix)
-            self.stage.remove(old)
-            self.seen = sig
-        except OSError as e:
-            print(f"mljobs agent: could not keep the checkpoint folder on the stage: {e}", file=sys.stderr)
+        if self.on:
+            super().keep(every_s)
 
 
 def _report_exit(rep: Reporter, stage: Stage, launch: dict[str, Any], code: int) -> int:

@@ -38,7 +38,7 @@ import setproctitle
 from mljobs import logformat, trace
 from mljobs.errors import EnvironmentBuildError
 from mljobs.runtime import containment, egress, entry, environment, launcher, multinode, sandbox
-from mljobs.paths import CGROUP_FILE
+from mljobs.paths import CGROUP_FILE, CHECKPOINT_DIR
 from mljobs.runtime.containment import descendants
 from mljobs.runtime.metrics import Sampler
 
@@ -47,6 +47,7 @@ __all__ = ["main", "supervise", "descendants", "kill_tree", "Spare"]
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_PDEATHSIG = 1
 _LINE_LIMIT = 64 * 1024
+CHECKPOINT_LOOK_S = 2.0  # how often a local instance's checkpoint folder is looked at (runtime.checkpoint)
 
 
 def _set_subreaper() -> None:
@@ -423,6 +424,12 @@ def supervise(launch: dict[str, Any], spare: Spare | None = None) -> dict[str, A
     sampler = Sampler(launch["metrics_file"], me, cgroup, limit_bytes=limit, watch_memory=watch,
                       record=bool(launch.get("metrics", True)), gpus=launch.get("gpus"), now=time.time())
     oom: dict[str, int] | None = None
+    keeper = None
+    if launch.get("settle_checkpoint"):  # a local instance whose job has attempts left: see runtime.checkpoint
+        from mljobs.runtime import checkpoint
+
+        keeper = checkpoint.Keeper(Path(launch["work_dir"]) / CHECKPOINT_DIR,
+                                   checkpoint.LocalFolder(launch["run_dir"]), checkpoint.SETTLED, "mljobs supervisor")
     sel = selectors.DefaultSelector()
     sel.register(out_r, selectors.EVENT_READ, logformat.OUT)
     sel.register(err_r, selectors.EVENT_READ, logformat.ERR)
@@ -431,6 +438,8 @@ def supervise(launch: dict[str, Any], spare: Spare | None = None) -> dict[str, A
     drain_deadline: float | None = None
     while open_streams and (drain_deadline is None or time.monotonic() < drain_deadline):
         timeout = sampler.timeout(time.time())
+        if keeper is not None:
+            timeout = CHECKPOINT_LOOK_S if timeout is None else min(timeout, CHECKPOINT_LOOK_S)
         if drain_deadline is not None:
             timeout = max(0.0, min(drain_deadline - time.monotonic(), timeout if timeout is not None else 1.0))
         for key, _ in sel.select(timeout):
@@ -456,6 +465,8 @@ def supervise(launch: dict[str, Any], spare: Spare | None = None) -> dict[str, A
             else:
                 log.feed(key.data, data)
         used = sampler.tick(time.time())
+        if keeper is not None:
+            keeper.keep(every_s=CHECKPOINT_LOOK_S)
         if used is not None and oom is None and limit:
             oom = {"used_bytes": used, "limit_bytes": limit}
             log.system(f"out of memory: the instance's processes use {used} bytes, over its limit of {limit}; "

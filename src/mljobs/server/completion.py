@@ -48,7 +48,7 @@ class Completion:
             trace.mark(job.id, "server.exit.polled")
             self._keep_result(job, handle.instance_id, exit_)  # on the stage before the row says EXITED
             if job.attempt <= job.max_retries:  # another attempt may resume from it
-                self._keep_checkpoint(job, handle)
+                self._keep_checkpoint(job, handle, exit_.lost or exit_.exit_code in (-9, -15))
             trace.mark(job.id, "server.result.kept")
             now = utcnow()
             values = {"exit_code": exit_.exit_code, "ended_time": now, "exit_record": exit_.to_record(),
@@ -121,8 +121,8 @@ class Completion:
             return False
         provider = self.provider(job.compute_pool)
         handles = [InstanceHandle.from_dict(i["handle"]) for i in insts if i["handle"]]
-        for h in handles:
-            self._keep_checkpoint(job, h)  # a lost instance's too: what it wrote before it was lost
+        for h in handles:  # a lost or stopped one's too: its last settled copy, not what it was writing
+            self._keep_checkpoint(job, h, lost=new == JOB_STATUS.INTERNAL_ERROR or killed or preempted)
             provider.cleanup(h, now=True)  # the next attempt's instances reuse the folders
         why = msg.splitlines()[0] if msg else new.value
         note = (f"attempt {job.attempt} of {job.max_retries + 1} ended {new.value} ({why}); queued again as "
@@ -141,9 +141,10 @@ class Completion:
         self.notifier.notify(job.id)
         return True
 
-    def _keep_checkpoint(self, job: JobRecord, handle: InstanceHandle) -> None:
-        """Save an ended instance's checkpoint folder on the job's stage for its next attempt."""
-        local = self.provider(job.compute_pool).checkpoint_dir(handle)
+    def _keep_checkpoint(self, job: JobRecord, handle: InstanceHandle, lost: bool = False) -> None:
+        """Save an ended instance's checkpoint folder on the job's stage for its next attempt
+        (``lost``: it did not end by itself; see ``Provider.checkpoint_dir``)."""
+        local = self.provider(job.compute_pool).checkpoint_dir(handle, lost)
         if local is None or not os.path.isdir(local):
             return
         try:
