@@ -6,7 +6,7 @@ supervisor (outside) runs :class:`Proxy`. Inside, :func:`serve_forwarder` (a pro
 entry forks before the payload) listens on ``127.0.0.1:3128``, the HTTP proxy the job's
 ``HTTP_PROXY``/``HTTPS_PROXY`` name, and on the control plane's port, and hands each connection's
 socket to the proxy (SCM_RIGHTS) with a tag saying which port it came in on; the proxy serves it
-directly, copying in the kernel (splice) where it can.
+directly, copying each way with one buffer.
 
 The proxy speaks HTTP CONNECT (``https://``, and any TCP a client tunnels) and plain HTTP
 (absolute-form requests, one a connection). It allows a ``host:port`` when one of the job's
@@ -19,7 +19,6 @@ naming the host and how to allow it.
 
 from __future__ import annotations
 
-import fcntl
 import fnmatch
 import ipaddress
 import os
@@ -37,8 +36,8 @@ PROXY_PORT = 3128  # inside the sandbox: the job's HTTP(S) proxy
 SOCKET = "egress.sock"  # in the folder bound at the sandbox's job/net
 SERVER_TAG, PROXY_TAG = b"server\n", b"proxy\n"
 _HEAD_LIMIT = 64 * 1024
-_CHUNK = 1 << 18  # what one copy moves at most (256 KiB: measured best of 64 KiB-4 MiB)
-_F_SETPIPE_SZ = 1031
+_CHUNK = 1 << 18  # what one copy moves at most (256 KiB)
+_SEND_BUFFER = 4 << 20  # SO_SNDBUF of the side a copy writes (4 MiB: 8 MiB measured slower)
 _MAX_CONNECTIONS = 256  # open at once through one instance's proxy
 _HOST_PORT = re.compile(r"^(?P<host>.+):(?P<port>\d+)$")
 
@@ -118,33 +117,21 @@ def _forwarded_port(control_url: str) -> int | None:
 
 
 def _copy(src: socket.socket, dst: socket.socket) -> None:
-    """One way until EOF: in the kernel (splice through a pipe, no copy into Python) where it can,
-    else recv/sendall; then half-close ``dst``."""
-    moved = False
+    """One way until EOF, then half-close ``dst``: ``recv_into`` one buffer and ``sendall`` it,
+    with a send buffer of :data:`_SEND_BUFFER` (fewer wake-ups). Measured against ``splice``
+    through a pipe (bench/egress.py, docs/isolation.md): 0.61x of a direct download against
+    0.46x at loopback speed, where each byte crosses two TCP connections instead of one."""
     try:
-        if hasattr(os, "splice"):
-            r, w = os.pipe()
-            try:
-                try:
-                    fcntl.fcntl(w, _F_SETPIPE_SZ, _CHUNK)
-                except OSError:
-                    pass  # the default pipe size works too
-                while n := os.splice(src.fileno(), w, _CHUNK):
-                    moved = True
-                    while n:
-                        n -= os.splice(r, dst.fileno(), n)
-            finally:
-                os.close(r)
-                os.close(w)
-        else:
-            raise OSError("no splice")
+        dst.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
     except OSError:
-        if not moved:  # splice is not for these sockets: copy through Python
-            try:
-                while data := src.recv(_CHUNK):
-                    dst.sendall(data)
-            except OSError:
-                pass
+        pass
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    try:
+        while n := src.recv_into(buf):
+            dst.sendall(view[:n])
+    except OSError:
+        pass
     try:
         dst.shutdown(socket.SHUT_WR)
     except OSError:
