@@ -229,7 +229,7 @@ def test_a_checkpoint_lost_mid_write_resumes_from_its_last_settled_copy(lite, sq
     half-written file."""
     job = mljobs.remote("DEFAULT_POOL", stage_name="DEFS", max_retries=1, session=lite)(resumable_in_place)(3)
     live = sqlite_server.home / "work" / job.id / "0" / ".checkpoint" / "step"
-    settled = sqlite_server.home / "run" / job.id / "0" / "checkpoint.settled" / "step"
+    settled = sqlite_server.home / "run" / job.id / "0" / "checkpoint" / "settled" / "step"
 
     def read(p: Path) -> str | None:
         try:

@@ -557,7 +557,7 @@ class LocalProvider(Provider):
 
     def checkpoint_dir(self, handle: InstanceHandle, lost: bool = False) -> str | None:
         p = self.paths(handle)
-        settled = p.run_dir / checkpoint.SETTLED  # what its supervisor kept as the folder settled
+        settled = p.run_dir / checkpoint.SETTLED / "settled"  # what its supervisor kept as the folder settled
         if lost and settled.is_dir():  # the folder may hold a file it was writing when it was lost
             return str(settled)
         return str(p.work_dir / CHECKPOINT_DIR)

@@ -428,8 +428,9 @@ def supervise(launch: dict[str, Any], spare: Spare | None = None) -> dict[str, A
     if launch.get("settle_checkpoint"):  # a local instance whose job has attempts left: see runtime.checkpoint
         from mljobs.runtime import checkpoint
 
-        keeper = checkpoint.Keeper(Path(launch["work_dir"]) / CHECKPOINT_DIR,
-                                   checkpoint.LocalFolder(launch["run_dir"]), checkpoint.SETTLED, "mljobs supervisor")
+        copies = checkpoint.LocalFolder(Path(launch["run_dir"]) / checkpoint.SETTLED, box.uid if box else None,
+                                        _REAPED)
+        keeper = checkpoint.Keeper(Path(launch["work_dir"]) / CHECKPOINT_DIR, copies, "settled", "mljobs supervisor")
     sel = selectors.DefaultSelector()
     sel.register(out_r, selectors.EVENT_READ, logformat.OUT)
     sel.register(err_r, selectors.EVENT_READ, logformat.ERR)
@@ -473,6 +474,8 @@ def supervise(launch: dict[str, Any], spare: Spare | None = None) -> dict[str, A
                        "stopping them")
             _kill_now(cgroup)
     trace.mark(launch.get("job_id", ""), "supervisor.streams.closed")
+    if keeper is not None:
+        keeper.close()
     if pid not in _REAPED:
         try:
             _REAPED[pid] = os.waitpid(pid, 0)[1]
