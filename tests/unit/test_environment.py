@@ -1,12 +1,17 @@
-"""Environment cache logic without installs: keys, LRU eviction, in-use protection, messages."""
+"""Environment cache logic: keys, LRU eviction, in-use protection, messages, index hosts, and what the
+server writes into a built tree (uv venv only; no installs)."""
 
 from __future__ import annotations
 
 import fcntl
 import json
 import os
+import sys
 import time
 
+import pytest
+
+from mljobs.errors import EnvironmentBuildError
 from mljobs.runtime.environment import (LAST_USED, META, EnvCache, EnvRequest, _explain, index_hosts,
                                        normalize_requirements)
 from mljobs.server.admission import _index_hosts
@@ -81,3 +86,34 @@ def test_index_hosts_of_a_job():
                  {"PIP_FIND_LINKS": "/opt/wheels"}) == ["pypi.org", "files.pythonhosted.org", "10.0.0.5:8080"]
     assert index_hosts(["http://idx.example/simple", "https://idx.example:8443/s", "http://[fd00::1]:3141/s"]) == [
         ("idx.example", 80, "idx.example"), ("idx.example", 8443, "idx.example:8443"), ("fd00::1", 3141, "[fd00::1]:3141")]
+
+
+def _planting(script: str):
+    """A build wrap whose venv step, after uv, runs ``script`` in the folder being built (as a
+    package's build code could: it leaves links for the server to write through)."""
+    def wrap(cmd, env, build_dir):
+        if cmd[1] != "venv":
+            return cmd, env
+        return ["sh", "-c", '"$@" && cd "$MLJOBS_TEST_BUILD" && ' + script, "sh", *cmd], {
+            **env, "MLJOBS_TEST_BUILD": build_dir}
+    return wrap
+
+
+def test_what_the_server_writes_after_a_build_step_never_goes_through_a_link_it_left(tmp_path):
+    target = tmp_path / "system-file"
+    target.write_text("untouched")
+    cache = EnvCache(tmp_path / "envs")
+    req = EnvRequest([], python=sys.executable)
+    env = cache.ensure(req, lambda _: None, 120, _planting(f"ln -s {target} {META}"))
+    env.release()
+    assert target.read_text() == "untouched"  # the link was replaced, not written through
+    assert not os.path.islink(env.path / META) and json.loads((env.path / META).read_text())["key"] == env.key
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    site = "lib/python3*/site-packages"
+    with pytest.raises(EnvironmentBuildError, match="leading outside the environment"):
+        EnvCache(tmp_path / "envs2").ensure(
+            EnvRequest([], python=sys.executable, ship_runtime=True), lambda _: None, 120,
+            _planting(f"d=$(echo {site}) && rm -rf $d && ln -s {outside} $d"))
+    assert list(outside.iterdir()) == []  # nothing of mljobs copied out through the link

@@ -302,6 +302,30 @@ def _dir_size(path: Path) -> int:
     return total
 
 
+def _new_path(tree: Path, path: Path) -> Path:
+    """``path``, checked to be a new name in a folder that is really inside ``tree``: a build step
+    (a package's build code, sandboxed, perhaps as the job's uid) wrote ``tree`` and may have left
+    links in it through which this process, writing after it, would write elsewhere (its store, a
+    system file). Nothing of the build runs between the check and the write: each step's
+    processes end with its sandbox, and no job can write the environment cache."""
+    where = os.path.realpath(path.parent)
+    if where != os.path.realpath(tree) and not where.startswith(os.path.realpath(tree) + os.sep):
+        raise EnvironmentBuildError(f"the environment's build left {path.parent} leading outside the environment "
+                                    f"(to {where}); it was not used")
+    if os.path.lexists(path):
+        if os.path.isdir(path) and not os.path.islink(path):
+            raise EnvironmentBuildError(f"the environment's build left a folder at {path}; it was not used")
+        os.unlink(path)
+    return path
+
+
+def _write_new(tree: Path, path: Path, text: str) -> None:
+    """Write ``text`` as a new file ``path`` in ``tree`` (:func:`_new_path`), never through a link."""
+    fd = os.open(_new_path(tree, path), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
 def _seal(path: Path, uid: int) -> None:
     """A user's environment, once built: every file the server's (no job can change one), the
     top folder readable by the owner's group only (their jobs run as uid:uid; no other job's
@@ -406,17 +430,17 @@ class EnvCache:
                 # The server runs in a venv: see exactly what it sees (its site-packages, and the
                 # interpreter's only if its venv does), after the environment's own, so pins win.
                 dirs = [d for d in site.getsitepackages() if os.path.isdir(d)]
-                (site_dir / "_mljobs_base.pth").write_text(
-                    "import site; " + "; ".join(f"site.addsitedir({d!r})" for d in dirs) + "\n")
+                _write_new(tmp, site_dir / "_mljobs_base.pth",
+                           "import site; " + "; ".join(f"site.addsitedir({d!r})" for d in dirs) + "\n")
             if req.ship_runtime:
                 import mljobs
 
-                shutil.copytree(Path(mljobs.__file__).parent, site_dir / "mljobs",
+                shutil.copytree(Path(mljobs.__file__).parent, _new_path(tmp, site_dir / "mljobs"),
                                 ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
             reqs = [*req.runtime_packages, *req.requirements]
             if reqs:
                 req_file = tmp / "mljobs-requirements.txt"
-                req_file.write_text("\n".join(reqs) + "\n")
+                _write_new(tmp, req_file, "\n".join(reqs) + "\n")
                 # --compile-bytecode: a job cannot write .pyc files into the shared environment
                 # (read-only in the sandbox), so without them every job compiled its imports again
                 step([uv, "pip", "install", "--compile-bytecode", "--python", str(tmp / "bin" / "python"),
@@ -424,7 +448,7 @@ class EnvCache:
             meta = {"key": key, "requirements": req.requirements, "runtime_packages": req.runtime_packages,
                     "python": req.python, "python_version": interpreter_version(req.python),
                     "index": req.index, "created": time.time(), "size_bytes": _dir_size(tmp)}
-            (tmp / META).write_text(json.dumps(meta))
+            _write_new(tmp, tmp / META, json.dumps(meta))
             if req.uid is not None:
                 _seal(tmp, req.uid)
             shutil.rmtree(final, ignore_errors=True)  # a stale half-removed leftover
