@@ -117,3 +117,17 @@ def test_what_the_server_writes_after_a_build_step_never_goes_through_a_link_it_
             EnvRequest([], python=sys.executable, ship_runtime=True), lambda _: None, 120,
             _planting(f"d=$(echo {site}) && rm -rf $d && ln -s {outside} $d"))
     assert list(outside.iterdir()) == []  # nothing of mljobs copied out through the link
+
+
+def test_a_builds_proxy_lets_through_the_servers_own_indexes():
+    from mljobs.runtime import egress
+    from mljobs.runtime.environment import server_index_hosts
+
+    # none named: uv's default, PyPI (mljobs' own runtime packages for another interpreter come from there)
+    assert server_index_hosts({}) == ["pypi.org:443", "files.pythonhosted.org:443"]
+    assert server_index_hosts({"UV_INDEX_URL": "http://localhost:3141/simple", "PIP_FIND_LINKS": "/opt/wheels",
+                               "UV_INDEX": "corp=https://art.corp.example/simple"}) == [
+        "localhost:3141", "art.corp.example:443"]  # uv's "name=URL" form; a folder reaches no host
+    # a mirror whose name resolves off the internet is let through by the address it has now
+    assert "127.0.0.1:3141" in egress.with_addresses(["localhost:3141"])
+    assert egress.with_addresses(["10.0.0.5:80"]) == ["10.0.0.5:80"]

@@ -181,8 +181,8 @@ def _node_sandbox(box: dict[str, Any] | None, base: Path) -> dict[str, Any] | No
         return None
     box = {**box, "home": str(base), "readable": [str(base / "envs")]}
     (base / "envs").mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0:
-        box.update(uid=None, user=None)
+    if os.geteuid() != 0:  # no other uid to give (the owner's name still picks their uv cache)
+        box.update(uid=None)
     return box
 
 

@@ -30,14 +30,14 @@ import time
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
-__all__ = ["PROXY_PORT", "allows", "Proxy", "listeners", "serve_forwarder", "job_env"]
+__all__ = ["PROXY_PORT", "allows", "with_addresses", "Proxy", "listeners", "serve_forwarder", "job_env"]
 
 PROXY_PORT = 3128  # inside the sandbox: the job's HTTP(S) proxy
 SOCKET = "egress.sock"  # in the folder bound at the sandbox's job/net
 SERVER_TAG, PROXY_TAG = b"server\n", b"proxy\n"
 _HEAD_LIMIT = 64 * 1024
 _CHUNK = 1 << 18  # what one copy moves at most (256 KiB)
-_SEND_BUFFER = 4 << 20  # SO_SNDBUF of the side a copy writes (4 MiB: 8 MiB measured slower)
+_SEND_BUFFER = 4 << 20  # SO_SNDBUF of the job's side
 _MAX_CONNECTIONS = 256  # open at once through one instance's proxy
 _HOST_PORT = re.compile(r"^(?P<host>.+):(?P<port>\d+)$")
 
@@ -64,6 +64,27 @@ def _names_address(pattern: str) -> bool:
     m = _HOST_PORT.match(pattern)
     host = (m["host"] if m else pattern).strip("[]")
     return any(c.isdigit() for c in host) and all(c in "0123456789abcdefABCDEF.:*" for c in host)
+
+
+def with_addresses(entries: list[str]) -> list[str]:
+    """``host:port`` entries and, for each that names a host, entries naming the addresses it
+    resolves to now: an admin's own index (a mirror on ``localhost`` or ``10.0.0.5``) is reached
+    even where its name resolves off the internet, which a name alone never allows."""
+    out = list(entries)
+    for entry in entries:
+        m = _HOST_PORT.match(entry)
+        if not m or _names_address(entry):
+            continue
+        try:
+            infos = socket.getaddrinfo(m["host"], int(m["port"]), type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError):
+            continue
+        for *_, sockaddr in infos:
+            address = str(sockaddr[0])
+            named = f"[{address}]:{m['port']}" if ":" in address else f"{address}:{m['port']}"
+            if named not in out:
+                out.append(named)
+    return out
 
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
@@ -117,14 +138,10 @@ def _forwarded_port(control_url: str) -> int | None:
 
 
 def _copy(src: socket.socket, dst: socket.socket) -> None:
-    """One way until EOF, then half-close ``dst``: ``recv_into`` one buffer and ``sendall`` it,
-    with a send buffer of :data:`_SEND_BUFFER` (fewer wake-ups). Measured against ``splice``
-    through a pipe (bench/egress.py, docs/isolation.md): 0.61x of a direct download against
-    0.46x at loopback speed, where each byte crosses two TCP connections instead of one."""
-    try:
-        dst.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
-    except OSError:
-        pass
+    """One way until EOF, then half-close ``dst``: ``recv_into`` one buffer and ``sendall`` it.
+    Measured against ``splice`` through a pipe (bench/egress.py, docs/isolation.md): 0.69-0.71x
+    of a direct download against 0.49x at loopback speed, where each byte crosses two TCP
+    connections instead of one."""
     buf = bytearray(_CHUNK)
     view = memoryview(buf)
     try:
@@ -139,7 +156,13 @@ def _copy(src: socket.socket, dst: socket.socket) -> None:
 
 
 def _pump(a: socket.socket, b: socket.socket) -> None:
-    """Copy both ways until both sides are done, then close both."""
+    """Copy both ways until both sides are done, then close both. ``a`` is the job's socket, on
+    its sandbox's loopback: a send buffer of :data:`_SEND_BUFFER` there means fewer wake-ups (the
+    upstream socket keeps the kernel's autotuning, which a fixed size would turn off)."""
+    try:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
+    except OSError:
+        pass
     t = threading.Thread(target=_copy, args=(b, a), daemon=True)
     t.start()
     _copy(a, b)
@@ -183,6 +206,9 @@ class Proxy:
         os.chmod(path, 0o666)  # the job's uid connects
         self.sock.listen(64)
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._live: set[socket.socket] = set()  # the sockets of connections being served
+        self._threads: list[threading.Thread] = []
         self.closed = False
         self._slots = threading.BoundedSemaphore(_MAX_CONNECTIONS)
 
@@ -191,7 +217,9 @@ class Proxy:
         self._thread = threading.Thread(target=self._serve, name="egress-proxy", daemon=True)
         self._thread.start()
 
-    def close(self) -> None:
+    def close(self, wait_s: float = 0.0) -> None:
+        """Stop serving; end the connections still open; wait up to ``wait_s`` for the threads
+        (before a fork: an environment build's proxy, whose supervisor forks the payload next)."""
         self.closed = True
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
@@ -202,6 +230,31 @@ class Proxy:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+        with self._lock:
+            live, threads = list(self._live), list(self._threads)
+        for s in live:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        deadline = time.monotonic() + wait_s
+        for t in [*threads, *([self._thread] if self._thread is not None else [])]:
+            if wait_s > 0:
+                t.join(max(0.0, deadline - time.monotonic()))
+
+    def _pump(self, job: socket.socket, up: socket.socket) -> None:
+        """:func:`_pump`, with both sockets known to :meth:`close` meanwhile."""
+        with self._lock:
+            if self.closed:
+                job.close()
+                up.close()
+                return
+            self._live.update((job, up))
+        try:
+            _pump(job, up)
+        finally:
+            with self._lock:
+                self._live.difference_update((job, up))
 
     def _serve(self) -> None:
         while not self.closed:
@@ -215,7 +268,10 @@ class Proxy:
             if not self._slots.acquire(blocking=False):  # a job's own connections, not the supervisor's
                 conn.close()
                 continue
-            threading.Thread(target=self._handle_slot, args=(conn,), daemon=True).start()
+            t = threading.Thread(target=self._handle_slot, args=(conn,), daemon=True)
+            with self._lock:
+                self._threads = [x for x in self._threads if x.is_alive()] + [t]
+            t.start()
 
     def _handle_slot(self, conn: socket.socket) -> None:
         try:
@@ -249,7 +305,7 @@ class Proxy:
             job.settimeout(30)  # for its request head; the copy after it waits as long as it takes
             if tag == SERVER_TAG and self.control is not None:
                 job.settimeout(None)
-                _pump(job, self._connect(*self.control))
+                self._pump(job, self._connect(*self.control))
             else:
                 self._proxy(job, b"")
         except Exception:  # noqa: BLE001 - a bad request ends its connection, never the proxy
@@ -312,7 +368,7 @@ class Proxy:
             kept = [ln for ln in lines[1:] if not ln.lower().startswith(("proxy-", "connection:", "keep-alive:"))]
             up.sendall("\r\n".join([f"{method} {path} {version}", *kept, "Connection: close", "", ""])
                        .encode("latin-1") + body)
-        _pump(conn, up)
+        self._pump(conn, up)
         return None
 
     def _is_control(self, host: str, port: int) -> bool:

@@ -116,6 +116,9 @@ def index_hosts(urls: Iterable[str]) -> list[tuple[str, int, str]]:
     out: list[tuple[str, int, str]] = []
     for u in urls:
         u = u.strip()
+        named = re.match(r"^[A-Za-z0-9._-]+=(?=[A-Za-z][A-Za-z0-9+.-]*://)", u)  # uv's "name=https://..."
+        if named:
+            u = u[named.end():]
         if not u or u.startswith(("/", "file:", ".")):
             continue
         parts = urlsplit(u if "://" in u else f"https://{u}")
@@ -135,11 +138,18 @@ def index_hosts(urls: Iterable[str]) -> list[tuple[str, int, str]]:
     return out
 
 
-def server_index_hosts() -> list[str]:
-    """What the server's own index settings reach, as integration entries (admins named them;
-    a sandboxed build may reach them whatever the job's integrations)."""
-    return [f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
-            for h, p, _ in index_hosts(v for k in INDEX_VARS for v in os.environ.get(k, "").split())]
+DEFAULT_INDEX = "https://pypi.org/simple"  # uv's and pip's, where no setting names another
+
+
+def server_index_hosts(env: dict[str, str] | None = None) -> list[str]:
+    """What the server's own index settings reach (``env``: its variables), as integration
+    entries: admins named them, or left uv's default index (PyPI), which installs of mljobs' own
+    runtime packages need; a sandboxed build may reach them whatever the job's integrations."""
+    env = os.environ if env is None else env
+    urls = [v for k in INDEX_VARS for v in env.get(k, "").split()]
+    if not any(env.get(k) for k in ("UV_DEFAULT_INDEX", "UV_INDEX_URL", "PIP_INDEX_URL")) and not env.get("UV_NO_INDEX"):
+        urls.append(DEFAULT_INDEX)
+    return [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p, _ in index_hosts(urls)]
 
 
 # -- interpreters -------------------------------------------------------------------------------
@@ -277,7 +287,10 @@ class EnvRequest:
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if out["uid"] is None:  # (the supervisor sets it; an older node's EnvRequest knows no such field)
+            del out["uid"]
+        return out
 
 
 def _mljobs_fingerprint() -> str:

@@ -719,7 +719,7 @@ class _BuildSandbox:
         if policy.build_net == "proxy":
             net = self.run_dir / "build-net"
             net.mkdir(exist_ok=True)
-            hosts = [*policy.allowed, *environment.server_index_hosts()]
+            hosts = [*policy.allowed, *egress.with_addresses(environment.server_index_hosts())]
             self.proxy = egress.Proxy(str(net / sandbox.BUILD_SOCKET), hosts, "",
                                       lambda text: self.log.system(text + " (environment build)"))
             self.proxy.start()
@@ -727,7 +727,10 @@ class _BuildSandbox:
 
     def wrap(self, cmd: list[str], env: dict[str, str], build_dir: str) -> tuple[list[str], dict[str, str]]:
         if self.policy is None:
-            self.policy = self._prepare()
+            try:
+                self.policy = self._prepare()
+            except (OSError, ValueError) as e:  # the job's build cannot be made: its error, not a lost instance
+                raise EnvironmentBuildError(f"the environment's build sandbox could not be made: {e}") from e
         net = str(self.run_dir / "build-net") if self.proxy is not None else None
         argv = sandbox.build_argv(self.policy, build_dir=build_dir, caches=[self.uv_cache], python=self.req.python,
                                   net=net)
@@ -735,7 +738,7 @@ class _BuildSandbox:
 
     def close(self) -> None:
         if self.proxy is not None:
-            self.proxy.close()
+            self.proxy.close(wait_s=5.0)  # its threads end before the supervisor forks the payload
             shutil.rmtree(self.run_dir / "build-net", ignore_errors=True)
 
 
@@ -745,8 +748,9 @@ def user_uv_cache(cache_root: Path, box: sandbox.Policy) -> str:
     user's build installs. On a root server it is the owner uid's, and no other uid may enter it."""
     top = Path(f"{cache_root}-uv")
     top.mkdir(mode=0o711, parents=True, exist_ok=True)
-    name = str(box.uid) if box.uid is not None else (box.user or "shared")
-    path = top / name.replace("/", "_")
+    # by uid; else by the user's name, hex-encoded (a name is the users table's: "..", "a/b")
+    name = str(box.uid) if box.uid is not None else "user-" + (box.user or "").encode().hex()
+    path = top / name
     path.mkdir(mode=0o700, exist_ok=True)
     if box.uid is not None and path.stat().st_uid != box.uid:
         os.chown(path, box.uid, box.uid)
