@@ -51,12 +51,14 @@ class StagePaths:
 
 
 class DefinitionPaths:
-    """Where a job definition's payload is kept on its stage, one folder per version (an overwrite
-    writes the next and removes the last once it is recorded)."""
+    """Where a job definition's payload is kept on its stage, one folder per registration: its
+    version and a ``tag`` of its own (an overwrite writes the next and removes the last once it is
+    recorded; a name deleted and registered again never shares a folder with what is removed)."""
 
-    def __init__(self, owner: str, name: str, version: int) -> None:
+    def __init__(self, owner: str, name: str, version: int, tag: str = "") -> None:
         self.root = f"_definitions/{owner}/{name}/"
-        self.app = f"{self.root}{version}/app/"
+        self.version = f"{self.root}{version}{'-' + tag if tag else ''}/"
+        self.app = f"{self.version}app/"
 
 
 @dataclasses.dataclass(frozen=True)

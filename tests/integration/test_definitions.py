@@ -55,7 +55,7 @@ def test_a_function_definition_is_uploaded_once_and_called_many_times(session, s
     v2 = mljobs.MLJobDefinition.register(lambda a: a * 100, "DEFAULT_POOL", "DEFS", name="ADD", overwrite=True,
                                          session=session)
     assert v2.info["version"] == 2 and v2(3).result(timeout=60) == 300
-    assert [p.parent.parent.name for p in _stage_dir(server).glob("_definitions/*/ADD/*/app/function.pkl")] == ["2"]
+    assert [p.parent.parent.name.split("-")[0] for p in _stage_dir(server).glob("_definitions/*/ADD/*/app/function.pkl")] == ["2"]
     assert jobs[0].result() == 10  # a job made from version 1 keeps its own payload
     v2.delete()
     with pytest.raises(NotFoundError, match="job definition ADD does not exist"):
@@ -119,6 +119,12 @@ def test_remote_uploads_each_version_of_its_function_once(lite, sqlite_server, m
     assert len(list(stage.glob("_definitions/*/_REMOTE_SIZE_OF_*"))) == 1
     with pytest.raises(InvalidArgumentError, match="_REMOTE_"):
         mljobs.MLJobDefinition.register(shifted, "DEFAULT_POOL", "LAZY", name="_remote_mine", session=lite)
+    assert "remote-definitions" in lite.features()
+    monkeypatch.setattr(lite, "features", lambda: frozenset())  # as from a server older than @remote's definitions
+    monkeypatch.setattr(module, "OFFSET", 5000)
+    before = len(list(stage.glob("_definitions/*/*/*/app")))
+    assert f(1).result(timeout=60) == 5001  # uploaded whole, as before
+    assert len(list(stage.glob("_definitions/*/*/*/app"))) == before
 
 
 def test_default_args_and_script_definitions(session, tmp_path):

@@ -20,7 +20,7 @@ def scaled(x: int) -> int:
 def _name(fn, imports=None, **opts) -> str:
     spec = JobSpec(compute_pool="P", stage_name="S", payload_kind=PayloadKind.FUNCTION, entrypoint=[fn.__qualname__],
                    **opts)
-    return remote_name(fn.__name__, pl.pickle_call(fn, (), {}), spec, [{"name": "x"}], imports)
+    return remote_name(fn, pl.pickle_call(fn, (), {}), spec, [{"name": "x"}], imports)
 
 
 def test_the_name_follows_the_content(monkeypatch, tmp_path):
@@ -39,4 +39,11 @@ def test_the_name_follows_the_content(monkeypatch, tmp_path):
     assert with_import != first
     helper.write_text("A = 22\n")  # an imported file's content, not just its name
     assert _name(scaled, imports=[str(helper)]) != with_import
-    assert _remote_family(first) == f"{REMOTE_PREFIX}SCALED_"
+    family = _remote_family(first)
+    assert family.startswith(f"{REMOTE_PREFIX}SCALED_") and len(family) == len(f"{REMOTE_PREFIX}SCALED_") + 9
+
+    def scaled_elsewhere(x: int) -> int:  # another function of the same name: a family of its own
+        return x
+    scaled_elsewhere.__name__ = "scaled"
+    assert _remote_family(_name(scaled_elsewhere)) != family
+

@@ -35,6 +35,7 @@ LIST_DEFINITIONS_COLUMNS = ["payload_kind", "compute_pool", "stage_name", "entry
 _NOT_NAME = re.compile(r"[^A-Za-z0-9_$]")
 REMOTE_PREFIX = "_REMOTE_"  # @remote's definitions (mljobs.server.definitions.REMOTE_PREFIX)
 REMOTE_CALL_BYTES = 4 << 20  # larger pickled arguments travel with the function, as one upload
+REMOTE_FEATURE = "remote-definitions"  # what a server's /health says when it keeps @remote's definitions
 _REMOTE_KNOWN: set[str] = set()  # @remote definitions this process registered or called
 
 
@@ -68,6 +69,7 @@ def _bind(sig: inspect.Signature, qualname: str, session_param: str | None, args
         raise InvalidArgumentError(f"{qualname}{sig}: {e}") from None
     if session_param and isinstance(bound.arguments.get(session_param), Session):
         bound.arguments[session_param] = None  # the job gets its own session
+    # (a function with *args or **kwargs is refused: payload.check_function)
     positional = [p.name for p in sig.parameters.values() if p.kind == p.POSITIONAL_ONLY]
     pos = tuple(bound.arguments[n] for n in positional if n in bound.arguments)
     return pos, {k: v for k, v in bound.arguments.items() if k not in positional}
@@ -80,16 +82,19 @@ def encode_call(sig: inspect.Signature, qualname: str, session_param: str | None
     return base64.b64encode(pl.pickle_args(qualname, pos, kw)).decode()
 
 
-def remote_name(fn_name: str, fn_pickle: bytes, spec: JobSpec, signature: list[dict[str, Any]],
+def remote_name(fn: Callable[..., Any], fn_pickle: bytes, spec: JobSpec, signature: list[dict[str, Any]],
                 imports: Sequence[Any] | None) -> str:
-    """The name ``@remote`` registers a function under: ``_REMOTE_<FUNCTION>_<hash>``, the hash of
-    all the definition holds (the pickled function with its globals, its imports' files, its
-    options), so an edited function or a changed global makes a new one and nothing else does."""
+    """The name ``@remote`` registers a function under: ``_REMOTE_<NAME>_<WHERE>_<HASH>``. WHERE
+    hashes the function's module and qualified name (the versions of one function, which the
+    server prunes together); HASH all the definition holds (the pickled function with its
+    globals, its imports' files, its options), so an edited function or a changed global makes
+    a new one and nothing else does."""
     h = hashlib.sha256(fn_pickle)
     h.update(json.dumps([spec.to_dict(), signature, pl.manifest(pl.import_entries(imports))], sort_keys=True,
                         default=str).encode())
-    fn = _NOT_NAME.sub("_", fn_name).upper()[:64]
-    return f"{REMOTE_PREFIX}{fn}_{h.hexdigest()[:20].upper()}"
+    where = hashlib.sha256(f"{fn.__module__}:{fn.__qualname__}".encode()).hexdigest()[:8].upper()
+    name = _NOT_NAME.sub("_", fn.__name__).upper()[:64]
+    return f"{REMOTE_PREFIX}{name}_{where}_{h.hexdigest()[:20].upper()}"
 
 
 def _post_definition(session: Session, name: str, spec: JobSpec, signature: list[dict[str, Any]] | None,
@@ -187,11 +192,13 @@ class MLJobDefinition(Generic[P, R]):
                        session_param=self.session_param, **opts)
         module = sys.modules.get(self.fn.__module__)
         call = pl.pickle_args(qualname, pos, kw, module)
-        if len(call) > REMOTE_CALL_BYTES:
-            return _submit(session, spec, pl.tar_call(pl.pickle_call(self.fn, pos, kw), self.imports))
         fn_pickle = pl.pickle_call(self.fn, (), {})
+        if len(call) > REMOTE_CALL_BYTES or REMOTE_FEATURE not in session.features():
+            # large arguments, or a server older than @remote's definitions: one upload, the
+            # function and the call's own pickle
+            return _submit(session, spec, pl.tar_call(fn_pickle, self.imports, call))
         signature = _signature_params(self.signature, {self.session_param} if self.session_param else set())
-        name = remote_name(self.fn.__name__, fn_pickle, spec, signature, self.imports)
+        name = remote_name(self.fn, fn_pickle, spec, signature, self.imports)
         body = {"call": base64.b64encode(call).decode()}
         if name in _REMOTE_KNOWN:
             try:

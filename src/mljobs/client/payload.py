@@ -18,7 +18,7 @@ from typing import Any
 import cloudpickle
 
 from mljobs.errors import InvalidArgumentError, LocalFileNotFoundError, PayloadError
-from mljobs.paths import FUNCTION_PAYLOAD, IMPORTS_DIR
+from mljobs.paths import CALL_PAYLOAD, FUNCTION_PAYLOAD, IMPORTS_DIR
 from mljobs.stages import skip
 
 __all__ = ["pickle_call", "pickle_args", "tar_call", "tar_file", "tar_directory", "check_function", "session_parameter",
@@ -294,8 +294,11 @@ def tar_entries(entries: Entries) -> bytes:
     return _tar(lambda t: [t.add(path, arcname=name, recursive=False) for name, path in entries])
 
 
-def tar_call(pickled: bytes, imports: Iterable[Any] | None) -> bytes:
+def tar_call(pickled: bytes, imports: Iterable[Any] | None, call: bytes | None = None) -> bytes:
+    """A function's payload: its pickle, its imports' files and (``call``: the arguments pickled
+    apart, :func:`pickle_args`) the call, which the launcher applies to it."""
     return _tar(lambda t: (_add_bytes(t, FUNCTION_PAYLOAD, pickled),
+                           *([_add_bytes(t, CALL_PAYLOAD, call)] if call is not None else []),
                            [t.add(p, arcname=n, recursive=False) for n, p in import_entries(imports)]))
 
 

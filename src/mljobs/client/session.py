@@ -98,6 +98,7 @@ class Session:
         self.schema = (schema or settings.schema or DEFAULT_SCHEMA).upper()
         self._client: httpx.Client | None = None
         self._lock = threading.Lock()
+        self._features: tuple[str, frozenset[str]] | None = None  # (the server's URL, what it said)
         self.file = FileOperation(self)
 
     class _BuilderDescriptor:
@@ -190,6 +191,14 @@ class Session:
     def server_info(self) -> dict[str, Any]:
         resp = self._http().get(self.url + "/health")
         return resp.json()
+
+    def features(self) -> frozenset[str]:
+        """What the server says it does beyond its version (``/health``'s ``features``; none from
+        an older server), asked once per server this session reaches."""
+        url = self.url
+        if self._features is None or self._features[0] != url:
+            self._features = (url, frozenset(self.server_info().get("features") or ()))
+        return self._features[1]
 
     def close(self) -> None:
         if self._client is not None:

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
 import re
+import secrets
 from typing import IO, TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -120,7 +122,7 @@ class Definitions:
             raise ConflictError(f"job definition {name} already exists (version {old['version']}); pass "
                                 "overwrite=True to replace it, or delete it first (get_definition(name).delete())")
         version = old["version"] + 1 if old else 1
-        paths = DefinitionPaths(who.name, name, version)
+        paths = DefinitionPaths(who.name, name, version, secrets.token_hex(4))
         now = utcnow()
         try:
             self.cp.stage_payload(spec, stage, paths.app, payload, who, upload)
@@ -134,11 +136,11 @@ class Definitions:
                         definitions.c.version == old["version"]).values(**values)).rowcount != 1:
                     raise ConflictError(f"job definition {name} changed while it was being replaced; try again")
         except sa.exc.IntegrityError:
-            stage.remove(f"{paths.root}{version}/")
+            stage.remove(paths.version)
             raise ConflictError(f"job definition {name} was registered meanwhile; pass overwrite=True to "
                                 "replace it") from None
         except BaseException:
-            stage.remove(f"{paths.root}{version}/")
+            stage.remove(paths.version)
             raise
         if old is not None:  # jobs called from it have their own links or copies
             self._remove_payload(old)
@@ -172,13 +174,21 @@ class Definitions:
         self._remove_payload(row, whole=True)
 
     def _remove_payload(self, row: dict[str, Any], whole: bool = False) -> None:
-        """Remove a version's payload from its stage (``whole``: the definition's folder, every version)."""
+        """Remove a registration's payload from its stage (``whole``: the definition is gone, so
+        its folder goes too where it is left empty: a registration of the name made meanwhile
+        keeps its own)."""
         try:
             stage = self.cp.stage(row["stage_name"], create=False)
         except NotFoundError:
             return
         version = row["payload_prefix"].removesuffix("app/")
-        stage.remove(version.removesuffix(f"{row['version']}/") if whole else version)
+        stage.remove(version)
+        local = stage.local_path(version.rstrip("/").rsplit("/", 1)[0]) if whole else None
+        if local is not None:
+            try:
+                os.rmdir(local)  # only if empty
+            except OSError:
+                pass
 
     # -- calls ------------------------------------------------------------------------------------
     def prepare(self, row: dict[str, Any], who: Principal, *, args: list[str] | None = None,
@@ -214,7 +224,10 @@ class Definitions:
                                                 definition_name=None if is_remote(row["name"]) else row["name"],
                                                 **extra), pool["name"], stage)
         try:
-            stage.copy_dir(row["payload_prefix"], stage, paths.app)
+            copied = stage.copy_dir(row["payload_prefix"], stage, paths.app)
+            if kind == PayloadKind.FUNCTION and not copied:  # removed since the row was read (pruned, deleted)
+                raise NotFoundError(f"job definition {row['name']}'s payload is gone (deleted meanwhile); "
+                                    "register it again")
             if call is not None:
                 stage.put_bytes(paths.app + CALL_PAYLOAD, call)
         except BaseException:

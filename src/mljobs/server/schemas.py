@@ -259,6 +259,7 @@ class HealthOut(BaseModel):
     auth: str  # "local-admin" (no users, loopback) or "tokens"
     containment: dict[str, Any] = {}  # per provider: how a job's processes are kept and ended
     isolation: dict[str, Any] = {}  # the job sandbox in force: setting, mode, and any warning
+    features: list[str] = []  # what a client may rely on beyond the version: see service.FEATURES
 
 
 class JobEvent(BaseModel):

@@ -51,6 +51,9 @@ __all__ = ["ControlPlane", "SYSTEM"]
 
 log = logging.getLogger("mljobs.server")
 SYSTEM = Principal("mljobs", admin=True)  # the server acting on its own (shutdown, TTL)
+# what /health tells clients this server does, beyond its version: "remote-definitions", @remote's
+# own definitions (unlisted, pruned, named in no job: server.definitions.REMOTE_PREFIX)
+FEATURES = ("remote-definitions",)
 
 
 class ControlPlane(Catalog, Admission, Lifecycle, Completion, Queries):
@@ -254,6 +257,7 @@ class ControlPlane(Catalog, Admission, Lifecycle, Completion, Queries):
             "auth": "local-admin" if self.auth.anonymous_allowed() else "tokens",
             "containment": {name: p.containment() for name, p in self._providers.items()},
             "isolation": self.isolation.describe(),
+            "features": list(FEATURES),
         }
 
     # -- users --------------------------------------------------------------------------------
