@@ -167,6 +167,15 @@ def add_users(srv: ServerProc) -> dict[str, Any]:
     return sessions
 
 
+def kill_all(pids: list[int]) -> None:
+    """SIGKILL each of ``pids``; one that ended since it was listed (a short-lived process) is skipped."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def http_origin(body: Any) -> Any:
     """A local HTTP server on 127.0.0.1 standing in for a host on the internet: it answers each
     GET with ``body(handler)`` (bytes). Call ``shutdown()`` and ``server_close()`` when done."""

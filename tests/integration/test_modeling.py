@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -23,7 +22,7 @@ import pytest
 
 import mljobs
 from mljobs.providers import netns
-from tests.conftest import ServerProc, assert_no_leftovers, assert_no_ray_left
+from tests.conftest import ServerProc, assert_no_leftovers, assert_no_ray_left, kill_all
 from tests.integration.test_multinode import needs_netns
 
 pytestmark = pytest.mark.multinode
@@ -281,6 +280,5 @@ def test_plain_session_starts_a_local_ray_for_two_workers(tmp_path):
         assert result == {"xgb": [1500, 1500], "lgb": [1500, 1500], "nodes": ["127.0.0.1"], "ray_rows": [1500, 1500],
                           "ray_same": True, "ray_files": 1000, "ray_columns": ["a", "b", "c", "d", "y"]}
     finally:
-        for pid in netns.pids(ns):
-            os.kill(pid, signal.SIGKILL)
+        kill_all(netns.pids(ns))
         subprocess.run(["ip", "netns", "delete", ns], check=True)

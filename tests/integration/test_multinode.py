@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -25,7 +24,7 @@ import pytest
 import mljobs
 from mljobs import JOB_STATUS
 from mljobs.providers import netns
-from tests.conftest import assert_no_ray_left, ray_processes, wait_status
+from tests.conftest import assert_no_ray_left, kill_all, ray_processes, wait_status
 
 pytestmark = pytest.mark.multinode
 
@@ -54,8 +53,7 @@ def _kill_instance(job, instance_id: int) -> None:
     """SIGKILL an instance's supervisor and everything in its namespace: a node that dies."""
     victims = netns.pids(netns.namespace(job.id, instance_id))
     assert victims
-    for pid in victims:
-        os.kill(pid, signal.SIGKILL)
+    kill_all(victims)
 
 
 def _running_forever(session, instances: int):
@@ -389,6 +387,5 @@ def test_loopback_mode_in_a_namespace_of_the_test(tmp_path):
         host, port = result["ray_address"].split(":")
         assert host == "127.0.0.1" and int(port) != 6379  # a port chosen for this job
     finally:
-        for pid in netns.pids(ns):
-            os.kill(pid, signal.SIGKILL)
+        kill_all(netns.pids(ns))
         subprocess.run(["ip", "netns", "delete", ns], check=True)
