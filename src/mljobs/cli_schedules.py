@@ -107,9 +107,10 @@ def schedule_runs(name: str, limit: int = typer.Option(20, help="<= 0: all"),
 
 
 @definition_app.command("list")
-def definition_list(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
+def definition_list(as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+                    remote: bool = typer.Option(False, "--remote", help="also @remote's own (_REMOTE_...)")) -> None:
     """Your registered job definitions."""
-    rows = _session().request("GET", "/definitions").json()
+    rows = _session().request("GET", "/definitions", params={"remote": remote}).json()
     if as_json:
         out.print_json(out.json_records(rows, DEFINITION_KEYS))
     else:

@@ -89,6 +89,8 @@ def test_remote_uploads_each_version_of_its_function_once(lite, sqlite_server, m
     info = jobs[0]._refresh()
     assert info["definition_name"] is None and "_REMOTE_" not in str(info["name"])  # a job as before
     assert list(mljobs.list_definitions(session=lite).index) == []  # not listed: @remote's own
+    hidden = mljobs.list_definitions(session=lite, include_remote=True)
+    assert [n.startswith("_REMOTE_SHIFTED_") for n in hidden.index] == [True]  # unless asked for
     assert not f.registered  # not a named definition: schedules need one
     with pytest.raises(InvalidArgumentError, match="registered definition"):
         mljobs.create_schedule("NOPE", f, every="1h", args=(1,), session=lite)

@@ -377,12 +377,14 @@ def get_definition(name: str, session: Session | None = None) -> MLJobDefinition
     return MLJobDefinition(info=session.request("GET", f"/definitions/{name}").json(), session=session)
 
 
-def list_definitions(session: Session | None = None) -> pd.DataFrame:
-    """Your registered definitions (every user's for an admin), as a DataFrame indexed by name."""
+def list_definitions(session: Session | None = None, *, include_remote: bool = False) -> pd.DataFrame:
+    """Your registered definitions (every user's for an admin), as a DataFrame indexed by name;
+    ``include_remote``: also ``@remote``'s own (``_REMOTE_...``: one per version of a function,
+    the newest kept), which take room on their stages."""
     import pandas as pd
 
     session = session or get_active_session()
-    rows = session.request("GET", "/definitions").json()
+    rows = session.request("GET", "/definitions", params={"remote": include_remote}).json()
     df = pd.DataFrame(rows, columns=["name", *LIST_DEFINITIONS_COLUMNS])
     for col in ("created_time", "updated_time"):
         df[col] = pd.to_datetime(df[col], utc=True, format="ISO8601")

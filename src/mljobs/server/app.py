@@ -204,8 +204,10 @@ def create_app(cp: ControlPlane, on_shutdown: Any = None) -> FastAPI:
                                        params, who, upload)
 
     @app.get(api + "/definitions", response_model=list[S.DefinitionOut])
-    def list_definitions(who: Who) -> list[dict[str, Any]]:
-        return cp.definitions.list(who)
+    def list_definitions(who: Who, remote: Annotated[bool, Query(
+            description="also @remote's own definitions (_REMOTE_...), which are not listed otherwise")] = False,
+                         ) -> list[dict[str, Any]]:
+        return cp.definitions.list(who, remote)
 
     @app.get(api + "/definitions/{name}", response_model=S.DefinitionOut)
     def get_definition(name: str, who: Who) -> dict[str, Any]:

@@ -98,9 +98,11 @@ class Definitions:
     def get(self, name: str, who: Principal) -> dict[str, Any]:
         return self.view(self.get_row(who.name, name))
 
-    def list(self, who: Principal) -> list[dict[str, Any]]:
-        q = sa.select(definitions).where(~definitions.c.name.startswith(REMOTE_PREFIX, autoescape=True)).order_by(
-            definitions.c.owner, definitions.c.name)
+    def list(self, who: Principal, remote: bool = False) -> list[dict[str, Any]]:
+        """``who``'s definitions (every user's for an admin); ``remote``: @remote's own too."""
+        q = sa.select(definitions).order_by(definitions.c.owner, definitions.c.name)
+        if not remote:
+            q = q.where(~definitions.c.name.startswith(REMOTE_PREFIX, autoescape=True))
         if who.owner_filter is not None:
             q = q.where(definitions.c.owner == who.owner_filter)
         with self.engine.connect() as c:
