@@ -145,3 +145,33 @@ def test_a_multinode_job_finishes_from_the_stored_exit_records(cp):
     cp.instance_exited(InstanceHandle(job_id, 1, 4243, 1.0))
     assert cp.violations == []
     assert cp.store.get_job(job_id).status == "DONE"
+
+
+def test_the_result_is_kept_outside_the_lock_and_a_report_meanwhile_changes_nothing(cp, monkeypatch):
+    """A slow stage (S3) holds up no other decision: while the result is being written, the
+    plane's lock is free; a second report of the same exit meanwhile returns at once; the row
+    says EXITED only once the result is on the stage."""
+    import threading
+
+    job_id = _running_job(cp)
+    writing, release = threading.Event(), threading.Event()
+    stage = cp.stage("st")
+    put = type(stage).put_bytes
+
+    def slow_put(self, path, data):
+        writing.set()
+        assert release.wait(10)
+        put(self, path, data)
+
+    monkeypatch.setattr(type(stage), "put_bytes", slow_put)
+    first = threading.Thread(target=cp.instance_exited, args=(InstanceHandle(job_id, 0, 4242, 1.0),))
+    first.start()
+    assert writing.wait(10)
+    assert cp._lock.acquire(timeout=1)  # free while the stage is written
+    cp._lock.release()
+    cp.instance_exited(InstanceHandle(job_id, 0, 4242, 1.0))  # the monitor's report of the same exit
+    assert cp.store.instances_of(job_id)[0]["status"] == "RUNNING"  # not recorded before its result
+    release.set()
+    first.join(10)
+    assert cp.violations == []
+    assert cp.store.get_job(job_id).status == "DONE" and cp.store.instances_of(job_id)[0]["exit_code"] == 0

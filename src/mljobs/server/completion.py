@@ -30,9 +30,14 @@ class Completion:
 
     def instance_exited(self, handle: InstanceHandle) -> None:
         """Record an instance's end (once: the exit watcher and the monitor may both report it);
-        when it was the job's last, finish the job in the same store transaction."""
+        when it was the job's last, finish the job in the same store transaction. Whether to is
+        decided under the plane's lock; the stage I/O (the result, a checkpoint) happens outside
+        it, with the instance claimed meanwhile, so a slow stage holds up no other decision."""
         trace.mark(handle.job_id, "server.exit.seen")
+        key = (handle.job_id, handle.instance_id)
         with self._lock:
+            if key in self._ending:
+                return  # being recorded by the other report
             try:
                 job = self.store.get_job(handle.job_id)
             except NotFoundError:
@@ -45,22 +50,36 @@ class Completion:
             exit_ = provider.poll(handle)  # without a pid too: the provider reads any exit record first
             if exit_ is None:  # still running after all (spurious wake-up)
                 return
+            self._ending.add(key)
+        try:
             trace.mark(job.id, "server.exit.polled")
             self._keep_result(job, handle.instance_id, exit_)  # on the stage before the row says EXITED
             if job.attempt <= job.max_retries:  # another attempt may resume from it
                 self._keep_checkpoint(job, handle, exit_.lost or exit_.exit_code in (-9, -15))
+            samples = provider.metrics(handle)
             trace.mark(job.id, "server.result.kept")
-            now = utcnow()
-            values = {"exit_code": exit_.exit_code, "ended_time": now, "exit_record": exit_.to_record(),
-                      **metrics.instance_values(provider.metrics(handle), exit_.usage, now.timestamp())}
-            self._account(job, next(i for i in insts if i["instance_id"] == handle.instance_id), now)
-            live = [i for i in insts if i["status"] in LIVE_INSTANCE and i["instance_id"] != handle.instance_id]
-            if live:
-                if self.store.record_exit(job.id, handle.instance_id, values) and (
-                        job.target_instances > 1 and job.status == JOB_STATUS.RUNNING.value):
-                    self._multinode_exit(job, handle.instance_id, exit_, live)
-                return
-            self._complete(job, insts, (handle.instance_id, values, exit_))
+            with self._lock:
+                try:  # as it is now: a cancel, another instance's end may have come meanwhile
+                    job = self.store.get_job(handle.job_id)
+                except NotFoundError:
+                    return
+                insts = self.store.instances_of(job.id)
+                if not any(i["instance_id"] == handle.instance_id and i["status"] in LIVE_INSTANCE for i in insts):
+                    return
+                now = utcnow()
+                values = {"exit_code": exit_.exit_code, "ended_time": now, "exit_record": exit_.to_record(),
+                          **metrics.instance_values(samples, exit_.usage, now.timestamp())}
+                self._account(job, next(i for i in insts if i["instance_id"] == handle.instance_id), now)
+                live = [i for i in insts if i["status"] in LIVE_INSTANCE and i["instance_id"] != handle.instance_id]
+                if live:
+                    if self.store.record_exit(job.id, handle.instance_id, values) and (
+                            job.target_instances > 1 and job.status == JOB_STATUS.RUNNING.value):
+                        self._multinode_exit(job, handle.instance_id, exit_, live)
+                    return
+                self._complete(job, insts, (handle.instance_id, values, exit_))
+        finally:
+            with self._lock:
+                self._ending.discard(key)
         self.request_schedule(pool)
 
     def _account(self, job: JobRecord, inst: dict[str, Any], ended: dt.datetime) -> None:

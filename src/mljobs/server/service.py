@@ -71,6 +71,7 @@ class ControlPlane(Catalog, Admission, Lifecycle, Completion, Queries):
         self.notifier = Notifier()
         self._providers: dict[str, Provider] = {}
         self._lock = threading.RLock()
+        self._ending: set[tuple[str, int]] = set()  # instances whose end is being recorded (completion)
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
         # pools whose queue may start something: the scheduler thread takes them, so a submission
