@@ -55,12 +55,13 @@ def test_server_kill9_mid_run_then_restart(sqlite_server):
     s = mljobs.Session(url=sqlite_server.url)
     _pool(s, "K9", max_nodes=2)
     nap = _napper(s, "K9")
-    jobs = [nap(i, 2.0) for i in range(5)]
+    # long enough to be seen RUNNING after all five are submitted on a loaded machine
+    jobs = [nap(i, 4.0) for i in range(5)]
     wait_status(jobs[0], {"RUNNING"})
     wait_status(jobs[1], {"RUNNING"})
     assert {j.status.value for j in jobs[2:]} == {"PENDING"}
     sqlite_server.kill(signal.SIGKILL)
-    time.sleep(2.5)  # the running ones end while no server watches them
+    time.sleep(4.5)  # the running ones end while no server watches them
     sqlite_server.start()
     s2 = mljobs.Session(url=sqlite_server.url)
     for i, job in enumerate(jobs):

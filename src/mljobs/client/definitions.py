@@ -200,17 +200,21 @@ class MLJobDefinition(Generic[P, R]):
         signature = _signature_params(self.signature, {self.session_param} if self.session_param else set())
         name = remote_name(self.fn, fn_pickle, spec, signature, self.imports)
         body = {"call": base64.b64encode(call).decode()}
-        if name in _REMOTE_KNOWN:
+
+        def register() -> None:
             try:
-                return _call_definition(session, name, body)
-            except NotFoundError:  # pruned, or deleted, since: register it again
-                _REMOTE_KNOWN.discard(name)
+                _post_definition(session, name, spec, signature, pl.tar_call(fn_pickle, self.imports))
+            except ConflictError:
+                pass  # registered already (another process, or an earlier run of this one): the same content
+            _REMOTE_KNOWN.add(name)
+
+        if name not in _REMOTE_KNOWN:  # this process's first call of this version: register, then call
+            register()
         try:
-            _post_definition(session, name, spec, signature, pl.tar_call(fn_pickle, self.imports))
-        except ConflictError:
-            pass  # registered already (another process, or an earlier run of this one): the same content
-        _REMOTE_KNOWN.add(name)
-        return _call_definition(session, name, body)
+            return _call_definition(session, name, body)
+        except NotFoundError:  # pruned or deleted since, or another server: register it again
+            register()
+            return _call_definition(session, name, body)
 
     def delete(self) -> None:
         """Remove the definition and its payload from the server (jobs it made keep theirs)."""
