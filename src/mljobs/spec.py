@@ -26,6 +26,8 @@ __all__ = [
     "DEFAULT_POOL",
     "DEFAULT_DATABASE",
     "DEFAULT_SCHEMA",
+    "REMOTE_PREFIX",
+    "REMOTE_FEATURE",
 ]
 
 DEFAULT_POOL = "DEFAULT_POOL"
@@ -33,6 +35,11 @@ SCHEDULING = ("fair", "fifo")
 DEFAULT_DATABASE = "MLJOBS"
 DEFAULT_SCHEMA = "PUBLIC"
 GIB = 1024**3
+# @remote registers each version of its function as a definition of its own, named with this
+# prefix (mljobs.client.definitions.remote_name), which the server keeps unlisted and prunes
+# (mljobs.server.definitions); a server that does says REMOTE_FEATURE in /health's "features"
+REMOTE_PREFIX = "_REMOTE_"
+REMOTE_FEATURE = "remote-definitions"
 
 
 @dataclasses.dataclass(frozen=True)

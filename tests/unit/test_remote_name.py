@@ -6,9 +6,9 @@ from __future__ import annotations
 import sys
 
 from mljobs.client import payload as pl
-from mljobs.client.definitions import REMOTE_PREFIX, remote_name
+from mljobs.client.definitions import remote_name
 from mljobs.server.definitions import _REMOTE_HASH, _remote_family, is_remote
-from mljobs.spec import JobSpec, PayloadKind
+from mljobs.spec import REMOTE_PREFIX, JobSpec, PayloadKind
 
 SCALE = 2
 

@@ -21,7 +21,7 @@ from mljobs.client.job import MLJob
 from mljobs.client.jobs import _entrypoint, _options, _refuse_notebook, _submit, send_large
 from mljobs.client.session import Session, get_active_session
 from mljobs.errors import ConflictError, InvalidArgumentError, LocalFileNotFoundError, NotFoundError
-from mljobs.spec import JobSpec, PayloadKind
+from mljobs.spec import REMOTE_FEATURE, REMOTE_PREFIX, JobSpec, PayloadKind
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -33,9 +33,7 @@ R = TypeVar("R")
 LIST_DEFINITIONS_COLUMNS = ["payload_kind", "compute_pool", "stage_name", "entrypoint", "args", "target_instances",
                             "parallel", "max_retries", "version", "owner", "created_time", "updated_time"]
 _NOT_NAME = re.compile(r"[^A-Za-z0-9_$]")
-REMOTE_PREFIX = "_REMOTE_"  # @remote's definitions (mljobs.server.definitions.REMOTE_PREFIX)
 REMOTE_CALL_BYTES = 4 << 20  # larger pickled arguments travel with the function, as one upload
-REMOTE_FEATURE = "remote-definitions"  # what a server's /health says when it keeps @remote's definitions
 _REMOTE_KNOWN: set[str] = set()  # @remote definitions this process registered or called
 
 

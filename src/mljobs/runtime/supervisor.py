@@ -695,6 +695,7 @@ class _BuildSandbox:
         self.box, self.req, self.cache_root, self.run_dir, self.log = box, req, cache_root, run_dir, log
         self.policy: sandbox.Policy | None = None
         self.uv_cache = ""
+        self.net = run_dir / "build-net"  # the build proxy's socket folder (build_net "proxy")
         self.proxy: egress.Proxy | None = None
 
     def _prepare(self) -> sandbox.Policy:
@@ -717,10 +718,9 @@ class _BuildSandbox:
         extra += ((os.path.dirname(os.path.realpath(uv)), False),)  # uv itself, wherever it is installed
         policy = dataclasses.replace(box, mounts=box.mounts + extra)
         if policy.build_net == "proxy":
-            net = self.run_dir / "build-net"
-            net.mkdir(exist_ok=True)
+            self.net.mkdir(exist_ok=True)
             hosts = [*policy.allowed, *egress.with_addresses(environment.server_index_hosts())]
-            self.proxy = egress.Proxy(str(net / sandbox.BUILD_SOCKET), hosts, "",
+            self.proxy = egress.Proxy(str(self.net / sandbox.BUILD_SOCKET), hosts, "",
                                       lambda text: self.log.system(text + " (environment build)"))
             self.proxy.start()
         return policy
@@ -731,7 +731,7 @@ class _BuildSandbox:
                 self.policy = self._prepare()
             except (OSError, ValueError) as e:  # the job's build cannot be made: its error, not a lost instance
                 raise EnvironmentBuildError(f"the environment's build sandbox could not be made: {e}") from e
-        net = str(self.run_dir / "build-net") if self.proxy is not None else None
+        net = str(self.net) if self.proxy is not None else None
         argv = sandbox.build_argv(self.policy, build_dir=build_dir, caches=[self.uv_cache], python=self.req.python,
                                   net=net)
         return argv + cmd, sandbox.build_env(env, self.uv_cache)
@@ -739,7 +739,7 @@ class _BuildSandbox:
     def close(self) -> None:
         if self.proxy is not None:
             self.proxy.close(wait_s=5.0)  # its threads end before the supervisor forks the payload
-            shutil.rmtree(self.run_dir / "build-net", ignore_errors=True)
+            shutil.rmtree(self.net, ignore_errors=True)
 
 
 def user_uv_cache(cache_root: Path, box: sandbox.Policy) -> str:

@@ -30,7 +30,6 @@ from mljobs.status import JOB_STATUS
 __all__ = ["Admission"]
 
 log = logging.getLogger("mljobs.server")
-DEFAULT_INDEX = "https://pypi.org/simple"
 
 
 class Admission:
@@ -264,7 +263,7 @@ def _index_hosts(spec: JobSpec) -> list[tuple[str, int, str]]:
     """The hosts an install for ``spec`` would reach (its indexes and any direct-URL requirements),
     as :func:`mljobs.runtime.environment.index_hosts` gives them."""
     env = spec.env_vars
-    urls = [env.get("UV_DEFAULT_INDEX") or env.get("UV_INDEX_URL") or env.get("PIP_INDEX_URL") or DEFAULT_INDEX]
+    urls = [env.get("UV_DEFAULT_INDEX") or env.get("UV_INDEX_URL") or env.get("PIP_INDEX_URL") or envs.DEFAULT_INDEX]
     for var in ("PIP_EXTRA_INDEX_URL", "UV_EXTRA_INDEX_URL", "UV_INDEX", "PIP_FIND_LINKS", "UV_FIND_LINKS"):
         urls += env.get(var, "").split()
     for req in spec.pip_requirements:

@@ -28,7 +28,7 @@ from mljobs.paths import CALL_PAYLOAD, DefinitionPaths, StagePaths
 from mljobs.server.auth import Principal
 from mljobs.server.store import utcnow
 from mljobs.server.tables import definitions
-from mljobs.spec import JobSpec, PayloadKind, check_identifier, new_job_id
+from mljobs.spec import REMOTE_PREFIX, JobSpec, PayloadKind, check_identifier, new_job_id
 
 if TYPE_CHECKING:
     from mljobs.server.service import ControlPlane
@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 __all__ = ["Definitions", "PreparedCall"]
 
 MAX_CALL_BYTES = 16 << 20  # a call's pickled arguments (the payload itself was registered)
-REMOTE_PREFIX = "_REMOTE_"  # @remote's own definitions (mljobs.client.definitions.remote_name)
 KEEP_REMOTE = 8  # of one function's @remote definitions, per user
 _REMOTE_HASH = re.compile(r"[0-9A-F]{20}")
 

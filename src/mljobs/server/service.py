@@ -43,7 +43,7 @@ from mljobs.server.quotas import Quotas
 from mljobs.server.schedules import Schedules
 from mljobs.server.store import Store, utcnow
 from mljobs.server.usage import Usage, family_weight
-from mljobs.spec import DEFAULT_POOL
+from mljobs.spec import DEFAULT_POOL, REMOTE_FEATURE
 from mljobs.status import ACTIVE, INSTANCE_STATUS, JOB_STATUS, LIVE_INSTANCE, TERMINAL_VALUES
 
 __all__ = ["ControlPlane", "SYSTEM"]
@@ -51,9 +51,8 @@ __all__ = ["ControlPlane", "SYSTEM"]
 
 log = logging.getLogger("mljobs.server")
 SYSTEM = Principal("mljobs", admin=True)  # the server acting on its own (shutdown, TTL)
-# what /health tells clients this server does, beyond its version: "remote-definitions", @remote's
-# own definitions (unlisted, pruned, named in no job: server.definitions.REMOTE_PREFIX)
-FEATURES = ("remote-definitions",)
+# what /health tells clients this server does, beyond its version
+FEATURES = (REMOTE_FEATURE,)
 
 
 class ControlPlane(Catalog, Admission, Lifecycle, Completion, Queries):
