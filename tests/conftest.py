@@ -140,13 +140,16 @@ class ServerProc:
 
 
 def leftover_processes(home: Path) -> list[psutil.Process]:
-    """Processes whose environment or command line mentions this MLJOBS_HOME."""
+    """Processes whose environment or command line mentions this MLJOBS_HOME, or, for mljobs' own
+    (a spawner's or supervisor's title replaces both), whose open files lie under it."""
     out = []
     for p in psutil.process_iter(["pid", "cmdline"]):
         if p.pid == os.getpid():
             continue
         try:
-            if str(home) in " ".join(p.info["cmdline"] or []) or p.environ().get("MLJOBS_HOME") == str(home):
+            cmd = " ".join(p.info["cmdline"] or [])
+            if str(home) in cmd or p.environ().get("MLJOBS_HOME") == str(home) or (
+                    cmd.startswith("mljobs-") and any(f.path.startswith(f"{home}/") for f in p.open_files())):
                 out.append(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue

@@ -17,6 +17,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 import mljobs
@@ -558,3 +559,38 @@ def test_cancel_gives_a_sandboxed_payload_its_grace_period(shared):
     assert job.wait(timeout=60) == "CANCELLED"
     log = job.get_logs()
     assert "got SIGTERM: saving the checkpoint" in log and "saved" in log, job.get_logs(verbose=True)
+
+
+def test_a_spare_discarded_while_bubblewrap_sets_up_leaves_nothing(tmp_path):
+    """A warm supervisor that lets its spare go at once (the server stopping just after it was made)
+    kills bubblewrap during its set-up. Its sandbox init, cloned but not yet armed with its
+    parent-death signal, used to be left waiting for its monitor forever (reparented to init)."""
+    from mljobs.runtime import containment, supervisor
+
+    assert sandbox.probe() is None, f"this test needs bubblewrap: {sandbox.probe()}"
+    home = tmp_path / "home"
+    home.mkdir()
+    box = sandbox.Policy("personal", str(home))
+    plan = containment.Plan("fallback", None, "rss", None)
+    pid = os.fork()
+    if pid == 0:  # the warm supervisor (it becomes a subreaper: not this test's process)
+        code = 1
+        try:
+            for i in range(60):
+                spare = supervisor.Spare(plan, box)
+                time.sleep((i * 7 % 20) * 0.001)  # anywhere in bubblewrap's set-up (it hit 2-7 in 60 here)
+                spare.discard()
+            code = 0
+        finally:
+            os._exit(code)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    deadline = time.monotonic() + 5
+    left = [1]
+    while left and time.monotonic() < deadline:
+        left = [p for p in psutil.process_iter(["cmdline", "status"])
+                if str(home) in " ".join(p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE]
+        time.sleep(0.1)
+    for p in left:
+        p.kill()
+    assert not left, f"bubblewrap left running: {[(p.pid, p.ppid()) for p in left]}"
+    assert not list((home / "spares").glob("*"))

@@ -83,8 +83,12 @@ def kill_tree(root: int, grace_s: float, *, include_root: bool = False) -> None:
     _signal_all(descendants(root) + ([root] if include_root else []), signal.SIGKILL)
     for _ in range(100):
         _reap()
-        if not descendants(root):
+        left = descendants(root)
+        if not left:
             return
+        # again: a process can come to us meanwhile (we are a subreaper), such as bubblewrap's
+        # sandbox init when its monitor was killed during set-up (it then waits for it forever)
+        _signal_all(left, signal.SIGKILL)
         time.sleep(0.01)
 
 
@@ -159,6 +163,9 @@ class Spare:
         go_r, self.go_w = os.pipe()
         self.ready_r, ready_w = os.pipe() if box is not None else (None, None)
         me = os.getpid()
+        # bubblewrap's sandbox init, orphaned when its monitor is killed during set-up (a discard
+        # then), is not armed with its parent-death signal yet: it comes to us, and we kill it
+        _set_subreaper()
         self.pid = os.fork()
         if self.pid == 0:
             os.close(self.out_r), os.close(self.err_r), os.close(self.go_w)
@@ -196,8 +203,9 @@ class Spare:
         _send_launch(self.go_w, launch)
 
     def discard(self) -> None:
-        """Stop the unused payload process and remove its cgroups and slot (the spawner went away)."""
-        _signal_all([self.pid], signal.SIGKILL)
+        """Stop the unused payload process, and all it started, and remove its cgroups and slot (the
+        spawner went away). Its processes are all this (warm) supervisor has started so far."""
+        kill_tree(os.getpid(), 0.0)
         try:
             os.waitpid(self.pid, 0)
         except ChildProcessError:
