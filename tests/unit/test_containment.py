@@ -4,6 +4,7 @@ and a supervisor run directly with a memory limit smaller than the interpreter n
 from __future__ import annotations
 
 import json
+import signal
 import os
 import subprocess
 import sys
@@ -135,3 +136,38 @@ def test_a_limit_smaller_than_the_interpreter_fails_fast(tmp_path, mechanism):
     assert time.monotonic() - t0 < 30
     assert record["exit_code"] != 0 and record["oom"]["limit_bytes"] == 8 << 20, record
     assert record["oom"]["used_bytes"] > 0
+
+
+@pytest.mark.parametrize("cold", [False, True])
+def test_a_cancel_sent_as_soon_as_the_supervisors_pid_is_known_is_taken(tmp_path, cold):
+    """The server may SIGTERM a supervisor the moment the spawner names it. A warm supervisor used
+    to die of it before it could handle it (no exit record; a sandbox's init could be left behind)."""
+    import psutil
+
+    from mljobs.paths import HomePaths
+    from mljobs.providers.local import _Spawner
+
+    plan = containment.Plan("fallback", None, "rss", None)
+    run, app = tmp_path / "run", tmp_path / "app"
+    run.mkdir(), app.mkdir()
+    (app / "function.pkl").write_bytes(cloudpickle.dumps({"fn": time.sleep, "args": (30,), "kwargs": {}}))
+    launch = {"job_id": "MLJOB_UNIT", "instance_id": 0, "instance_count": 1, "run_dir": str(run),
+              "work_dir": str(app), "app_dir": str(app), "log_file": str(tmp_path / "0.log"),
+              "result_file": str(run / "result.pkl"), "payload_kind": "function", "entrypoint": [], "args": [],
+              "session_param": None, "client_python": "", "client_cloudpickle": "", "env": {}, "cpus": None,
+              "memory_bytes": None, "python": sys.executable, "environment": None, "grace_period_s": 1,
+              "multinode": None, "netns": None, "containment": plan.to_dict(),
+              "metrics_file": str(run / "metrics.jsonl"), "metrics": False, "gpus": []}
+    (run / "launch.json").write_text(json.dumps(launch))
+    (tmp_path / "home").mkdir()
+    spawner = _Spawner(HomePaths(tmp_path / "home"), plan, 1)
+    try:
+        spawner._ensure()  # started, its spare forked
+        time.sleep(0.5)
+        pid = spawner.spawn(str(run), str(tmp_path / "sup.err"), cold=cold)
+        os.kill(pid, signal.SIGTERM)
+        psutil.Process(pid).wait(30)
+    finally:
+        spawner.close()
+    record = json.loads((run / "exit.json").read_text())
+    assert record["cancelled"] is True, record

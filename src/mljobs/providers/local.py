@@ -256,6 +256,13 @@ class _Tidier:
         self._thread.join(timeout=5)
 
 
+def _spare_alive(name: str) -> bool:
+    """Whether the warm supervisor that made the cgroups or slot ``spare-<spawner>-<supervisor>-<random>``
+    is still running (a name of another form: assume so)."""
+    parts = name[len(containment.SPARE_PREFIX):].split("-")
+    return not (len(parts) == 3 and parts[1].isdigit()) or psutil.pid_exists(int(parts[1]))
+
+
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     """``n`` distinct ports free on ``host`` right now (held open together, so never the same twice)."""
     socks = []
@@ -634,6 +641,11 @@ class LocalProvider(Provider):
         if (net is not None and not net.get("netns")) or self._lost_uncontained(job_id):
             containment.kill_marked(job_id)
         path.unlink(missing_ok=True)
+        # a warm supervisor killed before it named its cgroups in the run dir (a cancel at once)
+        for cg in self._cgroups_of().get("", []):
+            if not _spare_alive(cg.name):
+                cg.kill()
+                self._tidier.put(cg.remove)
 
     def _instance_dirs(self, job_id: str) -> list[Path]:
         try:
@@ -683,7 +695,7 @@ class LocalProvider(Provider):
         found = self._cgroups_of()
         ours = f"{containment.SPARE_PREFIX}{self._spawner.pid}-" if self._spawner.pid else None
         for cg in found.pop("", []):
-            if not (ours and cg.name.startswith(ours)):
+            if not (ours and cg.name.startswith(ours)) or not _spare_alive(cg.name):
                 cg.remove()
         self._remove_dead_slots()
         jobs = set(found)
@@ -703,8 +715,7 @@ class LocalProvider(Provider):
         except FileNotFoundError:
             return
         for slot in slots:
-            parts = slot.name[len(containment.SPARE_PREFIX):].split("-")
-            if len(parts) == 3 and parts[1].isdigit() and not psutil.pid_exists(int(parts[1])):
+            if not _spare_alive(slot.name):
                 shutil.rmtree(slot, ignore_errors=True)
 
     def close(self) -> None:

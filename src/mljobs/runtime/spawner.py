@@ -65,6 +65,16 @@ def _run_supervisor(run_dir: str, stderr_path: str) -> None:
         _exit_fork(code)
 
 
+def _fork_held() -> int:
+    """Fork a supervisor with a cancel or a release held (:data:`mljobs.runtime.supervisor.HELD`)
+    from its first instruction: the server may signal it as soon as this process answers."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, supervisor.HELD)
+    pid = os.fork()
+    if pid != 0:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    return pid
+
+
 def _say_failed(e: BaseException) -> None:
     try:
         os.write(2, f"mljobs: the supervisor could not start: {e!r}\n".encode())
@@ -135,7 +145,7 @@ class _Spares:
     def fill(self) -> None:
         while len(self.ready) < self.count:
             cmd_r, cmd_w = os.pipe()
-            pid = os.fork()
+            pid = _fork_held()
             if pid == 0:
                 os.close(cmd_w)
                 _run_spare(cmd_r, self.plan, sandbox.Policy.from_dict(self.box) if self.box else None)
@@ -209,7 +219,7 @@ def serve(label: str = "", requests: int = 0, replies: int = 1) -> None:
                         warm.box = req.get("box")
                     pid = None if req.get("cold") else warm.assign(req)
                     if pid is None:
-                        pid = os.fork()
+                        pid = _fork_held()
                         if pid == 0:
                             _run_supervisor(req["run_dir"], req["stderr"])
                 except Exception as e:  # noqa: BLE001

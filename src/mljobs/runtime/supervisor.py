@@ -42,7 +42,7 @@ from mljobs.paths import CGROUP_FILE, CHECKPOINT_DIR
 from mljobs.runtime.containment import descendants
 from mljobs.runtime.metrics import Sampler
 
-__all__ = ["main", "supervise", "descendants", "kill_tree", "Spare"]
+__all__ = ["main", "supervise", "descendants", "kill_tree", "HELD", "Spare"]
 
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_PDEATHSIG = 1
@@ -55,6 +55,12 @@ def _set_subreaper() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     except (OSError, AttributeError):  # not Linux: fall back to the process group alone
         pass
+
+
+# A cancel or a release, held in a supervisor from the spawner's fork until supervise() takes them:
+# SIGTERM's default would end the supervisor alone, its payload left to a parent-death signal that
+# bubblewrap may not have armed yet (its sandbox init then waits forever)
+HELD = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1}
 
 
 def _signal_all(pids: list[int], sig: int) -> None:
@@ -229,8 +235,8 @@ class Spare:
         payload is linked into the slot's ``app`` when it lives elsewhere (a stage's folder)."""
         assert self.slot is not None
         work, run_dir = Path(launch["work_dir"]), Path(launch["run_dir"])
-        for entry in os.scandir(work):
-            os.rename(entry.path, self.slot / "work" / entry.name)
+        for item in os.scandir(work):
+            os.rename(item.path, self.slot / "work" / item.name)
         os.rmdir(work)
         os.rename(self.slot / "work", work)
         os.rename(self.slot / "out", run_dir / "out")
@@ -283,6 +289,7 @@ def _child_prepare(out_w: int, err_w: int, cgroup: containment.InstanceCgroup | 
         for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())  # a spare is forked while its supervisor holds some
         signal.set_wakeup_fd(-1)
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
@@ -358,6 +365,7 @@ def supervise(launch: dict[str, Any], spare: Spare | None = None) -> dict[str, A
     signal.set_wakeup_fd(wake_w)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1):
         signal.signal(sig, lambda *_: None)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD)  # one held since the fork comes to the wake-up pipe now
     box = sandbox.Policy.from_dict(launch["sandbox"]) if launch.get("sandbox") else None
     if spare is not None and not spare.takes(launch, box):  # not in the job's network, or another sandbox
         spare.discard()
