@@ -189,8 +189,9 @@ class Session:
         self.schema = name.upper()
 
     def server_info(self) -> dict[str, Any]:
-        resp = self._http().get(self.url + "/health")
-        return resp.json()
+        """The server's ``/health``: its version, Python, isolation, features (an error status or
+        no answer raises, as any call does)."""
+        return self.request("GET", self.url + "/health").json()
 
     def features(self) -> frozenset[str]:
         """What the server says it does beyond its version (``/health``'s ``features``; none from
