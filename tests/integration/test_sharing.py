@@ -8,6 +8,7 @@ import time
 import pytest
 
 import mljobs
+from mljobs.client.session import Session
 from mljobs.errors import PermissionDeniedError, QuotaExceededError
 from tests.conftest import add_users, wait_status
 
@@ -176,3 +177,36 @@ def test_preemption_requeues_the_lower_job_which_resumes_from_its_checkpoint(tea
     mljobs.remote("PRE", stage_name="B", priority=5, session=team["bob"])(hold)(0.1).result(timeout=60)
     assert plain.wait(60) == "CANCELLED"
     assert f"preempted by job" in plain.message and "of user bob" in plain.message and "no retries" in plain.message
+
+
+def test_usage_outlives_a_deleted_job_and_a_restart(team, sqlite_server):
+    """What a user ran counts for fair share and the daily quota after they delete the job (its
+    instance rows go with it) and after the server restarts (usage is rebuilt from the store)."""
+    _pool(team, "LEDGER", max_nodes=1)
+    root, alice = team["root"], team["alice"]
+    h = mljobs.remote("LEDGER", stage_name="A", session=alice)(hold)
+    job = h(1.5)
+    assert job.result(timeout=60) == 1.5
+    mljobs.set_user_quota("alice", "LEDGER", max_instance_hours=0.0003, session=root)  # 1.08 s a day
+    with pytest.raises(QuotaExceededError, match="max_instance_hours"):
+        h(0.1)
+    mljobs.delete_job(job.id, session=alice)
+    with pytest.raises(QuotaExceededError, match="max_instance_hours"):  # deleting the job gives nothing back
+        h(0.1)
+    sqlite_server.stop()
+    url = sqlite_server.start()
+    root, alice = Session(url=url, token=root.token), Session(url=url, token=alice.token)
+    try:
+        h = mljobs.remote("LEDGER", stage_name="A", session=alice)(hold)
+        with pytest.raises(QuotaExceededError, match="max_instance_hours"):
+            h(0.1)
+        mljobs.set_user_quota("alice", "LEDGER", session=root)
+        running = h(30.0)
+        wait_status(running, {"RUNNING"}, timeout=60)
+        users = {u["user"]: u for u in mljobs.describe_compute_pool("LEDGER", session=root)["users"]}
+        assert users["alice"]["usage"] >= 1.5, users  # the deleted job's 1.5 s, read back after the restart
+        running.cancel()
+        assert running.wait(60) == "CANCELLED"
+    finally:
+        root.close()
+        alice.close()

@@ -112,8 +112,14 @@ class ControlPlane(Catalog, Admission, Lifecycle, Completion, Queries):
         """Whether the server has users (the authenticator's answer, cached, once started)."""
         return self.auth.has_users() if hasattr(self, "auth") else self.store.has_users()
 
+    def _usage_look_back(self) -> dt.timedelta:
+        """How far back usage counts: eight half-lives (fair share), at least a day (daily quotas)."""
+        return max(dt.timedelta(seconds=8 * self.usage.half_life_s), dt.timedelta(days=1))
+
     def _load_usage(self) -> None:
-        """Each user's recent usage from the instances that ended within eight half-lives."""
+        """Each user's recent usage from the runs that ended within eight half-lives (kept apart
+        from their jobs: a deleted or requeued job's run still counts); older ones are forgotten."""
+        self.store.prune_usage(utcnow() - self._usage_look_back())
         since = utcnow() - dt.timedelta(seconds=8 * self.usage.half_life_s)
         for span in self.store.instance_spans(since):
             if span["started_time"] and span["ended_time"]:
@@ -172,9 +178,13 @@ class ControlPlane(Catalog, Admission, Lifecycle, Completion, Queries):
 
     def _monitor_loop(self) -> None:
         next_prune = 0.0
+        next_usage_prune = time.monotonic() + 3600.0
         while not self._stop.wait(5.0):
             try:
                 self.reconcile(attach=False)
+                if time.monotonic() >= next_usage_prune:
+                    self.store.prune_usage(utcnow() - self._usage_look_back())
+                    next_usage_prune = time.monotonic() + 3600.0
                 for pool in self.store.list_pools():  # a start that failed for a while is tried again
                     self.request_schedule(pool["name"])
                 ttl_s = self.settings.job_ttl_days * 86400.0

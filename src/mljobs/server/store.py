@@ -20,12 +20,23 @@ from sqlalchemy.engine import Engine
 from mljobs.errors import ConflictError, InvalidTransitionError, NotFoundError
 from mljobs.server.records import JobRecord, QueuedJob
 from mljobs.server.tables import (SCHEMA_REVISION, alembic_version, instances, integrations, job_events, jobs, metadata,
-                                  pools, secrets, stages, users)
+                                  pools, secrets, stages, usage_spans, users)
 from mljobs.spec import PoolSpec
 from mljobs.status import ACTIVE, INSTANCE_STATUS, JOB_STATUS, LIVE_INSTANCE, TERMINAL, TERMINAL_VALUES, can_transition
 
 __all__ = ["Store", "utcnow", "normalize_url"]
 
+
+
+def _keep_usage(c: sa.Connection, job_id: str, instance_id: int) -> None:
+    """In the transaction that marks an instance EXITED: its run, into ``usage_spans``."""
+    c.execute(usage_spans.insert().from_select(
+        ["owner", "compute_pool", "instance_family", "started_time", "ended_time"],
+        sa.select(jobs.c.owner, jobs.c.compute_pool, pools.c.instance_family, instances.c.started_time,
+                  instances.c.ended_time)
+        .join(jobs, jobs.c.id == instances.c.job_id).join(pools, pools.c.name == jobs.c.compute_pool)
+        .where(instances.c.job_id == job_id, instances.c.instance_id == instance_id,
+               instances.c.started_time.is_not(None), instances.c.ended_time.is_not(None))))
 
 
 def _event(c: sa.Connection, job_id: str, status: str, message: str = "", time: dt.datetime | None = None) -> None:
@@ -538,21 +549,30 @@ class Store:
 
     def instance_spans(self, since: dt.datetime | None = None, live: bool = False, owner: str | None = None,
                        pool: str | None = None) -> list[dict[str, Any]]:
-        """Instances with their owner, pool and family: those ended after ``since``, or the live
-        ones (only ``owner``'s on ``pool`` when given); for usage (fair share) and daily quotas."""
-        q = (sa.select(jobs.c.owner, jobs.c.compute_pool, pools.c.instance_family, instances.c.started_time,
-                       instances.c.ended_time)
-             .join(jobs, jobs.c.id == instances.c.job_id).join(pools, pools.c.name == jobs.c.compute_pool))
+        """Runs with their owner, pool and family: those ended after ``since`` (from
+        ``usage_spans``, which outlive their jobs), or the live instances (only ``owner``'s on
+        ``pool`` when given); for usage (fair share) and daily quotas."""
         if live:
-            q = q.where(instances.c.status.in_(sorted(LIVE_INSTANCE)))
+            q = (sa.select(jobs.c.owner, jobs.c.compute_pool, pools.c.instance_family, instances.c.started_time,
+                           instances.c.ended_time)
+                 .join(jobs, jobs.c.id == instances.c.job_id).join(pools, pools.c.name == jobs.c.compute_pool)
+                 .where(instances.c.status.in_(sorted(LIVE_INSTANCE))))
+            who, where = jobs.c.owner, jobs.c.compute_pool
         else:
-            q = q.where(instances.c.status == INSTANCE_STATUS.EXITED.value, instances.c.ended_time >= since)
+            q = sa.select(usage_spans.c.owner, usage_spans.c.compute_pool, usage_spans.c.instance_family,
+                          usage_spans.c.started_time, usage_spans.c.ended_time).where(usage_spans.c.ended_time >= since)
+            who, where = usage_spans.c.owner, usage_spans.c.compute_pool
         if owner is not None:
-            q = q.where(jobs.c.owner == owner)
+            q = q.where(who == owner)
         if pool is not None:
-            q = q.where(jobs.c.compute_pool == pool)
+            q = q.where(where == pool)
         with self.engine.connect() as c:
             return [_row(r) for r in c.execute(q)]
+
+    def prune_usage(self, before: dt.datetime) -> int:
+        """Forget runs that ended before ``before`` (older than any look back); how many."""
+        with self.engine.begin() as c:
+            return c.execute(usage_spans.delete().where(usage_spans.c.ended_time < before)).rowcount
 
     def queued_by_owner(self, pool: str) -> dict[str, int]:
         q = (sa.select(jobs.c.owner, sa.func.count()).where(jobs.c.compute_pool == pool,
@@ -646,6 +666,7 @@ class Store:
                 instances.c.status.in_(sorted(LIVE_INSTANCE))).values(status=INSTANCE_STATUS.EXITED.value, **values))
             if res.rowcount == 0:
                 return False
+            _keep_usage(c, job_id, instance_id)
             if job_status is not None:
                 sources = [s.value for s in expected if can_transition(s, job_status)]
                 now = utcnow()

@@ -9,11 +9,11 @@ import sqlalchemy as sa
 
 __all__ = ["SCHEMA_REVISION", "alembic_version", "metadata", "pools", "jobs", "instances", "job_events", "stages",
            "integrations", "users", "secrets",
-           "definitions", "schedules", "schedule_events", "quotas"]
+           "definitions", "schedules", "schedule_events", "quotas", "usage_spans"]
 
 metadata = sa.MetaData()
 
-SCHEMA_REVISION = "0010"  # the newest migration's revision: what a store made from these tables is at
+SCHEMA_REVISION = "0011"  # the newest migration's revision: what a store made from these tables is at
 
 # Alembic's own table (not part of the store's metadata): the revision a store is at.
 alembic_version = sa.Table(
@@ -195,4 +195,17 @@ quotas = sa.Table(  # per user ('*': everyone's default) and pool ('*': every po
     sa.Column("max_instances", sa.Integer),  # running at once: more wait, their pending reason says so
     sa.Column("max_queued", sa.Integer),  # queued at once: more are refused at submit
     sa.Column("max_instance_hours", sa.Float),  # over the last 24 h: more are refused at submit
+)
+
+usage_spans = sa.Table(  # each ended instance's run, kept apart from the job: fair share and daily quotas
+    # read it, so that deleting a job or requeueing its attempt (which drop its instance rows) does
+    # not give its owner that usage back; rows older than the longest look back are pruned
+    "usage_spans", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("owner", sa.String(255), nullable=False),
+    sa.Column("compute_pool", sa.String(255), nullable=False),
+    sa.Column("instance_family", sa.String(64), nullable=False),
+    sa.Column("started_time", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("ended_time", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_usage_spans_ended", "ended_time"),
 )
