@@ -210,3 +210,37 @@ def test_usage_outlives_a_deleted_job_and_a_restart(team, sqlite_server):
     finally:
         root.close()
         alice.close()
+
+
+def test_quotas_and_shares_through_the_cli(team, sqlite_server):
+    """`mljobs user quota set|show` and `mljobs pool describe`, as an operator runs them."""
+    import json
+    import subprocess
+    import sys
+
+    def cli(token: str, *args: str) -> subprocess.CompletedProcess[str]:
+        env = {**sqlite_server.env(), "MLJOBS_URL": sqlite_server.url, "MLJOBS_TOKEN": token, "COLUMNS": "200"}
+        return subprocess.run([sys.executable, "-m", "mljobs", *args], env=env, capture_output=True, text=True,
+                              timeout=60)
+
+    _pool(team, "CLIQ", max_nodes=2)
+    root, alice = team["root"].token, team["alice"].token
+    refused = cli(alice, "user", "quota", "set", "bob", "--pool", "CLIQ", "--max-instances", "1")
+    assert refused.returncode != 0 and "needs an admin" in " ".join((refused.stdout + refused.stderr).split())
+    done = cli(root, "user", "quota", "set", "alice", "--pool", "CLIQ", "--max-instances", "1", "--max-queued", "5")
+    assert done.returncode == 0 and "quota of alice on CLIQ: max_instances=1, max_queued=5" in done.stdout, done
+    shown = cli(root, "user", "quota", "show", "alice", "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout) == [{"owner": "alice", "pool": "CLIQ", "max_instances": 1, "max_queued": 5,
+                                         "max_instance_hours": None}]
+    held = [mljobs.remote("CLIQ", stage_name="A", session=team["alice"])(hold)(30.0) for _ in range(2)]
+    wait_status(held[0], {"RUNNING"}, timeout=60)
+    described = cli(alice, "pool", "describe", "CLIQ")
+    assert described.returncode == 0, described.stderr
+    rows = [[c.strip() for c in line.strip("│ ").split("│")] for line in described.stdout.splitlines()
+            if line.startswith("│")]
+    # user, running, queued, share, max instances: one running (her max_instances), one queued, all the share
+    assert rows == [["alice", "1", "1", "100%", "1"]], described.stdout
+    for j in held:
+        j.cancel()
+    assert [j.wait(60) for j in held] == ["CANCELLED", "CANCELLED"]
