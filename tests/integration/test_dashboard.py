@@ -7,6 +7,7 @@ data without a token), a wrong token refused, a right one and ``mljobs ui --no-b
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import re
 import shutil
@@ -281,7 +282,7 @@ def test_token_server_login_page_cookie_csrf_and_owners(users: tuple[ServerProc,
     assert page.locator("#jobs-body tr").evaluate_all("rows => rows.map(r => r.dataset.id)") == [a_job.id]
     assert "alice" in page.inner_text("header")
     assert page.goto(srv.url + f"/jobs/{b_job.id}").status == 404
-    assert page.goto(srv.url + f"/?owner=bob").ok and page.locator("#jobs-body tr").count() == 0
+    assert page.goto(srv.url + "/?owner=bob").ok and page.locator("#jobs-body tr").count() == 0
 
     # a cancel that did not come from the page's own form is refused and changes nothing
     page.goto(srv.url + f"/jobs/{a_job.id}")
@@ -387,5 +388,23 @@ def test_charts_of_a_running_job_and_a_pool_and_the_jobs_list(sqlite_server: Ser
                            ".dataset.points || '0') >= 3")
     assert "all users" in fig.inner_text()
     assert _distinct_colors(fig.screenshot()) > 20
+    # and who holds it now: the hog's owner, one instance running, all of the recent usage
+    users = page.locator("tr.pool-users[data-pool='DEFAULT_POOL'] table.users tbody tr")
+    cells = users.evaluate_all("rows => rows.map(r => [...r.cells].map(c => c.innerText.trim()))")
+    assert cells == [[job._refresh()["owner"], "1", "0", "100%", ""]], cells
+
+    # the schedules page: a schedule with its clock, state and next tick, and the definition it calls
+    adder = mljobs.MLJobDefinition.register(_ticker, "DEFAULT_POOL", "dash_stage", name="nightly_ticks", session=s)
+    nightly = mljobs.create_schedule("nightly", adder, every="1h", session=s,
+                                     start_at=dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1))
+    page.click("text=Schedules")
+    page.wait_for_url("**/schedules")
+    row = page.locator(f"#schedules tr[data-name='{nightly['name']}']")
+    cells = row.evaluate("r => [...r.cells].map(c => c.innerText.trim())")
+    assert cells[0].split()[0] == nightly["name"] and cells[1] == nightly["definition"] == adder.name, cells
+    assert cells[2].startswith("every 3600 s"), cells
+    assert cells[3] == "ACTIVE" and cells[4] and cells[5] == "all runs", cells  # a next tick, no run yet
+    assert page.locator(f"#definitions tr[data-name='{adder.name}']").count() == 1
+    mljobs.drop_schedule(nightly["name"], session=s)
     job.cancel()
     assert job.wait(timeout=60) == mljobs.JOB_STATUS.CANCELLED

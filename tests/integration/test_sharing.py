@@ -176,7 +176,7 @@ def test_preemption_requeues_the_lower_job_which_resumes_from_its_checkpoint(tea
     wait_status(plain, {"RUNNING"}, timeout=60)
     mljobs.remote("PRE", stage_name="B", priority=5, session=team["bob"])(hold)(0.1).result(timeout=60)
     assert plain.wait(60) == "CANCELLED"
-    assert f"preempted by job" in plain.message and "of user bob" in plain.message and "no retries" in plain.message
+    assert "preempted by job" in plain.message and "of user bob" in plain.message and "no retries" in plain.message
 
 
 def test_usage_outlives_a_deleted_job_and_a_restart(team, sqlite_server):
