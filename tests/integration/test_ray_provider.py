@@ -472,3 +472,45 @@ def test_cancel_while_the_agent_starts_stops_the_ray_job_at_once(env, tmp_path):
     left = _wait_gone(marker)
     assert not left, f"left running after cancel: {left}"
     env.ns(mljobs.drop_compute_pool, "RAYSLOW", session=env.session)
+
+
+def test_cancel_while_ray_still_queues_the_job_ends_it_at_once(env, tmp_path):
+    """A cancel while Ray holds the job's Ray job PENDING (every CPU of the cluster taken by
+    another pool's gang) ends it CANCELLED at once. Ray 2.60 stops a PENDING job only once its
+    supervisor actor gets the entrypoint's CPUs (stop_job queues behind its creation): then it
+    ends STOPPED, and nothing of it is left (docs/providers.md)."""
+    marker = f"mljray-marker-{uuid.uuid4().hex}"
+    script = tmp_path / "sleeper.py"
+    script.write_text(SLEEPER)
+
+    def fill_the_cluster():
+        mljobs.create_compute_pool("RAY_FULL", instance_family="CPU_X64_S", max_nodes=3, provider="ray",
+                                   provider_options=env.options(), session=env.session)
+        full = mljobs.submit_file(str(script), "RAY_FULL", stage_name="st", args=[marker], target_instances=3,
+                                  parallel=True, session=env.session)
+        for i in range(3):  # 3 nodes x 2 CPUs: all of them
+            _wait_log(full, "payload started", instance_id=i)
+        return full, mljobs.remote(POOL, stage_name="st", session=env.session)(lambda: 1)()
+
+    full, job = env.ns(fill_the_cluster)
+    deadline, status = time.monotonic() + 30, None
+    while status != "PENDING" and time.monotonic() < deadline:
+        try:
+            status = env.ray_status(job.id)
+        except Exception:  # noqa: BLE001 - not submitted to Ray yet
+            time.sleep(0.2)
+    assert status == "PENDING", status
+    time.sleep(1.0)
+    assert env.ray_status(job.id) == "PENDING"  # Ray queues it: no CPU is free
+    t = time.monotonic()
+    env.ns(job.cancel)
+    assert env.ns(job.wait, 60).value == "CANCELLED", env.ns(lambda: job.message)
+    assert time.monotonic() - t < 10
+    assert "cancelled before it started on a node" in env.ns(job.get_logs, verbose=True)
+    assert env.ray_status(job.id) == "PENDING"  # what Ray can do: see the docstring
+    env.ns(full.cancel)
+    assert env.ns(full.wait, 60).value == "CANCELLED"
+    assert env.wait_ray_status(job.id, "STOPPED", timeout=60) == "STOPPED"
+    assert env.ns(lambda: job.status.value) == "CANCELLED"
+    env.ns(mljobs.drop_compute_pool, "RAY_FULL", session=env.session)
+    assert not _wait_gone(marker, job.id)
