@@ -514,3 +514,33 @@ def test_cancel_while_ray_still_queues_the_job_ends_it_at_once(env, tmp_path):
     assert env.ns(lambda: job.status.value) == "CANCELLED"
     env.ns(mljobs.drop_compute_pool, "RAY_FULL", session=env.session)
     assert not _wait_gone(marker, job.id)
+
+
+def test_a_quota_holds_a_ray_pools_jobs_in_mljobs_queue(env, tmp_path):
+    """mljobs decides what starts on every provider: a Ray pool's job over its owner's
+    max_instances waits in mljobs' queue (Ray never sees it), its pending reason naming the limit."""
+    marker = f"mljray-marker-{uuid.uuid4().hex}"
+
+    def body():
+        mljobs.create_compute_pool("RAYQ", instance_family="CPU_X64_XS", max_nodes=3, provider="ray",
+                                   provider_options=env.options(), session=env.session)
+        mljobs.set_user_quota("*", "RAYQ", max_instances=1, session=env.session)
+        first = mljobs.remote("RAYQ", stage_name="st", session=env.session)(_make_sleeper())(marker)
+        _wait_log(first, "payload started")
+        second = mljobs.remote("RAYQ", stage_name="st", session=env.session)(lambda: 2)()
+        time.sleep(2.0)
+        held = second._refresh()
+        from ray.job_submission import JobSubmissionClient
+
+        ray_jobs = {j.submission_id for j in JobSubmissionClient(env.cluster.dashboard_url).list_jobs()}
+        first.cancel()
+        return first, second, held, ray_jobs
+
+    first, second, held, ray_jobs = env.ns(body)
+    assert held["status"] == "PENDING" and "max_instances=1" in held["message"], held["message"]
+    assert f"mljobs-{first.id}" in ray_jobs and f"mljobs-{second.id}" not in ray_jobs  # Ray never saw it
+    assert env.ns(second.result, timeout=90) == 2  # it starts once the first has ended
+    assert env.ns(lambda: first.status.value) == "CANCELLED"
+    env.ns(mljobs.set_user_quota, "*", "RAYQ", session=env.session)
+    env.ns(mljobs.drop_compute_pool, "RAYQ", session=env.session)
+    assert not _wait_gone(marker, first.id)

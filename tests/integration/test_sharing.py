@@ -109,6 +109,10 @@ def test_two_busy_users_each_get_about_half_of_a_fair_pool(team):
     secs = {u: sum(max(0.0, (min(e, end) - max(s, start)).total_seconds()) for s, e in v) for u, v in spans.items()}
     share = secs["carol"] / (secs["carol"] + secs["dave"])
     assert abs(share - 0.5) <= 0.1, secs
+    # and no decision ever ran more than the pool's max_nodes=2 at once (an end frees its slot first)
+    events = sorted([(s, 1) for v in spans.values() for s, _ in v] + [(e, -1) for v in spans.values() for _, e in v])
+    running = [sum(d for _, d in events[:k + 1]) for k in range(len(events))]
+    assert max(running) == 2, max(running)
 
 
 def test_quotas_refuse_at_submit_and_hold_in_the_queue(team):
