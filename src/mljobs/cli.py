@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -616,7 +615,7 @@ def env_list(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> N
 @env_app.command("prune")
 def env_prune(all_: bool = typer.Option(False, "--all", help="remove every environment not in use"),
               max_gb: Optional[float] = typer.Option(None, "--max-gb", help="shrink the cache to this size")) -> None:
-    """Remove least recently used environments (never one a running job uses)."""
+    """Remove least recently used environments (never one a running job uses), and users' idle uv caches."""
     max_bytes = 0 if all_ else (int(max_gb * 2**30) if max_gb is not None else None)
     rows = _session().request("POST", "/environments/prune", json={"max_bytes": max_bytes}).json()
     _table(_env_rows(rows), ENV_COLUMNS, f"removed {len(rows)} environment(s)")

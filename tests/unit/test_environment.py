@@ -131,3 +131,29 @@ def test_a_builds_proxy_lets_through_the_servers_own_indexes():
     # a mirror whose name resolves off the internet is let through by the address it has now
     assert "127.0.0.1:3141" in egress.with_addresses(["localhost:3141"])
     assert egress.with_addresses(["10.0.0.5:80"]) == ["10.0.0.5:80"]
+
+
+def test_idle_user_uv_caches_are_pruned_and_a_held_one_is_kept(tmp_path):
+    """The per-user uv caches of shared builds (`<env cache>-uv/<uid>`) go once no build used them
+    for USER_CACHE_IDLE_S, or at an admin's prune of everything idle; one a build holds stays."""
+    from mljobs.runtime import environment as envs
+
+    root = tmp_path / "envs"
+    root.mkdir()
+    top = envs.user_caches(root)
+    for name in ("310000", "310001", "310002"):
+        (top / name / "wheels").mkdir(parents=True)
+        (top / name / "wheels" / "x.whl").write_bytes(b"x" * 1000)
+    held = envs.hold_user_cache(top / "310002")  # a build of 310002 runs now
+    month_ago = time.time() - 30 * 86400
+    for name in ("310000", "310002"):  # idle for a month (310002's build started long ago)
+        os.utime(top / name, (month_ago, month_ago))
+    try:
+        assert envs.EnvCache(root).prune() == []  # no environment to remove; the idle cache goes
+        assert sorted(d.name for d in top.iterdir() if not d.name.startswith(".")) == ["310001", "310002"]
+        envs.EnvCache(root).prune(0)  # an admin's prune of everything idle: 310001 too, not the held one
+        assert sorted(d.name for d in top.iterdir() if not d.name.startswith(".")) == ["310002"]
+    finally:
+        os.close(held)
+    assert envs.prune_user_caches(root, 0.0) == ["310002"]  # its build ended
+    assert not [d for d in top.iterdir() if d.name.startswith(".trash")]

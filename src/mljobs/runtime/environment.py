@@ -370,6 +370,59 @@ class Env:
 # (command, variables, the folder being built) -> the command and variables to run it with
 Wrap = Callable[[list[str], dict[str, str], str], tuple[list[str], dict[str, str]]]
 
+USER_CACHE_IDLE_S = 14 * 86400  # a user's uv cache that no build used for this long is removed
+
+
+def user_caches(cache_root: os.PathLike[str] | str) -> Path:
+    """The folder of the per-user uv caches of shared builds, beside the environment cache."""
+    return Path(f"{cache_root}-uv")
+
+
+def hold_user_cache(path: os.PathLike[str] | str) -> int:
+    """Mark a user's uv cache as in use by a build until the returned descriptor is closed (a
+    shared lock that :func:`prune_user_caches` respects), and as used now."""
+    path = Path(path)
+    locks = path.parent / ".locks"
+    locks.mkdir(mode=0o700, exist_ok=True)
+    fd = os.open(locks / f"{path.name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    os.utime(path)
+    return fd
+
+
+def prune_user_caches(cache_root: os.PathLike[str] | str, idle_s: float = USER_CACHE_IDLE_S) -> list[str]:
+    """Remove the per-user uv caches no build used for ``idle_s`` (0: every one no build holds
+    now); what it removed. A cache is only a cache: the next build of that user fills it again."""
+    top = user_caches(cache_root)
+    try:
+        caches = [d for d in top.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    except FileNotFoundError:
+        return []
+    removed = []
+    for d in caches:
+        try:
+            if time.time() - d.stat().st_mtime < idle_s:
+                continue
+        except FileNotFoundError:
+            continue
+        fd = os.open(top / ".locks" / f"{d.name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600) \
+            if (top / ".locks").is_dir() else None
+        try:
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)  # type: ignore[arg-type]
+            continue  # a build is using it
+        try:
+            trash = top / f".trash-{d.name}-{os.getpid()}"
+            os.rename(d, trash)  # gone at once (a build starting now makes a fresh one), then deleted
+            shutil.rmtree(trash, ignore_errors=True)
+            removed.append(d.name)
+        finally:
+            if fd is not None:
+                os.close(fd)
+    return removed
+
 
 class EnvCache:
     def __init__(self, root: os.PathLike[str] | str, max_bytes: int = 10 << 30) -> None:
@@ -555,7 +608,9 @@ class EnvCache:
     def prune(self, max_bytes: int | None = None, *, keep: set[str] | None = None,
               recent_s: float = 60.0) -> list[dict[str, Any]]:
         """Remove least recently used environments not in use until the cache fits ``max_bytes``
-        (default: the cache's cap; 0 removes every idle one). Returns what it removed."""
+        (default: the cache's cap; 0 removes every idle one), and the per-user uv caches no build
+        used for :data:`USER_CACHE_IDLE_S` (with 0: every idle one). Returns the environments it removed."""
+        prune_user_caches(self.root, 0.0 if max_bytes == 0 else USER_CACHE_IDLE_S)
         cap = self.max_bytes if max_bytes is None else max_bytes
         entries = self.entries()
         total = sum(e["size_bytes"] for e in entries)

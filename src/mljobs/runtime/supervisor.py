@@ -710,13 +710,13 @@ class _BuildSandbox:
                  log: _LogWriter) -> None:
         self.box, self.req, self.cache_root, self.run_dir, self.log = box, req, cache_root, run_dir, log
         self.policy: sandbox.Policy | None = None
-        self.uv_cache = ""
+        self.uv_cache, self.uv_cache_fd = "", -1
         self.net = run_dir / "build-net"  # the build proxy's socket folder (build_net "proxy")
         self.proxy: egress.Proxy | None = None
 
     def _prepare(self) -> sandbox.Policy:
         box = self.box
-        self.uv_cache = user_uv_cache(self.cache_root, box)
+        self.uv_cache, self.uv_cache_fd = user_uv_cache(self.cache_root, box)
         uv = environment.uv_binary()
         # the index folders are the server's own settings, never a job's variables (a job naming "/"
         # or "/proc" would have them bound); and never / itself, the kernel's folders or MLJOBS_HOME
@@ -756,13 +756,18 @@ class _BuildSandbox:
         if self.proxy is not None:
             self.proxy.close(wait_s=5.0)  # its threads end before the supervisor forks the payload
             shutil.rmtree(self.net, ignore_errors=True)
+        if self.uv_cache_fd >= 0:
+            os.close(self.uv_cache_fd)
+            self.uv_cache_fd = -1
 
 
-def user_uv_cache(cache_root: Path, box: sandbox.Policy) -> str:
+def user_uv_cache(cache_root: Path, box: sandbox.Policy) -> tuple[str, int]:
     """The uv cache a shared job's build writes: its owner's own, beside the environment cache
     (under no folder a job sees), so that one user's build cannot plant a wheel that another
-    user's build installs. On a root server it is the owner uid's, and no other uid may enter it."""
-    top = Path(f"{cache_root}-uv")
+    user's build installs. On a root server it is the owner uid's, and no other uid may enter it.
+    With the descriptor that holds it for the build (:func:`mljobs.runtime.environment.hold_user_cache`:
+    an idle one is pruned)."""
+    top = environment.user_caches(cache_root)
     top.mkdir(mode=0o711, parents=True, exist_ok=True)
     # by uid; else by the user's name, hex-encoded (a name is the users table's: "..", "a/b")
     name = str(box.uid) if box.uid is not None else "user-" + (box.user or "").encode().hex()
@@ -770,7 +775,7 @@ def user_uv_cache(cache_root: Path, box: sandbox.Policy) -> str:
     path.mkdir(mode=0o700, exist_ok=True)
     if box.uid is not None and path.stat().st_uid != box.uid:
         os.chown(path, box.uid, box.uid)
-    return str(path)
+    return str(path), environment.hold_user_cache(path)
 
 
 def main(argv: list[str] | None = None, spare: Spare | None = None) -> int:
