@@ -99,9 +99,9 @@ def cp(tmp_path: Path) -> Iterator[ControlPlane]:
     store.close()
 
 
-def _running_job(cp: ControlPlane, instances: int = 1) -> str:
+def _running_job(cp: ControlPlane, instances: int = 1, max_retries: int = 0) -> str:
     job_id = new_job_id()
-    spec = JobSpec("P", "st", PayloadKind.FUNCTION, ["f"], target_instances=instances)
+    spec = JobSpec("P", "st", PayloadKind.FUNCTION, ["f"], target_instances=instances, max_retries=max_retries)
     cp.store.insert_job({
         "id": job_id, "name": job_id, "status": "PENDING", "message": "", "database_name": "D", "schema_name": "S",
         "owner": "me", "compute_pool": "P", "stage_name": "st", "target_instances": instances,
@@ -175,3 +175,56 @@ def test_the_result_is_kept_outside_the_lock_and_a_report_meanwhile_changes_noth
     first.join(10)
     assert cp.violations == []
     assert cp.store.get_job(job_id).status == "DONE" and cp.store.instances_of(job_id)[0]["exit_code"] == 0
+
+
+def test_a_retried_jobs_checkpoint_is_kept_once_outside_the_lock(cp, monkeypatch, tmp_path):
+    """A lost instance of a job with retries left: its end keeps the checkpoint on the stage
+    (outside the lock); the requeue does not upload it a second time under the lock. One the
+    monitor found ended without that (no report kept it) is still kept by the requeue."""
+    import threading
+
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "step").write_text("7")
+    provider = cp._providers["local"]
+    monkeypatch.setattr(provider, "poll", lambda handle: InstanceExit(None, lost=True))
+    monkeypatch.setattr(provider, "checkpoint_dir", lambda handle, lost=False: str(ck), raising=False)
+    stage = cp.stage("st")
+    uploads: list[tuple[str, bool]] = []
+    upload = type(stage).upload_dir
+
+    def lock_free() -> bool:  # asked from another thread: the plane's lock is reentrant
+        free: list[bool] = []
+
+        def take() -> None:
+            free.append(cp._lock.acquire(timeout=0.5))
+            if free[0]:
+                cp._lock.release()
+
+        t = threading.Thread(target=take)
+        t.start()
+        t.join()
+        return free[0]
+
+    def counted(self, local, prefix, **kw):
+        uploads.append((prefix, lock_free()))
+        return upload(self, local, prefix, **kw)
+
+    monkeypatch.setattr(type(stage), "upload_dir", counted)
+    job_id = _running_job(cp, max_retries=2)
+    cp.alter_pool("P", suspend=True)  # the requeued attempt waits (nothing here could start it)
+    cp.instance_exited(InstanceHandle(job_id, 0, 4242, 1.0))
+    job = cp.store.get_job(job_id)
+    assert (job.status, job.attempt) == ("PENDING", 2), job.message
+    assert uploads == [(StagePaths(job_id).checkpoint(0), True)]  # once, with the lock free
+    assert stage.get_bytes(StagePaths(job_id).checkpoint(0) + "step") == b"7"
+    # the completion path without a report (the monitor, a restarted server): the requeue keeps it
+    uploads.clear()
+    assert cp.store.start_job(job_id, [0])  # attempt 2 runs, and its end is found by the monitor
+    cp.store.update_instance(job_id, 0, status="EXITED", handle=InstanceHandle(job_id, 0, 4242, 1.0).to_dict())
+    with cp._lock:
+        cp._complete(cp.store.get_job(job_id), cp.store.instances_of(job_id), None)
+    assert [p for p, _ in uploads] == [StagePaths(job_id).checkpoint(0)]  # kept by the requeue this time
+    job = cp.store.get_job(job_id)
+    assert (job.status, job.attempt) == ("PENDING", 3), job.message
+    assert cp._kept_checkpoints == {}

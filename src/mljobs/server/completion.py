@@ -55,7 +55,9 @@ class Completion:
             trace.mark(job.id, "server.exit.polled")
             self._keep_result(job, handle.instance_id, exit_)  # on the stage before the row says EXITED
             if job.attempt <= job.max_retries:  # another attempt may resume from it
-                self._keep_checkpoint(job, handle, exit_.lost or exit_.exit_code in (-9, -15))
+                lost = exit_.lost or exit_.exit_code in (-9, -15)
+                self._keep_checkpoint(job, handle, lost)
+                self._kept_checkpoints[(job.id, job.attempt, handle.instance_id)] = lost
             samples = provider.metrics(handle)
             trace.mark(job.id, "server.result.kept")
             with self._lock:
@@ -107,7 +109,9 @@ class Completion:
         provider.finish_job(job.id)
         trace.mark(job.id, "server.job.finished")
         new, msg = self._status_for(job, exit_, None)
-        if self._retry(job, insts, exit_, new, msg):
+        kept = {i["instance_id"]: self._kept_checkpoints.pop((job.id, job.attempt, i["instance_id"]), None)
+                for i in insts}
+        if self._retry(job, insts, exit_, new, msg, kept):
             return
         active = [JOB_STATUS(job.status)] if job.status in (
             JOB_STATUS.RUNNING.value, JOB_STATUS.CANCELLING.value) else []
@@ -126,10 +130,11 @@ class Completion:
         trace.mark(job.id, "server.job.cleaned")
 
     def _retry(self, job: JobRecord, insts: list[dict[str, Any]], exit_: InstanceExit, new: JOB_STATUS,
-               msg: str) -> bool:
+               msg: str, kept: dict[int, bool | None] | None = None) -> bool:
         """Requeue a job that ended ``new`` as its next attempt, if that is what it asked for: its
         instance was lost (node lost, supervisor killed, our own error) or killed from outside, or it
-        failed and said ``retry_on_failure``; a cancel never is. True if it was requeued."""
+        failed and said ``retry_on_failure``; a cancel never is. True if it was requeued. ``kept``:
+        the instances whose end kept their checkpoint already (outside the lock), and how."""
         preempted = job.status == JOB_STATUS.CANCELLING.value and bool(job.preempted_by)
         if not (job.status == JOB_STATUS.RUNNING.value or preempted) or job.attempt > job.max_retries:
             return False
@@ -140,8 +145,10 @@ class Completion:
             return False
         provider = self.provider(job.compute_pool)
         handles = [InstanceHandle.from_dict(i["handle"]) for i in insts if i["handle"]]
+        lost = new == JOB_STATUS.INTERNAL_ERROR or killed or preempted
         for h in handles:  # a lost or stopped one's too: its last settled copy, not what it was writing
-            self._keep_checkpoint(job, h, lost=new == JOB_STATUS.INTERNAL_ERROR or killed or preempted)
+            if (kept or {}).get(h.instance_id) != lost:  # not kept so by its end (found ended by the monitor)
+                self._keep_checkpoint(job, h, lost=lost)
             provider.cleanup(h, now=True)  # the next attempt's instances reuse the folders
         why = msg.splitlines()[0] if msg else new.value
         note = (f"attempt {job.attempt} of {job.max_retries + 1} ended {new.value} ({why}); queued again as "

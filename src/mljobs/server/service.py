@@ -71,6 +71,8 @@ class ControlPlane(Catalog, Admission, Lifecycle, Completion, Queries):
         self._providers: dict[str, Provider] = {}
         self._lock = threading.RLock()
         self._ending: set[tuple[str, int]] = set()  # instances whose end is being recorded (completion)
+        # (job, attempt, instance) -> lost: whose checkpoint its end kept already, outside the lock (completion)
+        self._kept_checkpoints: dict[tuple[str, int, int], bool] = {}
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
         # pools whose queue may start something: the scheduler thread takes them, so a submission
