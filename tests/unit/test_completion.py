@@ -8,6 +8,7 @@ instance recorded EXITED with a result that is not on the stage yet.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -216,6 +217,9 @@ def test_a_retried_jobs_checkpoint_is_kept_once_outside_the_lock(cp, monkeypatch
     cp.instance_exited(InstanceHandle(job_id, 0, 4242, 1.0))
     job = cp.store.get_job(job_id)
     assert (job.status, job.attempt) == ("PENDING", 2), job.message
+    # the attempt's run counts, though the requeue dropped its instance row (fair share, daily quotas)
+    assert cp.store.instance_spans(utcnow() - dt.timedelta(hours=1), owner="me")[0]["compute_pool"] == "P"
+    assert cp.store.instances_of(job_id) == []
     assert uploads == [(StagePaths(job_id).checkpoint(0), True)]  # once, with the lock free
     assert stage.get_bytes(StagePaths(job_id).checkpoint(0) + "step") == b"7"
     # the completion path without a report (the monitor, a restarted server): the requeue keeps it

@@ -609,6 +609,19 @@ class LocalProvider(Provider):
                     out.setdefault(job, []).append(cg)
         return out
 
+    def _dead_spare_cgroups(self) -> list[containment.InstanceCgroup]:
+        """Cgroups of warm supervisors that are gone (by the pid their names hold; no run dir read)."""
+        out: dict[str, containment.InstanceCgroup] = {}
+        for root in dict.fromkeys([self.plan.kill_dir, self.plan.memory_dir]):
+            try:
+                names = os.listdir(root) if root else []
+            except FileNotFoundError:
+                continue
+            for name in names:
+                if name.startswith(containment.SPARE_PREFIX) and name not in out and not _spare_alive(name):
+                    out[name] = containment.InstanceCgroup(self.plan, name=name)
+        return list(out.values())
+
     def finish_job(self, job_id: str) -> None:
         """Kill whatever of the job is left and wait until it is gone: its instances' cgroups
         (a supervisor that ended normally emptied its own); by the job's marker where an instance
@@ -641,11 +654,8 @@ class LocalProvider(Provider):
         if (net is not None and not net.get("netns")) or self._lost_uncontained(job_id):
             containment.kill_marked(job_id)
         path.unlink(missing_ok=True)
-        # a warm supervisor killed before it named its cgroups in the run dir (a cancel at once)
-        for cg in self._cgroups_of().get("", []):
-            if not _spare_alive(cg.name):
-                cg.kill()
-                self._tidier.put(cg.remove)
+        for cg in self._dead_spare_cgroups():  # a warm supervisor killed before its run dir named them
+            self._tidier.put(cg.remove)
 
     def _instance_dirs(self, job_id: str) -> list[Path]:
         try:
@@ -695,8 +705,10 @@ class LocalProvider(Provider):
         found = self._cgroups_of()
         ours = f"{containment.SPARE_PREFIX}{self._spawner.pid}-" if self._spawner.pid else None
         for cg in found.pop("", []):
-            if not (ours and cg.name.startswith(ours)) or not _spare_alive(cg.name):
+            if not (ours and cg.name.startswith(ours)):
                 cg.remove()
+        for cg in self._dead_spare_cgroups():  # ours too, and taken ones: their supervisor is gone
+            cg.remove()
         self._remove_dead_slots()
         jobs = set(found)
         jobs.update(containment.marked_processes().values())

@@ -367,9 +367,6 @@ class Env:
             pass
 
 
-# (command, variables, the folder being built) -> the command and variables to run it with
-Wrap = Callable[[list[str], dict[str, str], str], tuple[list[str], dict[str, str]]]
-
 USER_CACHE_IDLE_S = 14 * 86400  # a user's uv cache that no build used for this long is removed
 
 
@@ -378,50 +375,71 @@ def user_caches(cache_root: os.PathLike[str] | str) -> Path:
     return Path(f"{cache_root}-uv")
 
 
-def hold_user_cache(path: os.PathLike[str] | str) -> int:
-    """Mark a user's uv cache as in use by a build until the returned descriptor is closed (a
-    shared lock that :func:`prune_user_caches` respects), and as used now."""
-    path = Path(path)
-    locks = path.parent / ".locks"
+def _user_cache_lock(top: Path, name: str) -> int:
+    locks = top / ".locks"
     locks.mkdir(mode=0o700, exist_ok=True)
-    fd = os.open(locks / f"{path.name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_SH)
-    os.utime(path)
+    return os.open(locks / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+
+def hold_user_cache(path: os.PathLike[str] | str) -> int:
+    """Make a user's uv cache (``<user_caches>/<name>``) and hold it for a build until the returned
+    descriptor is closed: a shared lock, taken before the folder is made or marked used, so that
+    :func:`prune_user_caches` never removes it under the build."""
+    path = Path(path)
+    fd = _user_cache_lock(path.parent, path.name)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        path.mkdir(mode=0o700, exist_ok=True)
+        os.utime(path)
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
 
 
 def prune_user_caches(cache_root: os.PathLike[str] | str, idle_s: float = USER_CACHE_IDLE_S) -> list[str]:
     """Remove the per-user uv caches no build used for ``idle_s`` (0: every one no build holds
-    now); what it removed. A cache is only a cache: the next build of that user fills it again."""
+    now); what it removed. A cache is only a cache: the next build of that user fills it again.
+    A cache that cannot be removed is left for the next time (its error is logged)."""
     top = user_caches(cache_root)
     try:
-        caches = [d for d in top.iterdir() if d.is_dir() and not d.name.startswith(".")]
+        entries = list(top.iterdir())
     except FileNotFoundError:
         return []
-    removed = []
-    for d in caches:
+    removed, trash = [], []
+    for d in entries:
+        if d.name.startswith(".trash-"):  # what an earlier prune could not delete
+            trash.append(d)
+            continue
+        if d.name.startswith(".") or not d.is_dir():
+            continue
         try:
             if time.time() - d.stat().st_mtime < idle_s:
                 continue
-        except FileNotFoundError:
+            fd = _user_cache_lock(top, d.name)
+        except OSError:
             continue
-        fd = os.open(top / ".locks" / f"{d.name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600) \
-            if (top / ".locks").is_dir() else None
         try:
-            if fd is not None:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)  # type: ignore[arg-type]
-            continue  # a build is using it
-        try:
-            trash = top / f".trash-{d.name}-{os.getpid()}"
-            os.rename(d, trash)  # gone at once (a build starting now makes a fresh one), then deleted
-            shutil.rmtree(trash, ignore_errors=True)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if time.time() - d.stat().st_mtime < idle_s:  # a build used it since we looked
+                continue
+            gone = top / f".trash-{d.name}-{os.getpid()}"
+            os.rename(d, gone)  # gone at once (a build starting now makes a fresh one)
+            trash.append(gone)
             removed.append(d.name)
+        except BlockingIOError:
+            continue  # a build is using it
+        except OSError as e:
+            print(f"mljobs: could not remove the uv cache {d}: {e}", file=sys.stderr)
         finally:
-            if fd is not None:
-                os.close(fd)
+            os.close(fd)
+    for d in trash:  # deleted after the locks are let go
+        shutil.rmtree(d, ignore_errors=True)
     return removed
+
+
+# (command, variables, the folder being built) -> the command and variables to run it with
+Wrap = Callable[[list[str], dict[str, str], str], tuple[list[str], dict[str, str]]]
 
 
 class EnvCache:

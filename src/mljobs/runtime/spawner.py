@@ -69,7 +69,11 @@ def _fork_held() -> int:
     """Fork a supervisor with a cancel or a release held (:data:`mljobs.runtime.supervisor.HELD`)
     from its first instruction: the server may signal it as soon as this process answers."""
     old = signal.pthread_sigmask(signal.SIG_BLOCK, supervisor.HELD)
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        raise
     if pid != 0:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
     return pid

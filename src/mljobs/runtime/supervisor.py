@@ -772,10 +772,14 @@ def user_uv_cache(cache_root: Path, box: sandbox.Policy) -> tuple[str, int]:
     # by uid; else by the user's name, hex-encoded (a name is the users table's: "..", "a/b")
     name = str(box.uid) if box.uid is not None else "user-" + (box.user or "").encode().hex()
     path = top / name
-    path.mkdir(mode=0o700, exist_ok=True)
-    if box.uid is not None and path.stat().st_uid != box.uid:
-        os.chown(path, box.uid, box.uid)
-    return str(path), environment.hold_user_cache(path)
+    fd = environment.hold_user_cache(path)  # made under its lock
+    try:
+        if box.uid is not None and path.stat().st_uid != box.uid:
+            os.chown(path, box.uid, box.uid)
+    except BaseException:
+        os.close(fd)
+        raise
+    return str(path), fd
 
 
 def main(argv: list[str] | None = None, spare: Spare | None = None) -> int:

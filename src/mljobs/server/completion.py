@@ -54,19 +54,22 @@ class Completion:
         try:
             trace.mark(job.id, "server.exit.polled")
             self._keep_result(job, handle.instance_id, exit_)  # on the stage before the row says EXITED
+            kept_key = (job.id, job.attempt, handle.instance_id)
             if job.attempt <= job.max_retries:  # another attempt may resume from it
                 lost = exit_.lost or exit_.exit_code in (-9, -15)
-                self._keep_checkpoint(job, handle, lost)
-                self._kept_checkpoints[(job.id, job.attempt, handle.instance_id)] = lost
+                if self._keep_checkpoint(job, handle, lost):
+                    self._kept_checkpoints[kept_key] = lost
             samples = provider.metrics(handle)
             trace.mark(job.id, "server.result.kept")
             with self._lock:
                 try:  # as it is now: a cancel, another instance's end may have come meanwhile
                     job = self.store.get_job(handle.job_id)
                 except NotFoundError:
+                    self._kept_checkpoints.pop(kept_key, None)
                     return
                 insts = self.store.instances_of(job.id)
                 if not any(i["instance_id"] == handle.instance_id and i["status"] in LIVE_INSTANCE for i in insts):
+                    self._kept_checkpoints.pop(kept_key, None)
                     return
                 now = utcnow()
                 values = {"exit_code": exit_.exit_code, "ended_time": now, "exit_record": exit_.to_record(),
@@ -167,17 +170,19 @@ class Completion:
         self.notifier.notify(job.id)
         return True
 
-    def _keep_checkpoint(self, job: JobRecord, handle: InstanceHandle, lost: bool = False) -> None:
+    def _keep_checkpoint(self, job: JobRecord, handle: InstanceHandle, lost: bool = False) -> bool:
         """Save an ended instance's checkpoint folder on the job's stage for its next attempt
-        (``lost``: it did not end by itself; see ``Provider.checkpoint_dir``)."""
+        (``lost``: it did not end by itself; see ``Provider.checkpoint_dir``). False: it could not."""
         local = self.provider(job.compute_pool).checkpoint_dir(handle, lost)
         if local is None or not os.path.isdir(local):
-            return
+            return True  # nothing to keep
         try:
             # links: the instance has ended, nothing writes its folder any more
             self.stage(job.stage_name).upload_dir(local, StagePaths(job.id).checkpoint(handle.instance_id), link=True)
+            return True
         except (OSError, NotFoundError) as e:
             log.warning("job %s: could not keep instance %d's checkpoint folder: %s", job.id, handle.instance_id, e)
+            return False
 
     def _log_line(self, job_id: str, instance_id: int, text: str) -> None:
         """A system line in an instance's log."""

@@ -114,15 +114,19 @@ class ControlPlane(Catalog, Admission, Lifecycle, Completion, Queries):
         """Whether the server has users (the authenticator's answer, cached, once started)."""
         return self.auth.has_users() if hasattr(self, "auth") else self.store.has_users()
 
+    def _fair_look_back(self) -> dt.timedelta:
+        """How far back fair share looks: eight half-lives (what is older counts for < 0.4%)."""
+        return dt.timedelta(seconds=8 * self.usage.half_life_s)
+
     def _usage_look_back(self) -> dt.timedelta:
-        """How far back usage counts: eight half-lives (fair share), at least a day (daily quotas)."""
-        return max(dt.timedelta(seconds=8 * self.usage.half_life_s), dt.timedelta(days=1))
+        """How long a run is kept: for fair share, and at least a day (daily quotas)."""
+        return max(self._fair_look_back(), dt.timedelta(days=1))
 
     def _load_usage(self) -> None:
         """Each user's recent usage from the runs that ended within eight half-lives (kept apart
         from their jobs: a deleted or requeued job's run still counts); older ones are forgotten."""
         self.store.prune_usage(utcnow() - self._usage_look_back())
-        since = utcnow() - dt.timedelta(seconds=8 * self.usage.half_life_s)
+        since = utcnow() - self._fair_look_back()
         for span in self.store.instance_spans(since):
             if span["started_time"] and span["ended_time"]:
                 seconds = (span["ended_time"] - span["started_time"]).total_seconds()

@@ -28,15 +28,21 @@ __all__ = ["Store", "utcnow", "normalize_url"]
 
 
 
-def _keep_usage(c: sa.Connection, job_id: str, instance_id: int) -> None:
-    """In the transaction that marks an instance EXITED: its run, into ``usage_spans``."""
+def _keep_usage(c: sa.Connection, job_id: str, instance_id: int | None = None,
+                ended: dt.datetime | None = None) -> None:
+    """Runs into ``usage_spans``: in the transaction that marks an instance EXITED, its run;
+    with ``ended`` (a requeue, which drops the job's instance rows), every run not recorded yet
+    (the live ones), ended then."""
+    end = sa.literal(ended, sa.DateTime(timezone=True)) if ended is not None else instances.c.ended_time
+    q = (sa.select(jobs.c.owner, jobs.c.compute_pool, pools.c.instance_family, instances.c.started_time, end)
+         .join(jobs, jobs.c.id == instances.c.job_id).join(pools, pools.c.name == jobs.c.compute_pool)
+         .where(instances.c.job_id == job_id, instances.c.started_time.is_not(None)))
+    if ended is None:
+        q = q.where(instances.c.instance_id == instance_id, instances.c.ended_time.is_not(None))
+    else:
+        q = q.where(instances.c.status.in_(sorted(LIVE_INSTANCE)))
     c.execute(usage_spans.insert().from_select(
-        ["owner", "compute_pool", "instance_family", "started_time", "ended_time"],
-        sa.select(jobs.c.owner, jobs.c.compute_pool, pools.c.instance_family, instances.c.started_time,
-                  instances.c.ended_time)
-        .join(jobs, jobs.c.id == instances.c.job_id).join(pools, pools.c.name == jobs.c.compute_pool)
-        .where(instances.c.job_id == job_id, instances.c.instance_id == instance_id,
-               instances.c.started_time.is_not(None), instances.c.ended_time.is_not(None))))
+        ["owner", "compute_pool", "instance_family", "started_time", "ended_time"], q))
 
 
 def _event(c: sa.Connection, job_id: str, status: str, message: str = "", time: dt.datetime | None = None) -> None:
@@ -461,6 +467,7 @@ class Store:
                         instances_ran=0, preempted_by=None))
             if res.rowcount == 0:
                 return False
+            _keep_usage(c, job_id, ended=now)  # the attempt's last run (never recorded EXITED) still counts
             c.execute(instances.delete().where(instances.c.job_id == job_id))
             _event(c, job_id, JOB_STATUS.PENDING.value, message, now)
         return True
