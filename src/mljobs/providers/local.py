@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psutil
@@ -587,11 +587,7 @@ class LocalProvider(Provider):
         warm supervisors' ``spare-*`` cgroups that no instance took come under the job ``""``."""
         out: dict[str, list[containment.InstanceCgroup]] = {}
         owners: dict[str, str] | None = None
-        for root in dict.fromkeys([self.plan.kill_dir, self.plan.memory_dir]):
-            try:
-                names = os.listdir(root) if root else []
-            except FileNotFoundError:
-                continue
+        for names in self._cgroup_names():
             for name in names:
                 if name.startswith(containment.SPARE_PREFIX):
                     if owners is None:
@@ -611,16 +607,17 @@ class LocalProvider(Provider):
 
     def _dead_spare_cgroups(self) -> list[containment.InstanceCgroup]:
         """Cgroups of warm supervisors that are gone (by the pid their names hold; no run dir read)."""
-        out: dict[str, containment.InstanceCgroup] = {}
+        dead = {name for names in self._cgroup_names() for name in names
+                if name.startswith(containment.SPARE_PREFIX) and not _spare_alive(name)}
+        return [containment.InstanceCgroup(self.plan, name=name) for name in sorted(dead)]
+
+    def _cgroup_names(self) -> Iterator[list[str]]:
+        """The names in each of this server's cgroup folders (kill, and memory where it is another)."""
         for root in dict.fromkeys([self.plan.kill_dir, self.plan.memory_dir]):
             try:
-                names = os.listdir(root) if root else []
+                yield os.listdir(root) if root else []
             except FileNotFoundError:
                 continue
-            for name in names:
-                if name.startswith(containment.SPARE_PREFIX) and name not in out and not _spare_alive(name):
-                    out[name] = containment.InstanceCgroup(self.plan, name=name)
-        return list(out.values())
 
     def finish_job(self, job_id: str) -> None:
         """Kill whatever of the job is left and wait until it is gone: its instances' cgroups
