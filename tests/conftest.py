@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -199,6 +200,87 @@ def http_origin(body: Any) -> Any:
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     return srv
+
+
+class UpstreamProxy:
+    """A server's own outbound HTTP proxy, on 127.0.0.1 (as a company's is): it serves CONNECT and
+    absolute-form requests to the names it knows (``names``: name -> a port on 127.0.0.1, the
+    internet it reaches), answers 403 for any other, and keeps each request's first line and its
+    ``Proxy-Authorization`` in ``seen``. ``close()`` when done."""
+
+    def __init__(self, names: dict[str, int]) -> None:
+        import threading
+
+        self.names, self.seen = dict(names), []
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _serve(self) -> None:
+        import threading
+
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        import threading
+        from urllib.parse import urlsplit
+
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            data = conn.recv(65536)
+            if not data:
+                conn.close()
+                return
+            buf += data
+        head, _, body = buf.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        method, target, version = lines[0].split(" ", 2)
+        auth = next((ln.split(":", 1)[1].strip() for ln in lines[1:] if ln.lower().startswith("proxy-authorization:")), None)
+        self.seen.append((lines[0], auth))
+        if method == "CONNECT":
+            host, port = target.rsplit(":", 1)
+            rest = b""
+        else:
+            parts = urlsplit(target)
+            host, port = parts.hostname or "", parts.port or 80
+            first = f"{method} {parts.path or '/'}{'?' + parts.query if parts.query else ''} {version}"
+            rest = "\r\n".join([first, *lines[1:], "", ""]).encode("latin-1") + body
+        if host not in self.names:
+            conn.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+            conn.close()
+            return
+        up = socket.create_connection(("127.0.0.1", self.names[host]))
+        if method == "CONNECT":
+            conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            rest = body
+        if rest:
+            up.sendall(rest)
+
+        def pipe(a: socket.socket, b: socket.socket) -> None:
+            try:
+                while data := a.recv(65536):
+                    b.sendall(data)
+                b.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+        t = threading.Thread(target=pipe, args=(up, conn), daemon=True)
+        t.start()
+        pipe(conn, up)
+        t.join(30)
+        conn.close()
+        up.close()
 
 
 def host_pids(inner: list[int], job_id: str) -> list[int]:

@@ -8,6 +8,7 @@ bubblewrap is a system package; ``scripts/test`` installs it, and these tests fa
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import pwd
@@ -24,7 +25,7 @@ import mljobs
 from mljobs.client.session import Session
 from mljobs.providers import netns
 from mljobs.runtime import sandbox
-from tests.conftest import ServerProc, add_users, assert_no_leftovers, http_origin
+from tests.conftest import ServerProc, UpstreamProxy, add_users, assert_no_leftovers, http_origin
 
 SECRET = "server-secret-4711"
 
@@ -527,6 +528,57 @@ def test_a_shared_job_reaches_only_what_its_integrations_allow(shared):
         net.shutdown()
         net.server_close()
         mljobs.drop_external_access_integration("LOCALNET", session=s["root"])
+
+
+def _fetch_named(host: str, blocked: str) -> dict:
+    """Inside the job: a plain request and a CONNECT tunnel to ``host`` by name, through the job's proxy."""
+    import http.client
+    import os
+    import urllib.parse
+    import urllib.request
+
+    out = {"plain": urllib.request.urlopen(f"http://{host}/plain", timeout=20).read().decode()}
+    proxy = urllib.parse.urlsplit(os.environ["HTTPS_PROXY"])
+    c = http.client.HTTPConnection(proxy.hostname, proxy.port, timeout=20)
+    c.set_tunnel(host, 80)
+    c.request("GET", "/tunnelled")
+    out["tunnel"] = c.getresponse().read().decode()
+    try:
+        urllib.request.urlopen(f"http://{blocked}/x", timeout=20)
+    except Exception as e:  # noqa: BLE001
+        out["blocked"] = f"{type(e).__name__}: {getattr(e, 'code', '')}"
+    return out
+
+
+def test_a_server_behind_a_proxy_takes_its_jobs_egress_through_it(tmp_path):
+    """A server whose own way out is a proxy (HTTPS_PROXY in its environment, as in a company):
+    a shared job's allowed traffic goes on through that proxy, by name (only it resolves the
+    internet's names), with its credentials, which the job never sees; what no integration allows
+    never reaches it."""
+    net = http_origin(lambda h: f"hello from {h.path}".encode())
+    up = UpstreamProxy({"origin.test": net.server_address[1]})
+    home = tmp_path / "mlh"
+    url = f"http://svc:pw@127.0.0.1:{up.port}"
+    srv = ServerProc(home, extra_env={"MLJOBS_ISOLATION": "shared", "HTTP_PROXY": url, "HTTPS_PROXY": url,
+                                      "NO_PROXY": "127.0.0.1,localhost"})
+    srv.start()
+    try:
+        s = Session(url=srv.url)
+        mljobs.create_external_access_integration("ORIGIN", allowed_hosts=["origin.test"], session=s)
+        job = mljobs.remote("DEFAULT_POOL", stage_name="st", session=s, external_access_integrations=["ORIGIN"])(
+            _fetch_named)("origin.test", "blocked.test")
+        seen = job.result(timeout=120)
+        assert seen == {"plain": "hello from /plain", "tunnel": "hello from /tunnelled", "blocked": "HTTPError: 403"}
+        auth = "Basic " + base64.b64encode(b"svc:pw").decode()
+        assert sorted(up.seen) == [("CONNECT origin.test:80 HTTP/1.1", auth),
+                                   ("GET http://origin.test/plain HTTP/1.1", auth)]
+        assert "egress refused: blocked.test:80 is not allowed" in job.get_logs(verbose=True)
+    finally:
+        _stop(srv, None)
+        up.close()
+        net.shutdown()
+        net.server_close()
+    assert_no_leftovers(home)
 
 
 def test_cancel_gives_a_sandboxed_payload_its_grace_period(shared):

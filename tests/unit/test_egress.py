@@ -3,6 +3,7 @@ local HTTP server on 127.0.0.1 standing in for the internet."""
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import socket
@@ -10,7 +11,7 @@ import socket
 import pytest
 
 from mljobs.runtime import egress
-from tests.conftest import http_origin
+from tests.conftest import UpstreamProxy, http_origin
 
 
 def test_allows_host_patterns_and_ports():
@@ -167,3 +168,80 @@ def test_a_proxy_in_a_folder_too_deep_for_a_socket_address_still_serves(tmp_path
     finally:
         proxy.close()
     assert not (deep / egress.SOCKET).exists()
+
+
+def test_a_server_behind_a_proxy_reaches_allowed_hosts_through_it(tmp_path, origin):
+    """The server's own outbound proxy (HTTPS_PROXY and the rest in its environment) carries what
+    the integrations allow: a tunnel by CONNECT, plain HTTP in absolute form, with the proxy URL's
+    credentials; the name goes to it unresolved (only it may know the name). What no integration
+    allows, and an address off the internet that no entry names, never reach it; NO_PROXY's hosts
+    are reached directly."""
+    up = UpstreamProxy({"origin.test": origin, "127.0.0.1": origin})
+    said: list[str] = []
+    auth = "Basic " + base64.b64encode(b"svc:p@ss").decode()
+    url = f"http://svc:p%40ss@127.0.0.1:{up.port}"
+    proxy = egress.Proxy(str(tmp_path / egress.SOCKET), ["origin.test", "nowhere.test"], "http://127.0.0.1:1",
+                         said.append, upstream={"http": url, "https": url})
+    proxy.start()
+    try:
+        out = _through(proxy.path, egress.PROXY_TAG,
+                       b"GET http://origin.test/a?b=1 HTTP/1.1\r\nHost: origin.test\r\nProxy-Authorization: job\r\n\r\n")
+        assert out.startswith(b"HTTP/1.0 200") and out.endswith(b"/a?b=1 close"), out
+        out = _through(proxy.path, egress.PROXY_TAG,
+                       b"CONNECT origin.test:80 HTTP/1.1\r\n\r\nGET /tunnelled HTTP/1.0\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 200 Connection established\r\n\r\nHTTP/1.0 200"), out
+        assert out.endswith(b"/tunnelled None")
+        assert up.seen == [("GET http://origin.test/a?b=1 HTTP/1.1", auth), ("CONNECT origin.test:80 HTTP/1.1", auth)]
+        # its refusal is the job's 502, naming it and what it said
+        out = _through(proxy.path, egress.PROXY_TAG, b"CONNECT nowhere.test:443 HTTP/1.1\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 502"), out
+        assert f"through the server's proxy 127.0.0.1:{up.port}: it answered 'HTTP/1.1 403 Forbidden'".encode() in out
+        # refused here: never sent on
+        out = _through(proxy.path, egress.PROXY_TAG, b"CONNECT other.test:443 HTTP/1.1\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 403") and "other.test:443 is not allowed" in said[-1]
+        out = _through(proxy.path, egress.PROXY_TAG, f"GET http://127.0.0.1:{origin}/x HTTP/1.1\r\n\r\n".encode())
+        assert out.startswith(b"HTTP/1.1 403") and "not allowed" in said[-1]
+        assert len(up.seen) == 3
+    finally:
+        proxy.close()
+    # an address named by an entry, but off the internet, through a proxy: checked here all the same
+    proxy = egress.Proxy(str(tmp_path / egress.SOCKET), ["127.0.0.*"], "", said.append, upstream={"http": url})
+    proxy.start()
+    try:
+        out = _through(proxy.path, egress.PROXY_TAG, f"GET http://127.0.0.1:{origin}/n HTTP/1.1\r\n\r\n".encode())
+        assert out.startswith(b"HTTP/1.0 200"), out  # "127.0.0.*" names addresses: allowed
+        assert up.seen[-1][0] == f"GET http://127.0.0.1:{origin}/n HTTP/1.1"
+    finally:
+        proxy.close()
+    proxy = egress.Proxy(str(tmp_path / egress.SOCKET), ["*"], "", said.append, upstream={"http": url})
+    proxy.start()
+    try:
+        out = _through(proxy.path, egress.PROXY_TAG, f"GET http://127.0.0.1:{origin}/m HTTP/1.1\r\n\r\n".encode())
+        assert out.startswith(b"HTTP/1.1 403") and f"127.0.0.1:{origin} is an address that is not on the internet " \
+            "(loopback)".encode() in out
+    finally:
+        proxy.close()
+    # NO_PROXY: direct; a proxy that is not http://: said so
+    seen = len(up.seen)
+    proxy = egress.Proxy(str(tmp_path / egress.SOCKET), [f"127.0.0.1:{origin}", "origin.test"], "", said.append,
+                         upstream={"http": url, "https": "socks5://127.0.0.1:1", "no": "localhost,127.0.0.1"})
+    proxy.start()
+    try:
+        out = _through(proxy.path, egress.PROXY_TAG, f"GET http://127.0.0.1:{origin}/d HTTP/1.1\r\n\r\n".encode())
+        assert out.startswith(b"HTTP/1.0 200") and out.endswith(b"/d close") and len(up.seen) == seen
+        out = _through(proxy.path, egress.PROXY_TAG, b"CONNECT origin.test:443 HTTP/1.1\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 502") and b"socks5://127.0.0.1 is not an http:// proxy" in out
+    finally:
+        proxy.close()
+        up.close()
+
+
+def test_the_servers_proxies_are_read_from_its_environment(monkeypatch):
+    for k in list(os.environ):
+        if k.lower().endswith("_proxy"):
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("NO_PROXY", "localhost")
+    assert egress.upstream_proxies() == {}  # NO_PROXY alone: no proxy
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.corp:3128")
+    assert egress.upstream_proxies() == {"https": "http://proxy.corp:3128", "no": "localhost"}
+    assert egress.Proxy.__init__.__defaults__ == (None,)  # None: the environment's

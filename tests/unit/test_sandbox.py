@@ -71,6 +71,18 @@ def test_environment_is_the_jobs_not_the_servers(monkeypatch):
     assert "AWS_SECRET_ACCESS_KEY" not in personal and personal.get("HOME") == os.environ.get("HOME")
 
 
+def test_a_personal_job_keeps_the_persons_proxy_and_a_shared_one_never_has_the_servers(monkeypatch):
+    """On the host's network a personal job reaches what the person reaches, through their proxy;
+    a shared job gets none of the server's (its credentials stay with the supervisor's proxy)."""
+    monkeypatch.setenv("HTTPS_PROXY", "http://me:pw@proxy.corp:3128")
+    monkeypatch.setenv("no_proxy", "localhost")
+    personal = sandbox.payload_env(sandbox.Policy("personal", "/h"), {})
+    assert personal["HTTPS_PROXY"] == "http://me:pw@proxy.corp:3128" and personal["no_proxy"] == "localhost"
+    for box in (sandbox.Policy("shared", "/h"), sandbox.Policy("shared", "/h", net="proxy")):
+        env = sandbox.payload_env(box, {})
+        assert "HTTPS_PROXY" not in env and "no_proxy" not in env
+
+
 def test_policy_round_trip_and_spares():
     box = sandbox.Policy("shared", "/h", 300005, (("/data", True),), ("/h/envs",), "bob")
     assert sandbox.Policy.from_dict(box.to_dict()) == box

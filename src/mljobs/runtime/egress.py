@@ -15,10 +15,18 @@ integrations names it: ``pypi.org`` (any port), ``*.example.com`` (wildcards, as
 addresses on the internet: one that resolves to a loopback, private or link-local address needs an
 entry naming that address. A refusal answers 403 and writes a system line into the job's log
 naming the host and how to allow it.
+
+Where the server itself reaches the internet through a proxy (``HTTPS_PROXY``, ``HTTP_PROXY``,
+``ALL_PROXY`` and ``NO_PROXY`` in its environment, as urllib reads them), an allowed connection
+goes on through that proxy (:func:`upstream_proxies`): CONNECT for a tunnel, the absolute-form
+request for plain HTTP, with the proxy URL's credentials, which stay outside the sandbox. The name
+is then resolved by that proxy, not here (networks behind one often resolve no outside name); an
+address a job names is still checked as above. The control plane is always reached directly.
 """
 
 from __future__ import annotations
 
+import base64
 import fnmatch
 import ipaddress
 import os
@@ -28,9 +36,10 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
-__all__ = ["PROXY_PORT", "allows", "with_addresses", "Proxy", "listeners", "serve_forwarder", "job_env"]
+__all__ = ["PROXY_PORT", "allows", "with_addresses", "Proxy", "listeners", "serve_forwarder", "job_env",
+           "upstream_proxies"]
 
 PROXY_PORT = 3128  # inside the sandbox: the job's HTTP(S) proxy
 SOCKET = "egress.sock"  # in the folder bound at the sandbox's job/net
@@ -108,6 +117,23 @@ def _is_global(address: str) -> bool:
     return True
 
 
+def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``host`` as an address, or None for a name."""
+    try:
+        return ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return None
+
+
+def _internal_why(host: str, port: int, address: str, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """Why a connection to ``host`` (at ``address``, not on the internet) is refused, and how to allow it."""
+    what = f"{host}:{port} resolves to {address}, an address" if host != address else f"{host}:{port} is an address"
+    named = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+    return (f"egress refused: {what} that is not on the internet ({_kind(ip)}); an integration reaches "
+            f"it only by naming the address: create_external_access_integration('NAME', allowed_hosts=['{named}']) "
+            "(an admin) and submit with external_access_integrations=['NAME']")
+
+
 def _kind(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
     for attr in ("is_loopback", "is_link_local", "is_private", "is_multicast", "is_unspecified", "is_reserved"):
         if getattr(ip, attr):
@@ -128,6 +154,21 @@ def job_env(control_url: str) -> dict[str, str]:
         parts = urlsplit(control_url)
         env["MLJOBS_URL"] = f"http://127.0.0.1:{port}{parts.path}"
     return env
+
+
+def upstream_proxies() -> dict[str, str]:
+    """This process's own outbound proxies (``{"https": URL, "http": URL, "all": URL, "no": LIST}``,
+    from its environment, as urllib reads them); {} where none is set (urllib is imported only then:
+    it costs a supervisor ~15 ms)."""
+    if not any(v and k.lower().endswith("_proxy") and k.lower() != "no_proxy" for k, v in os.environ.items()):
+        return {}
+    from urllib.request import getproxies_environment
+
+    return getproxies_environment()
+
+
+class _Refused(Exception):
+    """The server's own proxy would not (or could not) take a connection: answered 502 with this text."""
 
 
 def _forwarded_port(control_url: str) -> int | None:
@@ -185,8 +226,11 @@ def socket_address(path: str) -> tuple[str, int | None]:
 class Proxy:
     """The supervisor's end: a Unix socket whose connections go where the job may go."""
 
-    def __init__(self, path: str, allowed: list[str], control_url: str, log: Callable[[str], None]) -> None:
+    def __init__(self, path: str, allowed: list[str], control_url: str, log: Callable[[str], None],
+                 upstream: dict[str, str] | None = None) -> None:
         self.path, self.allowed, self.log = path, list(allowed), log
+        # the server's own outbound proxies (None: read from this process's environment)
+        self.upstream = upstream_proxies() if upstream is None else dict(upstream)
         parts = urlsplit(control_url)  # "": none (an environment build's proxy reaches no control plane)
         self.control: tuple[str, int] | None = (
             (parts.hostname or "127.0.0.1", parts.port or (443 if parts.scheme == "https" else 80)) if control_url
@@ -344,8 +388,19 @@ class Proxy:
             host, port = parts.hostname, parts.port or 80
         if not self._may(host, port):
             return self._refuse(conn, host, port)
+        connect = method.upper() == "CONNECT"
+        try:
+            via = None if self._is_control(host, port) else self._upstream(host, connect)
+        except _Refused as e:
+            return self._answer(conn, 502, f"{host}:{port} could not be reached: {e}")
         if self.control is not None and self._is_control(host, port):
             dest: tuple[str, int] = self.control
+        elif via is not None:  # the server's proxy resolves a name; an address is checked here
+            dest = via[0]
+            ip = _address(host)
+            if ip is not None and not (_is_global(host) or allows([p for p in self.allowed if _names_address(p)],
+                                                                  host, port)):
+                return self._refuse(conn, host, port, _internal_why(host, port, host, ip))
         else:
             try:
                 dest = (self._resolve(host, port), port)
@@ -356,20 +411,77 @@ class Proxy:
         try:
             up = self._connect(*dest)
         except (OSError, UnicodeError) as e:
-            return self._answer(conn, 502, f"{host}:{port} could not be reached: {e}")
+            where = f" through the server's proxy {dest[0]}:{dest[1]}" if via is not None else ""
+            return self._answer(conn, 502, f"{host}:{port} could not be reached{where}: {e}")
         conn.settimeout(None)
-        if method.upper() == "CONNECT":
+        if connect:
+            extra = b""
+            if via is not None:
+                try:
+                    extra = self._tunnel(up, host, port, via[1])
+                except (OSError, _Refused) as e:
+                    up.close()
+                    return self._answer(conn, 502, f"{host}:{port} could not be reached through the server's proxy "
+                                                   f"{dest[0]}:{dest[1]}: {e}")
             conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            if extra:
+                conn.sendall(extra)
             if body:
                 up.sendall(body)
-        else:  # origin-form, one request a connection (a kept-alive proxy connection could change host)
-            parts = urlsplit(target)
-            path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        else:  # one request a connection (a kept-alive proxy connection could change host)
             kept = [ln for ln in lines[1:] if not ln.lower().startswith(("proxy-", "connection:", "keep-alive:"))]
-            up.sendall("\r\n".join([f"{method} {path} {version}", *kept, "Connection: close", "", ""])
-                       .encode("latin-1") + body)
+            if via is not None:  # the server's proxy takes the absolute form, with its credentials
+                first, kept = f"{method} {target} {version}", kept + via[1]
+            else:  # origin form, to the host itself
+                parts = urlsplit(target)
+                first = f"{method} {(parts.path or '/') + (f'?{parts.query}' if parts.query else '')} {version}"
+            up.sendall("\r\n".join([first, *kept, "Connection: close", "", ""]).encode("latin-1") + body)
         self._pump(conn, up)
         return None
+
+    def _upstream(self, host: str, connect: bool) -> tuple[tuple[str, int], list[str]] | None:
+        """The server's own proxy for ``host`` (its address, and the headers that carry its
+        credentials), or None: no proxy set, or ``host`` is in its NO_PROXY. Raises _Refused for a
+        proxy that is not ``http://``."""
+        url = self.upstream.get("https" if connect else "http") or self.upstream.get("all")
+        if not url:
+            return None
+        from urllib.request import proxy_bypass_environment
+
+        if proxy_bypass_environment(host, self.upstream):
+            return None
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        if parts.scheme != "http" or not parts.hostname:
+            raise _Refused(f"the server's proxy {parts.scheme}://{parts.hostname or ''} is not an http:// proxy, the "
+                           "only kind mljobs' egress proxy goes through; set HTTPS_PROXY to an http:// URL")
+        auth = []
+        if parts.username is not None:
+            cred = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+            auth.append(f"Proxy-Authorization: Basic {base64.b64encode(cred).decode()}")
+        return (parts.hostname, parts.port or 80), auth
+
+    @staticmethod
+    def _tunnel(up: socket.socket, host: str, port: int, headers: list[str]) -> bytes:
+        """Ask the server's proxy (connected as ``up``) for a tunnel to ``host:port``; returns
+        what it sent after its answer's head (the host's first bytes). Raises _Refused with its
+        answer when it says no."""
+        name = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        up.settimeout(30)
+        up.sendall("\r\n".join([f"CONNECT {name} HTTP/1.1", f"Host: {name}", *headers, "", ""]).encode("latin-1"))
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            if len(buf) > _HEAD_LIMIT:
+                raise _Refused("its answer's head is too large")
+            data = up.recv(65536)
+            if not data:
+                raise _Refused("it closed the connection without an answer")
+            buf += data
+        head, _, rest = buf.partition(b"\r\n\r\n")
+        status = head.split(b"\r\n", 1)[0].decode("latin-1")
+        if status.split(" ")[1:2] != ["200"]:
+            raise _Refused(f"it answered {status!r}")
+        up.settimeout(None)
+        return rest
 
     def _is_control(self, host: str, port: int) -> bool:
         return self.control is not None and port == self.control[1] and host in (
@@ -393,11 +505,7 @@ class Proxy:
             if _is_global(address) or allows(named, address, port):
                 return address
         address = addresses[0]
-        ip = ipaddress.ip_address(address.split("%")[0])
-        raise _Internal(f"egress refused: {host}:{port} resolves to {address}, an address that is not on the "
-                        f"internet ({_kind(ip)}); an integration reaches it only by naming the address: "
-                        f"create_external_access_integration('NAME', allowed_hosts=['{address}:{port}']) "
-                        "(an admin) and submit with external_access_integrations=['NAME']")
+        raise _Internal(_internal_why(host, port, address, ipaddress.ip_address(address.split("%")[0])))
 
     def _refuse(self, conn: socket.socket, host: str, port: int, why: str | None = None) -> None:
         why = why or (f"egress refused: {host}:{port} is not allowed by the job's external access integrations; "

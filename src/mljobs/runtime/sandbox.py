@@ -48,6 +48,10 @@ GPU_NODES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev
 KEEP_ENV = ("PATH", "LANG", "LANGUAGE", "TZ", "TERM", "PYTHONPATH", "PYTHONDONTWRITEBYTECODE", "MLJOBS_TRACE", "SSL_CERT_FILE",
             "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
 PERSONAL_ENV = ("HOME", "USER", "LOGNAME", "SHELL")
+# the host's outbound proxy settings, as curl, requests, urllib and uv read them: a personal job on the
+# host's network keeps them (it reaches what the person reaches); a filtered one gets its proxy's instead
+# (mljobs.runtime.egress.job_env), which goes on through the server's own
+PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy", "no_proxy")
 # the locale, and what Slurm tells a node's payload about its allocation
 KEEP_PREFIXES = ("LC_", "SLURM_")
 MULTINODE_NODE_NETWORK = ("this multi-node instance is sandboxed on its node's network, where its job's Ray "
@@ -258,7 +262,7 @@ def payload_argv(policy: Policy, *, work: str, app: str | None, out: str, gpus: 
 
 # what an environment build keeps of the server's environment (beyond the index settings)
 BUILD_ENV = ("PATH", "LANG", "LANGUAGE", "TZ", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
-             "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy")
+             *PROXY_VARS)
 
 
 def build_argv(policy: Policy, *, build_dir: str, caches: list[str], python: str, net: str | None = None
@@ -352,7 +356,8 @@ def write_passwd(path: Path, policy: Policy) -> None:
 
 def payload_env(policy: Policy, job_env: dict[str, str]) -> dict[str, str]:
     """The payload's whole environment: a few of the server's variables, then the job's own."""
-    keep = KEEP_ENV + (PERSONAL_ENV if policy.mode == "personal" else ())
+    keep = KEEP_ENV + (PERSONAL_ENV if policy.mode == "personal" else ()) + (
+        PROXY_VARS if policy.mode == "personal" and policy.net == "open" else ())
     env = {k: v for k, v in os.environ.items() if k in keep or k.startswith(KEEP_PREFIXES)}
     if policy.mode == "shared":
         env["HOME"] = inside(policy.home)["work"]
