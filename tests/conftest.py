@@ -248,12 +248,12 @@ class UpstreamProxy:
         method, target, version = lines[0].split(" ", 2)
         auth = next((ln.split(":", 1)[1].strip() for ln in lines[1:] if ln.lower().startswith("proxy-authorization:")), None)
         self.seen.append((lines[0], auth))
-        if method == "CONNECT":
-            host, port = target.rsplit(":", 1)
+        if method == "CONNECT":  # any port of a name it knows: the port it maps the name to
+            host = target.rsplit(":", 1)[0]
             rest = b""
         else:
             parts = urlsplit(target)
-            host, port = parts.hostname or "", parts.port or 80
+            host = parts.hostname or ""
             first = f"{method} {parts.path or '/'}{'?' + parts.query if parts.query else ''} {version}"
             rest = "\r\n".join([first, *lines[1:], "", ""]).encode("latin-1") + body
         if host not in self.names:
