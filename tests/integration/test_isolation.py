@@ -422,6 +422,49 @@ def test_a_users_environment_comes_through_the_proxy_and_is_theirs_alone(shared,
         mljobs.drop_external_access_integration("LOCALIDX", session=s["root"])
 
 
+def _cfg_value() -> str:
+    import probe_cfg
+
+    return probe_cfg.VALUE
+
+
+def test_a_build_uses_the_indexes_of_the_servers_uv_configuration(tmp_path):
+    """An index named only in the server's uv.toml (not in its variables): a shared job's sandboxed
+    build reads the same file and its proxy lets that index through, as for the server's own uv."""
+    import functools
+    import http.server
+    import threading
+
+    project = tmp_path / "idx" / "simple" / "probe-cfg"
+    project.mkdir(parents=True)
+    _wheel(project, "probe-cfg", "VALUE = 'from-the-configured-index'\n")
+
+    class Files(http.server.SimpleHTTPRequestHandler):  # a folder's listing is a simple index's page
+        def log_message(self, *args):
+            pass
+
+    origin = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Files, directory=str(tmp_path / "idx")))
+    threading.Thread(target=origin.serve_forever, daemon=True).start()
+    config = tmp_path / "config" / "uv"
+    config.mkdir(parents=True)
+    (config / "uv.toml").write_text(f'[[index]]\nurl = "http://127.0.0.1:{origin.server_address[1]}/simple/"\n'
+                                    "default = true\n")
+    home = tmp_path / "mlh"
+    srv = ServerProc(home, extra_env={"MLJOBS_ISOLATION": "shared", "XDG_CONFIG_HOME": str(tmp_path / "config")})
+    srv.start()
+    try:
+        s = Session(url=srv.url)
+        job = mljobs.remote("DEFAULT_POOL", stage_name="st", session=s, pip_requirements=["probe-cfg"],
+                            external_access_integrations=["PYPI_ACCESS"])(_cfg_value)()
+        assert job.result(timeout=300) == "from-the-configured-index", job.get_logs(verbose=True)
+        assert "egress refused" not in job.get_logs(verbose=True)
+    finally:
+        _stop(srv, None)
+        origin.shutdown()
+        origin.server_close()
+    assert_no_leftovers(home)
+
+
 def test_personal_sandbox_sees_the_persons_files_not_the_servers(tmp_path):
     """A server without users: the job runs as the person, reads their files by path, writes /tmp,
     but sees nothing of MLJOBS_HOME but its own folders, and not the server's environment."""

@@ -133,6 +133,33 @@ def test_a_builds_proxy_lets_through_the_servers_own_indexes():
     assert egress.with_addresses(["10.0.0.5:80"]) == ["10.0.0.5:80"]
 
 
+def test_the_servers_uv_configuration_names_its_indexes_too(tmp_path):
+    """uv reads indexes from its configuration files as well as from variables: the server's own
+    count the same (its build proxy lets them through, a sandboxed build reads the same files)."""
+    from mljobs.runtime.environment import server_index_hosts, server_index_urls, uv_config_files
+
+    user, system = tmp_path / "home" / ".config" / "uv", tmp_path / "xdg" / "uv"
+    user.mkdir(parents=True)
+    system.mkdir(parents=True)
+    (user / "uv.toml").write_text('extra-index-url = ["https://extra.corp.example/simple"]\n'
+                                  '[[index]]\nname = "corp"\nurl = "http://10.1.2.3:3141/simple"\ndefault = true\n')
+    (system / "uv.toml").write_text('find-links = ["/opt/site-wheels"]\n[pip]\nextra-index-url = ["https://pip.example"]\n')
+    env = {"HOME": str(tmp_path / "home"), "XDG_CONFIG_DIRS": str(tmp_path / "xdg")}
+    assert uv_config_files(env) == [("user", str(user / "uv.toml")), ("system", str(system / "uv.toml"))]
+    # an index with default = true stands for PyPI: PyPI is not added
+    assert server_index_urls(env) == ["https://extra.corp.example/simple", "http://10.1.2.3:3141/simple",
+                                      "/opt/site-wheels", "https://pip.example"]
+    assert server_index_hosts(env) == ["extra.corp.example:443", "10.1.2.3:3141", "pip.example:443"]
+    # without a default index named, PyPI is still uv's default
+    (user / "uv.toml").write_text('[[index]]\nurl = "https://more.example/simple"\n')
+    assert server_index_urls(env)[-1] == "https://pypi.org/simple"
+    # UV_CONFIG_FILE replaces the discovery; UV_NO_CONFIG turns it off; a file uv cannot read names nothing
+    assert uv_config_files({**env, "UV_CONFIG_FILE": str(system / "uv.toml")}) == [("file", str(system / "uv.toml"))]
+    assert uv_config_files({**env, "UV_NO_CONFIG": "1"}) == []
+    (user / "uv.toml").write_text("not = [toml")
+    assert server_index_urls({"HOME": env["HOME"]}) == ["https://pypi.org/simple"]
+
+
 def test_idle_user_uv_caches_are_pruned_and_a_held_one_is_kept(tmp_path):
     """The per-user uv caches of shared builds (`<env cache>-uv/<uid>`) go once no build used them
     for USER_CACHE_IDLE_S, or at an admin's prune of everything idle; one a build holds stays."""

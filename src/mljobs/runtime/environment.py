@@ -43,7 +43,8 @@ from mljobs.errors import EnvironmentBuildError
 
 __all__ = [
     "EnvRequest", "EnvCache", "EnvironmentBuildError", "normalize_requirements", "find_interpreter",
-    "interpreter_version", "is_server_python", "available_versions", "index_settings", "index_hosts", "server_index_hosts", "INDEX_VARS", "uv_binary",
+    "interpreter_version", "is_server_python", "available_versions", "index_settings", "index_hosts", "server_index_hosts", "server_index_urls", "uv_config_files", "INDEX_VARS",
+    "uv_binary",
 ]
 
 MIN_PYTHON = (3, 10)
@@ -141,15 +142,78 @@ def index_hosts(urls: Iterable[str]) -> list[tuple[str, int, str]]:
 DEFAULT_INDEX = "https://pypi.org/simple"  # uv's and pip's, where no setting names another
 
 
-def server_index_hosts(env: dict[str, str] | None = None) -> list[str]:
-    """What the server's own index settings reach (``env``: its variables), as integration
-    entries: admins named them, or left uv's default index (PyPI), which installs of mljobs' own
-    runtime packages need; a sandboxed build may reach them whatever the job's integrations."""
+def uv_config_files(env: dict[str, str] | None = None) -> list[tuple[str, str]]:
+    """The uv configuration files the server's own uv reads, as uv finds them (``env``: the
+    server's variables): ``UV_CONFIG_FILE`` alone where it is set; else the user's
+    (``$XDG_CONFIG_HOME/uv/uv.toml``, else ``~/.config/uv/uv.toml``) and the first system one
+    (``$XDG_CONFIG_DIRS``, default ``/etc/xdg``, then ``/etc``); none under ``UV_NO_CONFIG``. Each as
+    ``(kind, path)``, kind ``"file"``, ``"user"`` or ``"system"``, only those that exist."""
+    env = os.environ if env is None else env
+    if env.get("UV_NO_CONFIG"):
+        return []
+    if env.get("UV_CONFIG_FILE"):
+        return [("file", env["UV_CONFIG_FILE"])] if os.path.isfile(env["UV_CONFIG_FILE"]) else []
+    out = []
+    config_home = env.get("XDG_CONFIG_HOME") or (os.path.join(env["HOME"], ".config") if env.get("HOME") else "")
+    user = os.path.join(config_home, "uv", "uv.toml") if config_home else ""
+    if user and os.path.isfile(user):
+        out.append(("user", user))
+    dirs = [d for d in (env.get("XDG_CONFIG_DIRS") or "/etc/xdg").split(":") if d] + ["/etc"]
+    system = next((f for f in (os.path.join(d, "uv", "uv.toml") for d in dirs) if os.path.isfile(f)), None)
+    if system is not None:
+        out.append(("system", system))
+    return out
+
+
+def _config_indexes(path: str) -> tuple[list[str], bool]:
+    """The index URLs and find-links locations a uv.toml names (top level, ``[pip]`` and
+    ``[[index]]``), and whether it names the default index (``index-url``, or an index with
+    ``default = true``). A file uv could not read either names nothing."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except (OSError, ValueError):
+        return [], False
+    urls: list[str] = []
+    default = False
+    for table in (data, data.get("pip") if isinstance(data.get("pip"), dict) else {}):
+        for key in ("index-url", "extra-index-url", "find-links"):
+            value = table.get(key)
+            values = value if isinstance(value, list) else [value] if value else []
+            urls += [str(v) for v in values]
+        default = default or bool(table.get("index-url"))
+    for index in data.get("index") or []:
+        if isinstance(index, dict) and index.get("url"):
+            urls.append(str(index["url"]))
+            default = default or bool(index.get("default"))
+    return urls, default
+
+
+def server_index_urls(env: dict[str, str] | None = None) -> list[str]:
+    """Every index and find-links location the server's own uv settings name: its variables
+    (:data:`INDEX_VARS`) and its uv configuration files (:func:`uv_config_files`), and uv's
+    default index (PyPI) where none of them names another."""
     env = os.environ if env is None else env
     urls = [v for k in INDEX_VARS for v in env.get(k, "").split()]
-    if not any(env.get(k) for k in ("UV_DEFAULT_INDEX", "UV_INDEX_URL", "PIP_INDEX_URL")) and not env.get("UV_NO_INDEX"):
+    default = any(env.get(k) for k in ("UV_DEFAULT_INDEX", "UV_INDEX_URL", "PIP_INDEX_URL"))
+    for _, path in uv_config_files(env):
+        named, names_default = _config_indexes(path)
+        urls += named
+        default = default or names_default
+    if not default and not env.get("UV_NO_INDEX"):
         urls.append(DEFAULT_INDEX)
-    return [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p, _ in index_hosts(urls)]
+    return urls
+
+
+def server_index_hosts(env: dict[str, str] | None = None) -> list[str]:
+    """What the server's own index settings reach (``env``: its variables; :func:`server_index_urls`),
+    as integration entries: admins named them, or left uv's default index (PyPI), which installs of
+    mljobs' own runtime packages need; a sandboxed build may reach them whatever the job's integrations."""
+    return [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p, _ in index_hosts(server_index_urls(env))]
 
 
 # -- interpreters -------------------------------------------------------------------------------

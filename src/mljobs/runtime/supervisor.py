@@ -713,6 +713,7 @@ class _BuildSandbox:
         self.uv_cache, self.uv_cache_fd = "", -1
         self.net = run_dir / "build-net"  # the build proxy's socket folder (build_net "proxy")
         self.proxy: egress.Proxy | None = None
+        self.config_env: dict[str, str] = {}  # where the build's uv finds the server's uv configuration
 
     def _prepare(self) -> sandbox.Policy:
         box = self.box
@@ -728,10 +729,24 @@ class _BuildSandbox:
             return os.path.isdir(real) and real != "/" and not home.startswith(real.rstrip("/") + "/") and not any(
                 real == r or real.startswith(r.rstrip("/") + "/") for r in refused)
 
-        local = {os.path.normpath(v.removeprefix("file://")) for k in environment.INDEX_VARS
-                 for v in os.environ.get(k, "").split() if v.startswith(("/", "file:///"))}
+        local = {os.path.normpath(v.removeprefix("file://")) for v in environment.server_index_urls()
+                 if v.startswith(("/", "file:///"))}
         extra = tuple((p, False) for p in sorted(local) if allowed(p))
         extra += ((os.path.dirname(os.path.realpath(uv)), False),)  # uv itself, wherever it is installed
+        # the server's uv configuration files, read where the build's uv looks for them (its HOME is
+        # its own): the indexes they name are the server's, which its proxy lets through
+        for kind, path in environment.uv_config_files():
+            if not allowed(os.path.dirname(path)):
+                continue
+            if box.uid is not None and not os.stat(path).st_mode & 0o004:
+                self.log.system(f"the server's uv configuration {path} is not readable by the job's uid, so this "
+                                f"build does not use it (its indexes included); to share it: chmod a+r {path}")
+                continue
+            if kind == "user":
+                self.config_env["XDG_CONFIG_HOME"] = os.path.dirname(os.path.dirname(path))
+            elif kind == "system" and path not in ("/etc/xdg/uv/uv.toml", "/etc/uv/uv.toml"):  # else seen as it is
+                self.config_env["XDG_CONFIG_DIRS"] = os.path.dirname(os.path.dirname(path))
+            extra += ((path, False),)
         policy = dataclasses.replace(box, mounts=box.mounts + extra)
         if policy.build_net == "proxy":
             self.net.mkdir(exist_ok=True)
@@ -750,7 +765,7 @@ class _BuildSandbox:
         net = str(self.net) if self.proxy is not None else None
         argv = sandbox.build_argv(self.policy, build_dir=build_dir, caches=[self.uv_cache], python=self.req.python,
                                   net=net)
-        return argv + cmd, sandbox.build_env(env, self.uv_cache)
+        return argv + cmd, {**sandbox.build_env(env, self.uv_cache), **self.config_env}
 
     def close(self) -> None:
         if self.proxy is not None:
