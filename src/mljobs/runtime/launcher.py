@@ -24,7 +24,6 @@ import reprlib
 import runpy
 import sys
 import traceback
-from pathlib import Path
 from typing import Any
 
 import cloudpickle
@@ -74,22 +73,22 @@ def check_versions(client_python: str, client_cloudpickle: str, *, runtime_pytho
     return None
 
 
-def _script_globals(path: Path, args: list[str]) -> dict[str, Any]:
-    sys.argv = [str(path), *args]
-    sys.path.insert(0, str(path.parent))
-    return runpy.run_path(str(path), run_name="__main__")
+def _script_globals(path: str, args: list[str]) -> dict[str, Any]:
+    sys.argv = [path, *args]
+    sys.path.insert(0, os.path.dirname(path))
+    return runpy.run_path(path, run_name="__main__")
 
 
-def _run_command(command: list[str], args: list[str], app: Path) -> Any:
+def _run_command(command: list[str], args: list[str], app: str) -> Any:
     """Run an entrypoint given as a command; Python ones run in-process so __return__ works."""
     head, rest = command[0], command[1:]
     if os.path.basename(head) in ("python", "python3") or head == sys.executable:
         if rest[:1] == ["-m"] and len(rest) >= 2:
             sys.argv = [rest[1], *rest[2:], *args]
-            sys.path.insert(0, str(app))
+            sys.path.insert(0, app)
             return runpy.run_module(rest[1], run_name="__main__", alter_sys=True).get("__return__")
         if rest and rest[0].endswith(".py"):
-            return _script_globals(app / rest[0], [*rest[1:], *args]).get("__return__")
+            return _script_globals(os.path.join(app, rest[0]), [*rest[1:], *args]).get("__return__")
     import subprocess  # only a command payload needs it (the spare that runs a job does not import it ahead)
 
     code = subprocess.call([*command, *args], cwd=os.getcwd())
@@ -100,20 +99,20 @@ def _run_command(command: list[str], args: list[str], app: Path) -> Any:
 
 def run_payload(launch: dict[str, Any], session_factory: Any = None) -> Any:
     """Run the payload described by ``launch`` and return its value (raises what it raises)."""
-    app = Path(launch["app_dir"])
-    imports_root = app / IMPORTS_DIR
-    if imports_root.is_dir():
-        sys.path.insert(0, str(imports_root))
+    app = os.fspath(launch["app_dir"])
+    imports_root = os.path.join(app, IMPORTS_DIR)
+    if os.path.isdir(imports_root):
+        sys.path.insert(0, imports_root)
     # kept on the job's stage across attempts: restored before this one, saved after it
-    checkpoint = Path(launch.get("work_dir") or os.getcwd()) / CHECKPOINT_DIR
-    checkpoint.mkdir(exist_ok=True)
-    os.environ["MLJOBS_CHECKPOINT_DIR"] = str(checkpoint)
+    checkpoint = os.path.join(launch.get("work_dir") or os.getcwd(), CHECKPOINT_DIR)
+    os.makedirs(checkpoint, exist_ok=True)
+    os.environ["MLJOBS_CHECKPOINT_DIR"] = checkpoint
     kind = launch["payload_kind"]
     if kind == "function":
-        with open(app / FUNCTION_PAYLOAD, "rb") as f:
+        with open(os.path.join(app, FUNCTION_PAYLOAD), "rb") as f:
             call = cloudpickle.load(f)
         try:  # a definition's call: its arguments travel apart from the function (its defaults)
-            with open(app / CALL_PAYLOAD, "rb") as f:
+            with open(os.path.join(app, CALL_PAYLOAD), "rb") as f:
                 given = cloudpickle.load(f)
             call = {"fn": call["fn"], "args": tuple(given["args"]) or tuple(call["args"]),
                     "kwargs": {**call["kwargs"], **given["kwargs"]}}
@@ -123,12 +122,12 @@ def run_payload(launch: dict[str, Any], session_factory: Any = None) -> Any:
         param = launch.get("session_param")
         if param and kwargs.get(param) is None and session_factory is not None:
             kwargs[param] = session_factory()
-        sys.path.insert(0, str(app))
+        sys.path.insert(0, app)
         return call["fn"](*call["args"], **kwargs)
     entry = launch["entrypoint"]
     args = list(launch.get("args") or [])
     if len(entry) == 1 and entry[0].endswith(".py"):
-        return _script_globals(app / entry[0], args).get("__return__")
+        return _script_globals(os.path.join(app, entry[0]), args).get("__return__")
     return _run_command(entry, args, app)
 
 
@@ -157,16 +156,17 @@ def exception_envelope(exc: BaseException) -> dict[str, Any]:
     }
 
 
-def write_envelope(path: Path, envelope: dict[str, Any]) -> None:
+def write_envelope(path: str | os.PathLike[str], envelope: dict[str, Any]) -> None:
     """Write the envelope atomically; for a failure also ``error.json`` beside it, which the
     server reads (the server never unpickles what a payload wrote)."""
+    path = os.fspath(path)
     if not envelope["ok"]:
         summary = {k: envelope[k] for k in ("exc_type", "exc_message", "exit_code")}
-        err = path.with_name("error.json")
-        with open(err.with_suffix(".tmp"), "w") as f:
+        err = os.path.join(os.path.dirname(path), "error.json")
+        with open(err + ".tmp", "w") as f:
             json.dump(summary, f, default=str)
-        os.replace(err.with_suffix(".tmp"), err)
-    tmp = path.with_name(path.name + ".tmp")
+        os.replace(err + ".tmp", err)
+    tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         pickle.dump(envelope, f, protocol=pickle.HIGHEST_PROTOCOL)
     os.replace(tmp, path)
@@ -212,7 +212,7 @@ def _session_factory() -> Any:
 
 def main(launch: dict[str, Any]) -> int:
     """Run the payload and write the envelope; 0 on success, 1 when the payload failed."""
-    result_path = Path(launch["result_file"])
+    result_path = launch["result_file"]
     problem = check_versions(launch.get("client_python", ""), launch.get("client_cloudpickle", ""))
     if problem and launch["payload_kind"] == "function":
         envelope = {"ok": False, "exc_type": "mljobs.errors.VersionMismatchError", "exc_message": problem,
@@ -254,5 +254,5 @@ def main(launch: dict[str, Any]) -> int:
 
 
 if __name__ == "__main__":
-    with open(Path(sys.argv[1]) / "launch.json") as f:
+    with open(os.path.join(sys.argv[1], "launch.json")) as f:
         sys.exit(main(json.load(f)))

@@ -1,8 +1,10 @@
 """A sandbox per instance, made by bubblewrap (``bwrap``): what a job's payload sees and touches.
 
 The supervisor stays outside (logs, metrics, exit record, cgroups); the payload process it forks
-enters the instance's cgroups, then runs ``bwrap ... python -m mljobs.runtime.sandbox``, which
-reads its launch record from fd 3 (the go pipe), takes the job's identity and runs the launcher.
+enters the instance's cgroups, then runs ``bwrap ... python -m mljobs.runtime.entry``
+(:func:`mljobs.runtime.entry.sandboxed`), which reads its launch record from fd 3 (the go pipe),
+takes the job's identity and runs the launcher. An environment build's steps run through
+``python -m mljobs.runtime.sandbox --build`` (:func:`build_main`).
 
 Two modes (docs/isolation.md):
 
@@ -24,22 +26,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import stat
 import sys
 from pathlib import Path
 from typing import Any
 
-import setproctitle
-
 from mljobs.runtime import entry
 
 # shutil, subprocess and mljobs.runtime.egress are imported where they are used: this module is
-# also what a sandboxed spare runs (main), and each import costs every job's spare CPU time
+# also what each step of a sandboxed environment build starts with (build_main)
 
 __all__ = ["Policy", "probe", "inside", "spare_slot", "payload_argv", "payload_env", "write_passwd", "own_for",
-           "take_result", "parse_mounts", "build_argv", "build_env", "build_main", "main"]
+           "take_result", "parse_mounts", "build_argv", "build_env", "build_main"]
 
 MODES = ("personal", "shared")
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
@@ -257,7 +256,7 @@ def payload_argv(policy: Policy, *, work: str, app: str | None, out: str, gpus: 
     # shadow a module before the entry has taken the job's uid), without the user site (HOME is the
     # job's folder in a shared sandbox); the entry then moves into the work folder.
     flags = ["-s"] if policy.mode == "shared" else []
-    return b.a + ["--chdir", "/", "--", python, *flags, "-m", "mljobs.runtime.sandbox"]
+    return b.a + ["--chdir", "/", "--", python, *flags, "-m", "mljobs.runtime.entry"]
 
 
 # what an environment build keeps of the server's environment (beyond the index settings)
@@ -326,12 +325,12 @@ def build_main(argv: list[str]) -> None:
         os.setgroups([])
         os.setresgid(uid, uid, uid)
         os.setresuid(uid, uid, uid)
-    elif _capabilities():
+    elif entry.capabilities():
         raise PermissionError("a build sandbox that holds capabilities got no uid to run as")
     if "--egress" in opts:
         from mljobs.runtime import egress
 
-        _start_forwarder(opts[opts.index("--egress") + 1], "")
+        entry.start_forwarder(opts[opts.index("--egress") + 1], "")
         os.environ.update(egress.job_env(""))
     os.chdir(opts[opts.index("--cwd") + 1])
     os.execvp(cmd[0], cmd)
@@ -390,61 +389,6 @@ def take_result(out: Path, result: Path) -> str | None:
     return None
 
 
-def main() -> None:
-    """Inside the sandbox: read the launch record from fd 3, take the job's identity, run it.
-    Imports only the launcher (and cloudpickle with it) before it waits: a spare starts lean."""
-    try:
-        if os.environ.pop("MLJOBS_SPARE_READY", None):  # a spare's: its folders are bound, they may be filled
-            os.write(entry.READY_FD, b"r")
-            os.close(entry.READY_FD)
-        with os.fdopen(entry.GO_FD, "rb") as go:
-            data = go.readline()
-        if not data:
-            os._exit(0)
-        launch = json.loads(data)
-        uid = launch.get("uid")
-        if uid is not None:
-            os.setgroups([])
-            os.setresgid(uid, uid, uid)
-            os.setresuid(uid, uid, uid)
-        elif _capabilities():  # a spare made to take a uid, sent a job without one: never run it so
-            raise PermissionError("a sandbox that holds capabilities got no uid to run the job as")
-        if launch.get("egress_sock"):
-            _start_forwarder(launch["egress_sock"], launch["egress_url"])
-    except BaseException as e:  # noqa: BLE001
-        entry.start_failed(e)
-    entry.enter(launch)
-
-
-def _capabilities() -> int:
-    """This process's effective capabilities (0: none)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("CapEff:"):
-                return int(line.split()[1], 16)
-    return 0
-
-
-def _start_forwarder(sock: str, control_url: str) -> None:
-    """Fork the process that carries the job's connections out (its ports listen before the payload starts)."""
-    from mljobs.runtime import egress
-
-    socks = egress.listeners(control_url)
-    if os.fork() == 0:
-        try:
-            setproctitle.setproctitle("mljobs-egress-forwarder")
-            null = os.open(os.devnull, os.O_RDWR)
-            for fd in (0, 1, 2):
-                os.dup2(null, fd)
-            egress.serve_forwarder(socks, sock)
-        finally:
-            os._exit(0)
-    for s, _ in socks:
-        s.close()
-
-
-
-
 def parse_mounts(value: Any, pool: str = "", local: bool = True) -> tuple[tuple[str, bool], ...]:
     """A pool's ``mounts`` option: a list of ``"PATH"`` (read-only) or ``"PATH:rw"``/``"PATH:ro"``;
     each PATH absolute and (``local``: the pool's nodes are this machine) existing. Raises
@@ -469,5 +413,3 @@ def parse_mounts(value: Any, pool: str = "", local: bool = True) -> tuple[tuple[
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--build"]:
         build_main(sys.argv[2:])
-    else:
-        main()
