@@ -151,8 +151,32 @@ def test_a_users_job_reaches_nothing_of_the_server_or_other_users(shared, tmp_pa
     assert health["isolation"]["mode"] == "shared" and health["isolation"]["sandbox"] == "bubblewrap"
 
 
-def _two_nodes(paths: list[str], server_pid: int) -> dict:
-    """On a multi-node job's head, with Ray ready: what it sees, and the other node's view."""
+def _get(urls: list[str]) -> dict:
+    """Each URL through the job's HTTP_PROXY, even a loopback one (the origin standing in for the
+    internet is on the host's loopback, which NO_PROXY keeps for the instance's own), then the
+    first URL directly: its body, or the error's code."""
+    import http.client
+    import os
+    import urllib.parse
+    import urllib.request
+
+    proxy = urllib.parse.urlsplit(os.environ["HTTP_PROXY"])
+    out = {"no_proxy": os.environ["NO_PROXY"]}
+    for url in urls:  # an absolute-form request to the proxy (urllib's own would honour NO_PROXY)
+        c = http.client.HTTPConnection(proxy.hostname, proxy.port, timeout=20)
+        c.request("GET", url)
+        r = c.getresponse()
+        out[url] = r.read().decode() if r.status == 200 else f"HTTPError: {r.status}"
+        c.close()
+    try:
+        out["direct"] = urllib.request.urlopen(urls[0], timeout=20).read().decode()
+    except Exception as e:  # noqa: BLE001
+        out["direct"] = type(e).__name__
+    return out
+
+
+def _two_nodes(paths: list[str], server_pid: int, urls: list[str]) -> dict:
+    """On a multi-node job's head, with Ray ready: what it sees and reaches, and the other node's."""
     import ray
 
     ray.init(address="auto")
@@ -160,28 +184,46 @@ def _two_nodes(paths: list[str], server_pid: int) -> dict:
     other = next(n["NodeID"] for n in nodes if n["NodeManagerAddress"] != ray.util.get_node_ip_address())
     strategy = ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(other, soft=False)
     there = ray.get(ray.remote(num_cpus=0, scheduling_strategy=strategy)(_probe).remote(paths, server_pid))
-    return {"nodes": len(nodes), "here": _probe(paths, server_pid), "there": there}
+    there_gets = ray.get(ray.remote(num_cpus=0, scheduling_strategy=strategy)(_get).remote(urls))
+    return {"nodes": len(nodes), "here": _probe(paths, server_pid), "there": there, "gets": [_get(urls), there_gets]}
 
 
 @pytest.mark.skipif(netns.unavailable_reason() is not None, reason="multi-node jobs in namespaces need root and iproute2")
 def test_a_multi_node_jobs_instances_are_sandboxed_and_reach_one_another(shared):
     """Each instance of a shared server's multi-node job runs in a sandbox of its own, in its
-    network namespace on the job's bridge: Ray joins them, and neither sees the server's state."""
+    network namespace on the job's bridge: Ray joins them, neither sees the server's state, and
+    each reaches what the job's integrations allow, through its supervisor's proxy, and nothing else."""
     srv, s = shared
     home = srv.home
     store = [str(home / n) for n in os.listdir(home) if n.startswith("mljobs.db")]
+    net = http_origin(lambda h: f"hello from {h.path}".encode())
+    allowed = f"http://127.0.0.1:{net.server_address[1]}/data"
+    blocked = "http://blocked.invalid/x"
+    mljobs.create_external_access_integration("MNNET", allowed_hosts=[f"127.0.0.1:{net.server_address[1]}"],
+                                              session=s["root"])
     mljobs.create_compute_pool("TWO", instance_family="CPU_X64_XS", max_nodes=2, session=s["root"])
-    job = mljobs.remote("TWO", stage_name="alice_stage", target_instances=2, session=s["alice"])(_two_nodes)(
-        store + [str(home / "server.json")], srv.proc.pid)
-    seen = job.result(timeout=300)
+    try:
+        job = mljobs.remote("TWO", stage_name="alice_stage", target_instances=2, session=s["alice"],
+                            external_access_integrations=["MNNET"])(_two_nodes)(
+            store + [str(home / "server.json")], srv.proc.pid, [allowed, blocked])
+        seen = job.result(timeout=300)
+    finally:
+        net.shutdown()
+        net.server_close()
+        mljobs.drop_external_access_integration("MNNET", session=s["root"])
     assert seen["nodes"] == 2  # the instances reached one another
     for view in (seen["here"], seen["there"]):
         assert view["readable"] == [], "an instance read the server's state"
         assert not view["server_visible"] and SECRET not in repr(view["env"])
         assert 310000 <= view["uid"] <= 310099 and view["pw_name"] == "alice"
+    for gets in seen["gets"]:  # on both nodes: the peers directly (Ray's traffic), the rest through the proxy
+        assert (gets[allowed], gets[blocked], gets["direct"]) == ("hello from /data", "HTTPError: 403", "URLError"), gets
+        assert gets["no_proxy"].split(",")[:3] == ["127.0.0.1", "localhost", "::1"] and len(gets["no_proxy"].split(",")) == 5
     info = s["alice"].request("GET", f"/jobs/{job.id}").json()
-    assert [i["isolation"] for i in info["instances"]] == [f"sandbox (shared, uid {seen['here']['uid']} (alice))"] * 2
-    assert "unsandboxed" not in job.get_logs(instance_id=0) + job.get_logs(instance_id=1)
+    assert [i["isolation"] for i in info["instances"]] == [
+        f"sandbox (shared, uid {seen['here']['uid']} (alice), egress by integrations)"] * 2
+    logs = job.get_logs(instance_id=0, verbose=True) + job.get_logs(instance_id=1, verbose=True)
+    assert "unsandboxed" not in logs and "egress refused: blocked.invalid:80 is not allowed" in logs
 
 
 def test_what_a_job_writes_on_a_mount_belongs_to_its_user(shared, tmp_path):

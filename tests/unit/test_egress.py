@@ -236,7 +236,7 @@ def test_a_server_behind_a_proxy_reaches_allowed_hosts_through_it(tmp_path, orig
         up.close()
 
 
-def test_the_servers_proxies_are_read_from_its_environment(monkeypatch):
+def test_the_servers_proxies_are_read_from_its_environment(monkeypatch, tmp_path):
     for k in list(os.environ):
         if k.lower().endswith("_proxy"):
             monkeypatch.delenv(k)
@@ -244,4 +244,8 @@ def test_the_servers_proxies_are_read_from_its_environment(monkeypatch):
     assert egress.upstream_proxies() == {}  # NO_PROXY alone: no proxy
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.corp:3128")
     assert egress.upstream_proxies() == {"https": "http://proxy.corp:3128", "no": "localhost"}
-    assert egress.Proxy.__init__.__defaults__ == (None,)  # None: the environment's
+    proxy = egress.Proxy(str(tmp_path / egress.SOCKET), [], "", lambda _: None)  # no upstream given: the environment's
+    try:
+        assert proxy.upstream == {"https": "http://proxy.corp:3128", "no": "localhost"}
+    finally:
+        proxy.close()

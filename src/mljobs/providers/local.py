@@ -408,11 +408,15 @@ class LocalProvider(Provider):
             multinode, mn_env, ns = self._multinode(launch, p)
             env.update(mn_env)
         box = launch.sandbox
+        template = sandbox.Policy.from_dict(box).template().to_dict() if box else None
         # a multi-node instance's sandbox keeps its network (the server gives it net "open"): its own
         # namespace on the job's bridge (the other instances and, through the forwarder, the control
-        # plane; nothing else) or, without namespaces, the host's loopback, where egress is open
+        # plane), where what its integrations allow is reached through its supervisor's proxy, or,
+        # without namespaces, the host's loopback, where egress is open
         note = (sandbox.MULTINODE_OPEN_EGRESS if box is not None and box["mode"] == "shared" and multinode is not None
                 and ns is None else None)
+        if box is not None and ns is not None and sandbox.Policy.from_dict(box).filtered():
+            box = {**box, "net": "bridge"}
         doc = launch_document(
             launch, env, run_dir=str(p.run_dir), work_dir=str(p.work_dir), app_dir=app_dir or str(p.work_dir),
             log_file=str(p.log_file), result_file=str(p.result), cpus=cpus,
@@ -422,7 +426,6 @@ class LocalProvider(Provider):
             isolation_note=note, settle_checkpoint=launch.attempt <= launch.spec.max_retries)
         p.launch.write_text(json.dumps(doc))
         trace.mark(launch.job_id, "provider.launch.written")
-        template = sandbox.Policy.from_dict(box).template().to_dict() if box else None
         pid = self._spawner.spawn(str(p.run_dir), str(p.supervisor_log), cold=ns is not None, box=template)
         trace.mark(launch.job_id, "provider.spawned")
         found = self.find(launch.job_id, launch.instance_id)  # the spawner wrote the pid file before answering

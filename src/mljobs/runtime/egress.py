@@ -227,8 +227,12 @@ class Proxy:
     """The supervisor's end: a Unix socket whose connections go where the job may go."""
 
     def __init__(self, path: str, allowed: list[str], control_url: str, log: Callable[[str], None],
-                 upstream: dict[str, str] | None = None) -> None:
+                 upstream: dict[str, str] | None = None, in_thread: Callable[[], None] | None = None) -> None:
         self.path, self.allowed, self.log = path, list(allowed), log
+        # called first in the serving thread, whose connections' threads inherit what it does: a
+        # multi-node instance's supervisor, inside the job's network namespace, moves it back to the
+        # machine's there, so that what the job may reach is reached from outside its namespace
+        self.in_thread = in_thread
         # the server's own outbound proxies (None: read from this process's environment)
         self.upstream = upstream_proxies() if upstream is None else dict(upstream)
         parts = urlsplit(control_url)  # "": none (an environment build's proxy reaches no control plane)
@@ -301,6 +305,13 @@ class Proxy:
                 self._live.difference_update((job, up))
 
     def _serve(self) -> None:
+        if self.in_thread is not None:
+            try:
+                self.in_thread()
+            except OSError as e:  # the job's connections then fail at once
+                self.log(f"the job's egress proxy could not start, so it reaches nothing outside: {e}")
+                self.close()
+                return
         while not self.closed:
             try:
                 conn, _ = self.sock.accept()

@@ -71,7 +71,8 @@ def node_env(mn: dict[str, Any], instance_id: int) -> dict[str, str]:
     return env
 
 
-def _setns(fd: int, what: str) -> None:
+def setns(fd: int, what: str) -> None:
+    """Move the calling thread into the network namespace open at ``fd`` (threads it starts after go with it)."""
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.setns(fd, CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
@@ -88,7 +89,7 @@ def enter_netns(name: str, control_plane: str | None = None) -> threading.Thread
     host_fd = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     fd = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        _setns(fd, f"network namespace {name}")
+        setns(fd, f"network namespace {name}")
     finally:
         os.close(fd)
     target = urlsplit(control_plane or "")
@@ -102,7 +103,7 @@ def enter_netns(name: str, control_plane: str | None = None) -> threading.Thread
 
 def _forward(listener: socket.socket, host_fd: int, port: int) -> None:
     """Accept inside the namespace, connect from the machine's (this thread moves back)."""
-    _setns(host_fd, "the machine's network namespace")
+    setns(host_fd, "the machine's network namespace")
     os.close(host_fd)
     while True:
         inner, _ = listener.accept()

@@ -71,7 +71,10 @@ class Policy:
     mounts: tuple[tuple[str, bool], ...] = ()  # (path, writable): what an admin lets jobs of a pool see
     readable: tuple[str, ...] = ()  # the environment cache and other folders the payload reads
     user: str | None = None  # the job owner's name (shared mode): USER and LOGNAME where the uid is one of ours
-    net: str = "open"  # "open": the host's network; "proxy": its own, out only through mljobs.runtime.egress
+    # "open": the network it is given (the host's, or a multi-node job's namespace on its bridge);
+    # "proxy": its own, out only through mljobs.runtime.egress; "bridge": a multi-node instance's
+    # namespace on its job's bridge (its peers), out to anything else only through that proxy
+    net: str = "open"
     allowed: tuple[str, ...] = ()  # with a "proxy": the hosts the job's external access integrations allow
     build_net: str = "open"  # the same for its environment's build (a multi-node payload's net is "open")
 
@@ -88,8 +91,12 @@ class Policy:
 
     def describe(self) -> str:
         who = f", uid {self.uid}" + (f" ({self.user})" if self.user else "") if self.uid is not None else ""
-        net = ", egress by integrations" if self.net == "proxy" else ""
+        net = ", egress by integrations" if self.net in ("proxy", "bridge") else ""
         return f"sandbox ({self.mode}{who}{net})"
+
+    def filtered(self) -> bool:
+        """Whether the job reaches only what its integrations allow (its build goes through a proxy then)."""
+        return self.build_net == "proxy"
 
     def template(self) -> Policy:
         """What a payload process started ahead of its job (a spare) is made with: all but the uid,
@@ -248,10 +255,10 @@ def payload_argv(policy: Policy, *, work: str, app: str | None, out: str, gpus: 
     b.mount("--bind", out, into["out"])
     if app is not None:
         b.mount("--ro-bind", app, into["app"])
-    if policy.net == "proxy":  # its own network namespace (loopback only); the egress socket's folder
+    if policy.net == "proxy":  # its own network namespace (loopback only)
         b.a.append("--unshare-net")
-        if net is not None:
-            b.mount("--ro-bind", net, into["net"])
+    if policy.net in ("proxy", "bridge") and net is not None:  # the egress proxy's socket's folder
+        b.mount("--ro-bind", net, into["net"])
     # Started in "/" (``-m`` puts the working folder first on sys.path, and the job's files must not
     # shadow a module before the entry has taken the job's uid), without the user site (HOME is the
     # job's folder in a shared sandbox); the entry then moves into the work folder.

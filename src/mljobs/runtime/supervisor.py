@@ -395,11 +395,15 @@ def supervise(launch: dict[str, Any], spare: Spare | None = None) -> dict[str, A
                 spare.discard()
             return _finish(launch, log, {"exit_code": 1, "cancelled": False})
     forwarder = None
+    host_net = -1  # a bridged instance's proxy reaches out from the machine's network namespace
     if launch.get("netns"):  # after the install, which may need the outside network
+        if box is not None and box.net == "bridge":
+            host_net = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         forwarder = multinode.enter_netns(launch["netns"], launch["env"].get("MLJOBS_URL"))
     plan = containment.Plan.from_dict(launch.get("containment"))
     me = os.getpid()
-    proxy = _egress_proxy(launch, box, spare, log) if box is not None and box.net == "proxy" else None
+    proxy = (_egress_proxy(launch, box, spare, log, host_net)
+             if box is not None and box.net in ("proxy", "bridge") else None)
     if spare is not None:  # its payload process is forked, and in its cgroups
         cgroup, limit, watch = _assign_cgroup(launch, spare, log)
         pid, out_r, err_r = spare.pid, spare.out_r, spare.err_r
@@ -541,10 +545,20 @@ def supervise(launch: dict[str, Any], spare: Spare | None = None) -> dict[str, A
 
 
 def _egress_proxy(launch: dict[str, Any], box: sandbox.Policy, spare: Spare | None,
-                  log: _LogWriter) -> egress.Proxy:
-    """The instance's way out (its socket in the folder bound at the sandbox's ``job/net``)."""
+                  log: _LogWriter, host_net: int = -1) -> egress.Proxy:
+    """The instance's way out (its socket in the folder bound at the sandbox's ``job/net``). A
+    bridged instance (``host_net``: the machine's network namespace, which the proxy's thread
+    enters) reaches the control plane by its namespace's own forwarder, not through the proxy."""
     net = spare.slot / "net" if spare is not None and spare.slot is not None else Path(launch["run_dir"]) / "net"
     net.mkdir(exist_ok=True)
+    if box.net == "bridge":
+        def leave_namespace() -> None:
+            try:
+                multinode.setns(host_net, "the machine's network namespace")
+            finally:
+                os.close(host_net)
+
+        return egress.Proxy(str(net / egress.SOCKET), list(box.allowed), "", log.system, in_thread=leave_namespace)
     return egress.Proxy(str(net / egress.SOCKET), list(box.allowed), launch["env"].get("MLJOBS_URL", ""), log.system)
 
 
@@ -576,6 +590,11 @@ def _inner_launch(launch: dict[str, Any], box: sandbox.Policy) -> dict[str, Any]
         url = env.get("MLJOBS_URL", "")
         env = {**env, **egress.job_env(url)}
         net = {"egress_sock": os.path.join(into["net"], egress.SOCKET), "egress_url": url}
+    elif box.net == "bridge":  # its peers directly (Ray's gRPC reads these too), the rest through the proxy;
+        # the control plane by the namespace's own forwarder, on this loopback already
+        peers = ",".join(["127.0.0.1", "localhost", "::1", *(launch.get("multinode") or {}).get("addresses", [])])
+        env = {**env, **egress.job_env(""), "NO_PROXY": peers, "no_proxy": peers}
+        net = {"egress_sock": os.path.join(into["net"], egress.SOCKET), "egress_url": ""}
     return {**launch, "env": env, "work_dir": into["work"], "app_dir": app, "run_dir": into["out"], "log_file": None,
             "result_file": os.path.join(into["out"], "result.pkl"), "uid": box.uid, "sandboxed": True,
             "title": launch["run_dir"], **net}  # `ps` names the instance by its run dir outside
