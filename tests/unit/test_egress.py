@@ -249,3 +249,65 @@ def test_the_servers_proxies_are_read_from_its_environment(monkeypatch, tmp_path
         assert proxy.upstream == {"https": "http://proxy.corp:3128", "no": "localhost"}
     finally:
         proxy.close()
+
+
+def test_a_request_head_is_checked_whole_and_what_goes_on_is_rebuilt(tmp_path, origin):
+    """A bare LF, a control character, a folded line or a second request in a head is refused
+    (400) before anything is sent on: through the server's own proxy, such a head would carry a
+    second request to a host no integration allows, with the server's credentials. Numeric forms
+    of an address (127.1) are addresses, checked as such."""
+    up = UpstreamProxy({"allowed.example": origin, "evil.example": origin})
+    said: list[str] = []
+    proxy = egress.Proxy(str(tmp_path / egress.SOCKET), ["allowed.example", "*.allowed.example", "*"], "",
+                         said.append, upstream={"http": up.url, "https": up.url})
+    proxy.start()
+    try:
+        for head in (b"GET http://allowed.example/ HTTP/1.1\nHost: a\n\nGET http://evil.example/ HTTP/1.1\r\n\r\n",
+                     b"GET http://allowed.example/ HTTP/1.1\r\nX: a\nProxy-Authorization: Basic job\r\n\r\n",
+                     b"GET http://allowed.example/ HTTP/1.1\r\nX: a\r\n folded\r\n\r\n",
+                     b"GET http://allowed.example/ HTTP/1.1\rX\r\n\r\n",
+                     b"GET\x00 http://allowed.example/ HTTP/1.1\r\n\r\n",
+                     b"CONNECT evil.example/.allowed.example:443 HTTP/1.1\r\n\r\n",
+                     b"GET http://evil.example\\@allowed.example/ HTTP/1.1\r\n\r\n"):
+            out = _through(proxy.path, egress.PROXY_TAG, head)
+            assert out.startswith(b"HTTP/1.1 400"), (head, out)
+        assert up.seen == []  # nothing went on
+        # the target is rebuilt from what was checked: the default port, the path and the query
+        out = _through(proxy.path, egress.PROXY_TAG, b"GET http://allowed.example:80/p?q=1 HTTP/1.1\r\n\r\n")
+        assert out.startswith(b"HTTP/1.0 200") and up.seen[-1][0] == "GET http://allowed.example:80/p?q=1 HTTP/1.1"
+        for numeric in ("127.1", "2130706433", "0x7f.0.0.1"):  # 127.0.0.1 to a resolver
+            out = _through(proxy.path, egress.PROXY_TAG, f"CONNECT {numeric}:80 HTTP/1.1\r\n\r\n".encode())
+            assert out.startswith(b"HTTP/1.1 403") and b"not on the internet (loopback)" in out, (numeric, out)
+        assert len(up.seen) == 1
+    finally:
+        proxy.close()
+    # a server proxy whose URL names no valid port: the job is told, not left hanging
+    proxy = egress.Proxy(str(tmp_path / egress.SOCKET), ["*"], "", said.append, upstream={"https": "http://p:abc"})
+    proxy.start()
+    try:
+        out = _through(proxy.path, egress.PROXY_TAG, b"CONNECT pypi.org:443 HTTP/1.1\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 502") and b"names no valid port" in out, out
+    finally:
+        proxy.close()
+        up.close()
+
+
+def test_a_proxy_that_could_not_start_answers_every_connection_with_why(tmp_path):
+    """A multi-node instance's proxy first leaves the job's network namespace; where it cannot,
+    each of the job's connections is answered 502 with the reason (not left hanging), and the
+    job's log says it once."""
+    said: list[str] = []
+
+    def fails() -> None:
+        raise OSError(1, "setns: Operation not permitted")
+
+    proxy = egress.Proxy(str(tmp_path / egress.SOCKET), ["*"], "", said.append, in_thread=fails)
+    proxy.start()
+    try:
+        for _ in range(2):
+            out = _through(proxy.path, egress.PROXY_TAG, b"CONNECT pypi.org:443 HTTP/1.1\r\n\r\n")
+            assert out.startswith(b"HTTP/1.1 502") and b"Operation not permitted" in out, out
+        assert said == ["the job's egress proxy could not start, so it reaches nothing outside: "
+                        "[Errno 1] setns: Operation not permitted"]
+    finally:
+        proxy.close()

@@ -155,7 +155,10 @@ def test_the_servers_uv_configuration_names_its_indexes_too(tmp_path):
     assert server_index_urls(env)[-1] == "https://pypi.org/simple"
     # UV_CONFIG_FILE replaces the discovery; UV_NO_CONFIG turns it off; a file uv cannot read names nothing
     assert uv_config_files({**env, "UV_CONFIG_FILE": str(system / "uv.toml")}) == [("file", str(system / "uv.toml"))]
-    assert uv_config_files({**env, "UV_NO_CONFIG": "1"}) == []
+    assert uv_config_files({**env, "UV_NO_CONFIG": "1"}) == [] and len(uv_config_files({**env, "UV_NO_CONFIG": "0"})) == 2
+    # a relative folder is the file's neighbour; no-index = true: no PyPI either
+    (user / "uv.toml").write_text('no-index = true\nfind-links = ["wheels"]\n')
+    assert server_index_urls({"HOME": env["HOME"]}) == [str(user / "wheels")]
     (user / "uv.toml").write_text("not = [toml")
     assert server_index_urls({"HOME": env["HOME"]}) == ["https://pypi.org/simple"]
 

@@ -156,3 +156,45 @@ def test_a_node_agent_hides_its_own_folder_and_takes_a_uid_only_as_root(monkeypa
     monkeypatch.setattr(sandbox, "probe", lambda: "bubblewrap is not installed")
     assert agent._node_sandbox(box, tmp_path) is None
     assert agent._node_sandbox(None, tmp_path) is None
+
+
+def test_a_build_reads_the_servers_uv_configuration_or_leaves_out_what_it_cannot(tmp_path, monkeypatch):
+    """The server's uv configuration files reach a shared build where its uv looks for them; one
+    the job's uid cannot read is left out whole (a UV_CONFIG_FILE unset, a file under /etc read as
+    empty: uv fails on either otherwise), and the job's log says so."""
+    from mljobs.runtime import environment, supervisor
+
+    user = tmp_path / "config" / "uv"
+    user.mkdir(parents=True)
+    (user / "uv.toml").write_text('extra-index-url = ["https://mirror.example/simple"]\n')
+    (user / "uv.toml").chmod(0o644)
+    secret = tmp_path / "etc" / "secret.toml"  # not in a parent of MLJOBS_HOME: no sandbox binds one
+    secret.parent.mkdir()
+    secret.write_text("")
+    secret.chmod(0o600)
+    for k in ("UV_CONFIG_FILE", "UV_NO_CONFIG", "XDG_CONFIG_DIRS"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    box = sandbox.Policy("shared", str(tmp_path / "home"), 300001, (), (), "alice")
+    req = environment.EnvRequest(["x"], uid=300001)
+    log = supervisor._LogWriter(str(tmp_path / "log"))
+    build = supervisor._BuildSandbox(box, req, tmp_path / "envs", tmp_path / "run", log)
+    try:
+        argv, env = build.wrap(["uv", "--version"], {"PATH": "/usr/bin"}, str(tmp_path / "b"))
+        assert (str(user / "uv.toml"), str(user / "uv.toml")) in _pairs(argv, "--ro-bind")
+        assert env["XDG_CONFIG_HOME"] == str(tmp_path / "config") and env["HOME"] == "/tmp"
+    finally:
+        build.close()
+    monkeypatch.setenv("UV_CONFIG_FILE", str(secret))
+    build = supervisor._BuildSandbox(box, req, tmp_path / "envs", tmp_path / "run", log)
+    try:
+        argv, env = build.wrap(["uv", "--version"], {"UV_CONFIG_FILE": str(secret)}, str(tmp_path / "b"))
+        assert "UV_CONFIG_FILE" not in env and str(secret) not in argv
+    finally:
+        build.close()
+    log.f.close()
+    said = (tmp_path / "log").read_text()
+    assert f"the server's uv configuration {secret} is not readable by the job's uid (to share it: chmod a+r" in said
+    argv = sandbox.build_argv(box, build_dir=str(tmp_path / "b"), caches=[], python=sys.executable,
+                              hidden=["/etc/uv/uv.toml"])
+    assert ("/dev/null", "/etc/uv/uv.toml") in _pairs(argv, "--ro-bind")

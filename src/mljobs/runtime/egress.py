@@ -26,7 +26,6 @@ address a job names is still checked as above. The control plane is always reach
 
 from __future__ import annotations
 
-import base64
 import fnmatch
 import ipaddress
 import os
@@ -49,6 +48,12 @@ _CHUNK = 1 << 18  # what one copy moves at most (256 KiB)
 _SEND_BUFFER = 4 << 20  # SO_SNDBUF of the job's side
 _MAX_CONNECTIONS = 256  # open at once through one instance's proxy
 _HOST_PORT = re.compile(r"^(?P<host>.+):(?P<port>\d+)$")
+# what a request head may hold (RFC 9110/9112): anything else is refused, so what goes on (to a host,
+# or to the server's own proxy) is exactly what was checked, and no second request rides along
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_VERSION = re.compile(r"^HTTP/1\.[01]$")
+_FIELD_VALUE = re.compile(r"^[\t\x20-\x7e\x80-\xff]*$")
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})?(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})?)*\.?$")
 
 
 def allows(patterns: list[str], host: str, port: int) -> bool:
@@ -117,11 +122,35 @@ def _is_global(address: str) -> bool:
     return True
 
 
+def _bad_head(method: str, target: str, version: str, fields: list[str]) -> str | None:
+    """Why a request head is refused (None: it is well formed): a method that is not a token, a
+    version other than HTTP/1.0 or 1.1, a control character (a bare CR or LF among them) in the
+    target or a field, a folded line, or a field name that is not a token."""
+    if not _TOKEN.match(method):
+        return f"the request's method {method!r} is not an HTTP method"
+    if not _VERSION.match(version):
+        return f"the request's version {version!r} is not HTTP/1.0 or HTTP/1.1"
+    if not target or any(c <= " " or c == "\x7f" for c in target):
+        return "the request's target holds a space or a control character"
+    for field in fields:
+        name, colon, value = field.partition(":")
+        if not colon or not _TOKEN.match(name):
+            return f"a request header is not 'name: value': {field[:80]!r}"
+        if not _FIELD_VALUE.match(value):
+            return f"the request header {name} holds a control character"
+    return None
+
+
 def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """``host`` as an address, or None for a name."""
+    """``host`` as an address, or None for a name; the IPv4 forms the C library reads too
+    (``127.1``, ``2130706433``, ``0x7f.0.0.1``), which a resolver would turn into the address."""
     try:
         return ipaddress.ip_address(host.split("%")[0])
     except ValueError:
+        pass
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except (OSError, ValueError):
         return None
 
 
@@ -148,7 +177,7 @@ def job_env(control_url: str) -> dict[str, str]:
     ``https://``: TLS end to end)."""
     proxy = f"http://127.0.0.1:{PROXY_PORT}"
     env = {"HTTP_PROXY": proxy, "HTTPS_PROXY": proxy, "http_proxy": proxy, "https_proxy": proxy,
-           "NO_PROXY": "", "no_proxy": ""}
+           "ALL_PROXY": proxy, "all_proxy": proxy, "NO_PROXY": "", "no_proxy": ""}
     port = _forwarded_port(control_url)
     if port is not None:
         parts = urlsplit(control_url)
@@ -233,6 +262,7 @@ class Proxy:
         # multi-node instance's supervisor, inside the job's network namespace, moves it back to the
         # machine's there, so that what the job may reach is reached from outside its namespace
         self.in_thread = in_thread
+        self.broken: str | None = None  # why it serves nothing (each connection is answered 502 with it)
         # the server's own outbound proxies (None: read from this process's environment)
         self.upstream = upstream_proxies() if upstream is None else dict(upstream)
         parts = urlsplit(control_url)  # "": none (an environment build's proxy reaches no control plane)
@@ -308,10 +338,9 @@ class Proxy:
         if self.in_thread is not None:
             try:
                 self.in_thread()
-            except OSError as e:  # the job's connections then fail at once
-                self.log(f"the job's egress proxy could not start, so it reaches nothing outside: {e}")
-                self.close()
-                return
+            except Exception as e:  # noqa: BLE001 - each of the job's connections is then told why
+                self.broken = f"the job's egress proxy could not start, so it reaches nothing outside: {e}"
+                self.log(self.broken)
         while not self.closed:
             try:
                 conn, _ = self.sock.accept()
@@ -356,6 +385,15 @@ class Proxy:
         if job.type != socket.SOCK_STREAM:
             job.close()
             return
+        if self.broken is not None:  # its request read first (an answer to an unread one is a reset)
+            try:
+                job.settimeout(5)
+                head = b""
+                while b"\r\n\r\n" not in head and len(head) < _HEAD_LIMIT and (data := job.recv(65536)):
+                    head += data
+            except OSError:
+                pass
+            return self._answer(job, 502, self.broken)
         try:
             job.settimeout(30)  # for its request head; the copy after it waits as long as it takes
             if tag == SERVER_TAG and self.control is not None:
@@ -387,16 +425,28 @@ class Proxy:
             method, target, version = lines[0].split(" ", 2)
         except ValueError:
             return self._answer(conn, 400, "not an HTTP proxy request")
+        bad = _bad_head(method, target, version, lines[1:])
+        if bad:
+            return self._answer(conn, 400, bad)
         if method.upper() == "CONNECT":
             m = _HOST_PORT.match(target)
             if not m:
                 return self._answer(conn, 400, f"CONNECT needs host:port, got {target!r}")
             host, port = m["host"].strip("[]"), int(m["port"])
         else:
-            parts = urlsplit(target)
-            if parts.scheme != "http" or not parts.hostname:
+            try:
+                parts = urlsplit(target)
+                host, port = parts.hostname or "", parts.port or 80
+            except ValueError:
+                host, port, parts = "", 0, None
+            if parts is None or parts.scheme != "http" or not host or parts.username is not None:
                 return self._answer(conn, 400, f"a proxy request names an absolute http:// URL, got {target!r}")
-            host, port = parts.hostname, parts.port or 80
+            # what goes on is built from what was checked (never the target as the job wrote it)
+            name = f"[{host}]" if ":" in host else host
+            path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            target = f"http://{name}:{port}{path}" if parts.port else f"http://{name}{path}"
+        if not (_HOSTNAME.match(host) or _address(host) is not None):
+            return self._answer(conn, 400, f"{host!r} is neither a host name nor an address")
         if not self._may(host, port):
             return self._refuse(conn, host, port)
         connect = method.upper() == "CONNECT"
@@ -409,9 +459,9 @@ class Proxy:
         elif via is not None:  # the server's proxy resolves a name; an address is checked here
             dest = via[0]
             ip = _address(host)
-            if ip is not None and not (_is_global(host) or allows([p for p in self.allowed if _names_address(p)],
-                                                                  host, port)):
-                return self._refuse(conn, host, port, _internal_why(host, port, host, ip))
+            if ip is not None and not (_is_global(str(ip)) or allows([p for p in self.allowed if _names_address(p)],
+                                                                     str(ip), port)):
+                return self._refuse(conn, host, port, _internal_why(host, port, str(ip), ip))
         else:
             try:
                 dest = (self._resolve(host, port), port)
@@ -424,29 +474,36 @@ class Proxy:
         except (OSError, UnicodeError) as e:
             where = f" through the server's proxy {dest[0]}:{dest[1]}" if via is not None else ""
             return self._answer(conn, 502, f"{host}:{port} could not be reached{where}: {e}")
-        conn.settimeout(None)
-        if connect:
-            extra = b""
-            if via is not None:
-                try:
-                    extra = self._tunnel(up, host, port, via[1])
-                except (OSError, _Refused) as e:
-                    up.close()
-                    return self._answer(conn, 502, f"{host}:{port} could not be reached through the server's proxy "
-                                                   f"{dest[0]}:{dest[1]}: {e}")
-            conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
-            if extra:
-                conn.sendall(extra)
-            if body:
-                up.sendall(body)
-        else:  # one request a connection (a kept-alive proxy connection could change host)
-            kept = [ln for ln in lines[1:] if not ln.lower().startswith(("proxy-", "connection:", "keep-alive:"))]
-            if via is not None:  # the server's proxy takes the absolute form, with its credentials
-                first, kept = f"{method} {target} {version}", kept + via[1]
-            else:  # origin form, to the host itself
-                parts = urlsplit(target)
-                first = f"{method} {(parts.path or '/') + (f'?{parts.query}' if parts.query else '')} {version}"
-            up.sendall("\r\n".join([first, *kept, "Connection: close", "", ""]).encode("latin-1") + body)
+        try:
+            conn.settimeout(None)
+            if connect:
+                extra = b""
+                if via is not None:
+                    try:
+                        extra = self._tunnel(up, host, port, via[1])
+                    except (OSError, _Refused) as e:
+                        why = (f"egress: {host}:{port} could not be reached through the server's proxy "
+                               f"{dest[0]}:{dest[1]}: {e}")
+                        self.log(why)
+                        up.close()
+                        return self._answer(conn, 502, why)
+                conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                if extra:
+                    conn.sendall(extra)
+                if body:
+                    up.sendall(body)
+            else:  # one request a connection (a kept-alive proxy connection could change host)
+                kept = [ln for ln in lines[1:] if not ln.lower().startswith(("proxy-", "connection:", "keep-alive:"))]
+                if via is not None:  # the server's proxy takes the absolute form, with its credentials
+                    first, kept = f"{method} {target} {version}", kept + via[1]
+                else:  # origin form, to the host itself
+                    parts = urlsplit(target)
+                    first = f"{method} {(parts.path or '/') + (f'?{parts.query}' if parts.query else '')} {version}"
+                up.sendall("\r\n".join([first, *kept, "Connection: close", "", ""]).encode("latin-1") + body)
+        except OSError:
+            up.close()
+            conn.close()
+            return None
         self._pump(conn, up)
         return None
 
@@ -465,11 +522,18 @@ class Proxy:
         if parts.scheme != "http" or not parts.hostname:
             raise _Refused(f"the server's proxy {parts.scheme}://{parts.hostname or ''} is not an http:// proxy, the "
                            "only kind mljobs' egress proxy goes through; set HTTPS_PROXY to an http:// URL")
+        try:
+            port = parts.port or 80
+        except ValueError:
+            raise _Refused(f"the server's proxy URL names no valid port ({parts.hostname}:{parts.netloc.rpartition(':')[2]}"
+                           "); fix HTTPS_PROXY/HTTP_PROXY in the server's environment") from None
         auth = []
         if parts.username is not None:
+            import base64
+
             cred = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
             auth.append(f"Proxy-Authorization: Basic {base64.b64encode(cred).decode()}")
-        return (parts.hostname, parts.port or 80), auth
+        return (parts.hostname, port), auth
 
     @staticmethod
     def _tunnel(up: socket.socket, host: str, port: int, headers: list[str]) -> bytes:

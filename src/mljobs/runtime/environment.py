@@ -149,10 +149,10 @@ def uv_config_files(env: dict[str, str] | None = None) -> list[tuple[str, str]]:
     (``$XDG_CONFIG_DIRS``, default ``/etc/xdg``, then ``/etc``); none under ``UV_NO_CONFIG``. Each as
     ``(kind, path)``, kind ``"file"``, ``"user"`` or ``"system"``, only those that exist."""
     env = os.environ if env is None else env
-    if env.get("UV_NO_CONFIG"):
-        return []
     if env.get("UV_CONFIG_FILE"):
         return [("file", env["UV_CONFIG_FILE"])] if os.path.isfile(env["UV_CONFIG_FILE"]) else []
+    if env.get("UV_NO_CONFIG", "").lower() not in ("", "0", "false", "no", "off"):
+        return []
     out = []
     config_home = env.get("XDG_CONFIG_HOME") or (os.path.join(env["HOME"], ".config") if env.get("HOME") else "")
     user = os.path.join(config_home, "uv", "uv.toml") if config_home else ""
@@ -185,12 +185,14 @@ def _config_indexes(path: str) -> tuple[list[str], bool]:
             value = table.get(key)
             values = value if isinstance(value, list) else [value] if value else []
             urls += [str(v) for v in values]
-        default = default or bool(table.get("index-url"))
+        default = default or bool(table.get("index-url")) or table.get("no-index") is True  # no-index: no PyPI
     for index in data.get("index") or []:
         if isinstance(index, dict) and index.get("url"):
             urls.append(str(index["url"]))
             default = default or bool(index.get("default"))
-    return urls, default
+    # a relative folder is the config file's own neighbour, as uv reads it
+    here = os.path.dirname(os.path.abspath(path))
+    return [u if "://" in u or os.path.isabs(u) else os.path.normpath(os.path.join(here, u)) for u in urls], default
 
 
 def server_index_urls(env: dict[str, str] | None = None) -> list[str]:

@@ -271,8 +271,8 @@ BUILD_ENV = ("PATH", "LANG", "LANGUAGE", "TZ", "SSL_CERT_FILE", "SSL_CERT_DIR", 
              *PROXY_VARS)
 
 
-def build_argv(policy: Policy, *, build_dir: str, caches: list[str], python: str, net: str | None = None
-               ) -> list[str]:
+def build_argv(policy: Policy, *, build_dir: str, caches: list[str], python: str, net: str | None = None,
+               hidden: list[str] | tuple[str, ...] = ()) -> list[str]:
     """The command line prefix that runs one step of an environment build (uv, and whatever a
     package's build code starts) for a job of a shared sandbox: the system folders, the
     interpreters and the pool's mounts read-only; writable only the environment being built and
@@ -280,12 +280,15 @@ def build_argv(policy: Policy, *, build_dir: str, caches: list[str], python: str
     own PID and IPC namespaces, no capabilities but those the entry drops at once. Through the
     build entry (:func:`build_main`), the step runs as the job's uid where it has one, and with
     ``build_net == "proxy"`` in a network namespace of its own whose one way out is the proxy on
-    the Unix socket in ``net`` (the job's integrations and the server's own indexes)."""
+    the Unix socket in ``net`` (the job's integrations and the server's own indexes). ``hidden``:
+    system files it reads as empty (a server's uv configuration the job's uid may not read)."""
     b = _Argv(_bwrap())
     b.a += ["--die-with-parent", "--unshare-pid", "--unshare-ipc", "--cap-drop", "ALL"]
     if policy.uid is not None:
         b.a += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     b.system()
+    for p in hidden:
+        b.a += ["--ro-bind", "/dev/null", p]
     interpreter = os.path.dirname(os.path.dirname(os.path.realpath(python)))
     for p in sorted({*interpreter_paths(), interpreter}, key=len):
         if os.path.isdir(p):
@@ -418,5 +421,7 @@ def parse_mounts(value: Any, pool: str = "", local: bool = True) -> tuple[tuple[
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--build"]:
-        build_main(sys.argv[2:])
+    if sys.argv[1:2] != ["--build"]:
+        sys.exit("usage: python -m mljobs.runtime.sandbox --build [--uid N] [--egress SOCKET] --cwd DIR -- CMD... "
+                 "(a payload's sandbox runs python -m mljobs.runtime.entry)")
+    build_main(sys.argv[2:])

@@ -592,12 +592,27 @@ def _inner_launch(launch: dict[str, Any], box: sandbox.Policy) -> dict[str, Any]
         net = {"egress_sock": os.path.join(into["net"], egress.SOCKET), "egress_url": url}
     elif box.net == "bridge":  # its peers directly (Ray's gRPC reads these too), the rest through the proxy;
         # the control plane by the namespace's own forwarder, on this loopback already
-        peers = ",".join(["127.0.0.1", "localhost", "::1", *(launch.get("multinode") or {}).get("addresses", [])])
-        env = {**env, **egress.job_env(""), "NO_PROXY": peers, "no_proxy": peers}
+        env = {**env, **egress.job_env(""), **_peers_bypass(launch, "")}
         net = {"egress_sock": os.path.join(into["net"], egress.SOCKET), "egress_url": ""}
+    elif launch.get("multinode") and any(os.environ.get(k) for k in sandbox.PROXY_VARS if "no_" not in k.lower()):
+        # a personal job keeps the person's proxy: never for its Ray's traffic to its peers
+        env = {**env, **_peers_bypass(launch, os.environ.get("NO_PROXY") or os.environ.get("no_proxy") or "")}
     return {**launch, "env": env, "work_dir": into["work"], "app_dir": app, "run_dir": into["out"], "log_file": None,
             "result_file": os.path.join(into["out"], "result.pkl"), "uid": box.uid, "sandboxed": True,
             "title": launch["run_dir"], **net}  # `ps` names the instance by its run dir outside
+
+
+def _peers_bypass(launch: dict[str, Any], no_proxy: str) -> dict[str, str]:
+    """NO_PROXY for a multi-node instance: ``no_proxy``, the loopback and the job's nodes (each
+    address, and their /24, the job's bridge, for those that read CIDR: gRPC, curl, requests)."""
+    addresses = (launch.get("multinode") or {}).get("addresses", [])
+    nets = sorted({a.rsplit(".", 1)[0] + ".0/24" for a in addresses if a.count(".") == 3 and not a.startswith("127.")})
+    entries = [e for e in no_proxy.split(",") if e.strip()]
+    for e in ["127.0.0.1", "localhost", "::1", *addresses, *nets]:
+        if e not in entries:
+            entries.append(e)
+    value = ",".join(entries)
+    return {"NO_PROXY": value, "no_proxy": value}
 
 
 def _sandbox_result(launch: dict[str, Any], log: _LogWriter, code: int | None) -> None:
@@ -733,6 +748,7 @@ class _BuildSandbox:
         self.net = run_dir / "build-net"  # the build proxy's socket folder (build_net "proxy")
         self.proxy: egress.Proxy | None = None
         self.config_env: dict[str, str] = {}  # where the build's uv finds the server's uv configuration
+        self.hidden: list[str] = []  # configuration files it would see and cannot read: read as empty
 
     def _prepare(self) -> sandbox.Policy:
         box = self.box
@@ -753,13 +769,22 @@ class _BuildSandbox:
         extra = tuple((p, False) for p in sorted(local) if allowed(p))
         extra += ((os.path.dirname(os.path.realpath(uv)), False),)  # uv itself, wherever it is installed
         # the server's uv configuration files, read where the build's uv looks for them (its HOME is
-        # its own): the indexes they name are the server's, which its proxy lets through
+        # its own): the indexes they name are the server's, which its proxy lets through. One the
+        # build cannot use is left out as a whole: not named to it, and where the build would see it
+        # anyway (under /etc), read as empty (uv fails on a system file it cannot read)
         for kind, path in environment.uv_config_files():
+            why = None
             if not allowed(os.path.dirname(path)):
-                continue
-            if box.uid is not None and not os.stat(path).st_mode & 0o004:
-                self.log.system(f"the server's uv configuration {path} is not readable by the job's uid, so this "
-                                f"build does not use it (its indexes included); to share it: chmod a+r {path}")
+                why = "lies where no sandbox may look"
+            elif box.uid is not None and not os.stat(path).st_mode & 0o004:
+                why = f"is not readable by the job's uid (to share it: chmod a+r {path})"
+            if why is not None:
+                self.log.system(f"the server's uv configuration {path} {why}, so this build does not use it "
+                                "(its indexes included)")
+                if kind == "file":
+                    self.config_env["UV_CONFIG_FILE"] = ""  # unset: uv would fail on a file it cannot read
+                if path.startswith("/etc/"):
+                    self.hidden.append(path)
                 continue
             if kind == "user":
                 self.config_env["XDG_CONFIG_HOME"] = os.path.dirname(os.path.dirname(path))
@@ -783,8 +808,11 @@ class _BuildSandbox:
                 raise EnvironmentBuildError(f"the environment's build sandbox could not be made: {e}") from e
         net = str(self.net) if self.proxy is not None else None
         argv = sandbox.build_argv(self.policy, build_dir=build_dir, caches=[self.uv_cache], python=self.req.python,
-                                  net=net)
-        return argv + cmd, {**sandbox.build_env(env, self.uv_cache), **self.config_env}
+                                  net=net, hidden=self.hidden)
+        out = {**sandbox.build_env(env, self.uv_cache), **self.config_env}
+        if out.get("UV_CONFIG_FILE") == "":
+            del out["UV_CONFIG_FILE"]
+        return argv + cmd, out
 
     def close(self) -> None:
         if self.proxy is not None:
