@@ -121,17 +121,24 @@ class Session:
             self._client = httpx.Client(base_url=self.url + "/api/v1", headers=headers, timeout=60.0)
         return self._client
 
-    def request(self, method: str, path: str, *, timeout: float | None = None, **kw: Any) -> httpx.Response:
-        """One API call; errors come back as the mljobs exception the server named."""
+    def request(self, method: str, path: str, *, timeout: float | None = None, root: bool = False,
+                **kw: Any) -> httpx.Response:
+        """One API call; errors come back as the mljobs exception the server named. ``root``: the
+        path is the server's own (``/health``), not the API's; it follows the server's URL when an
+        embedded server started again answers on another port."""
+
+        def send() -> httpx.Response:
+            return self._http().request(method, self.url + path if root else path, timeout=timeout or 60.0, **kw)
+
         try:
-            resp = self._http().request(method, path, timeout=timeout or 60.0, **kw)
+            resp = send()
         except httpx.TransportError as e:
             where = ("MLJOBS_URL/config" if self._configured_url else f"the embedded server of {self.home.root}")
             # the embedded server went away before the request reached it: start it again once
             if self._configured_url is None and isinstance(e, httpx.ConnectError):
                 self._url, self._client = None, None
                 try:
-                    resp = self._http().request(method, path, timeout=timeout or 60.0, **kw)
+                    resp = send()
                 except httpx.TransportError:
                     raise errors.ServerUnavailableError(
                         f"no mljobs server answers at {self._url} ({where}): {e}") from None
@@ -191,7 +198,7 @@ class Session:
     def server_info(self) -> dict[str, Any]:
         """The server's ``/health``: its version, Python, isolation, features (an error status or
         no answer raises, as any call does)."""
-        return self.request("GET", self.url + "/health").json()
+        return self.request("GET", "/health", root=True).json()
 
     def features(self) -> frozenset[str]:
         """What the server says it does beyond its version (``/health``'s ``features``; none from
