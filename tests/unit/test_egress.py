@@ -4,6 +4,7 @@ local HTTP server on 127.0.0.1 standing in for the internet."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import re
 import socket
@@ -49,6 +50,17 @@ def origin():
     yield srv.server_address[1]
     srv.shutdown()
     srv.server_close()
+
+
+@contextlib.contextmanager
+def _serving(tmp_path, allowed: list[str], control: str, said: list[str], **kw):
+    """A started proxy on the test's socket, closed after."""
+    proxy = egress.Proxy(str(tmp_path / egress.SOCKET), allowed, control, said.append, **kw)
+    proxy.start()
+    try:
+        yield proxy
+    finally:
+        proxy.close()
 
 
 def _through(path: str, tag: bytes, request: bytes) -> bytes:
@@ -205,34 +217,24 @@ def test_a_server_behind_a_proxy_reaches_allowed_hosts_through_it(tmp_path, orig
     finally:
         proxy.close()
     # an address named by an entry, but off the internet, through a proxy: checked here all the same
-    proxy = egress.Proxy(str(tmp_path / egress.SOCKET), ["127.0.0.*"], "", said.append, upstream={"http": url})
-    proxy.start()
     try:
-        out = _through(proxy.path, egress.PROXY_TAG, f"GET http://127.0.0.1:{origin}/n HTTP/1.1\r\n\r\n".encode())
-        assert out.startswith(b"HTTP/1.0 200"), out  # "127.0.0.*" names addresses: allowed
-        assert up.seen[-1][0] == f"GET http://127.0.0.1:{origin}/n HTTP/1.1"
+        with _serving(tmp_path, ["127.0.0.*"], "", said, upstream={"http": url}) as proxy:
+            out = _through(proxy.path, egress.PROXY_TAG, f"GET http://127.0.0.1:{origin}/n HTTP/1.1\r\n\r\n".encode())
+            assert out.startswith(b"HTTP/1.0 200"), out  # "127.0.0.*" names addresses: allowed
+            assert up.seen[-1][0] == f"GET http://127.0.0.1:{origin}/n HTTP/1.1"
+        with _serving(tmp_path, ["*"], "", said, upstream={"http": url}) as proxy:
+            out = _through(proxy.path, egress.PROXY_TAG, f"GET http://127.0.0.1:{origin}/m HTTP/1.1\r\n\r\n".encode())
+            assert out.startswith(b"HTTP/1.1 403")
+            assert f"127.0.0.1:{origin} is an address that is not on the internet (loopback)".encode() in out
+        # NO_PROXY: direct; a proxy that is not http://: said so
+        seen = len(up.seen)
+        with _serving(tmp_path, [f"127.0.0.1:{origin}", "origin.test"], "", said,
+                      upstream={"http": url, "https": "socks5://127.0.0.1:1", "no": "localhost,127.0.0.1"}) as proxy:
+            out = _through(proxy.path, egress.PROXY_TAG, f"GET http://127.0.0.1:{origin}/d HTTP/1.1\r\n\r\n".encode())
+            assert out.startswith(b"HTTP/1.0 200") and out.endswith(b"/d close") and len(up.seen) == seen
+            out = _through(proxy.path, egress.PROXY_TAG, b"CONNECT origin.test:443 HTTP/1.1\r\n\r\n")
+            assert out.startswith(b"HTTP/1.1 502") and b"socks5://127.0.0.1 is not an http:// proxy" in out
     finally:
-        proxy.close()
-    proxy = egress.Proxy(str(tmp_path / egress.SOCKET), ["*"], "", said.append, upstream={"http": url})
-    proxy.start()
-    try:
-        out = _through(proxy.path, egress.PROXY_TAG, f"GET http://127.0.0.1:{origin}/m HTTP/1.1\r\n\r\n".encode())
-        assert out.startswith(b"HTTP/1.1 403") and f"127.0.0.1:{origin} is an address that is not on the internet " \
-            "(loopback)".encode() in out
-    finally:
-        proxy.close()
-    # NO_PROXY: direct; a proxy that is not http://: said so
-    seen = len(up.seen)
-    proxy = egress.Proxy(str(tmp_path / egress.SOCKET), [f"127.0.0.1:{origin}", "origin.test"], "", said.append,
-                         upstream={"http": url, "https": "socks5://127.0.0.1:1", "no": "localhost,127.0.0.1"})
-    proxy.start()
-    try:
-        out = _through(proxy.path, egress.PROXY_TAG, f"GET http://127.0.0.1:{origin}/d HTTP/1.1\r\n\r\n".encode())
-        assert out.startswith(b"HTTP/1.0 200") and out.endswith(b"/d close") and len(up.seen) == seen
-        out = _through(proxy.path, egress.PROXY_TAG, b"CONNECT origin.test:443 HTTP/1.1\r\n\r\n")
-        assert out.startswith(b"HTTP/1.1 502") and b"socks5://127.0.0.1 is not an http:// proxy" in out
-    finally:
-        proxy.close()
         up.close()
 
 
