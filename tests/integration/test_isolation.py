@@ -227,6 +227,45 @@ def test_a_multi_node_jobs_instances_are_sandboxed_and_reach_one_another(shared)
     assert "unsandboxed" not in logs and "egress refused: blocked.invalid:80 is not allowed" in logs
 
 
+def _ray_nodes_and_proxy() -> dict:
+    """On a multi-node job's head: how many nodes Ray joined (a task on the other one too), and its proxy variables."""
+    import os
+
+    import ray
+
+    ray.init(address="auto")
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    other = next(n["NodeID"] for n in nodes if n["NodeManagerAddress"] != ray.util.get_node_ip_address())
+    strategy = ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(other, soft=False)
+    there = ray.get(ray.remote(num_cpus=0, scheduling_strategy=strategy)(lambda: os.environ.get("NO_PROXY")).remote())
+    return {"nodes": len(nodes), "https_proxy": os.environ.get("HTTPS_PROXY"), "no_proxy": os.environ.get("NO_PROXY"),
+            "there": there}
+
+
+@pytest.mark.skipif(netns.unavailable_reason() is not None, reason="multi-node jobs in namespaces need root and iproute2")
+def test_a_personal_multi_node_job_keeps_the_persons_proxy_but_not_for_its_peers(tmp_path):
+    """A person whose shell sets HTTPS_PROXY (here one that answers nothing): their sandboxed jobs
+    keep it, and a multi-node job's NO_PROXY (theirs kept first) adds the loopback, its nodes and
+    their /24 on every node, so nothing that reads the variables (requests, curl, gRPC) sends the
+    peers' traffic to that proxy; the job's Ray cluster forms across both nodes."""
+    home = tmp_path / "mlh"
+    dead = "http://127.0.0.1:9"  # the discard port: nothing listens there
+    srv = ServerProc(home, extra_env={"HTTPS_PROXY": dead, "HTTP_PROXY": dead, "NO_PROXY": "corp.example"})
+    srv.start()
+    try:
+        s = Session(url=srv.url)
+        mljobs.create_compute_pool("TWO", instance_family="CPU_X64_XS", max_nodes=2, session=s)
+        seen = mljobs.remote("TWO", stage_name="st", target_instances=2, session=s)(_ray_nodes_and_proxy)().result(
+            timeout=300)
+        assert seen["nodes"] == 2 and seen["https_proxy"] == dead
+        bypass = seen["no_proxy"].split(",")
+        assert bypass[:4] == ["corp.example", "127.0.0.1", "localhost", "::1"] and bypass[-1].endswith(".0/24")
+        assert seen["there"] == seen["no_proxy"]
+    finally:
+        _stop(srv, None)
+    assert_no_leftovers(home)
+
+
 def test_what_a_job_writes_on_a_mount_belongs_to_its_user(shared, tmp_path):
     srv, s = shared
     data = tmp_path / "data"
