@@ -10,6 +10,7 @@ polling sits on the hot path, and finds it again after a restart from its pid an
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -408,21 +409,23 @@ class LocalProvider(Provider):
             multinode, mn_env, ns = self._multinode(launch, p)
             env.update(mn_env)
         box = launch.sandbox
-        template = sandbox.Policy.from_dict(box).template().to_dict() if box else None
+        policy = sandbox.Policy.from_dict(box) if box else None
+        template = policy.template().to_dict() if policy is not None else None
         # a multi-node instance's sandbox keeps its network (the server gives it net "open"): its own
         # namespace on the job's bridge (the other instances and, through the forwarder, the control
         # plane), where what its integrations allow is reached through its supervisor's proxy, or,
         # without namespaces, the host's loopback, where egress is open
         note = (sandbox.MULTINODE_OPEN_EGRESS if box is not None and box["mode"] == "shared" and multinode is not None
                 and ns is None else None)
-        if box is not None and ns is not None and sandbox.Policy.from_dict(box).filtered():
-            box = {**box, "net": "bridge"}
+        if policy is not None and ns is not None and policy.filtered():
+            policy = dataclasses.replace(policy, net="bridge")
+            box = policy.to_dict()
         doc = launch_document(
             launch, env, run_dir=str(p.run_dir), work_dir=str(p.work_dir), app_dir=app_dir or str(p.work_dir),
             log_file=str(p.log_file), result_file=str(p.result), cpus=cpus,
             python=launch.spec.runtime_python or sys.executable, multinode=multinode, netns=ns,
             containment=self.plan.to_dict(), metrics_file=str(p.metrics_file), metrics=self._metrics, gpus=gpus,
-            sandbox=box, isolation=sandbox.Policy.from_dict(box).describe() if box else "none",
+            sandbox=box, isolation=policy.describe() if policy is not None else "none",
             isolation_note=note, settle_checkpoint=launch.attempt <= launch.spec.max_retries)
         p.launch.write_text(json.dumps(doc))
         trace.mark(launch.job_id, "provider.launch.written")

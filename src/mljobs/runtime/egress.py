@@ -459,8 +459,7 @@ class Proxy:
         elif via is not None:  # the server's proxy resolves a name; an address is checked here
             dest = via[0]
             ip = _address(host)
-            if ip is not None and not (_is_global(str(ip)) or allows([p for p in self.allowed if _names_address(p)],
-                                                                     str(ip), port)):
+            if ip is not None and not self._reaches(str(ip), port):
                 return self._refuse(conn, host, port, _internal_why(host, port, str(ip), ip))
         else:
             try:
@@ -497,8 +496,7 @@ class Proxy:
                 if via is not None:  # the server's proxy takes the absolute form, with its credentials
                     first, kept = f"{method} {target} {version}", kept + via[1]
                 else:  # origin form, to the host itself
-                    parts = urlsplit(target)
-                    first = f"{method} {(parts.path or '/') + (f'?{parts.query}' if parts.query else '')} {version}"
+                    first = f"{method} {path} {version}"
                 up.sendall("\r\n".join([first, *kept, "Connection: close", "", ""]).encode("latin-1") + body)
         except OSError:
             up.close()
@@ -575,12 +573,15 @@ class Proxy:
         addresses = list(dict.fromkeys(str(i[4][0]) for i in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)))
         if not addresses:
             raise OSError(f"{host} has no address")
-        named = [p for p in self.allowed if _names_address(p)]
         for address in addresses:
-            if _is_global(address) or allows(named, address, port):
+            if self._reaches(address, port):
                 return address
         address = addresses[0]
         raise _Internal(_internal_why(host, port, address, ipaddress.ip_address(address.split("%")[0])))
+
+    def _reaches(self, address: str, port: int) -> bool:
+        """Whether a connection may go to ``address``: one on the internet, or one an entry names."""
+        return _is_global(address) or allows([p for p in self.allowed if _names_address(p)], address, port)
 
     def _refuse(self, conn: socket.socket, host: str, port: int, why: str | None = None) -> None:
         why = why or (f"egress refused: {host}:{port} is not allowed by the job's external access integrations; "

@@ -211,11 +211,13 @@ def server_index_urls(env: dict[str, str] | None = None) -> list[str]:
     return urls
 
 
-def server_index_hosts(env: dict[str, str] | None = None) -> list[str]:
-    """What the server's own index settings reach (``env``: its variables; :func:`server_index_urls`),
-    as integration entries: admins named them, or left uv's default index (PyPI), which installs of
-    mljobs' own runtime packages need; a sandboxed build may reach them whatever the job's integrations."""
-    return [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p, _ in index_hosts(server_index_urls(env))]
+def server_index_hosts(env: dict[str, str] | None = None, urls: list[str] | None = None) -> list[str]:
+    """What the server's own index settings reach (``env``: its variables; ``urls``: what
+    :func:`server_index_urls` gave already), as integration entries: admins named them, or left uv's
+    default index (PyPI), which installs of mljobs' own runtime packages need; a sandboxed build may
+    reach them whatever the job's integrations."""
+    urls = server_index_urls(env) if urls is None else urls
+    return [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p, _ in index_hosts(urls)]
 
 
 # -- interpreters -------------------------------------------------------------------------------

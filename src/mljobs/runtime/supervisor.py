@@ -749,6 +749,7 @@ class _BuildSandbox:
         self.proxy: egress.Proxy | None = None
         self.config_env: dict[str, str] = {}  # where the build's uv finds the server's uv configuration
         self.hidden: list[str] = []  # configuration files it would see and cannot read: read as empty
+        self.unset: set[str] = set()  # the server's variables the build must not get (a file it cannot read)
 
     def _prepare(self) -> sandbox.Policy:
         box = self.box
@@ -764,8 +765,8 @@ class _BuildSandbox:
             return os.path.isdir(real) and real != "/" and not home.startswith(real.rstrip("/") + "/") and not any(
                 real == r or real.startswith(r.rstrip("/") + "/") for r in refused)
 
-        local = {os.path.normpath(v.removeprefix("file://")) for v in environment.server_index_urls()
-                 if v.startswith(("/", "file:///"))}
+        urls = environment.server_index_urls()
+        local = {os.path.normpath(v.removeprefix("file://")) for v in urls if v.startswith(("/", "file:///"))}
         extra = tuple((p, False) for p in sorted(local) if allowed(p))
         extra += ((os.path.dirname(os.path.realpath(uv)), False),)  # uv itself, wherever it is installed
         # the server's uv configuration files, read where the build's uv looks for them (its HOME is
@@ -782,7 +783,7 @@ class _BuildSandbox:
                 self.log.system(f"the server's uv configuration {path} {why}, so this build does not use it "
                                 "(its indexes included)")
                 if kind == "file":
-                    self.config_env["UV_CONFIG_FILE"] = ""  # unset: uv would fail on a file it cannot read
+                    self.unset.add("UV_CONFIG_FILE")  # uv would fail on a file it cannot read
                 if path.startswith("/etc/"):
                     self.hidden.append(path)
                 continue
@@ -794,7 +795,7 @@ class _BuildSandbox:
         policy = dataclasses.replace(box, mounts=box.mounts + extra)
         if policy.build_net == "proxy":
             self.net.mkdir(exist_ok=True)
-            hosts = [*policy.allowed, *egress.with_addresses(environment.server_index_hosts())]
+            hosts = [*policy.allowed, *egress.with_addresses(environment.server_index_hosts(urls=urls))]
             self.proxy = egress.Proxy(str(self.net / sandbox.BUILD_SOCKET), hosts, "",
                                       lambda text: self.log.system(text + " (environment build)"))
             self.proxy.start()
@@ -810,9 +811,7 @@ class _BuildSandbox:
         argv = sandbox.build_argv(self.policy, build_dir=build_dir, caches=[self.uv_cache], python=self.req.python,
                                   net=net, hidden=self.hidden)
         out = {**sandbox.build_env(env, self.uv_cache), **self.config_env}
-        if out.get("UV_CONFIG_FILE") == "":
-            del out["UV_CONFIG_FILE"]
-        return argv + cmd, out
+        return argv + cmd, {k: v for k, v in out.items() if k not in self.unset}
 
     def close(self) -> None:
         if self.proxy is not None:
