@@ -90,9 +90,16 @@ def test_xgboost_and_lightgbm_train_on_three_nodes_from_a_stage(token_home, tmp_
         from mljobs.errors import InvalidArgumentError
         from mljobs.modeling.distributors import (LightGBMEstimator, XGBEstimator, XGBScalingConfig)
 
+        import ray
+        import xgboost
+
+        from mljobs.modeling.cluster import TrainingError
+
         data = DataConnector.from_sources("@training_data/train/")
         xgb_est = XGBEstimator(n_estimators=60, params={"objective": "binary:logistic", "max_depth": 5})
         xgb_model = xgb_est.fit(data, input_cols=features, label_col="target")
+        # the same shape of workers: LightGBM trains on XGBoost's warm actors, which hold their CPUs
+        warm_cpus = ray.available_resources().get("CPU", 0.0)
         lgb_est = LightGBMEstimator(n_estimators=60, objective="binary", params={"num_leaves": 31})
         lgb_model = lgb_est.fit(data, input_cols=features, label_col="target")
         refused = {}
@@ -101,8 +108,26 @@ def test_xgboost_and_lightgbm_train_on_three_nodes_from_a_stage(token_home, tmp_
                 XGBEstimator(n_estimators=2, scaling_config=config).fit(data, features, "target")
             except InvalidArgumentError as e:
                 refused[name] = str(e)
+
+        class Boom(xgboost.callback.TrainingCallback):
+            def after_iteration(self, model, epoch, evals_log):
+                raise RuntimeError("boom in round 1")
+
+        try:  # a failed fit closes its workers: the next one starts its own
+            XGBEstimator(n_estimators=3, callbacks=[Boom()]).fit(data, features, "target")
+        except TrainingError as e:
+            refused["failed"] = str(e)
+        after_failure = XGBEstimator(n_estimators=2)
+        after_failure.fit(data, features, "target")
+        os.environ["MLJOBS_WARM_WORKERS_S"] = "0.5"
+        XGBEstimator(n_estimators=2).fit(data, features, "target")
+        deadline = time.monotonic() + 30  # then its workers go, and their CPUs are free again
+        while ray.available_resources().get("CPU", 0.0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
+            time.sleep(0.2)
         return {"xgb": xgb_model, "lgb": lgb_model, "xgb_workers": xgb_est.workers_,
-                "lgb_workers": lgb_est.workers_, "rows": len(data), "refused": refused}
+                "lgb_workers": lgb_est.workers_, "rows": len(data), "refused": refused,
+                "warm_cpus": warm_cpus, "after_failure": after_failure.workers_,
+                "free_cpus": ray.available_resources().get("CPU", 0.0), "cpus": ray.cluster_resources()["CPU"]}
 
     job = fit_both(FEATURES)
     out = job.result(timeout=300)
@@ -114,6 +139,13 @@ def test_xgboost_and_lightgbm_train_on_three_nodes_from_a_stage(token_home, tmp_
         assert max(w["rows"] for w in workers) - min(w["rows"] for w in workers) <= 1
     assert "num_workers=5" in out["refused"]["too_many"] and "3 node(s)" in out["refused"]["too_many"]
     assert "no GPU" in out["refused"]["gpu"]
+    # Warm workers: the second fit ran in the first one's processes, whose CPUs stayed held between
+    # fits; a failed fit's workers are not used again; with MLJOBS_WARM_WORKERS_S=0.5 they go.
+    assert [(w["node_id"], w["pid"]) for w in out["lgb_workers"]] == [(w["node_id"], w["pid"]) for w in out["xgb_workers"]]
+    assert out["warm_cpus"] <= out["cpus"] - 3, out
+    assert "boom in round 1" in out["refused"]["failed"], out["refused"]
+    assert not {(w["node_id"], w["pid"]) for w in out["after_failure"]} & {(w["node_id"], w["pid"]) for w in out["xgb_workers"]}
+    assert out["free_cpus"] == out["cpus"], out
 
     # The models came back to this process as real Boosters; their test error is within 2% of the
     # same training in one process on the same rows.

@@ -4,6 +4,9 @@ Inside a multi-node job the payload already has its job's Ray cluster (``RAY_ADD
 plain Python session or a single-node job a local Ray is started when more than one worker is
 asked for. Workers are Ray actors in one placement group, so a gang either starts whole or not at
 all; their failures end the whole group at once (a collective would otherwise wait forever).
+A group that finished its work is kept warm for the next fit of the same shape in this driver
+(:func:`workers`), for ``MLJOBS_WARM_WORKERS_S`` seconds, so that only the first fit pays for
+starting actors and importing the library.
 """
 
 from __future__ import annotations
@@ -11,8 +14,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,10 +29,11 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from mljobs.errors import InvalidArgumentError, MLJobsError
 
-__all__ = ["NodeView", "ClusterView", "WorkerGroup", "connect", "cluster_view", "ray_available", "local_cpus",
-           "local_gpus", "free_port", "interface_of", "TrainingError"]
+__all__ = ["NodeView", "ClusterView", "WorkerGroup", "workers", "release_workers", "connect", "cluster_view",
+           "ray_available", "local_cpus", "local_gpus", "free_port", "interface_of", "TrainingError"]
 
 PLACEMENT_TIMEOUT_S = float(os.environ.get("MLJOBS_PLACEMENT_TIMEOUT_S", "120"))
+WARM_WORKERS_S = 30.0  # the default of MLJOBS_WARM_WORKERS_S
 
 
 class TrainingError(MLJobsError):
@@ -220,15 +226,111 @@ class WorkerGroup:
         return str(rank)
 
     def close(self) -> None:
-        for actor in self.actors:
+        actors, pg, self.actors, self._pg = self.actors, self._pg, [], None
+        if not ray.is_initialized():  # the driver left its Ray cluster: the actors went with it
+            return
+        for actor in actors:
             ray.kill(actor)
-        self.actors = []
-        if self._pg is not None:
-            remove_placement_group(self._pg)
-            self._pg = None
+        if pg is not None:
+            remove_placement_group(pg)
 
     def __enter__(self) -> WorkerGroup:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# Groups that finished their work cleanly, kept for the next fit of the same shape: the key is the
+# shape and the Ray job (this driver's connection), since a group of an earlier ray.init is gone.
+_idle_lock = threading.Lock()
+_idle: dict[WorkerGroup, tuple[tuple[Any, ...], threading.Timer]] = {}
+
+
+def warm_seconds() -> float:
+    """How long a finished group stays warm (``MLJOBS_WARM_WORKERS_S``; 0 closes it at once)."""
+    raw = os.environ.get("MLJOBS_WARM_WORKERS_S", "")
+    try:
+        value = float(raw) if raw.strip() else WARM_WORKERS_S
+    except ValueError:
+        raise InvalidArgumentError(f"MLJOBS_WARM_WORKERS_S={raw!r}: use a number of seconds (0 keeps no "
+                                   "workers warm between fits)") from None
+    if value < 0:
+        raise InvalidArgumentError(f"MLJOBS_WARM_WORKERS_S={raw!r}: use 0 or more seconds")
+    return value
+
+
+@contextmanager
+def workers(count: int, cpus: float, gpus: float, *, per_node: int = 1, spread: bool = True,
+            what: str = "training") -> Iterator[WorkerGroup]:
+    """A :class:`WorkerGroup` of this shape: a warm one this driver used before, else a new one.
+
+    A group given back without an error stays warm for :func:`warm_seconds` (its placement group
+    holds its CPUs and GPUs meanwhile); one whose work failed is closed. A group of another shape
+    is needed only when no warm one fits, so the warm ones are closed first to make room. A warm
+    group whose actors were lost (a node gone) is replaced.
+    """
+    linger = warm_seconds()
+    key = (count, float(cpus), float(gpus), per_node, spread, ray.get_runtime_context().get_job_id())
+    group = _take(key)
+    if group is not None:
+        group.what = what
+        try:
+            group.infos = group.run(_Worker.info, [()] * count, method="info")  # fresh ports for this fit
+        except TrainingError:  # run() closed it
+            group = None
+    if group is None:
+        group = WorkerGroup(count, cpus, gpus, per_node=per_node, spread=spread, what=what)
+    clean = False
+    try:
+        yield group
+        clean = True
+    finally:
+        if clean and linger > 0 and group.actors:
+            _keep(group, key, linger)
+        else:
+            group.close()
+
+
+def release_workers() -> None:
+    """Close every warm group now, giving their CPUs and GPUs back to the Ray cluster."""
+    with _idle_lock:
+        groups = list(_idle)
+        for _, timer in _idle.values():
+            timer.cancel()
+        _idle.clear()
+    for group in groups:
+        group.close()
+
+
+def _take(key: tuple[Any, ...]) -> WorkerGroup | None:
+    """The warm group of shape ``key``; without one, close the warm groups (of other shapes, or of
+    an earlier Ray connection) so that a new placement group finds their resources free."""
+    with _idle_lock:
+        found = next((g for g, (k, _) in _idle.items() if k == key), None)
+        dropped = [found] if found is not None else list(_idle)
+        for g in dropped:
+            _idle.pop(g)[1].cancel()
+    if found is not None:
+        return found
+    for g in dropped:
+        g.close()
+    return None
+
+
+def _keep(group: WorkerGroup, key: tuple[Any, ...], linger: float) -> None:
+    timer = threading.Timer(linger, _expire, args=(group,))
+    timer.daemon = True
+    with _idle_lock:
+        _idle[group] = (key, timer)
+    timer.start()
+
+
+def _expire(group: WorkerGroup) -> None:
+    with _idle_lock:
+        if _idle.pop(group, None) is None:  # taken or released meanwhile
+            return
+    try:
+        group.close()
+    except Exception:  # noqa: BLE001 - the driver is shutting down its Ray connection: nothing to give back
+        logging.getLogger(__name__).debug("closing a warm worker group failed", exc_info=True)

@@ -4,6 +4,7 @@ and the fit loop that runs one training function on every worker with its own sh
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -171,7 +172,7 @@ def fit_on_workers(plan: Plan, train: Callable[..., dict[str, Any]], shared: dic
         return [train(rank=0, world=1, shard=data, eval_shard=eval_data, **shared)]
     shards = data.shards(plan.workers)
     eval_shards = eval_data.shards(plan.workers) if eval_data is not None else [None] * plan.workers
-    with cluster.WorkerGroup(plan.workers, plan.cpus, plan.gpus, spread=plan.spread, what=what) as group:
+    with cluster.workers(plan.workers, plan.cpus, plan.gpus, spread=plan.spread, what=what) as group:
         extra = setup(group.infos) if setup else [{} for _ in group.infos]
         calls = [(_call, train, dict(rank=r, world=plan.workers, shard=shards[r], eval_shard=eval_shards[r],
                                      node_id=group.infos[r]["node_id"], **shared, **extra[r]))
@@ -182,4 +183,5 @@ def fit_on_workers(plan: Plan, train: Callable[..., dict[str, Any]], shared: dic
 def _call(train: Callable[..., dict[str, Any]], kwargs: dict[str, Any]) -> dict[str, Any]:
     out = train(**kwargs)
     out.setdefault("node_id", kwargs.get("node_id") or ray.get_runtime_context().get_node_id())
+    out.setdefault("pid", os.getpid())  # the worker's process: the same one across fits while it stays warm
     return out

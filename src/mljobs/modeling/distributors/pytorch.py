@@ -171,8 +171,8 @@ class PyTorchDistributor:
                 f"each does not fit the Ray cluster: {view.describe()}; ask for fewer, or more target_instances")
         world = nodes * per_node
         shards = {name: d.shards(world) for name, d in datasets.items()}
-        with cluster.WorkerGroup(world, res.num_cpus, res.num_gpus, per_node=per_node, spread=True,
-                                 what="PyTorch") as group:
+        with cluster.workers(world, res.num_cpus, res.num_gpus, per_node=per_node, spread=True,
+                             what="PyTorch") as group:
             master = group.infos[0]
             backend = "nccl" if res.num_gpus else "gloo"
             calls = []
@@ -250,7 +250,7 @@ def _worker_main(train_func: Callable[[], Any], ctx: dict[str, Any], ifname: str
         uploaded = _upload(Path(model_dir), artifacts_url) if artifacts_url else []
     node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     return {"value": value, "rank": ctx["rank"], "node_rank": ctx["node_rank"], "node_id": node_id,
-            "artifacts": uploaded}
+            "pid": os.getpid(), "artifacts": uploaded}
 
 
 def _upload(folder: Path, url: str) -> list[str]:
