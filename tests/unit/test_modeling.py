@@ -142,6 +142,17 @@ def test_cluster_view_fits_counts_bundles_per_node():
     assert "2 node(s), 3 CPU and 1 GPU in all (10.0.0.1: 2 CPU; 10.0.0.2: 1 CPU, 1 GPU)" == view.describe()
 
 
+def test_how_long_workers_stay_warm_is_read_from_the_environment_and_checked(monkeypatch):
+    monkeypatch.delenv("MLJOBS_WARM_WORKERS_S", raising=False)
+    assert cluster.warm_seconds() == cluster.WARM_WORKERS_S == 30.0
+    monkeypatch.setenv("MLJOBS_WARM_WORKERS_S", "0")
+    assert cluster.warm_seconds() == 0.0
+    for bad, says in (("soon", "use a number of seconds"), ("-1", "use 0 or more seconds")):
+        monkeypatch.setenv("MLJOBS_WARM_WORKERS_S", bad)
+        with pytest.raises(InvalidArgumentError, match=f"MLJOBS_WARM_WORKERS_S='{bad}': {says}"):
+            cluster.warm_seconds()
+
+
 def test_categorical_codes_agree_across_files_with_their_own_dictionaries(tmp_path):
     """Two Parquet files whose dictionaries differ: every shard maps a level to the same code."""
     import pyarrow.parquet as pq
