@@ -440,6 +440,28 @@ def wait_status(job, statuses: set[str], timeout: float = 30.0, allowed: set[str
     raise AssertionError(f"job {job.id} still {job.status} after {timeout}s")
 
 
+S3_CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture
+def s3_endpoint(monkeypatch) -> Iterator[str]:
+    """A moto S3 server on 127.0.0.1 standing in for a bucket; this process's fsspec reaches it
+    through the variables set here."""
+    import moto.server as moto_server
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    for k, v in {**S3_CREDS, "AWS_ENDPOINT_URL_S3": url}.items():
+        monkeypatch.setenv(k, v)
+    yield url
+    server.stop()
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()  # fsspec keeps one per arguments: the next server has another port
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster() -> Iterator[Any]:
     """A real Slurm cluster (scripts/slurm_cluster.py: slurmctld and three slurmd, each node its own

@@ -3,28 +3,11 @@ go through fsspec's s3fs, the job runs and its files land in the bucket."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import moto.server as moto_server
-import pytest
 import s3fs
 
 import mljobs
+from tests.conftest import S3_CREDS as CREDS
 from tests.conftest import ServerProc, assert_no_leftovers
-
-CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-@pytest.fixture
-def s3_endpoint(monkeypatch) -> Iterator[str]:
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
-    for k, v in {**CREDS, "AWS_ENDPOINT_URL_S3": url}.items():
-        monkeypatch.setenv(k, v)
-    yield url
-    server.stop()
 
 
 def test_job_on_an_s3_stage(s3_endpoint, tmp_path_factory):

@@ -426,11 +426,18 @@ def test_a_lost_node_makes_attempt_2_which_resumes_from_the_checkpoint(slurm: Sl
     while "up 1" not in job.get_logs() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert "up 1" in job.get_logs(), job.get_logs(verbose=True)
-    stage_ckpt = slurm.server.home / "stages" / "PAYLOAD_STAGE" / job.id / "checkpoint" / "0" / "epoch"
+    stage_ckpt = slurm.server.home / "stages" / "PAYLOAD_STAGE" / job.id / "checkpoint" / "0"
+
+    def kept_epoch() -> bool:  # the copy the stage's pointer names holds the file
+        try:
+            return (stage_ckpt / (stage_ckpt / "CURRENT").read_text() / "epoch").exists()
+        except FileNotFoundError:
+            return False
+
     deadline = time.monotonic() + 30  # the agent looks every heartbeat
-    while not stage_ckpt.exists() and time.monotonic() < deadline:
+    while not kept_epoch() and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert stage_ckpt.exists(), "the agent never kept the checkpoint on the stage"
+    assert kept_epoch(), "the agent never kept the checkpoint on the stage"
     host = next(h for h in slurm.cluster.nodes if f"on {h} (" in job.get_logs(verbose=True))
     _kill_node(slurm, host, job.id, marker)
     try:

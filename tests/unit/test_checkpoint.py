@@ -1,16 +1,19 @@
 """A checkpoint folder is kept only once it has settled, and
 swaps each copy into place whole (runtime/checkpoint.py: a node agent onto the stage, a local
-supervisor into its run folder)."""
+supervisor into its run folder). On a stage (a local folder, or S3 through a moto server) a
+writer lost at any step leaves the last whole copy for the next attempt."""
 
 from __future__ import annotations
 
 import os
 import time
+import uuid
 
 import pytest
 
 from mljobs.runtime.agent import _Checkpoint
 from mljobs.paths import CHECKPOINT_DIR
+from mljobs.runtime.checkpoint import StageFolder
 from mljobs.stages import Stage
 
 
@@ -21,7 +24,17 @@ def test_a_folder_is_kept_once_settled_and_swapped_in_whole(tmp_path):
     folder = work / CHECKPOINT_DIR
     folder.mkdir(parents=True)
     ckpt = _Checkpoint(stage, {"keep_checkpoint": True, "work_dir": str(work), "job_id": "J", "instance_id": 0})
-    kept = tmp_path / "stage" / "J" / "checkpoint" / "0" / "model.pt"
+
+    class Kept:  # the file as the next attempt finds it: through the pointer
+        @staticmethod
+        def exists() -> bool:
+            return StageFolder(stage, "J/checkpoint/0/").kept() is not None
+
+        @staticmethod
+        def read_bytes() -> bytes:
+            return stage.get_bytes(StageFolder(stage, "J/checkpoint/0/").kept() + "model.pt")
+
+    kept = Kept()
 
     def look() -> None:
         ckpt.last = 0.0  # a heartbeat has passed
@@ -49,7 +62,9 @@ def test_a_folder_is_kept_once_settled_and_swapped_in_whole(tmp_path):
     (folder / "model.pt").write_bytes(b"final")
     ckpt.keep(every_s=0.0)  # the instance ended: whatever it holds
     assert kept.read_bytes() == b"final"
-    assert sorted(os.listdir(tmp_path / "stage" / "J" / "checkpoint")) == ["0"]  # no copy left beside it
+    # one copy and its pointer: no copy left beside it
+    name = (tmp_path / "stage" / "J" / "checkpoint" / "0" / "CURRENT").read_text()
+    assert sorted(os.listdir(tmp_path / "stage" / "J" / "checkpoint" / "0")) == ["CURRENT", name]
 
 
 def _wait(keeper, every_s: float = 2.0) -> None:
@@ -69,7 +84,7 @@ def test_a_local_supervisor_keeps_its_settled_copy_in_its_run_folder(tmp_path):
     folder, run = tmp_path / "work" / CHECKPOINT_DIR, tmp_path / "run"
     folder.mkdir(parents=True)
     run.mkdir()
-    keeper = checkpoint.Keeper(folder, checkpoint.LocalFolder(run / checkpoint.SETTLED), "settled")
+    keeper = checkpoint.Keeper(folder, checkpoint.LocalFolder(run / checkpoint.SETTLED))
     settled = run / checkpoint.SETTLED / "settled" / "step"
 
     (folder / "step").write_text("5")
@@ -102,7 +117,7 @@ def test_the_copy_is_made_as_the_jobs_uid_and_never_holds_up_the_supervisor(tmp_
     secret.chmod(0o600)
     (folder / "step").write_text("5")
     os.symlink(secret, folder / "link")  # kept as a link, never as what it points at
-    keeper = checkpoint.Keeper(folder, checkpoint.LocalFolder(run / checkpoint.SETTLED, uid), "settled")
+    keeper = checkpoint.Keeper(folder, checkpoint.LocalFolder(run / checkpoint.SETTLED, uid))
     _wait(keeper)
     _wait(keeper)
     kept = run / checkpoint.SETTLED / "settled"
@@ -127,3 +142,88 @@ def test_the_copy_is_made_as_the_jobs_uid_and_never_holds_up_the_supervisor(tmp_
     keeper.keep(every_s=2.0)  # a copy starts...
     keeper.close()  # ...and is stopped: the last settled copy stays, nothing beside it
     assert sorted(os.listdir(run / checkpoint.SETTLED)) == ["settled"]
+
+
+@pytest.fixture(params=["local", "s3"])
+def stage(request, tmp_path) -> Stage:
+    if request.param == "local":
+        st = Stage("S", str(tmp_path / "stage"))
+    else:
+        request.getfixturevalue("s3_endpoint")
+        bucket = f"ckpt-{uuid.uuid4().hex[:12]}"  # moto's buckets outlive its server, in this process
+        st = Stage("S", f"s3://{bucket}/stages/S")
+        st.fs.mkdir(bucket)
+    st.ensure()
+    return st
+
+
+def _restored(folder: StageFolder, tmp_path, name: str = "out") -> dict[str, str] | None:
+    out = tmp_path / name
+    if not folder.restore(out):
+        return None
+    return {str(p.relative_to(out)): p.read_text() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def _names(stage: Stage, prefix: str) -> set[str]:
+    stage.fs.invalidate_cache()
+    return {f["name"][len(prefix):].split("/", 1)[0] for f in stage.list(prefix)}
+
+
+def test_a_copy_on_a_stage_is_whole_whichever_step_its_writer_was_lost_at(stage, tmp_path):
+    from mljobs.runtime import checkpoint
+
+    prefix = "J/checkpoint/0/"
+    kept = StageFolder(stage, prefix)
+    assert kept.kept() is None and _restored(kept, tmp_path, "none") is None  # nothing kept yet
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    (work / "model.pt").write_text("epoch 1")
+    (work / "sub" / "step").write_text("1")
+    keeper = checkpoint.Keeper(work, kept)
+    keeper.keep(every_s=0.0)
+    assert _restored(kept, tmp_path, "a") == {"model.pt": "epoch 1", "sub/step": "1"}
+    assert _names(stage, prefix) == {"CURRENT", kept.kept()[len(prefix):].rstrip("/")}
+
+    # lost mid-upload of the next copy (one file of two there), and lost after uploading it whole
+    # but before naming it: the next attempt finds the first copy
+    half = kept.part()
+    stage.put_bytes(half + "model.pt", b"epoch 2")
+    whole = kept.part()
+    kept.upload_dir(work, whole)
+    assert _restored(kept, tmp_path, "b") == {"model.pt": "epoch 1", "sub/step": "1"}
+    # the next copy named: what lost writers left goes, and only the named copy stays
+    (work / "model.pt").write_text("epoch 3")
+    keeper.keep(every_s=0.0)
+    assert _restored(kept, tmp_path, "c") == {"model.pt": "epoch 3", "sub/step": "1"}
+    assert _names(stage, prefix) == {"CURRENT", kept.kept()[len(prefix):].rstrip("/")}
+
+    # lost after naming the new copy, before removing the old one: the named one is restored
+    first = kept.kept()
+    (work / "model.pt").write_text("epoch 4")
+    second = kept.part()
+    kept.upload_dir(work, second)
+    stage.put_bytes(prefix + "CURRENT", second[len(prefix):].rstrip("/").encode())
+    assert _restored(kept, tmp_path, "d") == {"model.pt": "epoch 4", "sub/step": "1"}
+    assert stage.exists(first + "model.pt")
+
+    # the job can write on its stage: a pointer that names anything but a copy restores nothing
+    stage.put_bytes(prefix + "CURRENT", b"../../OTHER/checkpoint/0")
+    assert _restored(kept, tmp_path, "e") is None
+
+
+def test_a_folder_kept_before_pointers_is_restored_as_it_is(stage, tmp_path):
+    stage.put_bytes("J/checkpoint/1/model.pt", b"old layout")
+    assert _restored(StageFolder(stage, "J/checkpoint/1/"), tmp_path) == {"model.pt": "old layout"}
+
+
+def test_a_supervisor_lost_between_its_two_renames_leaves_its_last_copy_found(tmp_path):
+    from mljobs.runtime import checkpoint
+
+    root = tmp_path / "run" / checkpoint.SETTLED
+    (root / "settled.old-4242").mkdir(parents=True)  # renamed aside whole; its successor never renamed in
+    (root / "settled.old-4242" / "step").write_text("5")
+    (root / "settled.part-4242").mkdir()
+    assert checkpoint.LocalFolder.kept(root) == root / "settled.old-4242"
+    (root / "settled").mkdir()
+    assert checkpoint.LocalFolder.kept(root) == root / "settled"
+    assert checkpoint.LocalFolder.kept(tmp_path / "nothing") is None

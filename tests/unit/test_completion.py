@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from mljobs.config import Settings
 from mljobs.paths import StagePaths
 from mljobs.providers.base import InstanceExit, InstanceHandle, InstanceLaunch, Provider
+from mljobs.runtime.checkpoint import StageFolder
 from mljobs.server.service import ControlPlane
 from mljobs.server.store import Store, utcnow
 from mljobs.spec import JobSpec, PayloadKind, PoolSpec, new_job_id
@@ -220,15 +221,16 @@ def test_a_retried_jobs_checkpoint_is_kept_once_outside_the_lock(cp, monkeypatch
     # the attempt's run counts, though the requeue dropped its instance row (fair share, daily quotas)
     assert cp.store.instance_spans(utcnow() - dt.timedelta(hours=1), owner="me")[0]["compute_pool"] == "P"
     assert cp.store.instances_of(job_id) == []
-    assert uploads == [(StagePaths(job_id).checkpoint(0), True)]  # once, with the lock free
-    assert stage.get_bytes(StagePaths(job_id).checkpoint(0) + "step") == b"7"
+    kept = StageFolder(stage, StagePaths(job_id).checkpoint(0))
+    assert uploads == [(kept.kept(), True)]  # once, with the lock free
+    assert stage.get_bytes(kept.kept() + "step") == b"7"
     # the completion path without a report (the monitor, a restarted server): the requeue keeps it
     uploads.clear()
     assert cp.store.start_job(job_id, [0])  # attempt 2 runs, and its end is found by the monitor
     cp.store.update_instance(job_id, 0, status="EXITED", handle=InstanceHandle(job_id, 0, 4242, 1.0).to_dict())
     with cp._lock:
         cp._complete(cp.store.get_job(job_id), cp.store.instances_of(job_id), None)
-    assert [p for p, _ in uploads] == [StagePaths(job_id).checkpoint(0)]  # kept by the requeue this time
+    assert [p for p, _ in uploads] == [kept.kept()]  # kept by the requeue this time
     job = cp.store.get_job(job_id)
     assert (job.status, job.attempt) == ("PENDING", 3), job.message
     assert cp._kept_checkpoints == {}

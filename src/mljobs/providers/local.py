@@ -396,9 +396,8 @@ class LocalProvider(Provider):
         if app_dir is None:
             launch.stage.download_dir(app_prefix, p.work_dir)
         if launch.attempt > 1:  # what the last attempt left in its checkpoint folder
-            kept = StagePaths(launch.job_id).checkpoint(launch.instance_id)
-            if launch.stage.exists(kept):
-                launch.stage.download_dir(kept, p.work_dir / CHECKPOINT_DIR)
+            checkpoint.StageFolder(launch.stage, StagePaths(launch.job_id).checkpoint(launch.instance_id)).restore(
+                p.work_dir / CHECKPOINT_DIR)
         trace.mark(launch.job_id, "provider.workdir.ready")
         cpus, gpus = self._slice(launch)
         env = {var: str(len(cpus)) for var in containment.THREAD_VARS}
@@ -570,8 +569,8 @@ class LocalProvider(Provider):
 
     def checkpoint_dir(self, handle: InstanceHandle, lost: bool = False) -> str | None:
         p = self.paths(handle)
-        settled = p.run_dir / checkpoint.SETTLED / "settled"  # what its supervisor kept as the folder settled
-        if lost and settled.is_dir():  # the folder may hold a file it was writing when it was lost
+        settled = checkpoint.LocalFolder.kept(p.run_dir / checkpoint.SETTLED)  # what its supervisor kept as it settled
+        if lost and settled is not None:  # the folder may hold a file it was writing when it was lost
             return str(settled)
         return str(p.work_dir / CHECKPOINT_DIR)
 

@@ -228,9 +228,8 @@ def run(stage: Stage, job_id: str, instance_id: int) -> int:
         if tpl.get("sandbox") and not launch["sandbox"]:
             rep.system(f"the payload runs unsandboxed on {hostname}: {sandbox.probe()}")
         stage.download_dir(StagePaths(job_id).app, launch["work_dir"])
-        kept = StagePaths(job_id).checkpoint(instance_id)
-        if attempt > 1 and stage.exists(kept):  # what the last attempt left
-            stage.download_dir(kept, Path(launch["work_dir"]) / CHECKPOINT_DIR)
+        kept = checkpoint.StageFolder(stage, StagePaths(job_id).checkpoint(instance_id))
+        if attempt > 1 and kept.restore(Path(launch["work_dir"]) / CHECKPOINT_DIR):  # what the last attempt left
             rep.system(f"attempt {launch['attempt']}: the checkpoint folder of the last attempt is restored")
         mn = launch.get("multinode")
         granted = int(os.environ.get("SLURM_JOB_NUM_NODES") or 0)
@@ -356,8 +355,9 @@ class _Checkpoint(checkpoint.Keeper):
     the end (:class:`mljobs.runtime.checkpoint.Keeper`)."""
 
     def __init__(self, stage: Stage, launch: dict[str, Any]) -> None:
-        super().__init__(Path(launch["work_dir"]) / CHECKPOINT_DIR, stage,
-                         StagePaths(launch["job_id"]).checkpoint(int(launch["instance_id"])), who="mljobs agent")
+        super().__init__(Path(launch["work_dir"]) / CHECKPOINT_DIR,
+                         checkpoint.StageFolder(stage, StagePaths(launch["job_id"]).checkpoint(int(launch["instance_id"]))),
+                         who="mljobs agent")
         self.on = bool(launch.get("keep_checkpoint"))
 
     def keep(self, every_s: float) -> None:

@@ -4,34 +4,104 @@ supervisor (the server keeps that copy on the stage if the instance is lost).
 
 A folder is kept only once it has settled (the same files, sizes and times at two looks in a row),
 so a file being written in place is not kept half-written: the last settled copy stays until
-then. Each copy is made beside the kept one and renamed into place, so an instance lost mid-copy
-leaves the previous copy whole. A folder with any file that changes at every look never settles
-while it runs: the copy kept is then the last settled one, or none.
+then. Each copy is made beside the kept one and only then made the kept one, so an instance lost
+mid-copy leaves the previous copy whole. In a local folder that is a rename. On a stage, where a
+folder's "rename" on an object store is a copy of each file, each copy is a folder of its own
+(``v-<hex>/``) and a one-object pointer (``CURRENT``) names the whole one: :class:`StageFolder`.
+A folder with any file that changes at every look never settles while it runs: the copy kept is
+then the last settled one, or none.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING
 
-__all__ = ["Keeper", "LocalFolder", "SETTLED"]
+if TYPE_CHECKING:
+    from mljobs.stages import Stage
+
+__all__ = ["Keeper", "LocalFolder", "StageFolder", "SETTLED"]
 
 SETTLED = "checkpoint"  # a local supervisor's copies, in the instance's run folder: SETTLED/settled
+CURRENT = "CURRENT"  # in a kept folder on a stage: the name of its whole copy
+_VERSION = re.compile(r"v-[0-9a-f]{16}")
 
 
-class Target(Protocol):
-    """Where copies go: a :class:`mljobs.stages.Stage` (copied at once), or a :class:`LocalFolder`."""
+class StageFolder:
+    """A folder kept whole on a stage at ``prefix``: each copy in a folder of its own, and the
+    ``CURRENT`` object naming the last whole one. Writing one object is atomic on every stage (a
+    rename of one file on a local folder, a PUT on S3), so a writer lost at any point leaves
+    either the previous copy or the new one named; copies that no pointer names are removed by
+    the next commit."""
 
-    def upload_dir(self, local: Path, prefix: str) -> object: ...
-    def exists(self, prefix: str) -> bool: ...
-    def move_dir(self, src: str, dst: str) -> object: ...
-    def remove(self, prefix: str) -> object: ...
+    def __init__(self, stage: Stage, prefix: str) -> None:
+        self.stage, self.prefix = stage, prefix.rstrip("/") + "/"
+
+    def part(self) -> str:
+        return f"{self.prefix}v-{uuid.uuid4().hex[:16]}/"
+
+    def upload_dir(self, local: Path | str, part: str, link: bool = False) -> int:
+        return self.stage.upload_dir(local, part, link=link)
+
+    def commit(self, part: str) -> None:
+        name = part[len(self.prefix):].rstrip("/")
+        tmp = f"{self.prefix}{CURRENT}.{uuid.uuid4().hex[:8]}"
+        self.stage.put_bytes(tmp, name.encode())
+        self.stage.rename(tmp, self.prefix + CURRENT)
+        for entry in self._entries() - {name, CURRENT}:
+            self.stage.remove(self.prefix + entry)
+
+    def discard(self, part: str) -> None:
+        self.stage.remove(part)
+
+    def keep(self, local: Path | str, link: bool = False) -> int:
+        """Make a copy of ``local`` the kept one; returns its file count."""
+        part = self.part()
+        try:
+            n = self.upload_dir(local, part, link=link)
+            self.commit(part)
+        except BaseException:
+            self.discard(part)
+            raise
+        return n
+
+    def kept(self) -> str | None:
+        """The stage prefix of the whole copy kept here; None when there is none. A folder from
+        before pointers (files right under ``prefix``) is its own copy."""
+        try:
+            name = self.stage.get_bytes(self.prefix + CURRENT).decode("ascii", "replace").strip()
+        except Exception:  # noqa: BLE001 - no pointer (NotFoundError), or a stage that cannot say
+            if self.stage.exists(self.prefix) and not any(_VERSION.fullmatch(e) for e in self._entries()):
+                return self.prefix
+            return None
+        if not _VERSION.fullmatch(name):  # the job may write on its stage: a pointer is never a path
+            print(f"mljobs: the checkpoint pointer {self.prefix}{CURRENT} names {name[:80]!r}, not a copy; "
+                  "nothing is restored", file=sys.stderr)
+            return None
+        return f"{self.prefix}{name}/"
+
+    def restore(self, local: Path | str) -> bool:
+        """Download the kept copy into ``local``; False when there is none."""
+        kept = self.kept()
+        if kept is None or not self.stage.exists(kept):
+            return False
+        self.stage.download_dir(kept, local)
+        return True
+
+    def _entries(self) -> set[str]:
+        """The names right under ``prefix`` (copies, pointers, anything a lost writer left)."""
+        if not self.stage.exists(self.prefix):
+            return set()
+        return {f["name"][len(self.prefix):].split("/", 1)[0] for f in self.stage.list(self.prefix)
+                if f["name"].startswith(self.prefix)}
 
 
 class LocalFolder:
@@ -41,12 +111,38 @@ class LocalFolder:
     does not hold up its logs). ``reaped``: where the caller's own reaping of children puts their
     statuses (the supervisor's), for a copy it reaped first."""
 
+    NAME = "settled"  # the kept copy, in ``root``
+
     def __init__(self, root: os.PathLike[str] | str, uid: int | None = None,
                  reaped: dict[int, int] | None = None) -> None:
         self.root, self.uid, self.reaped = Path(root), uid, reaped if reaped is not None else {}
         self.root.mkdir(mode=0o700, exist_ok=True)
         if uid is not None and self.root.stat().st_uid != uid:
             os.chown(self.root, uid, uid)  # the copying child writes here; no job sees the run folder
+
+    @classmethod
+    def kept(cls, root: os.PathLike[str] | str) -> Path | None:
+        """The whole copy kept in ``root``: ``settled``, or, where a supervisor was lost between
+        its two renames, the previous copy it had renamed aside whole (``settled.old-PID``)."""
+        settled = Path(root) / cls.NAME
+        if settled.is_dir():
+            return settled
+        aside = sorted(Path(root).glob(f"{cls.NAME}.old-*"), key=lambda p: p.stat().st_mtime)
+        return aside[-1] if aside else None
+
+    def part(self) -> str:
+        return f"{self.NAME}.part-{os.getpid()}"
+
+    def commit(self, part: str) -> None:
+        """Rename the copy into place (renames on one file system are atomic; see :meth:`kept`)."""
+        settled, old = self.root / self.NAME, self.root / f"{self.NAME}.old-{os.getpid()}"
+        if settled.exists():
+            os.rename(settled, old)
+        os.rename(self.root / part, settled)
+        shutil.rmtree(old, ignore_errors=True)  # fd-based: it follows no link
+
+    def discard(self, part: str) -> None:
+        shutil.rmtree(self.root / part, ignore_errors=True)
 
     def start_copy(self, local: Path, prefix: str) -> int:
         pid = os.fork()
@@ -86,28 +182,18 @@ class LocalFolder:
         except (ProcessLookupError, ChildProcessError):
             pass
 
-    def exists(self, prefix: str) -> bool:
-        return (self.root / prefix).exists()
-
-    def move_dir(self, src: str, dst: str) -> None:
-        os.rename(self.root / src, self.root / dst)
-
-    def remove(self, prefix: str) -> None:
-        shutil.rmtree(self.root / prefix, ignore_errors=True)  # fd-based: it follows no link
 
 
 class Keeper:
-    """Keeps ``folder`` at ``prefix`` of ``target`` as it changes (:meth:`keep`: at most once
-    every ``every_s``, and with ``every_s=0`` whatever it holds, at the end)."""
+    """Keeps ``folder`` in ``target`` as it changes (:meth:`keep`: at most once every ``every_s``,
+    and with ``every_s=0`` whatever it holds, at the end)."""
 
-    def __init__(self, folder: Path, target: Target, prefix: str, who: str = "mljobs") -> None:
-        self.folder, self.target, self.prefix, self.who = folder, target, prefix, who
+    def __init__(self, folder: Path, target: StageFolder | LocalFolder, who: str = "mljobs") -> None:
+        self.folder, self.target, self.who = folder, target, who
         self.seen: list[tuple[str, int, int]] | None = None  # what the target holds
         self.looked: list[tuple[str, int, int]] | None = None  # what the last look found
         self.last = 0.0
-        self.pending: tuple[int, list[tuple[str, int, int]]] | None = None  # a copy under way, and of what
-        base = prefix.rstrip("/")
-        self.part, self.old = f"{base}.part-{os.getpid()}/", f"{base}.old-{os.getpid()}/"
+        self.pending: tuple[int, str, list[tuple[str, int, int]]] | None = None  # a copy under way: pid, part, of what
 
     def _signature(self) -> list[tuple[str, int, int]] | None:
         try:
@@ -128,39 +214,35 @@ class Keeper:
         self.looked = sig
         if not sig or sig == self.seen or not settled:  # unreadable, empty (nothing to keep) or kept already
             return
-        self._guard(lambda: self.target.remove(self.part))
-        start: Callable[[Path, str], int] | None = getattr(self.target, "start_copy", None)
-        if start is None:  # a stage: copied now
-            if self._guard(lambda: self.target.upload_dir(self.folder, self.part)):
-                self._swap(sig)
+        target, part = self.target, self.target.part()
+        if isinstance(target, StageFolder):  # copied now
+            if self._guard(lambda: target.upload_dir(self.folder, part)):
+                self._commit(part, sig)
+            else:
+                self._guard(lambda: target.discard(part))
             return
-        self.pending = (start(self.folder, self.part), sig)
+        self._guard(lambda: target.discard(part))  # what a copy stopped mid-way left
+        self.pending = (target.start_copy(self.folder, part), part, sig)
 
     def _finish(self) -> bool:
-        """Whether the copy under way has ended (swapped into place if it succeeded)."""
-        assert self.pending is not None
-        pid, sig = self.pending
-        ok = self.target.copied(pid)  # type: ignore[attr-defined]
+        """Whether the copy under way has ended (made the kept one if it succeeded)."""
+        assert self.pending is not None and isinstance(self.target, LocalFolder)
+        pid, part, sig = self.pending
+        ok = self.target.copied(pid)
         if ok is None:
             return False
         self.pending = None
         if ok:
-            self._swap(sig)
+            self._commit(part, sig)
         else:
-            self._guard(lambda: self.target.remove(self.part))
+            self._guard(lambda: self.target.discard(part))
         return True
 
-    def _swap(self, sig: list[tuple[str, int, int]]) -> None:
-        def swap() -> None:
-            if self.target.exists(self.prefix):
-                self.target.move_dir(self.prefix, self.old)
-            self.target.move_dir(self.part, self.prefix)
-            self.target.remove(self.old)
-
-        if self._guard(swap):
+    def _commit(self, part: str, sig: list[tuple[str, int, int]]) -> None:
+        if self._guard(lambda: self.target.commit(part)):
             self.seen = sig
         else:
-            self._guard(lambda: self.target.remove(self.part))
+            self._guard(lambda: self.target.discard(part))
 
     def _guard(self, step: Callable[[], object]) -> bool:
         try:
@@ -172,7 +254,8 @@ class Keeper:
 
     def close(self) -> None:
         """Stop a copy still under way (the instance has ended; the last settled copy stays)."""
-        if self.pending is not None:
-            self.target.stop(self.pending[0])  # type: ignore[attr-defined]
+        if self.pending is not None and isinstance(self.target, LocalFolder):
+            pid, part, _ = self.pending
+            self.target.stop(pid)
             self.pending = None
-            self._guard(lambda: self.target.remove(self.part))
+            self._guard(lambda: self.target.discard(part))

@@ -450,7 +450,7 @@ def supervise(launch: dict[str, Any], spare: Spare | None = None) -> dict[str, A
 
         copies = checkpoint.LocalFolder(Path(launch["run_dir"]) / checkpoint.SETTLED, box.uid if box else None,
                                         _REAPED)
-        keeper = checkpoint.Keeper(Path(launch["work_dir"]) / CHECKPOINT_DIR, copies, "settled", "mljobs supervisor")
+        keeper = checkpoint.Keeper(Path(launch["work_dir"]) / CHECKPOINT_DIR, copies, "mljobs supervisor")
     sel = selectors.DefaultSelector()
     sel.register(out_r, selectors.EVENT_READ, logformat.OUT)
     sel.register(err_r, selectors.EVENT_READ, logformat.ERR)

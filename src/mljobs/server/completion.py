@@ -12,6 +12,7 @@ from mljobs import logformat, trace
 from mljobs.errors import InvalidTransitionError, NotFoundError
 from mljobs.paths import StagePaths
 from mljobs.providers.base import InstanceExit, InstanceHandle
+from mljobs.runtime import checkpoint
 from mljobs.server import metrics
 from mljobs.server.records import JobRecord
 from mljobs.server.store import utcnow
@@ -178,7 +179,8 @@ class Completion:
             return True  # nothing to keep
         try:
             # links: the instance has ended, nothing writes its folder any more
-            self.stage(job.stage_name).upload_dir(local, StagePaths(job.id).checkpoint(handle.instance_id), link=True)
+            checkpoint.StageFolder(self.stage(job.stage_name), StagePaths(job.id).checkpoint(handle.instance_id)).keep(
+                local, link=True)
             return True
         except (OSError, NotFoundError) as e:
             log.warning("job %s: could not keep instance %d's checkpoint folder: %s", job.id, handle.instance_id, e)
