@@ -208,12 +208,17 @@ def test_a_server_behind_a_proxy_reaches_allowed_hosts_through_it(tmp_path, orig
         out = _through(proxy.path, egress.PROXY_TAG, b"CONNECT nowhere.test:443 HTTP/1.1\r\n\r\n")
         assert out.startswith(b"HTTP/1.1 502"), out
         assert f"through the server's proxy 127.0.0.1:{up.port}: it answered 'HTTP/1.1 403 Forbidden'".encode() in out
+        # plain HTTP: its refusal reaches the job as it answered, and the job's log says whose it was
+        out = _through(proxy.path, egress.PROXY_TAG, b"GET http://nowhere.test/p HTTP/1.1\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 403 Forbidden"), out
+        assert said[-1] == (f"egress: nowhere.test:80 through the server's proxy 127.0.0.1:{up.port}: it answered "
+                            "'HTTP/1.1 403 Forbidden' (the server's proxy refuses this host)"), said
         # refused here: never sent on
         out = _through(proxy.path, egress.PROXY_TAG, b"CONNECT other.test:443 HTTP/1.1\r\n\r\n")
         assert out.startswith(b"HTTP/1.1 403") and "other.test:443 is not allowed" in said[-1]
         out = _through(proxy.path, egress.PROXY_TAG, f"GET http://127.0.0.1:{origin}/x HTTP/1.1\r\n\r\n".encode())
         assert out.startswith(b"HTTP/1.1 403") and "not allowed" in said[-1]
-        assert len(up.seen) == 3
+        assert len(up.seen) == 4
     finally:
         proxy.close()
     # an address named by an entry, but off the internet, through a proxy: checked here all the same

@@ -498,12 +498,29 @@ class Proxy:
                 else:  # origin form, to the host itself
                     first = f"{method} {path} {version}"
                 up.sendall("\r\n".join([first, *kept, "Connection: close", "", ""]).encode("latin-1") + body)
+                if via is not None:  # a refusal of the server's proxy is said in the job's log, as ours are
+                    self._relay_answer(conn, up, host, port, dest)
         except OSError:
             up.close()
             conn.close()
             return None
         self._pump(conn, up)
         return None
+
+    def _relay_answer(self, conn: socket.socket, up: socket.socket, host: str, port: int,
+                      dest: tuple[str, int]) -> None:
+        """Pass the first bytes of the server's proxy's answer on to the job, and log a refusal
+        (403, 407) with what to change, as :meth:`_tunnel`'s refusals are logged."""
+        data = up.recv(65536)
+        status = data.split(b"\r\n", 1)[0].decode("latin-1")
+        code = status.split(" ")[1:2]
+        if code in (["403"], ["407"]):
+            fix = ("the server's proxy wants credentials: put them in the server's HTTP_PROXY URL"
+                   if code == ["407"] else "the server's proxy refuses this host")
+            self.log(f"egress: {host}:{port} through the server's proxy {dest[0]}:{dest[1]}: it answered "
+                     f"{status!r} ({fix})")
+        if data:
+            conn.sendall(data)
 
     def _upstream(self, host: str, connect: bool) -> tuple[tuple[str, int], list[str]] | None:
         """The server's own proxy for ``host`` (its address, and the headers that carry its
