@@ -206,3 +206,27 @@ def test_tokenless_calls_naming_another_host_get_no_data(sqlite_server):
     assert page.status_code == 401 and "DEFAULT_POOL" not in page.text and 'name="token"' in page.text
     assert httpx.get(url + "/api/v1/jobs", timeout=30).status_code == 200  # 127.0.0.1 itself still works
     assert [p["name"] for p in httpx.get(url + "/api/v1/pools", timeout=30).json()] == ["DEFAULT_POOL"]
+
+
+def test_the_long_poll_answers_when_the_job_ends_by_id_and_by_name(api):
+    """The wait reads only the job's row at each look, and the whole job (its instances) for its
+    answer; by id it listens before its first read, by name once the name is resolved. A missed
+    wake-up would answer at the timeout with the job still running."""
+    srv, client, _ = api
+    script = b"import time\ntime.sleep(1.5)\n__return__ = 1\n"
+    named = _submit(client, {**SPEC, "name": "long_poll_by_name"}, _tar({"m.py": script})).json()
+    assert named["status"] == "PENDING" and named["instances"] == []  # as recorded, not read back
+    body = client.get("/jobs/long_poll_by_name/wait", params={"timeout": 30}, timeout=60).json()
+    assert body["id"] == named["id"] and body["status"] == "DONE", body
+    assert [i["status"] for i in body["instances"]] == ["EXITED"], body
+    by_id = _submit(client, SPEC, _tar({"m.py": script})).json()["id"]
+    body = client.get(f"/jobs/{by_id}/wait", params={"timeout": 30}, timeout=60).json()
+    assert body["id"] == by_id and body["status"] == "DONE", body
+    assert [i["status"] for i in body["instances"]] == ["EXITED"], body
+    from mljobs.spec import new_job_id
+
+    missing = client.get(f"/jobs/{new_job_id()}/wait", params={"timeout": 1})
+    assert missing.status_code == 404 and "does not exist" in missing.text
+    assert client.get("/jobs/no_such_name/wait", params={"timeout": 1}).status_code == 404
+    for job_id in (by_id, named["id"]):
+        assert client.delete(f"/jobs/{job_id}").status_code == 200

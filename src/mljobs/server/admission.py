@@ -22,6 +22,7 @@ from mljobs.runtime.launcher import check_versions
 from mljobs.server.auth import Principal
 from mljobs.server import uploads
 from mljobs.server.catalog import PYPI_ACCESS
+from mljobs.server.records import JobRecord
 from mljobs.server.store import utcnow
 from mljobs.spec import JobSpec, PayloadKind, PoolSpec, check_stage_name, new_job_id
 from mljobs.stages import Stage, parse_stage_path
@@ -181,7 +182,8 @@ class Admission:
         try:
             self.stage_payload(spec, stage, paths.app, payload, who, upload)
             trace.mark(job_id, "server.payload.staged")
-            self.store.insert_job(self.job_row(job_id, spec, pool, stage, idempotency_key))
+            row = self.job_row(job_id, spec, pool, stage, idempotency_key)
+            self.store.insert_job(row)
         except BaseException:
             stage.remove(paths.prefix)
             first = self.store.job_by_key(who.name, idempotency_key) if idempotency_key else None
@@ -190,7 +192,7 @@ class Admission:
             raise
         trace.mark(job_id, "server.job.inserted")
         self.request_schedule(pool["name"])
-        view = self.job_view(self.store.get_job(job_id))
+        view = self.job_view(JobRecord.from_row(row), instances=[])  # as recorded: not read back
         trace.mark(job_id, "server.submit.end")
         return view
 

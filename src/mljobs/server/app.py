@@ -30,7 +30,7 @@ from mljobs.server.auth import Principal
 from mljobs.server.definitions import decode_call
 from mljobs.server.logs import follow_lines, iter_lines, tail_lines
 from mljobs.server.service import ControlPlane
-from mljobs.spec import JobSpec
+from mljobs.spec import JobSpec, is_job_id
 from mljobs.stages import parse_stage_path
 from mljobs.status import JOB_STATUS, TERMINAL_VALUES
 
@@ -266,21 +266,34 @@ def create_app(cp: ControlPlane, on_shutdown: Any = None) -> FastAPI:
     async def wait(ref: str, who: Who, timeout: Annotated[float, Query(ge=0, le=300, allow_inf_nan=False)] = 30.0,
                    result: Annotated[bool, Query(description="an ended job's result envelope (up to 1 MiB) "
                                                  "comes along, saving a request")] = False) -> dict[str, Any]:
-        """Return the job once it is terminal, or when ``timeout`` s pass (long poll)."""
-        job = await run_in_threadpool(cp.resolve, ref, who)
+        """Return the job once it is terminal, or when ``timeout`` s pass (long poll). Each look
+        reads the job's row only; its instances are read for the answer."""
+        # Registered before the state is read, so no change is missed: by id at once, where the
+        # lookup's own read is then the first look; by name once the name is resolved.
+        early = cp.notifier.register(ref.upper()) if is_job_id(ref) else None
+        try:
+            job = await run_in_threadpool(cp.resolve, ref, who)
+        except BaseException:
+            if early is not None:
+                cp.notifier.discard(ref.upper(), early)
+            raise
         deadline = time.monotonic() + timeout
+        fut = early
         while True:
-            fut = cp.notifier.register(job.id)
-            view = await run_in_threadpool(lambda: cp.job_view(cp.store.get_job(job.id)))
+            if fut is None:
+                fut = cp.notifier.register(job.id)
+                job = await run_in_threadpool(cp.store.get_job, job.id)
             left = deadline - time.monotonic()
-            if view["status"] in TERMINAL_VALUES or left <= 0:
+            if job.status in TERMINAL_VALUES or left <= 0:
                 cp.notifier.discard(job.id, fut)
+                view = await run_in_threadpool(cp.job_view, job)
                 if result and view["status"] in TERMINAL_VALUES:
                     data = await run_in_threadpool(cp.small_result, job.id, view["stage_name"])
                     view["result"] = base64.b64encode(data).decode() if data is not None else None
                 trace.mark(job.id, "server.wait.answered")
                 return view
             await cp.notifier.wait(job.id, fut, left)
+            fut = None
 
     @app.post(api + "/jobs/{ref}/cancel", response_model=S.JobOut)
     def cancel(ref: str, who: Who) -> dict[str, Any]:

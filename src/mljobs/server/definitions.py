@@ -26,6 +26,7 @@ import sqlalchemy as sa
 from mljobs.errors import ConflictError, InvalidArgumentError, NotFoundError
 from mljobs.paths import CALL_PAYLOAD, DefinitionPaths, StagePaths
 from mljobs.server.auth import Principal
+from mljobs.server.records import JobRecord
 from mljobs.server.store import utcnow
 from mljobs.server.tables import definitions
 from mljobs.spec import REMOTE_PREFIX, JobSpec, PayloadKind, check_identifier, new_job_id
@@ -254,7 +255,7 @@ class Definitions:
                 return self.cp.job_view(first)
             raise
         self.cp.request_schedule(prepared.pool)
-        return self.cp.job_view(self.cp.store.get_job(prepared.job_id))
+        return self.cp.job_view(JobRecord.from_row(prepared.row), instances=[])  # as recorded: not read back
 
 
 def decode_call(text: str | None) -> bytes | None:

@@ -65,7 +65,9 @@ class Queries:
                                 "`mljobs jobs list` shows your jobs")
         return named[0]
 
-    def job_view(self, job: JobRecord) -> dict[str, Any]:
+    def job_view(self, job: JobRecord, instances: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """What the API shows of ``job``, with its instances (read here unless given: a job just
+        recorded has none)."""
         view = job.to_dict()
         view.pop("spec", None)
         view["payload_kind"] = (job.spec or {}).get("payload_kind")
@@ -75,7 +77,7 @@ class Queries:
         view["instances"] = [
             {**{k: i[k] for k in ("instance_id", "status", "exit_code", "started_time", "ended_time", "cpu_seconds",
                                   "peak_rss_bytes")}, "isolation": _isolation_of(i)}
-            for i in self.store.instances_of(job.id)
+            for i in (self.store.instances_of(job.id) if instances is None else instances)
         ]
         view["parallel"] = job.parallel
         view["max_retries"] = job.max_retries
