@@ -182,11 +182,16 @@ def kill_all(pids: list[int]) -> None:
 
 def http_origin(body: Any) -> Any:
     """A local HTTP server on 127.0.0.1 standing in for a host on the internet: it answers each
-    GET with ``body(handler)`` (bytes). Call ``shutdown()`` and ``server_close()`` when done."""
+    GET with ``body(handler)`` (bytes), and each POST the same once it has read the request's
+    body (``handler.posted``). Call ``shutdown()`` and ``server_close()`` when done."""
     import http.server
     import threading
 
     class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            self.posted = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.do_GET()
+
         def do_GET(self) -> None:  # noqa: N802
             data = body(self)
             self.send_response(200)

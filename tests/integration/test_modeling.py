@@ -274,6 +274,13 @@ PLAIN_SESSION = textwrap.dedent('''
     lgb_est.fit(dc, label_col="y")
     print("lightgbm trained", flush=True)
     import ray
+    # Ray shut down and started again while the workers are warm: the next fit makes its own
+    ray.shutdown()
+    again = XGBEstimator(n_estimators=2, objective="binary:logistic",
+                         scaling_config=XGBScalingConfig(num_workers=2, num_cpu_per_worker=1))
+    again.fit(dc, label_col="y")
+    assert {w["pid"] for w in again.workers_}.isdisjoint(w["pid"] for w in xgb_est.workers_), again.workers_
+    print("xgboost trained again on a new local Ray", flush=True)
     # Ray datasets both ways: a table to Ray and back as blocks in the object store, and Parquet
     # files read by Ray Data where they lie.
     back = DataConnector.from_ray_dataset(dc.to_ray_dataset())

@@ -227,3 +227,38 @@ def test_a_supervisor_lost_between_its_two_renames_leaves_its_last_copy_found(tm
     (root / "settled").mkdir()
     assert checkpoint.LocalFolder.kept(root) == root / "settled"
     assert checkpoint.LocalFolder.kept(tmp_path / "nothing") is None
+
+
+def test_a_copy_named_stays_when_tidying_up_after_it_fails(tmp_path, monkeypatch):
+    """Removing the older copy after the pointer names the new one is only tidying: its failure
+    leaves the new copy named and whole (the next commit tidies again), and a folder's placeholder
+    object (an empty name under the prefix) is never taken for a copy to remove."""
+    from mljobs.runtime import checkpoint
+
+    stage = Stage("S", str(tmp_path / "stage"))
+    stage.ensure()
+    kept = StageFolder(stage, "J/checkpoint/0/")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "step").write_text("1")
+    keeper = checkpoint.Keeper(work, kept)
+    keeper.keep(every_s=0.0)
+    first = kept.kept()
+    remove = Stage.remove
+
+    def refuse_old(self, prefix):
+        if prefix.rstrip("/") == first.rstrip("/"):
+            raise PermissionError(f"cannot remove {prefix}")
+        return remove(self, prefix)
+
+    monkeypatch.setattr(Stage, "remove", refuse_old)
+    (work / "step").write_text("2")
+    keeper.keep(every_s=0.0)
+    assert kept.kept() != first and _restored(kept, tmp_path, "a") == {"step": "2"}
+    assert keeper.seen is not None and stage.exists(first)  # left for the next commit
+    monkeypatch.setattr(Stage, "remove", remove)
+    listed = Stage.list
+    monkeypatch.setattr(Stage, "list", lambda self, prefix="": [*listed(self, prefix), {"name": prefix, "size": 0}])
+    (work / "step").write_text("3")
+    keeper.keep(every_s=0.0)
+    assert _restored(kept, tmp_path, "b") == {"step": "3"} and not stage.exists(first)

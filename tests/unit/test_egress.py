@@ -8,6 +8,7 @@ import contextlib
 import os
 import re
 import socket
+import time
 
 import pytest
 
@@ -46,7 +47,8 @@ def test_job_env_points_at_the_proxy_and_the_control_plane_inside():
 
 @pytest.fixture
 def origin():
-    srv = http_origin(lambda h: f"{h.path} {h.headers.get('Connection')}".encode())
+    srv = http_origin(lambda h: f"{h.path} {h.headers.get('Connection')}".encode()
+                      + (b" posted " + h.posted if hasattr(h, "posted") else b""))
     yield srv.server_address[1]
     srv.shutdown()
     srv.server_close()
@@ -63,9 +65,10 @@ def _serving(tmp_path, allowed: list[str], control: str, said: list[str], **kw):
         proxy.close()
 
 
-def _through(path: str, tag: bytes, request: bytes) -> bytes:
+def _through(path: str, tag: bytes, request: bytes, later: bytes = b"") -> bytes:
     """As the forwarder does: hand the proxy one end of a connection (its socket, with the tag of
-    the port it came in on), then speak on the other end."""
+    the port it came in on), then speak on the other end (``later``: more of the request, sent
+    once the proxy has had time to act on what came first)."""
     job, ours = socket.socketpair()
     handoff = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     handoff.connect(path)
@@ -74,6 +77,9 @@ def _through(path: str, tag: bytes, request: bytes) -> bytes:
     job.close()
     ours.settimeout(10)
     ours.sendall(request)
+    if later:
+        time.sleep(0.3)
+        ours.sendall(later)
     out = b""
     while data := ours.recv(65536):
         out += data
@@ -208,6 +214,11 @@ def test_a_server_behind_a_proxy_reaches_allowed_hosts_through_it(tmp_path, orig
         out = _through(proxy.path, egress.PROXY_TAG, b"CONNECT nowhere.test:443 HTTP/1.1\r\n\r\n")
         assert out.startswith(b"HTTP/1.1 502"), out
         assert f"through the server's proxy 127.0.0.1:{up.port}: it answered 'HTTP/1.1 403 Forbidden'".encode() in out
+        # a request whose body comes after its head goes on whole (the answer is not awaited first)
+        out = _through(proxy.path, egress.PROXY_TAG,
+                       b"POST http://origin.test/post HTTP/1.1\r\nHost: origin.test\r\nContent-Length: 5\r\n\r\n",
+                       later=b"hello")
+        assert out.startswith(b"HTTP/1.0 200") and out.endswith(b"/post close posted hello"), out
         # plain HTTP: its refusal reaches the job as it answered, and the job's log says whose it was
         out = _through(proxy.path, egress.PROXY_TAG, b"GET http://nowhere.test/p HTTP/1.1\r\n\r\n")
         assert out.startswith(b"HTTP/1.1 403 Forbidden"), out
@@ -218,7 +229,7 @@ def test_a_server_behind_a_proxy_reaches_allowed_hosts_through_it(tmp_path, orig
         assert out.startswith(b"HTTP/1.1 403") and "other.test:443 is not allowed" in said[-1]
         out = _through(proxy.path, egress.PROXY_TAG, f"GET http://127.0.0.1:{origin}/x HTTP/1.1\r\n\r\n".encode())
         assert out.startswith(b"HTTP/1.1 403") and "not allowed" in said[-1]
-        assert len(up.seen) == 4
+        assert len(up.seen) == 5
     finally:
         proxy.close()
     # an address named by an entry, but off the internet, through a proxy: checked here all the same

@@ -147,7 +147,8 @@ def test_how_long_workers_stay_warm_is_read_from_the_environment_and_checked(mon
     assert cluster.warm_seconds() == cluster.WARM_WORKERS_S == 30.0
     monkeypatch.setenv("MLJOBS_WARM_WORKERS_S", "0")
     assert cluster.warm_seconds() == 0.0
-    for bad, says in (("soon", "use a number of seconds"), ("-1", "use 0 or more seconds")):
+    for bad, says in (("soon", "use a number of seconds"), ("-1", "use 0 or more seconds"),
+                      ("inf", "use 0 or more seconds")):
         monkeypatch.setenv("MLJOBS_WARM_WORKERS_S", bad)
         with pytest.raises(InvalidArgumentError, match=f"MLJOBS_WARM_WORKERS_S='{bad}': {says}"):
             cluster.warm_seconds()

@@ -12,6 +12,7 @@ starting actors and importing the library.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import threading
@@ -255,8 +256,8 @@ def warm_seconds() -> float:
     except ValueError:
         raise InvalidArgumentError(f"MLJOBS_WARM_WORKERS_S={raw!r}: use a number of seconds (0 keeps no "
                                    "workers warm between fits)") from None
-    if value < 0:
-        raise InvalidArgumentError(f"MLJOBS_WARM_WORKERS_S={raw!r}: use 0 or more seconds")
+    if not 0 <= value < math.inf:
+        raise InvalidArgumentError(f"MLJOBS_WARM_WORKERS_S={raw!r}: use 0 or more seconds (a finite number)")
     return value
 
 
@@ -271,13 +272,20 @@ def workers(count: int, cpus: float, gpus: float, *, per_node: int = 1, spread: 
     group whose actors were lost (a node gone) is replaced.
     """
     linger = warm_seconds()
-    key = (count, float(cpus), float(gpus), per_node, spread, ray.get_runtime_context().get_job_id())
+    context = ray.get_runtime_context()
+    # this connection: a new local cluster numbers its jobs from 1 again, but its node is new
+    key = (count, float(cpus), float(gpus), per_node, spread, context.get_job_id(), context.get_node_id())
     group = _take(key)
     if group is not None:
         group.what = what
         try:
             group.infos = group.run(_Worker.info, [()] * count, method="info")  # fresh ports for this fit
-        except TrainingError:  # run() closed it
+        except TrainingError:  # lost actors: run() closed the group
+            group = None
+        except BaseException as e:  # anything else (an interrupt): the group is closed, not leaked
+            _close_quietly(group)
+            if not isinstance(e, Exception):
+                raise
             group = None
     if group is None:
         group = WorkerGroup(count, cpus, gpus, per_node=per_node, spread=spread, what=what)
@@ -300,7 +308,7 @@ def release_workers() -> None:
             timer.cancel()
         _idle.clear()
     for group in groups:
-        group.close()
+        _close_quietly(group)
 
 
 def _take(key: tuple[Any, ...]) -> WorkerGroup | None:
@@ -314,7 +322,7 @@ def _take(key: tuple[Any, ...]) -> WorkerGroup | None:
     if found is not None:
         return found
     for g in dropped:
-        g.close()
+        _close_quietly(g)
     return None
 
 
@@ -330,7 +338,13 @@ def _expire(group: WorkerGroup) -> None:
     with _idle_lock:
         if _idle.pop(group, None) is None:  # taken or released meanwhile
             return
+    _close_quietly(group)
+
+
+def _close_quietly(group: WorkerGroup) -> None:
+    """Close a warm group whose actors may be gone with their cluster (a Ray shut down and
+    started again, the driver exiting): there is then nothing to give back."""
     try:
         group.close()
-    except Exception:  # noqa: BLE001 - the driver is shutting down its Ray connection: nothing to give back
+    except Exception:  # noqa: BLE001
         logging.getLogger(__name__).debug("closing a warm worker group failed", exc_info=True)

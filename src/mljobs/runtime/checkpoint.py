@@ -25,6 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mljobs.errors import NotFoundError
+
 if TYPE_CHECKING:
     from mljobs.stages import Stage
 
@@ -52,12 +54,25 @@ class StageFolder:
         return self.stage.upload_dir(local, part, link=link)
 
     def commit(self, part: str) -> None:
+        """Name ``part`` the kept copy. Raises (and ``part`` is then not named) only while the
+        pointer is not written; what is removed after it is only tidying, which the next commit
+        does again where it failed."""
         name = part[len(self.prefix):].rstrip("/")
         tmp = f"{self.prefix}{CURRENT}.{uuid.uuid4().hex[:8]}"
         self.stage.put_bytes(tmp, name.encode())
-        self.stage.rename(tmp, self.prefix + CURRENT)
+        try:
+            self.stage.rename(tmp, self.prefix + CURRENT)
+        except BaseException:
+            self._quietly(lambda: self.stage.remove(tmp))
+            raise
         for entry in self._entries() - {name, CURRENT}:
-            self.stage.remove(self.prefix + entry)
+            self._quietly(lambda entry=entry: self.stage.remove(self.prefix + entry))
+
+    def _quietly(self, step: Callable[[], object]) -> None:
+        try:
+            step()
+        except Exception as e:  # noqa: BLE001 - tidying only: the kept copy is named already
+            print(f"mljobs: could not tidy the checkpoint folder {self.prefix}: {e}", file=sys.stderr)
 
     def discard(self, part: str) -> None:
         self.stage.remove(part)
@@ -78,11 +93,14 @@ class StageFolder:
         before pointers (files right under ``prefix``) is its own copy."""
         try:
             name = self.stage.get_bytes(self.prefix + CURRENT).decode("ascii", "replace").strip()
-        except Exception:  # noqa: BLE001 - no pointer (NotFoundError), or a stage that cannot say
+        except NotFoundError:  # any other error is raised: a copy that could not be read is not "none"
+            name = None
+        if name is None or not _VERSION.fullmatch(name):
             if self.stage.exists(self.prefix) and not any(_VERSION.fullmatch(e) for e in self._entries()):
-                return self.prefix
-            return None
-        if not _VERSION.fullmatch(name):  # the job may write on its stage: a pointer is never a path
+                return self.prefix  # the old layout (a file of the job's own may be called CURRENT)
+            if name is None:
+                return None
+            # the job may write on its stage: a pointer is never a path
             print(f"mljobs: the checkpoint pointer {self.prefix}{CURRENT} names {name[:80]!r}, not a copy; "
                   "nothing is restored", file=sys.stderr)
             return None
@@ -100,8 +118,10 @@ class StageFolder:
         """The names right under ``prefix`` (copies, pointers, anything a lost writer left)."""
         if not self.stage.exists(self.prefix):
             return set()
-        return {f["name"][len(self.prefix):].split("/", 1)[0] for f in self.stage.list(self.prefix)
-                if f["name"].startswith(self.prefix)}
+        names = {f["name"][len(self.prefix):].split("/", 1)[0] for f in self.stage.list(self.prefix)
+                 if f["name"].startswith(self.prefix)}
+        names.discard("")  # a folder's own placeholder object, which some S3 tools make
+        return names
 
 
 class LocalFolder:

@@ -27,6 +27,7 @@ address a job names is still checked as above. The control plane is always reach
 from __future__ import annotations
 
 import fnmatch
+import functools
 import ipaddress
 import os
 import re
@@ -207,14 +208,20 @@ def _forwarded_port(control_url: str) -> int | None:
     return port if parts.scheme == "http" and 1024 <= port != PROXY_PORT else None
 
 
-def _copy(src: socket.socket, dst: socket.socket) -> None:
-    """One way until EOF, then half-close ``dst``: ``recv_into`` one buffer and ``sendall`` it.
-    Measured against ``splice`` through a pipe (bench/egress.py, docs/isolation.md): 0.69-0.71x
-    of a direct download against 0.49x at loopback speed, where each byte crosses two TCP
-    connections instead of one."""
+def _copy(src: socket.socket, dst: socket.socket, first: Callable[[bytes], None] | None = None) -> None:
+    """One way until EOF, then half-close ``dst``: ``recv_into`` one buffer and ``sendall`` it
+    (``first`` sees the first chunk as it goes by). Measured against ``splice`` through a pipe
+    (bench/egress.py, docs/isolation.md): 0.69-0.71x of a direct download against 0.49x at
+    loopback speed, where each byte crosses two TCP connections instead of one."""
     buf = bytearray(_CHUNK)
     view = memoryview(buf)
     try:
+        if first is not None and (n := src.recv_into(buf)):
+            try:
+                first(bytes(view[:n]))
+            except Exception:  # noqa: BLE001 - a note about the bytes must never stop them
+                pass
+            dst.sendall(view[:n])
         while n := src.recv_into(buf):
             dst.sendall(view[:n])
     except OSError:
@@ -225,15 +232,16 @@ def _copy(src: socket.socket, dst: socket.socket) -> None:
         pass
 
 
-def _pump(a: socket.socket, b: socket.socket) -> None:
+def _pump(a: socket.socket, b: socket.socket, answer: Callable[[bytes], None] | None = None) -> None:
     """Copy both ways until both sides are done, then close both. ``a`` is the job's socket, on
     its sandbox's loopback: a send buffer of :data:`_SEND_BUFFER` there means fewer wake-ups (the
-    upstream socket keeps the kernel's autotuning, which a fixed size would turn off)."""
+    upstream socket keeps the kernel's autotuning, which a fixed size would turn off).
+    ``answer`` sees the first bytes from ``b``."""
     try:
         a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
     except OSError:
         pass
-    t = threading.Thread(target=_copy, args=(b, a), daemon=True)
+    t = threading.Thread(target=_copy, args=(b, a, answer), daemon=True)
     t.start()
     _copy(a, b)
     t.join()
@@ -320,7 +328,7 @@ class Proxy:
             if wait_s > 0:
                 t.join(max(0.0, deadline - time.monotonic()))
 
-    def _pump(self, job: socket.socket, up: socket.socket) -> None:
+    def _pump(self, job: socket.socket, up: socket.socket, answer: Callable[[bytes], None] | None = None) -> None:
         """:func:`_pump`, with both sockets known to :meth:`close` meanwhile."""
         with self._lock:
             if self.closed:
@@ -329,7 +337,7 @@ class Proxy:
                 return
             self._live.update((job, up))
         try:
-            _pump(job, up)
+            _pump(job, up, answer)
         finally:
             with self._lock:
                 self._live.difference_update((job, up))
@@ -498,29 +506,26 @@ class Proxy:
                 else:  # origin form, to the host itself
                     first = f"{method} {path} {version}"
                 up.sendall("\r\n".join([first, *kept, "Connection: close", "", ""]).encode("latin-1") + body)
-                if via is not None:  # a refusal of the server's proxy is said in the job's log, as ours are
-                    self._relay_answer(conn, up, host, port, dest)
         except OSError:
             up.close()
             conn.close()
             return None
-        self._pump(conn, up)
+        refused = None
+        if via is not None and not connect:  # a refusal of the server's proxy is said in the job's log, as ours are
+            refused = functools.partial(self._said_no, host=host, port=port, proxy=dest)
+        self._pump(conn, up, refused)
         return None
 
-    def _relay_answer(self, conn: socket.socket, up: socket.socket, host: str, port: int,
-                      dest: tuple[str, int]) -> None:
-        """Pass the first bytes of the server's proxy's answer on to the job, and log a refusal
-        (403, 407) with what to change, as :meth:`_tunnel`'s refusals are logged."""
-        data = up.recv(65536)
+    def _said_no(self, data: bytes, host: str, port: int, proxy: tuple[str, int]) -> None:
+        """Log the server's proxy's refusal (403, 407) of plain HTTP, from its answer's first
+        bytes as they pass to the job, with what to change (a refused tunnel: :meth:`_tunnel`)."""
         status = data.split(b"\r\n", 1)[0].decode("latin-1")
         code = status.split(" ")[1:2]
         if code in (["403"], ["407"]):
             fix = ("the server's proxy wants credentials: put them in the server's HTTP_PROXY URL"
                    if code == ["407"] else "the server's proxy refuses this host")
-            self.log(f"egress: {host}:{port} through the server's proxy {dest[0]}:{dest[1]}: it answered "
+            self.log(f"egress: {host}:{port} through the server's proxy {proxy[0]}:{proxy[1]}: it answered "
                      f"{status!r} ({fix})")
-        if data:
-            conn.sendall(data)
 
     def _upstream(self, host: str, connect: bool) -> tuple[tuple[str, int], list[str]] | None:
         """The server's own proxy for ``host`` (its address, and the headers that carry its

@@ -236,18 +236,24 @@ def _worker_main(train_func: Callable[[], Any], ctx: dict[str, Any], ifname: str
            "GROUP_RANK": str(ctx["node_rank"])}
     if ifname:  # gloo and tensorpipe otherwise pick an interface from the host name, often the wrong one
         env.update(GLOO_SOCKET_IFNAME=ifname, TP_SOCKET_IFNAME=ifname, NCCL_SOCKET_IFNAME=ifname)
+    saved, threads = dict(os.environ), torch.get_num_threads()  # a warm worker serves the next run as it was
     os.environ.update(env)
     if cpus:
         torch.set_num_threads(max(1, int(cpus)))
-    with tempfile.TemporaryDirectory(prefix="mljobs-model-") as model_dir:
-        _context = Context(**{**ctx, "model_dir": model_dir})
-        try:
-            value = train_func()
-        finally:
-            _context = None
-            if dist.is_available() and dist.is_initialized():
-                dist.destroy_process_group()
-        uploaded = _upload(Path(model_dir), artifacts_url) if artifacts_url else []
+    try:
+        with tempfile.TemporaryDirectory(prefix="mljobs-model-") as model_dir:
+            _context = Context(**{**ctx, "model_dir": model_dir})
+            try:
+                value = train_func()
+            finally:
+                _context = None
+                if dist.is_available() and dist.is_initialized():
+                    dist.destroy_process_group()
+            uploaded = _upload(Path(model_dir), artifacts_url) if artifacts_url else []
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        torch.set_num_threads(threads)
     node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     return {"value": value, "rank": ctx["rank"], "node_rank": ctx["node_rank"], "node_id": node_id,
             "pid": os.getpid(), "artifacts": uploaded}
