@@ -262,3 +262,31 @@ def test_a_copy_named_stays_when_tidying_up_after_it_fails(tmp_path, monkeypatch
     (work / "step").write_text("3")
     keeper.keep(every_s=0.0)
     assert _restored(kept, tmp_path, "b") == {"step": "3"} and not stage.exists(first)
+
+
+def test_an_earlier_attempt_still_running_never_overrides_a_later_one(stage, tmp_path):
+    """A node presumed lost whose agent still runs (a partition): its copies never replace, nor
+    remove, what the next attempt keeps, and its keeper stops once it sees that attempt's copy."""
+    from mljobs.runtime import checkpoint
+
+    prefix = "J/checkpoint/0/"
+    work1, work2 = tmp_path / "w1", tmp_path / "w2"
+    for w, text in ((work1, "attempt 1"), (work2, "attempt 2")):
+        w.mkdir()
+        (w / "step").write_text(text)
+    old, new = StageFolder(stage, prefix, attempt=1), StageFolder(stage, prefix, attempt=2)
+    old.keep(work1)
+    under_way = new.part()  # attempt 2 uploads its first copy...
+    new.upload_dir(work2, under_way)
+    (work1 / "step").write_text("attempt 1, later")
+    old.keep(work1)  # ...while attempt 1 still keeps its own: it leaves attempt 2's alone
+    assert stage.exists(under_way + "step")
+    new.commit(under_way)
+    assert _restored(StageFolder(stage, prefix), tmp_path, "a") == {"step": "attempt 2"}
+    keeper = checkpoint.Keeper(work1, old)
+    (work1 / "step").write_text("attempt 1, later still")
+    keeper.keep(every_s=0.0)  # refused: attempt 2's copy stays named, and this keeper stops
+    assert old.superseded and _restored(StageFolder(stage, prefix), tmp_path, "b") == {"step": "attempt 2"}
+    assert _names(stage, prefix) == {"CURRENT", under_way[len(prefix):].rstrip("/")}
+    with pytest.raises(checkpoint.Superseded, match="attempt 2 keeps"):
+        old.commit(old.part())

@@ -356,7 +356,8 @@ class _Checkpoint(checkpoint.Keeper):
 
     def __init__(self, stage: Stage, launch: dict[str, Any]) -> None:
         super().__init__(Path(launch["work_dir"]) / CHECKPOINT_DIR,
-                         checkpoint.StageFolder(stage, StagePaths(launch["job_id"]).checkpoint(int(launch["instance_id"]))),
+                         checkpoint.StageFolder(stage, StagePaths(launch["job_id"]).checkpoint(int(launch["instance_id"])),
+                                                int(launch.get("attempt") or 1)),
                          who="mljobs agent")
         self.on = bool(launch.get("keep_checkpoint"))
 

@@ -34,7 +34,18 @@ __all__ = ["Keeper", "LocalFolder", "StageFolder", "SETTLED"]
 
 SETTLED = "checkpoint"  # a local supervisor's copies, in the instance's run folder: SETTLED/settled
 CURRENT = "CURRENT"  # in a kept folder on a stage: the name of its whole copy
-_VERSION = re.compile(r"v-[0-9a-f]{16}")
+_VERSION = re.compile(r"v-(\d{1,9})-[0-9a-f]{16}")  # v-<attempt>-<hex>: a copy, and the attempt that made it
+
+
+class Superseded(OSError):
+    """A later attempt keeps the folder now: this (earlier, presumed lost) writer stops."""
+
+
+def _attempt_of(entry: str) -> int:
+    """The attempt that wrote an entry under a kept folder's prefix (0: not a copy or a pointer
+    of ours, such as a folder from before pointers)."""
+    m = _VERSION.fullmatch(entry) or re.fullmatch(rf"{CURRENT}\.(\d{{1,9}})\.[0-9a-f]{{8}}", entry)
+    return int(m.group(1)) if m else 0
 
 
 class StageFolder:
@@ -42,13 +53,16 @@ class StageFolder:
     ``CURRENT`` object naming the last whole one. Writing one object is atomic on every stage (a
     rename of one file on a local folder, a PUT on S3), so a writer lost at any point leaves
     either the previous copy or the new one named; copies that no pointer names are removed by
-    the next commit."""
+    the next commit. Each copy carries the ``attempt`` that made it: a writer of an earlier
+    attempt (a node presumed lost that still runs) never names its copy over a later attempt's,
+    and never removes what a later attempt wrote."""
 
-    def __init__(self, stage: Stage, prefix: str) -> None:
-        self.stage, self.prefix = stage, prefix.rstrip("/") + "/"
+    def __init__(self, stage: Stage, prefix: str, attempt: int = 1) -> None:
+        self.stage, self.prefix, self.attempt = stage, prefix.rstrip("/") + "/", attempt
+        self.superseded = False
 
     def part(self) -> str:
-        return f"{self.prefix}v-{uuid.uuid4().hex[:16]}/"
+        return f"{self.prefix}v-{self.attempt}-{uuid.uuid4().hex[:16]}/"
 
     def upload_dir(self, local: Path | str, part: str, link: bool = False) -> int:
         return self.stage.upload_dir(local, part, link=link)
@@ -58,7 +72,12 @@ class StageFolder:
         pointer is not written; what is removed after it is only tidying, which the next commit
         does again where it failed."""
         name = part[len(self.prefix):].rstrip("/")
-        tmp = f"{self.prefix}{CURRENT}.{uuid.uuid4().hex[:8]}"
+        named = self._named()
+        if named is not None and _attempt_of(named) > self.attempt:
+            self.superseded = True
+            raise Superseded(f"attempt {_attempt_of(named)} keeps {self.prefix} now; attempt {self.attempt} "
+                             "(presumed lost) stops keeping it")
+        tmp = f"{self.prefix}{CURRENT}.{self.attempt}.{uuid.uuid4().hex[:8]}"
         self.stage.put_bytes(tmp, name.encode())
         try:
             self.stage.rename(tmp, self.prefix + CURRENT)
@@ -66,7 +85,8 @@ class StageFolder:
             self._quietly(lambda: self.stage.remove(tmp))
             raise
         for entry in self._entries() - {name, CURRENT}:
-            self._quietly(lambda entry=entry: self.stage.remove(self.prefix + entry))
+            if _attempt_of(entry) <= self.attempt:  # a later attempt's copy under way is its own
+                self._quietly(lambda entry=entry: self.stage.remove(self.prefix + entry))
 
     def _quietly(self, step: Callable[[], object]) -> None:
         try:
@@ -91,10 +111,7 @@ class StageFolder:
     def kept(self) -> str | None:
         """The stage prefix of the whole copy kept here; None when there is none. A folder from
         before pointers (files right under ``prefix``) is its own copy."""
-        try:
-            name = self.stage.get_bytes(self.prefix + CURRENT).decode("ascii", "replace").strip()
-        except NotFoundError:  # any other error is raised: a copy that could not be read is not "none"
-            name = None
+        name = self._named()
         if name is None or not _VERSION.fullmatch(name):
             if self.stage.exists(self.prefix) and not any(_VERSION.fullmatch(e) for e in self._entries()):
                 return self.prefix  # the old layout (a file of the job's own may be called CURRENT)
@@ -105,6 +122,14 @@ class StageFolder:
                   "nothing is restored", file=sys.stderr)
             return None
         return f"{self.prefix}{name}/"
+
+    def _named(self) -> str | None:
+        """What the pointer says (None: no pointer). Any error but its absence is raised: a copy
+        that could not be read is not "no copy"."""
+        try:
+            return self.stage.get_bytes(self.prefix + CURRENT).decode("ascii", "replace").strip()
+        except NotFoundError:
+            return None
 
     def restore(self, local: Path | str) -> bool:
         """Download the kept copy into ``local``; False when there is none."""
@@ -224,6 +249,8 @@ class Keeper:
             return None
 
     def keep(self, every_s: float) -> None:
+        if getattr(self.target, "superseded", False):
+            return  # a later attempt keeps the folder
         if self.pending is not None and not self._finish():
             return  # a copy is still under way
         if time.monotonic() - self.last < every_s or not self.folder.is_dir():

@@ -179,8 +179,8 @@ class Completion:
             return True  # nothing to keep
         try:
             # links: the instance has ended, nothing writes its folder any more
-            checkpoint.StageFolder(self.stage(job.stage_name), StagePaths(job.id).checkpoint(handle.instance_id)).keep(
-                local, link=True)
+            checkpoint.StageFolder(self.stage(job.stage_name), StagePaths(job.id).checkpoint(handle.instance_id),
+                                   job.attempt).keep(local, link=True)
             return True
         except (OSError, NotFoundError) as e:
             log.warning("job %s: could not keep instance %d's checkpoint folder: %s", job.id, handle.instance_id, e)
