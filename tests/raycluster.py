@@ -97,6 +97,7 @@ class RayCluster:
         self.addresses = [f"{SUBNET}.{i + 1}" for i in range(nodes)]
         self.server_address = f"{SUBNET}.10"
         self.temp_dirs = [f"/tmp/{PREFIX}{self.tag}-n{i}" for i in range(nodes)]
+        self.home = f"/tmp/{PREFIX}{self.tag}-home"
         self.dashboard_url = f"http://{self.addresses[0]}:8265"
         self.gcs_address = f"{self.addresses[0]}:6379"
         self.env: dict[str, str] = {}
@@ -122,7 +123,10 @@ class RayCluster:
             for i, ns in enumerate(self.node_ns):
                 self._plug(ns, f"v{i}", self.addresses[i])
             self._plug(self.srv_ns, "vsrv", self.server_address)
-            self.env = {**os.environ, **(env or {}), "RAY_USAGE_STATS_ENABLED": "0",
+            # HOME of its own: a token that a local ray.init left in ~/.ray would turn Ray's token
+            # auth on for the head alone, and its workers could not join
+            os.makedirs(self.home, exist_ok=True)
+            self.env = {**os.environ, **(env or {}), "HOME": self.home, "RAY_USAGE_STATS_ENABLED": "0",
                         # a dead node is noticed in seconds
                         "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "5"}
             self._run(self.node_ns[0], [*self._ray, "--head", f"--node-ip-address={self.addresses[0]}",
@@ -236,7 +240,7 @@ class RayCluster:
         left = [" ".join(p.cmdline()[:3]) for p in self.processes()]
         for ns in (*self.node_ns, self.srv_ns, self.sw):
             subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
-        for t in self.temp_dirs:
+        for t in [*self.temp_dirs, self.home]:
             shutil.rmtree(t, ignore_errors=True)
         return left
 
