@@ -202,16 +202,22 @@ def test_instances_that_cannot_join_time_out(lite):
     def never_runs():
         return "ran"
 
-    job = never_runs()
-    # Cut instance 1 off the job's network before it can reach the head (whose start takes seconds),
-    # as soon as the scheduler has made the job's namespaces.
-    ns = netns.namespace(job.id, 1)
-    deadline = time.monotonic() + 30
-    while subprocess.run(["ip", "-n", ns, "link", "show", "eth0"], capture_output=True).returncode != 0:
-        assert time.monotonic() < deadline, f"namespace {ns} was not made"
-        time.sleep(0.01)
-    subprocess.run(["ip", "-n", ns, "link", "set", "eth0", "down"], check=True)
-    assert job.wait(timeout=180) == JOB_STATUS.FAILED
+    for _ in range(3):
+        job = never_runs()
+        # Cut instance 1 off the job's network before it can reach the head (whose start takes
+        # seconds), as soon as the scheduler has made the job's namespaces.
+        ns = netns.namespace(job.id, 1)
+        deadline = time.monotonic() + 30
+        while subprocess.run(["ip", "-n", ns, "link", "show", "eth0"], capture_output=True).returncode != 0:
+            assert time.monotonic() < deadline, f"namespace {ns} was not made"
+            time.sleep(0.01)
+        subprocess.run(["ip", "-n", ns, "link", "set", "eth0", "down"], check=True)
+        status = job.wait(timeout=180)
+        if status != JOB_STATUS.DONE:
+            break
+        # the cut came after instance 1 had joined (this test starved of CPU for seconds on a
+        # loaded machine: seen once in a full run on 2 cores); the scenario did not happen, again
+    assert status == JOB_STATUS.FAILED, (status, job.message)
     msg = job.message
     assert "only 1 of 2 instance(s) joined the job's Ray cluster within 5 s (min_instances=2)" in msg, msg
     assert "instance(s) [1] did not join" in msg
