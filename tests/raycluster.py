@@ -98,6 +98,7 @@ class RayCluster:
         self.server_address = f"{SUBNET}.10"
         self.temp_dirs = [f"/tmp/{PREFIX}{self.tag}-n{i}" for i in range(nodes)]
         self.home = f"/tmp/{PREFIX}{self.tag}-home"
+        self.node_dir = f"/tmp/{PREFIX}{self.tag}-jobs"  # the agents' MLJOBS_NODE_DIR: gone with the cluster
         self.dashboard_url = f"http://{self.addresses[0]}:8265"
         self.gcs_address = f"{self.addresses[0]}:6379"
         self.env: dict[str, str] = {}
@@ -126,7 +127,9 @@ class RayCluster:
             # HOME of its own: a token that a local ray.init left in ~/.ray would turn Ray's token
             # auth on for the head alone, and its workers could not join
             os.makedirs(self.home, exist_ok=True)
-            self.env = {**os.environ, **(env or {}), "HOME": self.home, "RAY_USAGE_STATS_ENABLED": "0",
+            os.makedirs(self.node_dir, mode=0o755, exist_ok=True)
+            self.env = {**os.environ, **(env or {}), "HOME": self.home, "MLJOBS_NODE_DIR": self.node_dir,
+                        "RAY_USAGE_STATS_ENABLED": "0",
                         # a dead node is noticed in seconds
                         "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "5"}
             self._run(self.node_ns[0], [*self._ray, "--head", f"--node-ip-address={self.addresses[0]}",
@@ -240,7 +243,7 @@ class RayCluster:
         left = [" ".join(p.cmdline()[:3]) for p in self.processes()]
         for ns in (*self.node_ns, self.srv_ns, self.sw):
             subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
-        for t in [*self.temp_dirs, self.home]:
+        for t in [*self.temp_dirs, self.home, self.node_dir]:
             shutil.rmtree(t, ignore_errors=True)
         return left
 

@@ -340,12 +340,12 @@ def test_join_timeout_must_be_positive_and_only_parallel_jobs_have_distributed_r
 
 
 LOOPBACK_DRIVER = textwrap.dedent('''
-    import json, sys, tempfile
+    import json, sys
     from pathlib import Path
     sys.path.insert(0, sys.argv[1])
     from tests.conftest import ServerProc, assert_no_leftovers
     import mljobs
-    home = Path(tempfile.mkdtemp(prefix="mljobs-loop-"))
+    home = Path(sys.argv[2])  # in the test's own temporary folder
     srv = ServerProc(home, extra_env={"MLJOBS_NODE_NETWORK": "loopback"})
     srv.start()
     try:
@@ -385,8 +385,8 @@ def test_loopback_mode_in_a_namespace_of_the_test(tmp_path):
     try:
         subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
         root = str(Path(__file__).resolve().parents[2])
-        out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, str(driver), root], capture_output=True,
-                             text=True, timeout=240)
+        out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, str(driver), root, str(tmp_path / "home")],
+                             capture_output=True, text=True, timeout=240)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         result = json.loads(out.stdout.strip().splitlines()[-1])
         assert len(set(result["ids"])) == 2 and result["addresses"] == ["127.0.0.1", "127.0.0.1"]

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import uuid
@@ -89,7 +91,11 @@ def slurm(slurm_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Itera
     _setns(ctl)
     os.close(ctl)
     home = tmp_path_factory.mktemp("slurm-home")
-    srv, token = _start(slurm_cluster, home)
+    # the nodes' agents keep their job folders here (under /tmp, where a job's own uid may pass),
+    # not in /tmp/mljobs-node: what the fault tests' killed agents leave goes with the module
+    nodes = Path(tempfile.mkdtemp(prefix="mljobs-nodes-"))
+    nodes.chmod(0o755)
+    srv, token = _start(slurm_cluster, home, {"MLJOBS_NODE_DIR": str(nodes)})
     env = SlurmEnv(slurm_cluster, srv, token)
     try:
         mljobs.create_compute_pool("HPC", instance_family="CPU_X64_XS", max_nodes=3, provider="slurm",
@@ -100,6 +106,7 @@ def slurm(slurm_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Itera
         _setns(own)
         os.close(own)
         assert_no_leftovers(home)
+        shutil.rmtree(nodes, ignore_errors=True)
 
 
 def test_function_job_returns_its_value_and_log(slurm: SlurmEnv) -> None:

@@ -155,3 +155,36 @@ def test_instance_id_from_env() -> None:
     assert instance_id_from_env({"SLURM_PROCID": "2"}) == 2
     assert instance_id_from_env({"MLJOBS_INSTANCE_ID": "1", "SLURM_PROCID": "2"}) == 1
     assert instance_id_from_env({}) == 0
+
+
+def test_an_agent_sweeps_the_node_folders_of_agents_that_were_killed(tmp_path):
+    """A node folder is held (flock) by its agent and the supervisor it forks; one whose holders
+    were both killed (so their clean-up never ran) goes at the next agent's start on that node.
+    One held by a live process, one just made, and one of an older agent (no hold file) stay."""
+    import os
+    import subprocess
+    import sys
+
+    from mljobs.runtime import agent
+
+    jobs = tmp_path / "jobs"
+    dead, live, fresh, old_style = (jobs / n for n in ("J1-0", "J2-0", "J3-0", "J4-0"))
+    for d in (dead, live, fresh):
+        os.close(agent.hold(d))  # its holder gone at once, as a killed agent's
+        (d / "work").mkdir()
+    old_style.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               f"fd = os.open({str(live / agent._HOLD)!r}, os.O_RDWR)\n"
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for d in (dead, live, old_style):  # made more than a minute ago
+            os.utime(d / agent._HOLD if d != old_style else d, (time.time() - 120, time.time() - 120))
+        assert agent.sweep(tmp_path) == ["J1-0"]
+        assert not dead.exists() and live.exists() and fresh.exists() and old_style.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert agent.sweep(tmp_path) == ["J2-0"]  # its holder gone now
+    assert agent.sweep(tmp_path / "nowhere") == []

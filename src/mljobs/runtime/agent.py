@@ -23,6 +23,7 @@ The instance id comes from ``--instance``, else ``MLJOBS_INSTANCE_ID``, else ``S
 from __future__ import annotations
 
 import argparse
+import fcntl
 import http.client
 import json
 import os
@@ -212,6 +213,47 @@ def _wait_for_addresses(rep: Reporter, mn: dict[str, Any], address: str, hostnam
         time.sleep(0.5)
 
 
+_HOLD = ".agent"  # in a node folder: locked (flock) while its agent, or the supervisor it forked, lives
+SWEEP_AGE_S = 60.0  # a node folder younger than this is never swept: its agent is about to lock it
+
+
+def hold(node_dir: Path) -> int:
+    """Make ``node_dir`` and lock its hold file; the fd stays open for the agent's life (the
+    supervisor, forked, holds it too), so the lock goes only with both processes."""
+    node_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(node_dir / _HOLD, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def sweep(base: Path, min_age_s: float = SWEEP_AGE_S) -> list[str]:
+    """Remove the node folders under ``base`` whose agent and supervisor are both gone without
+    removing them (killed: by a stop that outlasted Ray's grace, the OOM killer, a node restart);
+    returns their names. One whose processes live, one just made, and one without a hold file
+    (an older agent's) are left alone."""
+    removed = []
+    try:
+        entries = list((base / "jobs").iterdir())
+    except OSError:
+        return removed
+    for d in entries:
+        try:
+            if time.time() - (d / _HOLD).stat().st_mtime < min_age_s:
+                continue
+            fd = os.open(d / _HOLD, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(d, ignore_errors=True)  # under the lock: no agent can take the folder meanwhile
+            removed.append(d.name)
+        except OSError:  # BlockingIOError: its agent or supervisor lives
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
 def run(stage: Stage, job_id: str, instance_id: int) -> int:
     tpl = json.loads(stage.get_bytes(StagePaths(job_id).launch))
     url, token = tpl["env"]["MLJOBS_URL"], tpl["env"]["MLJOBS_TOKEN"]
@@ -222,6 +264,11 @@ def run(stage: Stage, job_id: str, instance_id: int) -> int:
     node_dir = base / "jobs" / (f"{job_id}-{instance_id}" + (f".{attempt}" if attempt > 1 else ""))
     rep.system(f"instance {instance_id} on {hostname} ({address}), pid {os.getpid()}")
     mn: dict[str, Any] | None = None
+    gone = sweep(base)
+    if gone:
+        print(f"mljobs agent: removed {len(gone)} node folder(s) whose agents were killed: {', '.join(gone)}",
+              file=sys.stderr)
+    held = hold(node_dir)
     try:
         _send_retrying(rep, address=address, hostname=hostname)
         launch = _node_launch(tpl, instance_id, node_dir)
@@ -252,6 +299,7 @@ def run(stage: Stage, job_id: str, instance_id: int) -> int:
         return 0
     finally:
         shutil.rmtree(node_dir, ignore_errors=True)
+        os.close(held)
         if mn and mn.get("temp_dir"):  # the node's Ray folder (sockets, logs); its processes are gone
             shutil.rmtree(mn["temp_dir"], ignore_errors=True)
 
