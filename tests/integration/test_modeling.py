@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -301,12 +303,14 @@ def test_plain_session_starts_a_local_ray_for_two_workers(tmp_path):
     ns = f"mljobs-model-{os.getpid()}"
     script = tmp_path / "plain.py"
     script.write_text(PLAIN_SESSION)
+    ray_tmp = tempfile.mkdtemp(prefix="mlr-")  # Ray's session folders (short: socket paths fit 107 bytes)
     subprocess.run(["ip", "netns", "add", ns], check=True)
     try:
         subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
         # HOME: Ray writes its token for a local cluster to ~/.ray, which must not outlive the test
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLJOBS_"))}
         env["HOME"] = str(tmp_path)
+        env["RAY_TMPDIR"] = ray_tmp
         try:
             # alone it takes 45 s; on a loaded machine (pytest-xdist on 2 cores) several times that
             out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, str(script)], capture_output=True,
@@ -321,3 +325,4 @@ def test_plain_session_starts_a_local_ray_for_two_workers(tmp_path):
     finally:
         kill_all(netns.pids(ns))
         subprocess.run(["ip", "netns", "delete", ns], check=True)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
