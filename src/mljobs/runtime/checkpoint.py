@@ -35,6 +35,7 @@ __all__ = ["Keeper", "LocalFolder", "StageFolder", "SETTLED"]
 SETTLED = "checkpoint"  # a local supervisor's copies, in the instance's run folder: SETTLED/settled
 CURRENT = "CURRENT"  # in a kept folder on a stage: the name of its whole copy
 _VERSION = re.compile(r"v-(\d{1,9})-[0-9a-f]{16}")  # v-<attempt>-<hex>: a copy, and the attempt that made it
+_POINTER_TMP = re.compile(rf"{CURRENT}\.(\d{{1,9}})\.[0-9a-f]{{8}}")  # a pointer being written, by an attempt
 
 
 class Superseded(OSError):
@@ -44,7 +45,7 @@ class Superseded(OSError):
 def _attempt_of(entry: str) -> int:
     """The attempt that wrote an entry under a kept folder's prefix (0: not a copy or a pointer
     of ours, such as a folder from before pointers)."""
-    m = _VERSION.fullmatch(entry) or re.fullmatch(rf"{CURRENT}\.(\d{{1,9}})\.[0-9a-f]{{8}}", entry)
+    m = _VERSION.fullmatch(entry) or _POINTER_TMP.fullmatch(entry)
     return int(m.group(1)) if m else 0
 
 
@@ -113,7 +114,8 @@ class StageFolder:
         before pointers (files right under ``prefix``) is its own copy."""
         name = self._named()
         if name is None or not _VERSION.fullmatch(name):
-            if self.stage.exists(self.prefix) and not any(_VERSION.fullmatch(e) for e in self._entries()):
+            entries = self._entries()
+            if entries and not any(_VERSION.fullmatch(e) for e in entries):
                 return self.prefix  # the old layout (a file of the job's own may be called CURRENT)
             if name is None:
                 return None
@@ -141,10 +143,11 @@ class StageFolder:
 
     def _entries(self) -> set[str]:
         """The names right under ``prefix`` (copies, pointers, anything a lost writer left)."""
-        if not self.stage.exists(self.prefix):
+        try:
+            listed = self.stage.list(self.prefix)
+        except NotFoundError:
             return set()
-        names = {f["name"][len(self.prefix):].split("/", 1)[0] for f in self.stage.list(self.prefix)
-                 if f["name"].startswith(self.prefix)}
+        names = {f["name"][len(self.prefix):].split("/", 1)[0] for f in listed if f["name"].startswith(self.prefix)}
         names.discard("")  # a folder's own placeholder object, which some S3 tools make
         return names
 
@@ -157,6 +160,7 @@ class LocalFolder:
     statuses (the supervisor's), for a copy it reaped first."""
 
     NAME = "settled"  # the kept copy, in ``root``
+    superseded = False  # one supervisor per run folder: no later writer (see StageFolder)
 
     def __init__(self, root: os.PathLike[str] | str, uid: int | None = None,
                  reaped: dict[int, int] | None = None) -> None:
@@ -249,7 +253,7 @@ class Keeper:
             return None
 
     def keep(self, every_s: float) -> None:
-        if getattr(self.target, "superseded", False):
+        if self.target.superseded:
             return  # a later attempt keeps the folder
         if self.pending is not None and not self._finish():
             return  # a copy is still under way
@@ -261,13 +265,12 @@ class Keeper:
         self.looked = sig
         if not sig or sig == self.seen or not settled:  # unreadable, empty (nothing to keep) or kept already
             return
-        target, part = self.target, self.target.part()
+        target = self.target
         if isinstance(target, StageFolder):  # copied now
-            if self._guard(lambda: target.upload_dir(self.folder, part)):
-                self._commit(part, sig)
-            else:
-                self._guard(lambda: target.discard(part))
+            if self._guard(lambda: target.keep(self.folder)):
+                self.seen = sig
             return
+        part = target.part()
         self._guard(lambda: target.discard(part))  # what a copy stopped mid-way left
         self.pending = (target.start_copy(self.folder, part), part, sig)
 
